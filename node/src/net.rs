@@ -1,0 +1,625 @@
+//! The libp2p side of a node: one `Swarm`, owned by one event-loop task.
+//!
+//! The rest of the program talks to it through [`Network`], a cloneable handle that
+//! sends [`Command`]s (each with a `oneshot` for its reply) to the [`EventLoop`]; pending
+//! replies wait in maps keyed by query, dial or request id. Inbound requests are handed
+//! to the application as [`Inbound`] values, with the channel to answer on. No model
+//! code ever runs on this task.
+//!
+//! Transports: QUIC (libp2p's quinn-based transport) first, TCP + Noise + Yamux as
+//! fallback. Kademlia holds announcements: each server *provides* the key
+//! `/shoal/<model>` and puts its [`Announcement`] under `/shoal/<model>/<peer>`, both with
+//! an expiry, and re-announces before they lapse. Identify feeds peers' listen addresses
+//! to Kademlia; ping measures round trips for routing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use futures::StreamExt;
+use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use protocol::{Announcement, Request, Response};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec::ShoalCodec;
+
+/// How long an announcement stays valid in the DHT. Short, so a departed server drops
+/// out of clients' views within a couple of minutes even if it could not say goodbye.
+pub const ANNOUNCE_TTL: Duration = Duration::from_secs(120);
+
+/// How often a server re-announces: well inside [`ANNOUNCE_TTL`], so one lost
+/// re-announcement does not make it vanish.
+pub const REANNOUNCE_EVERY: Duration = Duration::from_secs(30);
+
+/// Time allowed for one request to be answered. Steps are answered as soon as they are
+/// accepted (their output travels separately), so this bounds queueing, not compute.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// DHT queries on a small or loopback swarm finish in milliseconds; this bounds them on
+/// a large one.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Idle connections are kept this long: setting up QUIC costs ~44 ms (DESIGN.md), so a
+/// connection is reused across steps and sessions.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    rr: request_response::Behaviour<ShoalCodec>,
+}
+
+/// An inbound request, to be answered through [`Network::respond`].
+pub struct Inbound {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// What they asked.
+    pub request: Request,
+    /// Where the answer goes.
+    pub channel: ResponseChannel<Response>,
+}
+
+enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<anyhow::Result<PeerId>>,
+    },
+    Request {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+        reply: oneshot::Sender<anyhow::Result<Response>>,
+    },
+    Respond {
+        channel: ResponseChannel<Response>,
+        response: Response,
+    },
+    Announce {
+        announcement: Announcement,
+    },
+    FindServers {
+        model_id: String,
+        reply: oneshot::Sender<Vec<Announcement>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Rtts {
+        reply: oneshot::Sender<HashMap<PeerId, Duration>>,
+    },
+}
+
+/// A cloneable handle to the event loop.
+#[derive(Clone)]
+pub struct Network {
+    cmd: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+/// How to start a node's network.
+pub struct NetConfig {
+    /// Addresses to listen on; empty = none (a pure client still dials out).
+    pub listen: Vec<Multiaddr>,
+    /// True for servers: Kademlia answers queries and stores records. Clients stay in
+    /// client mode so they are never asked to hold the swarm's records.
+    pub dht_server: bool,
+}
+
+fn provider_key(model_id: &str) -> RecordKey {
+    RecordKey::new(&format!("/shoal/{model_id}"))
+}
+
+fn announcement_key(model_id: &str, peer: &str) -> RecordKey {
+    RecordKey::new(&format!("/shoal/{model_id}/{peer}"))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Starts the swarm and its event loop; returns the handle and the inbound requests.
+pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbound>)> {
+    let keypair = identity::Keypair::generate_ed25519();
+    let peer_id = keypair.public().to_peer_id();
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .context("setting up TCP")?
+        .with_quic()
+        .with_behaviour(|key| {
+            let id = key.public().to_peer_id();
+            let mut kcfg = kad::Config::new(StreamProtocol::new("/shoal/kad/1.0.0"));
+            kcfg.set_query_timeout(QUERY_TIMEOUT);
+            kcfg.set_record_ttl(Some(ANNOUNCE_TTL));
+            kcfg.set_provider_record_ttl(Some(ANNOUNCE_TTL));
+            // Servers re-announce themselves on their own schedule (fresh numbers each
+            // time); Kademlia's own republication would only repeat stale ones.
+            kcfg.set_publication_interval(None);
+            kcfg.set_provider_publication_interval(None);
+            kcfg.set_replication_interval(None);
+            let store = MemoryStore::with_config(
+                id,
+                MemoryStoreConfig {
+                    // Sized for a swarm of ~10k servers of a handful of models.
+                    max_records: 65_536,
+                    // An announcement is a few hundred bytes.
+                    max_value_bytes: 16 * 1024,
+                    max_providers_per_key: 10_000,
+                    max_provided_keys: 64,
+                },
+            );
+            let kad = kad::Behaviour::with_config(id, store, kcfg);
+            let identify = identify::Behaviour::new(identify::Config::new(
+                "/shoal/id/1".into(),
+                key.public(),
+            ));
+            let rr = request_response::Behaviour::with_codec(
+                ShoalCodec,
+                [(StreamProtocol::new(protocol::INFERENCE_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(REQUEST_TIMEOUT)
+                    .with_max_concurrent_streams(4096),
+            );
+            Behaviour {
+                kad,
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new()),
+                rr,
+            }
+        })
+        .context("setting up behaviours")?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    swarm.behaviour_mut().kad.set_mode(Some(if config.dht_server {
+        Mode::Server
+    } else {
+        Mode::Client
+    }));
+    for addr in config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+    let event_loop = EventLoop {
+        swarm,
+        cmd_rx,
+        inbound_tx,
+        listen_addrs: Vec::new(),
+        pending_dials: HashMap::new(),
+        pending_requests: HashMap::new(),
+        provider_queries: HashMap::new(),
+        record_queries: HashMap::new(),
+        lookups: HashMap::new(),
+        next_lookup: 0,
+        rtts: HashMap::new(),
+    };
+    tokio::spawn(event_loop.run());
+    Ok((
+        Network {
+            cmd: cmd_tx,
+            peer_id,
+        },
+        inbound_rx,
+    ))
+}
+
+impl Network {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> anyhow::Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| anyhow!("network event loop has stopped"))?;
+        rx.await.map_err(|_| anyhow!("network event loop has stopped"))
+    }
+
+    /// Dials `addr` and waits for the connection, at most `timeout`.
+    pub async fn dial(&self, addr: Multiaddr, timeout: Duration) -> anyhow::Result<PeerId> {
+        let shown = addr.to_string();
+        match tokio::time::timeout(timeout, self.call(|reply| Command::Dial { addr, reply })).await {
+            Ok(r) => r?,
+            Err(_) => Err(anyhow!(
+                "no answer from {shown} within {timeout:?}: is a shoal node running there, and is the address right?"
+            )),
+        }
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&self, peer: PeerId, addrs: Vec<Multiaddr>, request: Request) -> anyhow::Result<Response> {
+        self.call(|reply| Command::Request {
+            peer,
+            addrs,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, channel: ResponseChannel<Response>, response: Response) {
+        let _ = self.cmd.send(Command::Respond { channel, response }).await;
+    }
+
+    /// Puts (or refreshes) this server's announcement in the DHT.
+    pub async fn announce(&self, announcement: Announcement) -> anyhow::Result<()> {
+        self.cmd
+            .send(Command::Announce { announcement })
+            .await
+            .map_err(|_| anyhow!("network event loop has stopped"))
+    }
+
+    /// Finds the servers of a model: their announcements from the DHT, unexpired.
+    pub async fn find_servers(&self, model_id: &str) -> anyhow::Result<Vec<Announcement>> {
+        let model_id = model_id.to_string();
+        self.call(|reply| Command::FindServers { model_id, reply }).await
+    }
+
+    /// Addresses this node listens on, as `.../p2p/<peer id>`.
+    pub async fn listen_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
+        self.call(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Latest measured round-trip time to each connected peer.
+    pub async fn rtts(&self) -> anyhow::Result<HashMap<PeerId, Duration>> {
+        self.call(|reply| Command::Rtts { reply }).await
+    }
+}
+
+/// A running "find servers" lookup: providers first, then one record per provider.
+struct Lookup {
+    model_id: String,
+    providers: HashSet<PeerId>,
+    records_pending: usize,
+    found: Vec<Announcement>,
+    reply: Option<oneshot::Sender<Vec<Announcement>>>,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    cmd_rx: mpsc::Receiver<Command>,
+    inbound_tx: mpsc::Sender<Inbound>,
+    listen_addrs: Vec<Multiaddr>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<anyhow::Result<PeerId>>>,
+    pending_requests: HashMap<OutboundRequestId, oneshot::Sender<anyhow::Result<Response>>>,
+    provider_queries: HashMap<QueryId, u64>,
+    record_queries: HashMap<QueryId, (u64, PeerId)>,
+    lookups: HashMap<u64, Lookup>,
+    next_lookup: u64,
+    rtts: HashMap<PeerId, Duration>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        loop {
+            tokio::select! {
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    Some(c) => self.on_command(c),
+                    // Every handle is gone: the program is done with the network.
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.on_event(event).await,
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { addr, reply } => {
+                let peer = addr.iter().find_map(|p| match p {
+                    Protocol::P2p(id) => Some(id),
+                    _ => None,
+                });
+                let opts = match peer {
+                    Some(p) => DialOpts::peer_id(p).addresses(vec![addr.clone()]).build(),
+                    None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+                };
+                let id = opts.connection_id();
+                if let Some(p) = peer {
+                    if self.swarm.is_connected(&p) {
+                        let _ = reply.send(Ok(p));
+                        return;
+                    }
+                }
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(anyhow!("cannot dial {addr}: {e}")));
+                    }
+                }
+            }
+            Command::Request {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request_with_addresses(&peer, request, addrs);
+                self.pending_requests.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                // Fails only if the requester has gone; nothing to do then.
+                let _ = self.swarm.behaviour_mut().rr.send_response(channel, response);
+            }
+            Command::Announce { announcement } => {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                let Ok(value) = protocol::encode(&announcement) else {
+                    tracing::error!("announcement does not encode");
+                    return;
+                };
+                let record = Record {
+                    key: announcement_key(&announcement.model_id, &announcement.peer_id),
+                    value,
+                    publisher: None,
+                    expires: Some(Instant::now() + ANNOUNCE_TTL),
+                };
+                // Stored locally first; the query spreads it to the closest peers, and a
+                // quorum failure on a tiny swarm is harmless.
+                if let Err(e) = kad.put_record(record, Quorum::One) {
+                    tracing::warn!("cannot store announcement: {e}");
+                }
+                if let Err(e) = kad.start_providing(provider_key(&announcement.model_id)) {
+                    tracing::warn!("cannot provide model key: {e}");
+                }
+            }
+            Command::FindServers { model_id, reply } => {
+                let lookup = self.next_lookup;
+                self.next_lookup += 1;
+                let qid = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(provider_key(&model_id));
+                self.provider_queries.insert(qid, lookup);
+                self.lookups.insert(
+                    lookup,
+                    Lookup {
+                        model_id,
+                        providers: HashSet::new(),
+                        records_pending: 0,
+                        found: Vec::new(),
+                        reply: Some(reply),
+                    },
+                );
+            }
+            Command::ListenAddrs { reply } => {
+                let me = self.swarm.local_peer_id().to_owned();
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| a.clone().with(Protocol::P2p(me)))
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::Rtts { reply } => {
+                let _ = reply.send(self.rtts.clone());
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    // A dialled bootstrap node: it is a DHT server, so teach Kademlia
+                    // where it is and ask it about the rest of the swarm.
+                    let addr = endpoint.get_remote_address().clone();
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    kad.add_address(&peer_id, addr);
+                    let _ = kad.bootstrap();
+                    let _ = reply.send(Ok(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id, error, ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(anyhow!("connection failed: {error}")));
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let kad_proto = StreamProtocol::new("/shoal/kad/1.0.0");
+                if info.protocols.contains(&kad_proto) {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) => {
+                self.rtts.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.on_rr(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
+            _ => {}
+        }
+    }
+
+    async fn on_rr(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let inbound = Inbound {
+                        peer,
+                        request,
+                        channel,
+                    };
+                    if self.inbound_tx.send(inbound).await.is_err() {
+                        tracing::debug!("no one handles inbound requests any more");
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending_requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_requests.remove(&request_id) {
+                    let _ = reply.send(Err(anyhow!("request to {peer} failed: {error}")));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound request failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed { id, result, step, .. } = event else {
+            return;
+        };
+        match result {
+            QueryResult::GetProviders(res) => {
+                let Some(&lookup) = self.provider_queries.get(&id) else {
+                    return;
+                };
+                let mut done = step.last;
+                match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        if let Some(l) = self.lookups.get_mut(&lookup) {
+                            l.providers.extend(providers);
+                        }
+                    }
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
+                    Err(e) => {
+                        tracing::debug!("provider lookup ended: {e}");
+                        done = true;
+                    }
+                }
+                if done {
+                    self.provider_queries.remove(&id);
+                    self.fetch_records(lookup);
+                }
+            }
+            QueryResult::GetRecord(res) => {
+                let Some(&(lookup, peer)) = self.record_queries.get(&id) else {
+                    return;
+                };
+                let mut done = step.last;
+                match res {
+                    Ok(kad::GetRecordOk::FoundRecord(found)) => {
+                        if let Some(l) = self.lookups.get_mut(&lookup) {
+                            if let Some(a) = valid_announcement(&found.record.value, &l.model_id, peer) {
+                                l.found.push(a);
+                            }
+                        }
+                        // One fresh copy is enough.
+                        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                            q.finish();
+                        }
+                    }
+                    Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
+                    Err(_) => done = true,
+                }
+                if done {
+                    self.record_queries.remove(&id);
+                    if let Some(l) = self.lookups.get_mut(&lookup) {
+                        l.records_pending = l.records_pending.saturating_sub(1);
+                    }
+                    self.finish_lookup_if_done(lookup);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fetch_records(&mut self, lookup: u64) {
+        let Some(l) = self.lookups.get_mut(&lookup) else {
+            return;
+        };
+        let providers: Vec<PeerId> = l.providers.iter().copied().collect();
+        let model_id = l.model_id.clone();
+        l.records_pending = providers.len();
+        for p in providers {
+            let qid = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .get_record(announcement_key(&model_id, &p.to_string()));
+            self.record_queries.insert(qid, (lookup, p));
+        }
+        self.finish_lookup_if_done(lookup);
+    }
+
+    fn finish_lookup_if_done(&mut self, lookup: u64) {
+        let done = self
+            .lookups
+            .get(&lookup)
+            .is_some_and(|l| l.records_pending == 0);
+        if done {
+            if let Some(mut l) = self.lookups.remove(&lookup) {
+                // Several copies of one server's record may arrive; keep the newest.
+                l.found.sort_by(|a, b| a.peer_id.cmp(&b.peer_id).then(b.expires_unix_ms.cmp(&a.expires_unix_ms)));
+                l.found.dedup_by(|a, b| a.peer_id == b.peer_id);
+                if let Some(reply) = l.reply.take() {
+                    let _ = reply.send(l.found);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes an announcement and checks it is current and names the peer it is filed under.
+fn valid_announcement(bytes: &[u8], model_id: &str, peer: PeerId) -> Option<Announcement> {
+    let a: Announcement = protocol::decode(bytes).ok()?;
+    (a.model_id == model_id && a.peer_id == peer.to_string() && a.expires_unix_ms > unix_ms()).then_some(a)
+}

@@ -1,0 +1,26 @@
+//! Shoal's wire protocol: the messages nodes and clients exchange, and their codecs.
+//!
+//! This crate owns the bytes on the wire and nothing else: no I/O, no model code, no
+//! libp2p. Peers are named by their libp2p peer id in its usual base58 text form, so the
+//! simulator can speak the same types without a network stack.
+//!
+//! Every message travels as one frame: a 4-byte little-endian length, then a bincode
+//! body (see [`codec`]). The body starts with a protocol version, so a node can refuse a
+//! peer that speaks another version with a clear error instead of misreading it.
+//! Decoding never panics and never allocates more than [`MAX_FRAME_BYTES`], whatever
+//! bytes arrive.
+
+pub mod codec;
+mod hidden;
+mod messages;
+
+pub use codec::{decode, decode_frame_len, encode, encode_frame, ProtocolError, MAX_FRAME_BYTES};
+pub use hidden::{HiddenState, WireDType};
+pub use messages::*;
+
+/// The libp2p protocol name of the inference protocol. The trailing number is bumped
+/// together with [`PROTOCOL_VERSION`] when the message layout changes.
+pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/1";
+
+/// Version carried in every frame. A frame with any other version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,225 @@
+//! The messages of `/shoal/inference/1`, and the announcement record kept in the DHT.
+//!
+//! A generation is a *session* opened on every server of a chain. The client sends each
+//! step to the first server; every server runs its blocks and pushes the output straight
+//! to the next server (the step carries the rest of the route); the last server sends
+//! the final hidden states back to the client as a [`StepOutput`]. Any failure along
+//! the way comes back to the client as a [`StepFailed`] naming the peer that failed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::HiddenState;
+use crate::WireDType;
+
+/// A session id, chosen at random by the client and the same on every server of its
+/// chain, so a server pushing to the next one can name the session without a lookup.
+pub type SessionId = u64;
+
+/// A half-open range of transformer blocks `[start, end)`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockSpan {
+    /// First block served.
+    pub start: u32,
+    /// One past the last block served.
+    pub end: u32,
+}
+
+impl BlockSpan {
+    /// Builds `[start, end)`.
+    pub fn new(start: u32, end: u32) -> Self {
+        BlockSpan { start, end }
+    }
+    /// Number of blocks.
+    pub fn len(&self) -> u32 {
+        self.end.saturating_sub(self.start)
+    }
+    /// True when the span holds no block.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// True when `other` lies inside this span.
+    pub fn contains(&self, other: &BlockSpan) -> bool {
+        self.start <= other.start && other.end <= self.end
+    }
+}
+
+impl std::fmt::Display for BlockSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// What a server tells the swarm about itself. Stored in the DHT under a key derived
+/// from the model id and the peer id, and also returned by [`Request::Info`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Announcement {
+    /// The server's libp2p peer id (base58).
+    pub peer_id: String,
+    /// Which model this is (see `shard::ModelId`): servers and clients must agree on it.
+    pub model_id: String,
+    /// Blocks served.
+    pub span: BlockSpan,
+    /// Measured tokens per second of one decode step over the whole span.
+    pub throughput: f32,
+    /// KV-cache tokens still free for new sessions.
+    pub free_cache_tokens: u64,
+    /// Longest sequence (prompt + completion) a session may reach.
+    pub max_seq_len: u32,
+    /// Version of the `shoal` binary that serves it.
+    pub version: String,
+    /// A name the operator chose, shown by status tools.
+    pub public_name: String,
+    /// Addresses the server listens on, so a client can dial it from the record alone.
+    pub addrs: Vec<String>,
+    /// Unix time in milliseconds after which the record is stale.
+    pub expires_unix_ms: u64,
+}
+
+/// One server of a chain, as named inside a [`Step`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Hop {
+    /// Peer id (base58).
+    pub peer: String,
+    /// Blocks this hop runs for the session.
+    pub span: BlockSpan,
+}
+
+/// Opens a session on a server for `span` (a sub-span of what the server announces).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct OpenSession {
+    /// Client-chosen id.
+    pub session: SessionId,
+    /// Must equal the server's model id.
+    pub model_id: String,
+    /// Blocks to run for this session.
+    pub span: BlockSpan,
+    /// Longest sequence the session will reach: the server reserves cache for it.
+    pub max_len: u32,
+    /// Element type of hidden states the server sends on.
+    pub wire_dtype: WireDType,
+}
+
+/// One forward step: hidden states for positions `position..position + tokens`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Step {
+    /// Session the step belongs to.
+    pub session: SessionId,
+    /// Index of the step in the session, counted by the client from 0.
+    pub step: u64,
+    /// Position of the first token in `hidden`.
+    pub position: u32,
+    /// Input hidden states, `[tokens, hidden]`.
+    pub hidden: HiddenState,
+    /// Servers still to run after this one, in order; empty on the last server.
+    pub next: Vec<Hop>,
+    /// The client's peer id: where the final output and failures go.
+    pub reply_to: String,
+}
+
+/// The output of the last server of a chain, sent to the client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    /// Session the step belongs to.
+    pub session: SessionId,
+    /// The step's index.
+    pub step: u64,
+    /// Output hidden states of the last block, `[tokens, hidden]`.
+    pub hidden: HiddenState,
+}
+
+/// A step that could not complete, reported to the client by the server that saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StepFailed {
+    /// Session the step belongs to.
+    pub session: SessionId,
+    /// The step's index.
+    pub step: u64,
+    /// Peer that failed: the reporting server itself or the next hop it could not reach.
+    pub peer: String,
+    /// What went wrong.
+    pub error: ErrorInfo,
+}
+
+/// Requests of `/shoal/inference/1`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Request {
+    /// Ask a server what it serves.
+    Info,
+    /// Open a session.
+    Open(OpenSession),
+    /// Run a step and push its output on.
+    Step(Step),
+    /// Final hidden states of a step, server to client.
+    Output(StepOutput),
+    /// A step failed somewhere in the chain, server to client.
+    Failed(StepFailed),
+    /// Free a session's cache.
+    Close {
+        /// The session to close.
+        session: SessionId,
+    },
+}
+
+/// Replies of `/shoal/inference/1`. Every request gets exactly one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Response {
+    /// Reply to [`Request::Info`].
+    Info(Announcement),
+    /// The session is open; `max_len` is what the server granted.
+    Opened {
+        /// The session.
+        session: SessionId,
+        /// Granted maximum sequence length.
+        max_len: u32,
+    },
+    /// The request was taken; for a step, its output travels on separately.
+    Accepted,
+    /// The request was refused.
+    Error(ErrorInfo),
+}
+
+/// Why a request was refused.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The frame or its fields make no sense (wrong shape, bad bytes).
+    BadRequest,
+    /// No such session on this server (closed, expired, never opened).
+    UnknownSession,
+    /// The server hosts another model.
+    WrongModel,
+    /// The requested blocks are not all served here.
+    SpanNotServed,
+    /// The sequence would exceed the allowed length.
+    TooLong,
+    /// The server is at a limit (sessions, cache); try another.
+    Busy,
+    /// The next server in the chain could not be reached.
+    Unreachable,
+    /// The model computation failed.
+    Internal,
+}
+
+/// A refusal: a kind for programs and a message for people.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ErrorInfo {
+    /// Category.
+    pub kind: ErrorKind,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ErrorInfo {
+    /// Builds an error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.kind, self.message)
+    }
+}

@@ -1,0 +1,334 @@
+//! A span of transformer blocks and its per-session KV cache.
+//!
+//! The math of one Llama-family block (as in the Llama paper and Hugging Face's
+//! `modeling_llama.py`), with the residual connections written out:
+//!
+//! ```text
+//! h   = x + Wo · attention(rope(Wq · rms(x)), rope(Wk · rms(x)), Wv · rms(x))
+//! out = h + Wdown · (silu(Wgate · rms(h)) * Wup · rms(h))
+//! ```
+//!
+//! Hidden states are `[tokens, hidden]` f32 tensors for one sequence; the position of
+//! the first token is the cache's length, so a span cannot be fed out of order.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::file::{Linear, ModelFile};
+use crate::{ModelConfig, Result, RopeStyle, ShardError};
+
+/// One transformer block's weights.
+struct Block {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The keys and values one session has seen, for every block of a span.
+#[derive(Debug)]
+pub struct KvCache {
+    /// First block this cache covers (a session may use a sub-span of a server's span).
+    start: usize,
+    /// Per block: keys and values, `[kv_heads, tokens, head_dim]`.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens held (the position of the next token).
+    len: usize,
+    /// Longest sequence this cache may grow to.
+    max_len: usize,
+}
+
+impl KvCache {
+    /// Tokens held so far: the position the next token will take.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when no token has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Longest sequence allowed.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+    /// Blocks `[start, end)` this cache covers.
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.start, self.start + self.layers.len())
+    }
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// The blocks `[start, end)` of a model, loaded and ready to run.
+pub struct Span {
+    start: usize,
+    end: usize,
+    blocks: Vec<Block>,
+    config: ModelConfig,
+    /// Rope frequencies per pair, Llama 3.1 scaling already applied.
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+impl std::fmt::Debug for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Span({}..{} of {})",
+            self.start, self.end, self.config.name
+        )
+    }
+}
+
+impl Span {
+    /// Loads blocks `[start, end)`; `progress(done, total)` is called after each block.
+    pub fn load(
+        file: &ModelFile,
+        start: usize,
+        end: usize,
+        device: &Device,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Span> {
+        let cfg = file.config().clone();
+        if start >= end || end > cfg.n_layers {
+            return Err(ShardError::BadSpan {
+                start,
+                end,
+                blocks: cfg.n_layers,
+            });
+        }
+        let mut blocks = Vec::with_capacity(end - start);
+        for i in start..end {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            let block = Block {
+                attn_norm: file.dense(&p("attn_norm.weight"), device)?,
+                wq: file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
+                wk: file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
+                wv: file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
+                wo: file.linear(&p("attn_output"), false, device)?,
+                ffn_norm: file.dense(&p("ffn_norm.weight"), device)?,
+                gate: file.linear(&p("ffn_gate"), false, device)?,
+                up: file.linear(&p("ffn_up"), false, device)?,
+                down: file.linear(&p("ffn_down"), false, device)?,
+            };
+            blocks.push(block);
+            progress(i + 1 - start, end - start);
+        }
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|j| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * j as f32 / cfg.head_dim as f32);
+                match &cfg.rope_freq_factors {
+                    Some(div) => f / div[j],
+                    None => f,
+                }
+            })
+            .collect();
+        Ok(Span {
+            start,
+            end,
+            blocks,
+            config: cfg,
+            inv_freq,
+            device: device.clone(),
+        })
+    }
+
+    /// First block.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+    /// One past the last block.
+    pub fn end(&self) -> usize {
+        self.end
+    }
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for one session over the whole span, of at most `max_len` tokens.
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache {
+            start: self.start,
+            layers: (self.start..self.end).map(|_| None).collect(),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// An empty cache for a session that runs only blocks `[start, end)` of this span.
+    pub fn new_cache_for(&self, start: usize, end: usize, max_len: usize) -> Result<KvCache> {
+        if start >= end || start < self.start || end > self.end {
+            return Err(ShardError::BadSpan {
+                start,
+                end,
+                blocks: self.config.n_layers,
+            });
+        }
+        Ok(KvCache {
+            start,
+            layers: (start..end).map(|_| None).collect(),
+            len: 0,
+            max_len,
+        })
+    }
+
+    /// Runs a throw-away token through every block, so quantised weights are repacked
+    /// now (candle does it on first use) and not on a user's first token.
+    pub fn warm_up(&self) -> Result<()> {
+        let mut cache = self.new_cache(1);
+        let x = Tensor::zeros((1, self.config.hidden), DType::F32, &self.device)?;
+        self.forward(&x, &mut cache)?;
+        Ok(())
+    }
+
+    /// Runs `x` (`[tokens, hidden]`, positions `cache.len()..`) through the span,
+    /// appending to the cache. Returns the output hidden states, same shape.
+    pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (seq, hidden) = x
+            .dims2()
+            .map_err(|_| ShardError::BadInput(format!("hidden states of shape {:?}", x.dims())))?;
+        if hidden != self.config.hidden || seq == 0 {
+            return Err(ShardError::BadInput(format!(
+                "hidden states of shape [{seq}, {hidden}], expected [tokens >= 1, {}]",
+                self.config.hidden
+            )));
+        }
+        let (first, last) = cache.blocks();
+        if first < self.start || last > self.end {
+            return Err(ShardError::BadInput("cache belongs to another span".into()));
+        }
+        let blocks = &self.blocks[first - self.start..last - self.start];
+        let pos = cache.len;
+        if pos + seq > cache.max_len {
+            return Err(ShardError::TooLong {
+                len: pos + seq,
+                max: cache.max_len,
+            });
+        }
+        let x = x.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let (cos, sin) = self.rope_tables(pos, seq)?;
+        let mask = if seq > 1 {
+            Some(causal_mask(seq, pos, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = x;
+        for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
+            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), kv)?;
+        }
+        cache.len += seq;
+        Ok(x)
+    }
+
+    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half);
+        let mut sin = Vec::with_capacity(seq * half);
+        for t in pos..pos + seq {
+            for f in &self.inv_freq {
+                let a = t as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (seq, half), &self.device)?,
+            Tensor::from_vec(sin, (seq, half), &self.device)?,
+        ))
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
+            RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin),
+        }
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_eps as f32;
+        let seq = x.dim(0)?;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+
+        // Attention.
+        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            // [seq, n*hd] -> [1, n, seq, hd], the layout the rope kernels want.
+            t.reshape((seq, n, hd))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()
+        };
+        let q = heads(b.wq.forward(&h)?, nh)?;
+        let k = heads(b.wk.forward(&h)?, nkv)?;
+        let v = heads(b.wv.forward(&h)?, nkv)?.squeeze(0)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?.squeeze(0)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let total = k.dim(1)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share
+        // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
+        let n_rep = nh / nkv;
+        let q = q.reshape((nkv, n_rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att
+                .reshape((nkv, n_rep, seq, total))?
+                .broadcast_add(m)?
+                .reshape((nkv, n_rep * seq, total))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att
+            .matmul(&v)?
+            .reshape((nh, seq, hd))?
+            .transpose(0, 1)?
+            .reshape((seq, nh * hd))?;
+        let x = (x + b.wo.forward(&o)?)?;
+
+        // MLP (SwiGLU).
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
+        let g = candle_nn::ops::silu(&b.gate.forward(&h)?)?;
+        let m = b.down.forward(&(g * b.up.forward(&h)?)?)?;
+        Ok((x + m)?)
+    }
+}
+
+/// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,
+/// minus infinity where `j` lies in its future.
+fn causal_mask(seq: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = pos + seq;
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (seq, total), device)
+}

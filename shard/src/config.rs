@@ -1,0 +1,210 @@
+//! The shape of a model, read from GGUF metadata or a Hugging Face config.json.
+
+use serde::Deserialize;
+
+/// Model families implemented by [`crate::Span`]. All share RMSNorm, rotary embeddings,
+/// grouped-query attention and a SwiGLU MLP; they differ in biases and rope layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 2/3, SmolLM2, TinyLlama, and Mistral (GGUF files name it `llama`).
+    Llama,
+    /// Qwen2: biases on the Q, K and V projections.
+    Qwen2,
+}
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's "normal" rope. GGUF converters permute Llama's
+    /// Q and K weights so that this layout is right for GGUF Llama files.
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: Hugging Face's `rotate_half`, and llama.cpp's NEOX rope
+    /// (used for Qwen2 in GGUF).
+    Half,
+}
+
+/// The numbers that define a Llama-family model's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub arch: Arch,
+    /// Human-readable name from the file, if any.
+    pub name: String,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Width of the MLP.
+    pub ffn: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab: usize,
+    /// Rope base frequency.
+    pub rope_theta: f32,
+    /// Rope dimension pairing.
+    pub rope_style: RopeStyle,
+    /// Per-frequency divisors (Llama 3.1 rope scaling), one per pair, if the model has them.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// Context length the model was trained for.
+    pub max_seq_len: usize,
+    /// True when Q, K and V projections carry biases.
+    pub qkv_bias: bool,
+}
+
+impl ModelConfig {
+    /// Checks the numbers are coherent, so later tensor math cannot fail on shapes.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.n_layers == 0 || self.hidden == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
+            return Err("zero-sized dimension in the model config".into());
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head dimension {} is odd", self.head_dim));
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 {
+                return Err(format!(
+                    "{} rope frequency factors for head dimension {}",
+                    f.len(),
+                    self.head_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of KV cache one token takes across `blocks` blocks, in f32.
+    pub fn kv_bytes_per_token(&self, blocks: usize) -> usize {
+        2 * blocks * self.n_kv_heads * self.head_dim * 4
+    }
+}
+
+/// The fields of a Hugging Face `config.json` this crate reads.
+#[derive(Deserialize, Debug)]
+pub(crate) struct HfConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+fn default_rope_theta() -> f32 {
+    10_000.0
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl HfConfig {
+    pub(crate) fn to_config(&self) -> Result<ModelConfig, String> {
+        let kind = self
+            .model_type
+            .clone()
+            .or_else(|| self.architectures.first().cloned())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let arch = if kind.starts_with("qwen2") {
+            Arch::Qwen2
+        } else if kind.starts_with("llama") || kind.starts_with("mistral") {
+            Arch::Llama
+        } else {
+            return Err(format!("unsupported architecture {kind:?}"));
+        };
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let rope_freq_factors = match &self.rope_scaling {
+            Some(v) if v.get("rope_type").or_else(|| v.get("type")) == Some(&"llama3".into()) => {
+                Some(llama3_freq_factors(v, head_dim, self.rope_theta)?)
+            }
+            _ => None,
+        };
+        Ok(ModelConfig {
+            arch,
+            name: self.architectures.first().cloned().unwrap_or(kind),
+            n_layers: self.num_hidden_layers,
+            hidden: self.hidden_size,
+            ffn: self.intermediate_size,
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            vocab: self.vocab_size,
+            rope_theta: self.rope_theta,
+            rope_style: RopeStyle::Half,
+            rope_freq_factors,
+            rms_eps: self.rms_norm_eps,
+            max_seq_len: self.max_position_embeddings,
+            qkv_bias: self.attention_bias.unwrap_or(arch == Arch::Qwen2),
+        })
+    }
+}
+
+/// Llama 3.1's rope scaling, as divisors of each pair's frequency (the form GGUF stores
+/// in `rope_freqs.weight`): high frequencies are kept, low ones divided by `factor`,
+/// and the band between is interpolated (Meta's reference `apply_scaling`).
+fn llama3_freq_factors(
+    v: &serde_json::Value,
+    head_dim: usize,
+    theta: f32,
+) -> Result<Vec<f32>, String> {
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| format!("rope_scaling lacks {k}"))
+    };
+    let factor = get("factor")?;
+    let low = get("low_freq_factor")?;
+    let high = get("high_freq_factor")?;
+    let old_ctx = get("original_max_position_embeddings")?;
+    let low_wavelen = old_ctx / low;
+    let high_wavelen = old_ctx / high;
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / (theta as f64).powf(2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let scaled = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            };
+            (freq / scaled) as f32
+        })
+        .collect())
+}

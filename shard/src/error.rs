@@ -1,0 +1,58 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// The model path does not exist or cannot be read.
+    #[error("cannot open model {path}: {source}")]
+    Open {
+        /// Path given.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file exists but is not a model this crate can read.
+    #[error("{path} is not a usable model: {reason}")]
+    BadModel {
+        /// Path given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An architecture this crate does not implement.
+    #[error("unsupported architecture {arch:?} (supported: llama, mistral, qwen2)")]
+    UnsupportedArch {
+        /// Name found in the file.
+        arch: String,
+    },
+    /// A span outside the model or empty.
+    #[error("span {start}..{end} is not inside the model's {blocks} blocks")]
+    BadSpan {
+        /// Requested start.
+        start: usize,
+        /// Requested end.
+        end: usize,
+        /// Blocks in the model.
+        blocks: usize,
+    },
+    /// A sequence longer than allowed.
+    #[error("sequence of {len} tokens exceeds the limit of {max}")]
+    TooLong {
+        /// Length requested.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// An input tensor of the wrong shape.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// Tokenizer or chat template problems.
+    #[error("text: {0}")]
+    Text(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,466 @@
+//! Opening model files: GGUF, or a Hugging Face directory of config.json + safetensors.
+//!
+//! Opening reads only the header (metadata and the tensor table); weights are read on
+//! demand, tensor by tensor, from a memory map, so a [`crate::Span`] touches only the
+//! pages of its own blocks. Tensor names follow GGUF's convention (`blk.3.attn_q.weight`)
+//! everywhere in this crate and are translated for safetensors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::{Arch, HfConfig, ModelConfig, RopeStyle};
+use crate::{Result, ShardError};
+
+/// How the weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A single GGUF file (quantised or not).
+    Gguf,
+    /// A Hugging Face directory: config.json and one or more .safetensors files.
+    Safetensors,
+}
+
+enum Inner {
+    Gguf {
+        /// The whole file, mapped; tensors are copied out of it one by one.
+        mmap: memmap2::Mmap,
+        content: gguf_file::Content,
+    },
+    Safetensors {
+        st: candle_core::safetensors::MmapedSafetensors,
+        /// Names present in the checkpoint, for tied-embedding detection.
+        names: std::collections::HashSet<String>,
+    },
+}
+
+/// An opened model: its shape, its id, and access to its tensors.
+pub struct ModelFile {
+    path: PathBuf,
+    config: ModelConfig,
+    id: String,
+    inner: Inner,
+}
+
+/// A linear layer: a (possibly quantised) weight and an optional bias.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFile")
+            .field("path", &self.path)
+            .field("id", &self.id)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ModelFile {
+    /// Opens a GGUF file or a Hugging Face model directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let meta = std::fs::metadata(&path).map_err(|source| ShardError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            Self::open_hf_dir(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    fn bad(path: &Path, reason: impl Into<String>) -> ShardError {
+        ShardError::BadModel {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    fn open_gguf(path: PathBuf) -> Result<Self> {
+        let file = File::open(&path).map_err(|source| ShardError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; a file truncated underneath us would raise SIGBUS,
+        // the usual caveat of mapping model files, accepted by every engine that does it.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ShardError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
+            .map_err(|e| Self::bad(&path, format!("not a readable GGUF file ({e})")))?;
+        // Check every tensor lies inside the file now, so a truncated download is
+        // reported at start-up and not halfway through loading a span.
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > mmap.len() as u64 {
+                return Err(Self::bad(
+                    &path,
+                    format!(
+                        "tensor {name} ends at byte {end} but the file has {} bytes (truncated download?)",
+                        mmap.len()
+                    ),
+                ));
+            }
+        }
+        let mut config = gguf_config(&content).map_err(|e| match e {
+            ShardError::BadModel { reason, .. } => Self::bad(&path, reason),
+            other => other,
+        })?;
+        if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let t = content
+                .tensor(
+                    &mut Cursor::new(&mmap[..]),
+                    "rope_freqs.weight",
+                    &Device::Cpu,
+                )
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| Self::bad(&path, format!("rope_freqs.weight: {e}")))?;
+            config.rope_freq_factors = Some(t);
+            config.validate().map_err(|e| Self::bad(&path, e))?;
+        }
+        let mut table: Vec<String> = content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| format!("{n}:{:?}:{:?}", i.shape.dims(), i.ggml_dtype))
+            .collect();
+        table.sort();
+        let id = model_id(&config, &table);
+        Ok(ModelFile {
+            path,
+            config,
+            id,
+            inner: Inner::Gguf { mmap, content },
+        })
+    }
+
+    fn open_hf_dir(path: PathBuf) -> Result<Self> {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Self::bad(&path, format!("cannot read config.json ({e})")))?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| Self::bad(&path, format!("config.json: {e}")))?;
+        let mut config = hf.to_config().map_err(|e| Self::bad(&path, e))?;
+        config.validate().map_err(|e| Self::bad(&path, e))?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&path)
+            .map_err(|source| ShardError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Self::bad(&path, "no .safetensors file in the directory"));
+        }
+        // SAFETY: read-only maps of files we do not modify (see open_gguf).
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .map_err(|e| Self::bad(&path, format!("unreadable safetensors ({e})")))?;
+        let mut table: Vec<String> = st
+            .tensors()
+            .iter()
+            .map(|(n, v)| format!("{n}:{:?}:{:?}", v.shape(), v.dtype()))
+            .collect();
+        table.sort();
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        if config.name.is_empty() {
+            config.name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        let id = model_id(&config, &table);
+        Ok(ModelFile {
+            path,
+            config,
+            id,
+            inner: Inner::Safetensors { st, names },
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A short id that names this exact model (shape and tensor table): servers and
+    /// clients must agree on it to work together.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Storage format.
+    pub fn format(&self) -> WeightFormat {
+        match self.inner {
+            Inner::Gguf { .. } => WeightFormat::Gguf,
+            Inner::Safetensors { .. } => WeightFormat::Safetensors,
+        }
+    }
+
+    /// GGUF metadata, for the tokenizer and chat template; `None` for safetensors.
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        match &self.inner {
+            Inner::Gguf { content, .. } => Some(&content.metadata),
+            Inner::Safetensors { .. } => None,
+        }
+    }
+
+    /// True when the file holds a tensor of this (GGUF-style) name.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        match &self.inner {
+            Inner::Gguf { content, .. } => content.tensor_infos.contains_key(name),
+            Inner::Safetensors { names, .. } => names.contains(&hf_name(name)),
+        }
+    }
+
+    /// Loads a tensor as a quantised tensor (GGUF) or converts it to one holding f32
+    /// (safetensors), for matmuls and embeddings.
+    pub(crate) fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        match &self.inner {
+            Inner::Gguf { mmap, content } => content
+                .tensor(&mut Cursor::new(&mmap[..]), name, device)
+                .map_err(|e| Self::bad(&self.path, format!("tensor {name}: {e}"))),
+            Inner::Safetensors { .. } => {
+                let t = self.dense(name, device)?;
+                Ok(QTensor::quantize(
+                    &t,
+                    candle_core::quantized::GgmlDType::F32,
+                )?)
+            }
+        }
+    }
+
+    /// Loads a tensor as dense f32.
+    pub(crate) fn dense(&self, name: &str, device: &Device) -> Result<Tensor> {
+        match &self.inner {
+            Inner::Gguf { .. } => Ok(self.qtensor(name, device)?.dequantize(device)?),
+            Inner::Safetensors { st, .. } => {
+                let hf = hf_name(name);
+                // bf16 and f16 are widened to f32: candle has no fast bf16 CPU kernel
+                // (DESIGN.md), and f32 keeps a span equal to the one-process result.
+                let t = st
+                    .load(&hf, device)
+                    .map_err(|e| Self::bad(&self.path, format!("tensor {hf}: {e}")))?;
+                Ok(t.to_dtype(DType::F32)?)
+            }
+        }
+    }
+
+    /// Loads a linear layer `name.weight` (+ `name.bias` if `bias`).
+    pub(crate) fn linear(&self, name: &str, bias: bool, device: &Device) -> Result<Linear> {
+        let weight = match &self.inner {
+            Inner::Gguf { .. } => {
+                QMatMul::from_qtensor(self.qtensor(&format!("{name}.weight"), device)?)?
+            }
+            Inner::Safetensors { .. } => {
+                QMatMul::Tensor(self.dense(&format!("{name}.weight"), device)?)
+            }
+        };
+        let bias = if bias {
+            Some(self.dense(&format!("{name}.bias"), device)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Loads a linear layer from an already loaded quantised tensor (tied embeddings).
+    pub(crate) fn linear_from(q: std::sync::Arc<QTensor>) -> Result<Linear> {
+        Ok(Linear {
+            weight: QMatMul::from_arc(q)?,
+            bias: None,
+        })
+    }
+}
+
+/// Translates a GGUF tensor name to its Hugging Face checkpoint name.
+pub(crate) fn hf_name(gguf: &str) -> String {
+    match gguf {
+        "token_embd.weight" => return "model.embed_tokens.weight".into(),
+        "output_norm.weight" => return "model.norm.weight".into(),
+        "output.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    let Some(rest) = gguf.strip_prefix("blk.") else {
+        return gguf.to_string();
+    };
+    let Some((layer, tail)) = rest.split_once('.') else {
+        return gguf.to_string();
+    };
+    let (module, suffix) = tail.rsplit_once('.').unwrap_or((tail, ""));
+    let hf_module = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        other => other,
+    };
+    format!("model.layers.{layer}.{hf_module}.{suffix}")
+}
+
+fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let bad = |reason: String| ShardError::BadModel {
+        path: PathBuf::new(),
+        reason,
+    };
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad("no general.architecture in the GGUF metadata".into()))?;
+    let arch = match arch_name.as_str() {
+        "llama" | "mistral" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        _ => return Err(ShardError::UnsupportedArch { arch: arch_name }),
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let get_u = |k: &str| -> Result<usize> {
+        md.get(&key(k))
+            .ok_or_else(|| bad(format!("GGUF metadata lacks {}", key(k))))?
+            .to_u64()
+            .map(|v| v as usize)
+            .or_else(|_| {
+                md[&key(k)]
+                    .to_u32()
+                    .map(|v| v as usize)
+                    .map_err(|e| bad(format!("{}: {e}", key(k))))
+            })
+    };
+    let get_f = |k: &str, default: f32| -> f32 {
+        md.get(&key(k))
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(default)
+    };
+    let n_layers = get_u("block_count")?;
+    let hidden = get_u("embedding_length")?;
+    let n_heads = get_u("attention.head_count")?;
+    let n_kv_heads = get_u("attention.head_count_kv").unwrap_or(n_heads);
+    let head_dim = get_u("attention.key_length")
+        .or_else(|_| get_u("rope.dimension_count"))
+        .unwrap_or(hidden / n_heads.max(1));
+    let ffn = get_u("feed_forward_length")?;
+    let vocab = match content.tensor_infos.get("token_embd.weight") {
+        Some(info) => info.shape.dims().last().copied().unwrap_or(0),
+        None => return Err(bad("no token_embd.weight tensor".into())),
+    };
+    let name = md
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| arch_name.clone());
+    let config = ModelConfig {
+        arch,
+        name,
+        n_layers,
+        hidden,
+        ffn,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        vocab,
+        rope_theta: get_f("rope.freq_base", 10_000.0),
+        rope_style: match arch {
+            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Qwen2 => RopeStyle::Half,
+        },
+        // Llama 3.1 files carry these as a tensor; open_gguf reads it.
+        rope_freq_factors: None,
+        rms_eps: get_f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
+        max_seq_len: get_u("context_length").unwrap_or(4096),
+        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    config.validate().map_err(bad)?;
+    Ok(config)
+}
+
+/// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
+/// table (names, shapes, types). Two files agree exactly when they hold the same
+/// tensors in the same formats, which is what a swarm needs.
+fn model_id(config: &ModelConfig, table: &[String]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for line in table {
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    let slug: String = config
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{}-{}x{}-{h:016x}",
+        slug.trim_matches('-'),
+        config.n_layers,
+        config.hidden
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn maps_gguf_names_to_hf() {
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight"),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias"),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.3.ffn_norm.weight"),
+            "model.layers.3.post_attention_layernorm.weight"
+        );
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+        assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
+    }
+}

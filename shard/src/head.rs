@@ -1,0 +1,102 @@
+//! The client side of a model: token embeddings in, final norm and LM head out.
+//!
+//! It loads three tensors and no block. When the file has no `output.weight`, the LM head
+//! is the embedding matrix itself (tied embeddings, as in SmolLM2), shared, not copied.
+
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+
+use crate::file::{Linear, ModelFile, WeightFormat};
+use crate::{ModelConfig, Result, ShardError};
+
+enum Embedding {
+    /// GGUF: rows are dequantised on lookup, the matrix stays quantised.
+    Quantized(Arc<QTensor>),
+    /// Safetensors: a dense f32 matrix.
+    Dense(Tensor),
+}
+
+/// Embeddings, final norm and LM head.
+pub struct Head {
+    embedding: Embedding,
+    norm: Tensor,
+    lm_head: Linear,
+    config: ModelConfig,
+    device: Device,
+}
+
+impl Head {
+    /// Loads the client-side tensors of `file`.
+    pub fn load(file: &ModelFile, device: &Device) -> Result<Head> {
+        let config = file.config().clone();
+        let tied = !file.has("output.weight");
+        let (embedding, lm_head) = match file.format() {
+            WeightFormat::Gguf => {
+                let q = Arc::new(file.qtensor("token_embd.weight", device)?);
+                let head = if tied {
+                    ModelFile::linear_from(q.clone())?
+                } else {
+                    file.linear("output", false, device)?
+                };
+                (Embedding::Quantized(q), head)
+            }
+            WeightFormat::Safetensors => {
+                let e = file.dense("token_embd.weight", device)?;
+                let head = if tied {
+                    ModelFile::linear_from(Arc::new(QTensor::quantize(
+                        &e,
+                        candle_core::quantized::GgmlDType::F32,
+                    )?))?
+                } else {
+                    file.linear("output", false, device)?
+                };
+                (Embedding::Dense(e), head)
+            }
+        };
+        Ok(Head {
+            embedding,
+            norm: file.dense("output_norm.weight", device)?,
+            lm_head,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Hidden states `[ids.len(), hidden]` for the given token ids.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab) {
+            return Err(ShardError::BadInput(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.config.vocab
+            )));
+        }
+        let t = Tensor::new(ids, &self.device)?;
+        Ok(match &self.embedding {
+            Embedding::Quantized(q) => q.embedding(&t)?,
+            Embedding::Dense(e) => e.index_select(&t, 0)?,
+        })
+    }
+
+    /// Logits `[tokens, vocab]` for every row of `hidden` (`[tokens, hidden]`).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+        Ok(self.lm_head.forward(&h)?)
+    }
+
+    /// Logits of the last row of `hidden`, as a vector.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        if n == 0 {
+            return Err(ShardError::BadInput("no hidden states".into()));
+        }
+        let last = hidden.narrow(0, n - 1, 1)?;
+        Ok(self.logits(&last)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+}

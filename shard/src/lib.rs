@@ -1,0 +1,34 @@
+//! Shoal's model side: everything that touches weights, tensors and text.
+//!
+//! - [`ModelFile`] opens a GGUF file or a Hugging Face directory (config.json +
+//!   safetensors) by memory map and reads the model's shape ([`ModelConfig`]) without
+//!   loading any weight.
+//! - [`Span`] loads the blocks `[start, end)` and nothing else, so a node's memory grows
+//!   with its span, and runs them over a session's [`KvCache`].
+//! - [`Head`] is the client side: token embeddings, final norm and LM head.
+//! - [`TextCodec`] is the tokenizer and chat template; [`Sampler`] picks tokens.
+//!
+//! The blocks are written here from candle-core / candle-nn primitives because
+//! candle-transformers keeps its decoder blocks private (DESIGN.md). This crate knows
+//! nothing of networks or wire formats: `node` converts tensors to and from the
+//! protocol's hidden states.
+
+mod blocks;
+mod config;
+mod error;
+mod file;
+mod head;
+mod sampling;
+mod text;
+
+pub use blocks::{KvCache, Span};
+pub use candle_core;
+pub use config::{Arch, ModelConfig, RopeStyle};
+pub use error::ShardError;
+pub use file::{ModelFile, WeightFormat};
+pub use head::Head;
+pub use sampling::{Sampler, SamplingParams};
+pub use text::{ChatMessage, TextCodec};
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, ShardError>;

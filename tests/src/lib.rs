@@ -1,0 +1,1 @@
+//! Multi-node tests across Shoal's crates live in `tests/` of this package.
