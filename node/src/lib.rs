@@ -1,1 +1,21 @@
-//! placeholder
+//! The `shoal` node: libp2p swarm, server runtime, client, and command line.
+//!
+//! - [`net`] owns the libp2p `Swarm` in one event-loop task behind a cloneable handle.
+//! - [`server`] runs a span's blocks on a dedicated compute thread and pushes each
+//!   step's output straight to the next server of the chain.
+//! - [`client`] finds servers in the DHT, plans a chain with `coordinator`, and runs a
+//!   session's steps through it; [`generate`] is the generation loop on top.
+//! - [`commands`] wires these into the subcommands defined in [`cli`].
+//!
+//! Model math lives in `shard`, wire types in `protocol`, decisions in `coordinator`;
+//! this crate only connects them.
+
+pub mod cli;
+pub mod client;
+pub mod codec;
+pub mod commands;
+pub mod generate;
+pub mod hidden;
+pub mod model_cache;
+pub mod net;
+pub mod server;

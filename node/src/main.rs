@@ -1,1 +1,47 @@
-fn main() {}
+//! The `shoal` binary: parse arguments, start logging, run the command.
+
+use clap::Parser;
+use shoal_node::cli::{Cli, Commands};
+use shoal_node::commands;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Commands::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Commands::Serve(a) => commands::serve(a).await,
+            Commands::Generate(a) => commands::generate_cmd(a).await,
+            Commands::Demo(a) => commands::demo(a).await,
+            Commands::Bench(a) => commands::bench(a).await,
+        }
+    });
+    // Do not wait for blocking tasks (a stuck dial, a compute thread) on the way out.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

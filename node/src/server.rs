@@ -1,0 +1,410 @@
+//! The server runtime: sessions, limits, and the compute thread.
+//!
+//! All model work for a server happens on one dedicated OS thread that owns the loaded
+//! [`Span`] and every session's KV cache, so the libp2p event loop never waits on a
+//! matmul. Requests reach it through a channel in arrival order; a step is acknowledged
+//! as soon as it is validated, then computed, then its output is pushed to the next
+//! server of the chain (or back to the client) from the async runtime.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use protocol::{
+    Announcement, BlockSpan, ErrorInfo, ErrorKind, Hop, OpenSession, Request, Response, SessionId,
+    Step, StepFailed, StepOutput, WireDType,
+};
+use shard::{KvCache, Span};
+
+use crate::hidden::{from_wire, to_wire};
+use crate::net::{unix_ms, Inbound, Network, ANNOUNCE_TTL};
+
+/// A session unused this long is dropped and its cache freed: a client that vanished
+/// without closing must not hold memory forever.
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Limits and identity of a server.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Most sessions open at once.
+    pub max_sessions: usize,
+    /// Longest sequence a session may reach.
+    pub max_seq_len: usize,
+    /// Name shown by status tools.
+    pub public_name: String,
+}
+
+struct Session {
+    cache: KvCache,
+    wire: WireDType,
+    /// Index the next step must carry.
+    next_step: u64,
+    last_used: Instant,
+}
+
+/// The state the compute thread owns.
+pub struct Server {
+    span: Span,
+    model_id: String,
+    limits: ServerLimits,
+    sessions: HashMap<SessionId, Session>,
+    throughput: f32,
+    net: Network,
+    rt: tokio::runtime::Handle,
+    addrs: Vec<Multiaddr>,
+}
+
+/// Sends inbound requests to the compute thread.
+#[derive(Clone)]
+pub struct ServerHandle {
+    tx: std_mpsc::Sender<Inbound>,
+}
+
+impl ServerHandle {
+    /// Queues a request for the compute thread; false if the thread has stopped.
+    pub fn submit(&self, inbound: Inbound) -> bool {
+        self.tx.send(inbound).is_ok()
+    }
+}
+
+impl Server {
+    /// Wraps a loaded span. `throughput` is the measured tokens/s of a decode step.
+    pub fn new(
+        span: Span,
+        model_id: String,
+        limits: ServerLimits,
+        throughput: f32,
+        net: Network,
+        addrs: Vec<Multiaddr>,
+    ) -> Self {
+        Server {
+            span,
+            model_id,
+            limits,
+            sessions: HashMap::new(),
+            throughput,
+            net,
+            rt: tokio::runtime::Handle::current(),
+            addrs,
+        }
+    }
+
+    /// This server's current announcement.
+    pub fn announcement(&self) -> Announcement {
+        let reserved: usize = self.sessions.values().map(|s| s.cache.max_len()).sum();
+        let capacity = self.limits.max_sessions * self.limits.max_seq_len;
+        Announcement {
+            peer_id: self.net.peer_id().to_string(),
+            model_id: self.model_id.clone(),
+            span: BlockSpan::new(self.span.start() as u32, self.span.end() as u32),
+            throughput: self.throughput,
+            free_cache_tokens: capacity.saturating_sub(reserved) as u64,
+            max_seq_len: self.limits.max_seq_len as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            public_name: self.limits.public_name.clone(),
+            addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
+            expires_unix_ms: unix_ms() + ANNOUNCE_TTL.as_millis() as u64,
+        }
+    }
+
+    /// Starts the compute thread; it runs until every handle is dropped. It also
+    /// re-announces the server every `reannounce`.
+    pub fn spawn(mut self, reannounce: Duration) -> std::io::Result<ServerHandle> {
+        let (tx, rx) = std_mpsc::channel::<Inbound>();
+        std::thread::Builder::new()
+            .name("shoal-compute".into())
+            .spawn(move || {
+                let mut next_announce = Instant::now();
+                loop {
+                    if Instant::now() >= next_announce {
+                        let a = self.announcement();
+                        let net = self.net.clone();
+                        self.rt.spawn(async move { net.announce(a).await });
+                        next_announce = Instant::now() + reannounce;
+                    }
+                    let wait = next_announce.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(inbound) => self.handle(inbound),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    self.expire_idle();
+                }
+            })?;
+        Ok(ServerHandle { tx })
+    }
+
+    fn expire_idle(&mut self) {
+        let now = Instant::now();
+        self.sessions.retain(|id, s| {
+            let keep = now.duration_since(s.last_used) < SESSION_IDLE_TIMEOUT;
+            if !keep {
+                tracing::info!(session = id, "session expired after being idle");
+            }
+            keep
+        });
+    }
+
+    fn handle(&mut self, inbound: Inbound) {
+        let Inbound {
+            peer,
+            request,
+            channel,
+        } = inbound;
+        match request {
+            Request::Info => self
+                .net
+                .respond_blocking(channel, Response::Info(self.announcement())),
+            Request::Open(open) => {
+                let r = match self.open(open) {
+                    Ok(r) => r,
+                    Err(e) => Response::Error(e),
+                };
+                self.net.respond_blocking(channel, r);
+            }
+            Request::Close { session } => {
+                self.sessions.remove(&session);
+                self.net.respond_blocking(channel, Response::Accepted);
+            }
+            Request::Step(step) => {
+                let (session, index, reply_to) = (step.session, step.step, step.reply_to.clone());
+                match self.check_step(&step) {
+                    Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
+                    Ok(()) => {
+                        self.net.respond_blocking(channel, Response::Accepted);
+                        if let Err(e) = self.run_step(step) {
+                            tracing::warn!(%peer, session, "step failed: {e}");
+                            self.report_failure(&reply_to, session, index, self.net.peer_id(), e);
+                        }
+                    }
+                }
+            }
+            Request::Output(_) | Request::Failed(_) => self.net.respond_blocking(
+                channel,
+                Response::Error(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    "this node is a server; step outputs go to clients",
+                )),
+            ),
+        }
+    }
+
+    fn open(&mut self, open: OpenSession) -> Result<Response, ErrorInfo> {
+        if open.model_id != self.model_id {
+            return Err(ErrorInfo::new(
+                ErrorKind::WrongModel,
+                format!("this server hosts {}, not {}", self.model_id, open.model_id),
+            ));
+        }
+        let served = BlockSpan::new(self.span.start() as u32, self.span.end() as u32);
+        if open.span.is_empty() || !served.contains(&open.span) {
+            return Err(ErrorInfo::new(
+                ErrorKind::SpanNotServed,
+                format!("blocks {} requested, {} served", open.span, served),
+            ));
+        }
+        if open.max_len as usize > self.limits.max_seq_len || open.max_len == 0 {
+            return Err(ErrorInfo::new(
+                ErrorKind::TooLong,
+                format!(
+                    "session of {} tokens requested, this server allows 1..={}",
+                    open.max_len, self.limits.max_seq_len
+                ),
+            ));
+        }
+        if self.sessions.contains_key(&open.session) {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                "session id already in use",
+            ));
+        }
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!("{} sessions open, the limit", self.sessions.len()),
+            ));
+        }
+        let cache = self
+            .span
+            .new_cache_for(
+                open.span.start as usize,
+                open.span.end as usize,
+                open.max_len as usize,
+            )
+            .map_err(|e| ErrorInfo::new(ErrorKind::SpanNotServed, e.to_string()))?;
+        self.sessions.insert(
+            open.session,
+            Session {
+                cache,
+                wire: open.wire_dtype,
+                next_step: 0,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(Response::Opened {
+            session: open.session,
+            max_len: open.max_len,
+        })
+    }
+
+    fn check_step(&self, step: &Step) -> Result<(), ErrorInfo> {
+        let s = self.sessions.get(&step.session).ok_or_else(|| {
+            ErrorInfo::new(
+                ErrorKind::UnknownSession,
+                format!("no session {}", step.session),
+            )
+        })?;
+        if step.step != s.next_step || step.position as usize != s.cache.len() {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "step {} at position {} out of order: expected step {} at position {}",
+                    step.step,
+                    step.position,
+                    s.next_step,
+                    s.cache.len()
+                ),
+            ));
+        }
+        step.hidden
+            .validate()
+            .map_err(|e| ErrorInfo::new(ErrorKind::BadRequest, e.to_string()))?;
+        let hidden = self.span.config().hidden as u32;
+        match step.hidden.shape[..] {
+            [tokens, h] if h == hidden && tokens > 0 => {
+                if s.cache.len() + tokens as usize > s.cache.max_len() {
+                    return Err(ErrorInfo::new(
+                        ErrorKind::TooLong,
+                        format!(
+                            "{} tokens past position {} exceed the session's {}",
+                            tokens,
+                            s.cache.len(),
+                            s.cache.max_len()
+                        ),
+                    ));
+                }
+            }
+            _ => {
+                return Err(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "hidden states of shape {:?}, expected [tokens, {hidden}]",
+                        step.hidden.shape
+                    ),
+                ))
+            }
+        }
+        if step.reply_to.parse::<PeerId>().is_err() {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                "reply_to is not a peer id",
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_step(&mut self, step: Step) -> Result<(), ErrorInfo> {
+        let internal = |e: String| ErrorInfo::new(ErrorKind::Internal, e);
+        let device = self.span.device().clone();
+        let hidden = self.span.config().hidden;
+        let session = self
+            .sessions
+            .get_mut(&step.session)
+            .ok_or_else(|| ErrorInfo::new(ErrorKind::UnknownSession, "session vanished"))?;
+        let x = from_wire(&step.hidden, hidden, &device).map_err(|e| internal(e.to_string()))?;
+        let y = self
+            .span
+            .forward(&x, &mut session.cache)
+            .map_err(|e| internal(e.to_string()))?;
+        session.next_step += 1;
+        session.last_used = Instant::now();
+        let out = to_wire(&y, session.wire).map_err(|e| internal(e.to_string()))?;
+        let net = self.net.clone();
+        let Step {
+            session,
+            step: index,
+            position,
+            mut next,
+            reply_to,
+            ..
+        } = step;
+        let client: PeerId = reply_to
+            .parse()
+            .map_err(|_| ErrorInfo::new(ErrorKind::BadRequest, "reply_to is not a peer id"))?;
+        self.rt.spawn(async move {
+            if next.is_empty() {
+                let msg = Request::Output(StepOutput {
+                    session,
+                    step: index,
+                    hidden: out,
+                });
+                if let Err(e) = net.request(client, vec![], msg).await {
+                    tracing::warn!(%client, "cannot return output to client: {e}");
+                }
+                return;
+            }
+            let hop: Hop = next.remove(0);
+            let failed_peer = hop.peer.clone();
+            let result = match hop.peer.parse::<PeerId>() {
+                Err(_) => Err(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    "next hop is not a peer id",
+                )),
+                Ok(peer) => {
+                    let addrs = hop.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    let fwd = Request::Step(Step {
+                        session,
+                        step: index,
+                        position,
+                        hidden: out,
+                        next,
+                        reply_to: reply_to.clone(),
+                    });
+                    match net.request(peer, addrs, fwd).await {
+                        Ok(Response::Accepted) => Ok(()),
+                        Ok(Response::Error(e)) => Err(e),
+                        Ok(other) => Err(ErrorInfo::new(
+                            ErrorKind::BadRequest,
+                            format!("unexpected reply {other:?}"),
+                        )),
+                        Err(e) => Err(ErrorInfo::new(ErrorKind::Unreachable, e.to_string())),
+                    }
+                }
+            };
+            if let Err(error) = result {
+                let msg = Request::Failed(StepFailed {
+                    session,
+                    step: index,
+                    peer: failed_peer,
+                    error,
+                });
+                let _ = net.request(client, vec![], msg).await;
+            }
+        });
+        Ok(())
+    }
+
+    fn report_failure(
+        &self,
+        reply_to: &str,
+        session: SessionId,
+        step: u64,
+        peer: PeerId,
+        error: ErrorInfo,
+    ) {
+        let Ok(client) = reply_to.parse::<PeerId>() else {
+            return;
+        };
+        let net = self.net.clone();
+        let msg = Request::Failed(StepFailed {
+            session,
+            step,
+            peer: peer.to_string(),
+            error,
+        });
+        self.rt.spawn(async move {
+            let _ = net.request(client, vec![], msg).await;
+        });
+    }
+}
