@@ -1,0 +1,318 @@
+//! Tiny Llama-family models written by the tests themselves, in GGUF and in Hugging Face
+//! safetensors form, checked two ways:
+//! - a model split into spans computes what the whole model computes in one piece;
+//! - our blocks agree with candle-transformers' independent implementations
+//!   (`quantized_llama` for GGUF, `llama` for safetensors) on every position.
+
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use shard::{Head, ModelFile, Span};
+
+const HIDDEN: usize = 64;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 128;
+const LAYERS: usize = 4;
+const VOCAB: usize = 96;
+const EPS: f32 = 1e-5;
+const THETA: f32 = 10_000.0;
+
+/// Random weights of the tiny model, by GGUF name, row-major `[out, in]`.
+fn weights(tied: bool) -> Result<Vec<(String, Tensor)>> {
+    let dev = Device::Cpu;
+    let mut w = Vec::new();
+    let mat = |rows: usize, cols: usize, scale: f64| -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 1f32, (rows, cols), &dev)? * scale)?)
+    };
+    let norm = || -> Result<Tensor> { Ok((Tensor::randn(0f32, 0.1f32, HIDDEN, &dev)? + 1.0)?) };
+    w.push(("token_embd.weight".to_string(), mat(VOCAB, HIDDEN, 1.0)?));
+    w.push(("output_norm.weight".to_string(), norm()?));
+    if !tied {
+        w.push(("output.weight".to_string(), mat(VOCAB, HIDDEN, 0.2)?));
+    }
+    for i in 0..LAYERS {
+        let p = |n: &str| format!("blk.{i}.{n}.weight");
+        w.push((p("attn_norm"), norm()?));
+        w.push((p("ffn_norm"), norm()?));
+        w.push((p("attn_q"), mat(HEADS * HEAD_DIM, HIDDEN, 0.25)?));
+        w.push((p("attn_k"), mat(KV_HEADS * HEAD_DIM, HIDDEN, 0.25)?));
+        w.push((p("attn_v"), mat(KV_HEADS * HEAD_DIM, HIDDEN, 0.25)?));
+        w.push((p("attn_output"), mat(HIDDEN, HEADS * HEAD_DIM, 0.15)?));
+        w.push((p("ffn_gate"), mat(FFN, HIDDEN, 0.2)?));
+        w.push((p("ffn_up"), mat(FFN, HIDDEN, 0.2)?));
+        w.push((p("ffn_down"), mat(HIDDEN, FFN, 0.15)?));
+    }
+    Ok(w)
+}
+
+/// Writes a tiny GGUF; matrices in `dtype`, norms in f32.
+fn write_gguf(path: &Path, dtype: GgmlDType, tied: bool) -> Result<()> {
+    let mut qs = Vec::new();
+    for (name, t) in weights(tied)? {
+        let q = if t.rank() == 2 { QTensor::quantize(&t, dtype)? } else { QTensor::quantize(&t, GgmlDType::F32)? };
+        qs.push((name, q));
+    }
+    use gguf_file::Value as V;
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("general.name", V::String("tiny".into())),
+        ("llama.block_count", V::U32(LAYERS as u32)),
+        ("llama.embedding_length", V::U32(HIDDEN as u32)),
+        ("llama.feed_forward_length", V::U32(FFN as u32)),
+        ("llama.attention.head_count", V::U32(HEADS as u32)),
+        ("llama.attention.head_count_kv", V::U32(KV_HEADS as u32)),
+        ("llama.rope.dimension_count", V::U32(HEAD_DIM as u32)),
+        ("llama.rope.freq_base", V::F32(THETA)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(EPS)),
+        ("llama.context_length", V::U32(256)),
+    ];
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path)?;
+    gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(())
+}
+
+/// Writes a tiny Hugging Face directory (config.json + model.safetensors) in `dtype`.
+fn write_hf(dir: &Path, dtype: DType, tied: bool) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let hf = |n: &str| -> String {
+        match n {
+            "token_embd.weight" => "model.embed_tokens.weight".into(),
+            "output_norm.weight" => "model.norm.weight".into(),
+            "output.weight" => "lm_head.weight".into(),
+            _ => {
+                let rest = n.strip_prefix("blk.").expect("block tensor");
+                let (layer, tail) = rest.split_once('.').expect("layer");
+                let module = tail.trim_end_matches(".weight");
+                let m = match module {
+                    "attn_norm" => "input_layernorm",
+                    "ffn_norm" => "post_attention_layernorm",
+                    "attn_q" => "self_attn.q_proj",
+                    "attn_k" => "self_attn.k_proj",
+                    "attn_v" => "self_attn.v_proj",
+                    "attn_output" => "self_attn.o_proj",
+                    "ffn_gate" => "mlp.gate_proj",
+                    "ffn_up" => "mlp.up_proj",
+                    "ffn_down" => "mlp.down_proj",
+                    other => panic!("unknown {other}"),
+                };
+                format!("model.layers.{layer}.{m}.weight")
+            }
+        }
+    };
+    let mut map = std::collections::HashMap::new();
+    for (name, t) in weights(tied)? {
+        map.insert(hf(&name), t.to_dtype(dtype)?);
+    }
+    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
+        "rms_norm_eps": EPS, "rope_theta": THETA, "max_position_embeddings": 256,
+        "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(())
+}
+
+const PROMPT: [u32; 7] = [1, 17, 42, 5, 88, 23, 60];
+const DECODE: [u32; 3] = [9, 71, 33];
+
+fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(a.sub(b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Runs the prompt then three decode steps through the given spans in order (each span
+/// with its own cache, like servers of a chain); returns the final hidden states of
+/// every step, concatenated `[prompt + decode, hidden]`.
+fn run_chain(head: &Head, spans: &[Span]) -> Result<Tensor> {
+    let mut caches: Vec<_> = spans.iter().map(|s| s.new_cache(64)).collect();
+    let mut outs = Vec::new();
+    let mut step = |ids: &[u32]| -> Result<()> {
+        let mut h = head.embed(ids)?;
+        for (s, c) in spans.iter().zip(caches.iter_mut()) {
+            h = s.forward(&h, c)?;
+        }
+        outs.push(h);
+        Ok(())
+    };
+    step(&PROMPT)?;
+    for t in DECODE {
+        step(&[t])?;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+fn check_spans_match_whole(file: &ModelFile) -> Result<()> {
+    let dev = Device::Cpu;
+    let head = Head::load(file, &dev)?;
+    let whole = run_chain(&head, &[Span::load(file, 0, LAYERS, &dev, |_, _| {})?])?;
+    for cuts in [vec![0, 2, 4], vec![0, 1, 3, 4], vec![0, 1, 2, 3, 4]] {
+        let spans: Vec<Span> = cuts
+            .windows(2)
+            .map(|w| Span::load(file, w[0], w[1], &dev, |_, _| {}))
+            .collect::<Result<_, _>>()?;
+        let split = run_chain(&head, &spans)?;
+        let d = max_diff(&whole, &split)?;
+        assert!(d <= 1e-5, "spans {cuts:?} differ from the whole model by {d}");
+    }
+    // A session may run a sub-span of what a server loaded.
+    let big = Span::load(file, 0, LAYERS, &dev, |_, _| {})?;
+    let mut c1 = big.new_cache_for(0, 3, 64)?;
+    let mut c2 = big.new_cache_for(3, 4, 64)?;
+    let h = big.forward(&head.embed(&PROMPT)?, &mut c1)?;
+    let h = big.forward(&h, &mut c2)?;
+    let d = max_diff(&whole.i(0..PROMPT.len())?, &h)?;
+    assert!(d <= 1e-5, "sub-span caches differ by {d}");
+    Ok(())
+}
+
+#[test]
+fn gguf_spans_equal_the_whole_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (dtype, tied) in [(GgmlDType::Q8_0, false), (GgmlDType::Q4_0, true), (GgmlDType::F16, false)] {
+        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
+        write_gguf(&path, dtype, tied)?;
+        check_spans_match_whole(&ModelFile::open(&path)?)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn safetensors_spans_equal_the_whole_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (dtype, tied) in [(DType::F32, false), (DType::BF16, true), (DType::F16, false)] {
+        let path = dir.path().join(format!("tiny-{dtype:?}"));
+        write_hf(&path, dtype, tied)?;
+        check_spans_match_whole(&ModelFile::open(&path)?)?;
+    }
+    Ok(())
+}
+
+/// Our logits at every position, from a prefill and from token-by-token decoding.
+fn our_logits(file: &ModelFile, ids: &[u32]) -> Result<(Tensor, Tensor)> {
+    let dev = Device::Cpu;
+    let head = Head::load(file, &dev)?;
+    let span = Span::load(file, 0, LAYERS, &dev, |_, _| {})?;
+    let mut cache = span.new_cache(64);
+    let prefill = head.logits(&span.forward(&head.embed(ids)?, &mut cache)?)?;
+    let mut cache = span.new_cache(64);
+    let mut rows = Vec::new();
+    for &id in ids {
+        rows.push(head.logits(&span.forward(&head.embed(&[id])?, &mut cache)?)?);
+    }
+    Ok((prefill, Tensor::cat(&rows, 0)?))
+}
+
+fn assert_agree(name: &str, ours: &Tensor, reference: &Tensor, tol: f32) -> Result<()> {
+    let d = max_diff(ours, reference)?;
+    let a = ours.argmax(1)?.to_vec1::<u32>()?;
+    let b = reference.argmax(1)?.to_vec1::<u32>()?;
+    assert_eq!(a, b, "{name}: argmax differs (max abs diff {d})");
+    assert!(d <= tol, "{name}: max abs diff {d} > {tol}");
+    Ok(())
+}
+
+#[test]
+fn gguf_agrees_with_candle_quantized_llama() -> Result<()> {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let dir = tempfile::tempdir()?;
+    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
+    for (dtype, tied) in [(GgmlDType::Q8_0, false), (GgmlDType::F32, true), (GgmlDType::Q4_0, false)] {
+        let path = dir.path().join(format!("ref-{dtype:?}.gguf"));
+        write_gguf(&path, dtype, tied)?;
+        let mut f = std::fs::File::open(&path)?;
+        let ct = gguf_file::Content::read(&mut f)?;
+        let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)?;
+        let mut rows = Vec::new();
+        for (pos, &id) in ids.iter().enumerate() {
+            let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+            rows.push(reference.forward(&x, pos)?);
+        }
+        let reference = Tensor::cat(&rows, 0)?;
+        let (prefill, stepwise) = our_logits(&ModelFile::open(&path)?, &ids)?;
+        // Token by token, both run the same quantised kernels: equal to rounding.
+        assert_agree(&format!("{dtype:?} stepwise"), &stepwise, &reference, 1e-3)?;
+        // A prefill multiplies many rows at once, which candle quantises differently
+        // from a single row; the result stays close.
+        let tol = if dtype == GgmlDType::F32 { 1e-3 } else { 0.25 };
+        assert_agree(&format!("{dtype:?} prefill"), &prefill, &reference, tol)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn safetensors_agrees_with_candle_llama() -> Result<()> {
+    use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
+    let dir = tempfile::tempdir()?;
+    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
+    for tied in [false, true] {
+        let path = dir.path().join(format!("ref-{tied}"));
+        write_hf(&path, DType::F32, tied)?;
+        let cfg: LlamaConfig = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
+        let cfg = cfg.into_config(false);
+        // SAFETY: a file this test just wrote and nobody modifies.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[path.join("model.safetensors")], DType::F32, &Device::Cpu)?
+        };
+        let model = Llama::load(vb, &cfg)?;
+        let mut cache = Cache::new(true, DType::F32, &cfg, &Device::Cpu)?;
+        let mut rows = Vec::new();
+        for (pos, &id) in ids.iter().enumerate() {
+            let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+            rows.push(model.forward(&x, pos, &mut cache)?);
+        }
+        let reference = Tensor::cat(&rows, 0)?;
+        let (prefill, stepwise) = our_logits(&ModelFile::open(&path)?, &ids)?;
+        assert_agree(&format!("tied={tied} stepwise"), &stepwise, &reference, 1e-3)?;
+        assert_agree(&format!("tied={tied} prefill"), &prefill, &reference, 1e-3)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_files_and_spans_get_clear_errors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = ModelFile::open(dir.path().join("nope.gguf")).expect_err("missing");
+    assert!(missing.to_string().contains("cannot open model"), "{missing}");
+
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a model at all, just some text")?;
+    let e = ModelFile::open(&garbage).expect_err("garbage");
+    assert!(e.to_string().contains("not a readable GGUF"), "{e}");
+
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, GgmlDType::Q8_0, false)?;
+    let bytes = std::fs::read(&good)?;
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3])?;
+    let e = ModelFile::open(&truncated).expect_err("truncated");
+    assert!(e.to_string().contains("truncated"), "{e}");
+
+    let file = ModelFile::open(&good)?;
+    for (a, b) in [(0, 5), (3, 3), (4, 6)] {
+        let e = Span::load(&file, a, b, &Device::Cpu, |_, _| {}).expect_err("bad span");
+        assert!(e.to_string().contains("not inside the model's 4 blocks"), "{e}");
+    }
+    let hf = dir.path().join("hf-no-weights");
+    std::fs::create_dir_all(&hf)?;
+    std::fs::write(hf.join("config.json"), "{\"hidden_size\": 1}")?;
+    let e = ModelFile::open(&hf).expect_err("bad config");
+    assert!(e.to_string().contains("config.json"), "{e}");
+
+    // Inputs of the wrong width, and sequences past the cache's limit.
+    let span = Span::load(&file, 0, 2, &Device::Cpu, |_, _| {})?;
+    let mut cache = span.new_cache(4);
+    let wrong = Tensor::zeros((2, HIDDEN + 1), DType::F32, &Device::Cpu)?;
+    assert!(span.forward(&wrong, &mut cache).is_err());
+    let five = Tensor::zeros((5, HIDDEN), DType::F32, &Device::Cpu)?;
+    let e = span.forward(&five, &mut cache).expect_err("too long");
+    assert!(e.to_string().contains("exceeds the limit of 4"), "{e}");
+    Ok(())
+}
