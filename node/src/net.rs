@@ -157,6 +157,9 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             kcfg.set_publication_interval(None);
             kcfg.set_provider_publication_interval(None);
             kcfg.set_replication_interval(None);
+            // Routing tables are filled by dialling bootstrap nodes and by identify;
+            // a timer that warns "no known peers" on a swarm's first node helps no one.
+            kcfg.set_periodic_bootstrap_interval(None);
             let store = MemoryStore::with_config(
                 id,
                 MemoryStoreConfig {

@@ -53,7 +53,11 @@ fn weights(tied: bool) -> Result<Vec<(String, Tensor)>> {
 fn write_gguf(path: &Path, dtype: GgmlDType, tied: bool) -> Result<()> {
     let mut qs = Vec::new();
     for (name, t) in weights(tied)? {
-        let q = if t.rank() == 2 { QTensor::quantize(&t, dtype)? } else { QTensor::quantize(&t, GgmlDType::F32)? };
+        let q = if t.rank() == 2 {
+            QTensor::quantize(&t, dtype)?
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32)?
+        };
         qs.push((name, q));
     }
     use gguf_file::Value as V;
@@ -160,7 +164,10 @@ fn check_spans_match_whole(file: &ModelFile) -> Result<()> {
             .collect::<Result<_, _>>()?;
         let split = run_chain(&head, &spans)?;
         let d = max_diff(&whole, &split)?;
-        assert!(d <= 1e-5, "spans {cuts:?} differ from the whole model by {d}");
+        assert!(
+            d <= 1e-5,
+            "spans {cuts:?} differ from the whole model by {d}"
+        );
     }
     // A session may run a sub-span of what a server loaded.
     let big = Span::load(file, 0, LAYERS, &dev, |_, _| {})?;
@@ -176,7 +183,11 @@ fn check_spans_match_whole(file: &ModelFile) -> Result<()> {
 #[test]
 fn gguf_spans_equal_the_whole_model() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for (dtype, tied) in [(GgmlDType::Q8_0, false), (GgmlDType::Q4_0, true), (GgmlDType::F16, false)] {
+    for (dtype, tied) in [
+        (GgmlDType::Q8_0, false),
+        (GgmlDType::Q4_0, true),
+        (GgmlDType::F16, false),
+    ] {
         let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
         write_gguf(&path, dtype, tied)?;
         check_spans_match_whole(&ModelFile::open(&path)?)?;
@@ -187,7 +198,11 @@ fn gguf_spans_equal_the_whole_model() -> Result<()> {
 #[test]
 fn safetensors_spans_equal_the_whole_model() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for (dtype, tied) in [(DType::F32, false), (DType::BF16, true), (DType::F16, false)] {
+    for (dtype, tied) in [
+        (DType::F32, false),
+        (DType::BF16, true),
+        (DType::F16, false),
+    ] {
         let path = dir.path().join(format!("tiny-{dtype:?}"));
         write_hf(&path, dtype, tied)?;
         check_spans_match_whole(&ModelFile::open(&path)?)?;
@@ -224,7 +239,11 @@ fn gguf_agrees_with_candle_quantized_llama() -> Result<()> {
     use candle_transformers::models::quantized_llama::ModelWeights;
     let dir = tempfile::tempdir()?;
     let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
-    for (dtype, tied) in [(GgmlDType::Q8_0, false), (GgmlDType::F32, true), (GgmlDType::Q4_0, false)] {
+    for (dtype, tied) in [
+        (GgmlDType::Q8_0, false),
+        (GgmlDType::F32, true),
+        (GgmlDType::Q4_0, false),
+    ] {
         let path = dir.path().join(format!("ref-{dtype:?}.gguf"));
         write_gguf(&path, dtype, tied)?;
         let mut f = std::fs::File::open(&path)?;
@@ -255,11 +274,16 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
     for tied in [false, true] {
         let path = dir.path().join(format!("ref-{tied}"));
         write_hf(&path, DType::F32, tied)?;
-        let cfg: LlamaConfig = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
+        let cfg: LlamaConfig =
+            serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
         let cfg = cfg.into_config(false);
         // SAFETY: a file this test just wrote and nobody modifies.
         let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&[path.join("model.safetensors")], DType::F32, &Device::Cpu)?
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[path.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )?
         };
         let model = Llama::load(vb, &cfg)?;
         let mut cache = Cache::new(true, DType::F32, &cfg, &Device::Cpu)?;
@@ -270,7 +294,12 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
         }
         let reference = Tensor::cat(&rows, 0)?;
         let (prefill, stepwise) = our_logits(&ModelFile::open(&path)?, &ids)?;
-        assert_agree(&format!("tied={tied} stepwise"), &stepwise, &reference, 1e-3)?;
+        assert_agree(
+            &format!("tied={tied} stepwise"),
+            &stepwise,
+            &reference,
+            1e-3,
+        )?;
         assert_agree(&format!("tied={tied} prefill"), &prefill, &reference, 1e-3)?;
     }
     Ok(())
@@ -280,7 +309,10 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
 fn bad_files_and_spans_get_clear_errors() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let missing = ModelFile::open(dir.path().join("nope.gguf")).expect_err("missing");
-    assert!(missing.to_string().contains("cannot open model"), "{missing}");
+    assert!(
+        missing.to_string().contains("cannot open model"),
+        "{missing}"
+    );
 
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model at all, just some text")?;
@@ -298,7 +330,10 @@ fn bad_files_and_spans_get_clear_errors() -> Result<()> {
     let file = ModelFile::open(&good)?;
     for (a, b) in [(0, 5), (3, 3), (4, 6)] {
         let e = Span::load(&file, a, b, &Device::Cpu, |_, _| {}).expect_err("bad span");
-        assert!(e.to_string().contains("not inside the model's 4 blocks"), "{e}");
+        assert!(
+            e.to_string().contains("not inside the model's 4 blocks"),
+            "{e}"
+        );
     }
     let hf = dir.path().join("hf-no-weights");
     std::fs::create_dir_all(&hf)?;

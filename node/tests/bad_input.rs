@@ -1,0 +1,140 @@
+//! Bad input gets a clear error, in bounded time, never a panic.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn fails_with(mut cmd: std::process::Command, needle: &str, limit: Duration) -> Duration {
+    cmd.env("RUST_LOG", "off");
+    let (out, took) = run(cmd, limit);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail; stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    took
+}
+
+#[test]
+fn missing_and_corrupt_model_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = shoal();
+    cmd.args(["generate", "--local", "--prompt", "hi", "--model"])
+        .arg(dir.path().join("missing.gguf"));
+    fails_with(cmd, "cannot open model", Duration::from_secs(30));
+
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, vec![0x47u8; 4096]).expect("write");
+    let mut cmd = shoal();
+    cmd.args(["serve", "--blocks", "0..2", "--model"])
+        .arg(&corrupt);
+    fails_with(cmd, "not a readable GGUF", Duration::from_secs(30));
+
+    // A download cut short: the real model's first 40 MB.
+    let bytes = std::fs::read(model()).expect("model");
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..40 << 20]).expect("write");
+    let mut cmd = shoal();
+    cmd.args(["generate", "--local", "--prompt", "hi", "--model"])
+        .arg(&truncated);
+    fails_with(cmd, "truncated", Duration::from_secs(30));
+}
+
+#[test]
+fn span_outside_the_model() {
+    for blocks in ["25..31", "30..40"] {
+        let mut cmd = shoal();
+        cmd.args(["serve", "--blocks", blocks, "--model"])
+            .arg(model());
+        fails_with(cmd, "outside the model", Duration::from_secs(30));
+    }
+    let mut cmd = shoal();
+    cmd.args(["serve", "--blocks", "5..5", "--model"])
+        .arg(model());
+    fails_with(cmd, "is empty", Duration::from_secs(30));
+}
+
+#[test]
+fn bootstrap_nobody_answers_fails_in_bounded_time() {
+    // Ports that were just free: nothing listens there.
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let tcp_port = tcp.local_addr().expect("addr").port();
+    drop(tcp);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let udp_port = udp.local_addr().expect("addr").port();
+    drop(udp);
+    let peer = "12D3KooWPMKUhPx9QCH2cwrqxGqZ3LxkqMaLMC34epFwbpUxpa3i";
+    for addr in [
+        format!("/ip4/127.0.0.1/tcp/{tcp_port}/p2p/{peer}"),
+        format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1/p2p/{peer}"),
+        format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1"),
+    ] {
+        let mut cmd = shoal();
+        cmd.args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--connect-timeout",
+            "3",
+            "--bootstrap",
+            &addr,
+            "--model",
+        ])
+        .arg(model());
+        let took = fails_with(
+            cmd,
+            "could not reach any bootstrap node",
+            Duration::from_secs(30),
+        );
+        assert!(took < Duration::from_secs(15), "took {took:?} for {addr}");
+        let mut cmd = shoal();
+        cmd.args([
+            "serve",
+            "--blocks",
+            "0..2",
+            "--connect-timeout",
+            "3",
+            "--bootstrap",
+            &addr,
+            "--model",
+        ])
+        .arg(model());
+        let took = fails_with(
+            cmd,
+            "could not reach any bootstrap node",
+            Duration::from_secs(30),
+        );
+        assert!(took < Duration::from_secs(15), "took {took:?} for {addr}");
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    // SmolLM2's context is 8192 tokens; each " alpha" is at least one token.
+    let prompt = " alpha".repeat(9000);
+    let mut cmd = shoal();
+    cmd.args([
+        "generate",
+        "--local",
+        "--max-tokens",
+        "4",
+        "--prompt",
+        &prompt,
+        "--model",
+    ])
+    .arg(model());
+    fails_with(
+        cmd,
+        "longer than the model's context",
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn generate_without_a_swarm_says_what_to_do() {
+    let mut cmd = shoal();
+    cmd.args(["generate", "--prompt", "hi", "--model"])
+        .arg(model());
+    fails_with(cmd, "no --bootstrap address", Duration::from_secs(30));
+}

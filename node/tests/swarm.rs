@@ -1,0 +1,109 @@
+//! End to end: real `shoal serve` processes on loopback serving the default model.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn generate_json(args: &[&str]) -> Value {
+    let mut cmd = shoal();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(model())
+        .args(args)
+        .arg("--json");
+    let (out, _) = run(cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn ids(v: &Value, key: &str) -> Vec<u64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+/// Greedy generation through three servers equals the one-process reference, token for
+/// token, on three prompts of 32 new tokens.
+#[test]
+fn three_servers_match_local_token_for_token() {
+    let m = model();
+    let a = serve(&m, "0..10", None);
+    let b = serve(&m, "10..20", Some(&a.addr));
+    let c = serve(&m, "20..30", Some(&a.addr));
+    let prompts: [(&str, bool); 3] = [
+        (
+            "Write a short story about a robot who learns to paint.",
+            true,
+        ),
+        ("Explain how a bicycle works, step by step.", true),
+        ("Once upon a time, in a small village by the sea,", false),
+    ];
+    for (prompt, chat) in prompts {
+        let mut args = vec!["--prompt", prompt, "--max-tokens", "32"];
+        if chat {
+            args.push("--chat");
+        }
+        let local = generate_json(&[args.as_slice(), &["--local"]].concat());
+        let swarm = generate_json(&[args.as_slice(), &["--bootstrap", &a.addr]].concat());
+        assert_eq!(ids(&local, "prompt_tokens"), ids(&swarm, "prompt_tokens"));
+        let (l, s) = (
+            ids(&local, "completion_tokens"),
+            ids(&swarm, "completion_tokens"),
+        );
+        assert_eq!(
+            l.len(),
+            32,
+            "prompt {prompt:?} should give 32 new tokens: {local}"
+        );
+        assert_eq!(l, s, "swarm differs from local for {prompt:?}");
+        assert_eq!(local["text"], swarm["text"]);
+        let route: Vec<(u64, u64)> = swarm["route"]
+            .as_array()
+            .expect("route")
+            .iter()
+            .map(|h| {
+                (
+                    h["start"].as_u64().expect("start"),
+                    h["end"].as_u64().expect("end"),
+                )
+            })
+            .collect();
+        assert_eq!(route, vec![(0, 10), (10, 20), (20, 30)]);
+    }
+    drop((a, b, c));
+}
+
+/// A node's memory grows with its span: 30 blocks take clearly more than 10.
+#[test]
+fn resident_memory_grows_with_the_span() {
+    let m = model();
+    let small = serve(&m, "0..10", None);
+    let rss_small = rss_bytes(small.child.id());
+    drop(small);
+    let big = serve(&m, "0..30", None);
+    let rss_big = rss_bytes(big.child.id());
+    drop(big);
+    // Q4_1 weights of one SmolLM2 block are ~2.2 MB; 20 more blocks must show.
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "resident memory: 10 blocks {:.1} MiB, 30 blocks {:.1} MiB",
+        mib(rss_small),
+        mib(rss_big)
+    );
+    assert!(
+        rss_big > rss_small + 30 * (1 << 20),
+        "30-block node ({:.1} MiB) not clearly above 10-block node ({:.1} MiB)",
+        mib(rss_big),
+        mib(rss_small)
+    );
+}
