@@ -51,6 +51,16 @@ fn weights(tied: bool) -> Result<Vec<(String, Tensor)>> {
 
 /// Writes a tiny GGUF; matrices in `dtype`, norms in f32.
 fn write_gguf(path: &Path, dtype: GgmlDType, tied: bool) -> Result<()> {
+    write_gguf_with(path, dtype, tied, Vec::new())
+}
+
+/// [`write_gguf`] with extra metadata (a tokenizer, say).
+fn write_gguf_with(
+    path: &Path,
+    dtype: GgmlDType,
+    tied: bool,
+    extra: Vec<(&str, gguf_file::Value)>,
+) -> Result<()> {
     let mut qs = Vec::new();
     for (name, t) in weights(tied)? {
         let q = if t.rank() == 2 {
@@ -74,6 +84,7 @@ fn write_gguf(path: &Path, dtype: GgmlDType, tied: bool) -> Result<()> {
         ("llama.attention.layer_norm_rms_epsilon", V::F32(EPS)),
         ("llama.context_length", V::U32(256)),
     ];
+    let md: Vec<(&str, V)> = md.into_iter().chain(extra).collect();
     let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qs.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path)?;
@@ -83,6 +94,11 @@ fn write_gguf(path: &Path, dtype: GgmlDType, tied: bool) -> Result<()> {
 
 /// Writes a tiny Hugging Face directory (config.json + model.safetensors) in `dtype`.
 fn write_hf(dir: &Path, dtype: DType, tied: bool) -> Result<()> {
+    write_hf_arch(dir, dtype, tied, false)
+}
+
+/// [`write_hf`] for Llama, or for Qwen2 (`qwen2`: biases on Q, K and V).
+fn write_hf_arch(dir: &Path, dtype: DType, tied: bool, qwen2: bool) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let hf = |n: &str| -> String {
         match n {
@@ -113,14 +129,33 @@ fn write_hf(dir: &Path, dtype: DType, tied: bool) -> Result<()> {
     for (name, t) in weights(tied)? {
         map.insert(hf(&name), t.to_dtype(dtype)?);
     }
+    if qwen2 {
+        for i in 0..LAYERS {
+            for (proj, width) in [("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)] {
+                let b = Tensor::randn(0f32, 0.5f32, width * HEAD_DIM, &Device::Cpu)?;
+                map.insert(
+                    format!("model.layers.{i}.self_attn.{proj}_proj.bias"),
+                    b.to_dtype(dtype)?,
+                );
+            }
+        }
+    }
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
         "rms_norm_eps": EPS, "rope_theta": THETA, "max_position_embeddings": 256,
         "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2
     });
+    if qwen2 {
+        config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+        config["model_type"] = serde_json::json!("qwen2");
+        config["sliding_window"] = serde_json::json!(256);
+        config["max_window_layers"] = serde_json::json!(LAYERS);
+        config["use_sliding_window"] = serde_json::json!(false);
+        config["hidden_act"] = serde_json::json!("silu");
+    }
     std::fs::write(dir.join("config.json"), config.to_string())?;
     Ok(())
 }
@@ -306,6 +341,37 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
 }
 
 #[test]
+fn qwen2_safetensors_agrees_with_candle_qwen2() -> Result<()> {
+    use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("qwen2");
+    write_hf_arch(&path, DType::F32, true, true)?;
+    let file = ModelFile::open(&path)?;
+    assert!(file.config().qkv_bias, "Qwen2 has Q/K/V biases");
+    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
+    // SAFETY: a file this test just wrote and nobody modifies.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[path.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let mut model = ModelForCausalLM::new(&cfg, vb)?;
+    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
+    let mut rows = Vec::new();
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        rows.push(model.forward(&x, pos)?.flatten_to(1)?);
+    }
+    let reference = Tensor::cat(&rows, 0)?;
+    let (prefill, stepwise) = our_logits(&file, &ids)?;
+    assert_agree("qwen2 stepwise", &stepwise, &reference, 1e-3)?;
+    assert_agree("qwen2 prefill", &prefill, &reference, 1e-3)?;
+    Ok(())
+}
+
+#[test]
 fn bad_files_and_spans_get_clear_errors() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let missing = ModelFile::open(dir.path().join("nope.gguf")).expect_err("missing");
@@ -349,5 +415,78 @@ fn bad_files_and_spans_get_clear_errors() -> Result<()> {
     let five = Tensor::zeros((5, HIDDEN), DType::F32, &Device::Cpu)?;
     let e = span.forward(&five, &mut cache).expect_err("too long");
     assert!(e.to_string().contains("exceeds the limit of 4"), "{e}");
+    Ok(())
+}
+
+/// A SentencePiece-style (Llama 2) tokenizer inside a GGUF: merges come from the scores,
+/// spaces become `▁`, unknown characters fall back to byte tokens, and decoding
+/// restores the text.
+#[test]
+fn gguf_sentencepiece_tokenizer() -> Result<()> {
+    use gguf_file::Value as V;
+    let mut tokens: Vec<(String, f32, i32)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+    ];
+    for b in 0..=255u8 {
+        tokens.push((format!("<0x{b:02X}>"), 0.0, 6));
+    }
+    // Like a real SentencePiece BPE vocabulary, every piece is two pieces merged, and
+    // earlier merges score higher.
+    let pieces = [
+        "\u{2581}h",
+        "ll",
+        "or",
+        "ld",
+        "\u{2581}w",
+        "\u{2581}he",
+        "llo",
+        "orld",
+        "\u{2581}hello",
+        "\u{2581}world",
+        "\u{2581}",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+    ];
+    for (i, p) in pieces.iter().enumerate() {
+        tokens.push((p.to_string(), -(i as f32), 1));
+    }
+    let id = |piece: &str| tokens.iter().position(|t| t.0 == piece).expect("piece") as u32;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("spm.gguf");
+    let extra = vec![
+        ("tokenizer.ggml.model", V::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(tokens.iter().map(|t| V::String(t.0.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores",
+            V::Array(tokens.iter().map(|t| V::F32(t.1)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            V::Array(tokens.iter().map(|t| V::I32(t.2)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id", V::U32(1)),
+        ("tokenizer.ggml.eos_token_id", V::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", V::U32(0)),
+    ];
+    write_gguf_with(&path, GgmlDType::F32, true, extra)?;
+    let text = shard::TextCodec::from_model(&ModelFile::open(&path)?)?;
+    let ids = text.encode("hello world", true)?;
+    assert_eq!(ids, vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
+    assert_eq!(text.decode(&ids)?, "hello world");
+    // 'x' is not in the vocabulary: it falls back to its byte.
+    let ids = text.encode("hellx", false)?;
+    assert_eq!(ids, vec![id("\u{2581}he"), id("ll"), id("<0x78>")]);
+    assert_eq!(text.decode(&ids)?, "hellx");
+    assert!(text.is_stop(2));
     Ok(())
 }
