@@ -569,26 +569,21 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     ] {
         let mut decode: f64 = 0.0;
         let mut prefill: f64 = 0.0;
+        let once = async |req: &GenerateRequest| {
+            run_generation(
+                &side,
+                c,
+                req,
+                WireDType::F32,
+                Duration::from_secs(30),
+                |_| {},
+            )
+            .await
+        };
         for _ in 0..args.repeats.max(1) {
-            let (g, _) = run_generation(
-                &side,
-                c,
-                &decode_req,
-                WireDType::F32,
-                Duration::from_secs(30),
-                |_| {},
-            )
-            .await?;
+            let (g, _) = once(&decode_req).await?;
             decode = decode.max(g.tokens_per_second);
-            let (p, _) = run_generation(
-                &side,
-                c,
-                &prefill_req,
-                WireDType::F32,
-                Duration::from_secs(30),
-                |_| {},
-            )
-            .await?;
+            let (p, _) = once(&prefill_req).await?;
             prefill = prefill.max(p.prompt_tokens.len() as f64 / p.prefill_seconds.max(1e-9));
         }
         rows.push(BenchRow {

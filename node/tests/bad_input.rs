@@ -70,42 +70,24 @@ fn bootstrap_nobody_answers_fails_in_bounded_time() {
         format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1/p2p/{peer}"),
         format!("/ip4/127.0.0.1/udp/{udp_port}/quic-v1"),
     ] {
-        let mut cmd = shoal();
-        cmd.args([
-            "generate",
-            "--prompt",
-            "hi",
-            "--connect-timeout",
-            "3",
-            "--bootstrap",
-            &addr,
-            "--model",
-        ])
-        .arg(model());
-        let took = fails_with(
-            cmd,
-            "could not reach any bootstrap node",
-            Duration::from_secs(30),
-        );
-        assert!(took < Duration::from_secs(15), "took {took:?} for {addr}");
-        let mut cmd = shoal();
-        cmd.args([
-            "serve",
-            "--blocks",
-            "0..2",
-            "--connect-timeout",
-            "3",
-            "--bootstrap",
-            &addr,
-            "--model",
-        ])
-        .arg(model());
-        let took = fails_with(
-            cmd,
-            "could not reach any bootstrap node",
-            Duration::from_secs(30),
-        );
-        assert!(took < Duration::from_secs(15), "took {took:?} for {addr}");
+        for sub in [
+            &["generate", "--prompt", "hi"][..],
+            &["serve", "--blocks", "0..2"][..],
+        ] {
+            let mut cmd = shoal();
+            cmd.args(sub)
+                .args(["--connect-timeout", "3", "--bootstrap", &addr, "--model"])
+                .arg(model());
+            let took = fails_with(
+                cmd,
+                "could not reach any bootstrap node",
+                Duration::from_secs(30),
+            );
+            assert!(
+                took < Duration::from_secs(15),
+                "{sub:?} took {took:?} for {addr}"
+            );
+        }
     }
 }
 

@@ -306,8 +306,9 @@ impl ModelFile {
     }
 }
 
-/// Translates a GGUF tensor name to its Hugging Face checkpoint name.
-pub(crate) fn hf_name(gguf: &str) -> String {
+/// Translates a GGUF tensor name (`blk.3.attn_q.weight`) to its Hugging Face checkpoint
+/// name (`model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(gguf: &str) -> String {
     match gguf {
         "token_embd.weight" => return "model.embed_tokens.weight".into(),
         "output_norm.weight" => return "model.norm.weight".into(),

@@ -25,7 +25,7 @@ pub use blocks::{KvCache, Span};
 pub use candle_core;
 pub use config::{Arch, ModelConfig, RopeStyle};
 pub use error::ShardError;
-pub use file::{ModelFile, WeightFormat};
+pub use file::{hf_name, ModelFile, WeightFormat};
 pub use head::Head;
 pub use sampling::{Sampler, SamplingParams};
 pub use text::{ChatMessage, TextCodec};

@@ -100,34 +100,9 @@ fn write_hf(dir: &Path, dtype: DType, tied: bool) -> Result<()> {
 /// [`write_hf`] for Llama, or for Qwen2 (`qwen2`: biases on Q, K and V).
 fn write_hf_arch(dir: &Path, dtype: DType, tied: bool, qwen2: bool) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let hf = |n: &str| -> String {
-        match n {
-            "token_embd.weight" => "model.embed_tokens.weight".into(),
-            "output_norm.weight" => "model.norm.weight".into(),
-            "output.weight" => "lm_head.weight".into(),
-            _ => {
-                let rest = n.strip_prefix("blk.").expect("block tensor");
-                let (layer, tail) = rest.split_once('.').expect("layer");
-                let module = tail.trim_end_matches(".weight");
-                let m = match module {
-                    "attn_norm" => "input_layernorm",
-                    "ffn_norm" => "post_attention_layernorm",
-                    "attn_q" => "self_attn.q_proj",
-                    "attn_k" => "self_attn.k_proj",
-                    "attn_v" => "self_attn.v_proj",
-                    "attn_output" => "self_attn.o_proj",
-                    "ffn_gate" => "mlp.gate_proj",
-                    "ffn_up" => "mlp.up_proj",
-                    "ffn_down" => "mlp.down_proj",
-                    other => panic!("unknown {other}"),
-                };
-                format!("model.layers.{layer}.{m}.weight")
-            }
-        }
-    };
     let mut map = std::collections::HashMap::new();
     for (name, t) in weights(tied)? {
-        map.insert(hf(&name), t.to_dtype(dtype)?);
+        map.insert(shard::hf_name(&name), t.to_dtype(dtype)?);
     }
     if qwen2 {
         for i in 0..LAYERS {
