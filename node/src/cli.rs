@@ -41,6 +41,11 @@ pub enum Commands {
     Demo(DemoArgs),
     /// Measure decode and prefill speed: in one process, and through a loopback swarm.
     Bench(BenchArgs),
+    /// Show the swarm: every server, its span, speed and free cache, and how many
+    /// servers cover each block.
+    Status(StatusArgs),
+    /// Describe a model file: its id, shape, and the memory a block needs.
+    Inspect(InspectArgs),
 }
 
 /// Where the model comes from.
@@ -57,9 +62,25 @@ pub struct ModelArg {
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// Blocks to serve, as START..END (END exclusive), e.g. 0..10.
+    /// Blocks to serve, as START..END (END exclusive), e.g. 0..10. Without it the node
+    /// picks as many blocks as --memory-budget allows, where the swarm is weakest, and
+    /// moves later if the swarm would gain from it.
     #[arg(long, value_name = "A..B", value_parser = parse_blocks)]
-    pub blocks: (usize, usize),
+    pub blocks: Option<(usize, usize)>,
+    /// Memory this node may use, e.g. 1.5G or 800M (bytes without a suffix); sizes the
+    /// span when --blocks is not given. Default: half of the available memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<u64>,
+    /// KV-cache tokens all sessions together may reserve; default: 4 x --max-seq-len.
+    #[arg(long)]
+    pub max_cache_tokens: Option<usize>,
+    /// Seconds between checks whether moving the span would help the swarm (randomised
+    /// by +-50% so nodes do not move together); 0 = never move. Only without --blocks.
+    #[arg(long, default_value_t = 60.0)]
+    pub rebalance_interval: f64,
+    /// Move only if the swarm's weakest block would get this much faster (0.15 = 15%).
+    #[arg(long, default_value_t = 0.15)]
+    pub rebalance_threshold: f32,
     /// Address to listen on; repeat for several. Default: QUIC and TCP on every
     /// interface, ports chosen by the system.
     #[arg(long, value_name = "MULTIADDR")]
@@ -182,6 +203,58 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// `shoal status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A node of the swarm; repeat for several.
+    #[arg(long, value_name = "MULTIADDR", required = true)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for a bootstrap node to answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+}
+
+/// `shoal inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a size such as `1.5G`, `800M`, `64k` or `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_lowercase();
+            let m: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+                "" => 1,
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?}: use K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1.5G"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{s:?} is not a positive size"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
 /// Parses `A..B` into a half-open block range.
 pub fn parse_blocks(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s
@@ -213,5 +286,15 @@ mod tests {
         assert!(parse_blocks("10..10").is_err());
         assert!(parse_blocks("3-5").is_err());
         assert!(parse_blocks("a..5").is_err());
+    }
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("800M"), Ok(800 << 20));
+        assert_eq!(parse_size("64kiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("12 parsecs").is_err());
     }
 }

@@ -1,16 +1,24 @@
-//! The client side of the swarm: finding servers, planning a chain, and running a
-//! session's steps through it.
+//! The client side of the swarm: finding servers, planning a chain, running a session's
+//! steps through it, and failing over when a server of the chain fails.
 //!
 //! A step goes to the first server of the chain with the rest of the route attached;
-//! servers push it along and the last one sends the output back here as a request of
-//! its own ([`protocol::Request::Output`]), which the node's dispatcher hands to the
-//! waiting session through [`Client::deliver`].
+//! servers push it along, and every server also sends its output to the client (the last
+//! one's is the result). Those copies are what the client keeps for failover: for every
+//! block boundary of the chain, the hidden states that entered it at every position.
+//!
+//! When a step fails (a server reports a failure, the first server refuses, a server's
+//! connection closes, or no result comes within a timeout adapted to recent steps), the
+//! client bans the suspect, keeps the servers before it whose inputs it can vouch for,
+//! plans a new chain from that block, replays the stored inputs into it so the new
+//! servers' caches hold every earlier position, and carries on. Step indices only grow,
+//! so a retried step is never applied twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use coordinator::Bans;
 use libp2p::{Multiaddr, PeerId};
 use protocol::{
     Announcement, BlockSpan, HiddenState, Hop, OpenSession, Request, Response, SessionId, Step,
@@ -18,12 +26,14 @@ use protocol::{
 };
 use tokio::sync::mpsc;
 
+use crate::generate::PREFILL_CHUNK;
+use crate::hidden::{concat, rows};
 use crate::net::Network;
 
-/// What the last server (or a failing one) sends a session.
+/// What a server sends a session.
 #[derive(Debug)]
 pub enum Delivery {
-    /// Final hidden states of a step.
+    /// A server's output for a step.
     Output(protocol::StepOutput),
     /// A step failed somewhere in the chain.
     Failed(protocol::StepFailed),
@@ -31,11 +41,13 @@ pub enum Delivery {
 
 type SessionTable = Arc<Mutex<HashMap<SessionId, mpsc::UnboundedSender<Delivery>>>>;
 
-/// A swarm client: the network handle plus the table of sessions awaiting outputs.
+/// A swarm client: the network handle, the sessions awaiting outputs, and the bans.
 #[derive(Clone)]
 pub struct Client {
     net: Network,
     sessions: SessionTable,
+    bans: Arc<Mutex<Bans>>,
+    epoch: Instant,
 }
 
 /// One server of a planned chain.
@@ -49,9 +61,33 @@ pub struct PlannedHop {
     pub span: BlockSpan,
 }
 
-/// Time a step may take end to end before the client gives up on the chain: generous,
-/// since a long prefill chunk on a slow CPU takes seconds.
-const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A server of a session's chain, with the session opened on it.
+#[derive(Clone, Debug)]
+pub struct ActiveHop {
+    /// The server and its blocks.
+    pub hop: PlannedHop,
+    /// The session id opened on it.
+    pub session: SessionId,
+}
+
+/// Time allowed for a step before any step has been timed (the first prefill on a slow
+/// machine can take many seconds).
+const FIRST_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A step is declared lost when it takes this many times the recent decode step...
+const TIMEOUT_FACTOR: f64 = 8.0;
+/// ... but never sooner than this: scheduling hiccups on a loaded machine are not deaths.
+const MIN_STEP_TIMEOUT: Duration = Duration::from_millis(400);
+
+/// Time allowed to open a session on one server (a dead server's dial must not stall us).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Failovers tried for one step before giving up.
+const MAX_RECOVERIES: usize = 8;
+
+/// After a failure, time given to outputs already on their way, so the client knows
+/// which servers finished the step.
+const GRACE: Duration = Duration::from_millis(60);
 
 impl Client {
     /// A client over `net`.
@@ -59,6 +95,8 @@ impl Client {
         Client {
             net,
             sessions: Arc::new(Mutex::new(HashMap::new())),
+            bans: Arc::new(Mutex::new(Bans::default())),
+            epoch: Instant::now(),
         }
     }
 
@@ -77,39 +115,77 @@ impl Client {
         }
     }
 
+    fn register(&self, id: SessionId, tx: mpsc::UnboundedSender<Delivery>) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+    }
+
+    fn unregister(&self, id: SessionId) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn ban(&self, peer: &PeerId) -> Duration {
+        let now = self.epoch.elapsed();
+        self.bans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fail(&peer.to_string(), now)
+    }
+
+    fn is_banned(&self, peer: &str) -> bool {
+        let now = self.epoch.elapsed();
+        self.bans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_banned(peer, now)
+    }
+
     /// Dials the bootstrap nodes; at least one must answer within `timeout`.
     pub async fn connect(&self, bootstrap: &[Multiaddr], timeout: Duration) -> anyhow::Result<()> {
         connect_any(&self.net, bootstrap, timeout).await
     }
 
-    /// Looks up the model's servers until they cover all `n_blocks` or `timeout` passes,
-    /// then plans the fastest chain.
-    pub async fn plan(
+    /// Plans the fastest chain through blocks `[from, n_blocks)` among servers that are
+    /// not banned and have room for `max_len` tokens, looking again until `deadline`.
+    async fn plan(
         &self,
         model_id: &str,
+        from: u32,
         n_blocks: u32,
-        timeout: Duration,
+        max_len: u32,
+        deadline: Instant,
     ) -> anyhow::Result<Vec<PlannedHop>> {
-        let deadline = Instant::now() + timeout;
-        let mut last_err;
         loop {
-            let found = self.net.find_servers(model_id).await?;
-            match self.route_from(&found, n_blocks).await {
+            let found: Vec<Announcement> = self
+                .net
+                .find_servers(model_id)
+                .await?
+                .into_iter()
+                .filter(|a| !self.is_banned(&a.peer_id))
+                .filter(|a| a.free_cache_tokens >= max_len as u64 && a.max_seq_len >= max_len)
+                .collect();
+            let err = match self.route_from(&found, from, n_blocks).await {
                 Ok(route) => return Ok(route),
-                Err(e) => last_err = e,
-            }
+                Err(e) => e,
+            };
             if Instant::now() >= deadline {
-                return Err(last_err.context(format!(
-                    "no complete chain of servers for model {model_id} within {timeout:?}"
+                return Err(err.context(format!(
+                    "no chain of servers for model {model_id} with room for {max_len} tokens"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     async fn route_from(
         &self,
         found: &[Announcement],
+        from: u32,
         n_blocks: u32,
     ) -> anyhow::Result<Vec<PlannedHop>> {
         let rtts = self.net.rtts().await.unwrap_or_default();
@@ -128,7 +204,7 @@ impl Client {
                     .map(|d| d.as_secs_f32()),
             })
             .collect();
-        let route = coordinator::plan_route(&views, n_blocks)?;
+        let route = coordinator::plan_route(&views, from, n_blocks)?;
         route
             .into_iter()
             .map(|h| {
@@ -145,62 +221,148 @@ impl Client {
             .collect()
     }
 
-    /// Opens a session on every server of `route`.
-    pub async fn open_session(
+    /// Opens a session on each planned server; on a refusal or an unreachable server,
+    /// bans it and returns the error so the caller plans again.
+    async fn open_hops(
         &self,
         route: Vec<PlannedHop>,
         model_id: &str,
         max_len: u32,
         wire: WireDType,
-    ) -> anyhow::Result<RemoteSession> {
-        let id: SessionId = rand::random();
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        let opens: Vec<_> = route
-            .iter()
-            .map(|hop| {
-                let req = Request::Open(OpenSession {
-                    session: id,
-                    model_id: model_id.to_string(),
-                    span: hop.span,
-                    max_len,
-                    wire_dtype: wire,
-                });
-                let net = self.net.clone();
-                let (peer, addrs) = (hop.peer, hop.addrs.clone());
-                async move { (peer, net.request(peer, addrs, req).await) }
+        tx: &mpsc::UnboundedSender<Delivery>,
+    ) -> anyhow::Result<Vec<ActiveHop>> {
+        let hops: Vec<ActiveHop> = route
+            .into_iter()
+            .map(|hop| ActiveHop {
+                hop,
+                session: rand::random(),
             })
             .collect();
-        let session = RemoteSession {
-            client: self.clone(),
-            id,
-            route,
-            rx,
-            step: 0,
-            position: 0,
-        };
-        for (peer, r) in futures::future::join_all(opens).await {
-            match r {
-                Ok(Response::Opened { .. }) => {}
-                Ok(Response::Error(e)) => {
-                    session.close().await;
-                    bail!("server {peer} refused the session: {e}");
-                }
-                Ok(other) => {
-                    session.close().await;
-                    bail!("server {peer} answered the session request with {other:?}");
-                }
-                Err(e) => {
-                    session.close().await;
-                    return Err(e.context(format!("opening a session on {peer}")));
-                }
+        for h in &hops {
+            self.register(h.session, tx.clone());
+        }
+        let opens = hops.iter().map(|h| {
+            let req = Request::Open(OpenSession {
+                session: h.session,
+                model_id: model_id.to_string(),
+                span: h.hop.span,
+                max_len,
+                wire_dtype: wire,
+            });
+            let net = self.net.clone();
+            let (peer, addrs) = (h.hop.peer, h.hop.addrs.clone());
+            async move {
+                let r = tokio::time::timeout(OPEN_TIMEOUT, net.request(peer, addrs, req)).await;
+                (peer, r)
+            }
+        });
+        let results = futures::future::join_all(opens).await;
+        let mut failure = None;
+        for (peer, r) in results {
+            let problem = match r {
+                Ok(Ok(Response::Opened { .. })) => continue,
+                Ok(Ok(Response::Error(e))) => format!("refused the session: {e}"),
+                Ok(Ok(other)) => format!("answered the session request with {other:?}"),
+                Ok(Err(e)) => format!("unreachable: {e:#}"),
+                Err(_) => format!("no answer within {OPEN_TIMEOUT:?}"),
+            };
+            self.ban(&peer);
+            failure.get_or_insert(anyhow!("server {peer} {problem}"));
+        }
+        if let Some(e) = failure {
+            self.close_hops(&hops).await;
+            return Err(e);
+        }
+        Ok(hops)
+    }
+
+    /// Plans and opens a chain from block `from`, trying other servers until `deadline`.
+    async fn plan_and_open(
+        &self,
+        spec: &SessionSpec,
+        from: u32,
+        tx: &mpsc::UnboundedSender<Delivery>,
+        deadline: Instant,
+    ) -> anyhow::Result<Vec<ActiveHop>> {
+        loop {
+            let route = self
+                .plan(&spec.model_id, from, spec.n_blocks, spec.max_len, deadline)
+                .await?;
+            match self
+                .open_hops(route, &spec.model_id, spec.max_len, spec.wire, tx)
+                .await
+            {
+                Ok(hops) => return Ok(hops),
+                Err(e) if Instant::now() < deadline => tracing::warn!("{e:#}; planning again"),
+                Err(e) => return Err(e),
             }
         }
-        Ok(session)
     }
+
+    async fn close_hops(&self, hops: &[ActiveHop]) {
+        for h in hops {
+            self.unregister(h.session);
+        }
+        let closes = hops.iter().map(|h| {
+            let net = self.net.clone();
+            let (peer, addrs, session) = (h.hop.peer, h.hop.addrs.clone(), h.session);
+            async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    net.request(peer, addrs, Request::Close { session }),
+                )
+                .await;
+            }
+        });
+        futures::future::join_all(closes).await;
+    }
+
+    /// Opens a generation's session over the fastest chain covering all `n_blocks`.
+    /// `on_route` hears the route now and after every failover.
+    pub async fn open_session(
+        &self,
+        model_id: &str,
+        n_blocks: u32,
+        max_len: u32,
+        wire: WireDType,
+        route_timeout: Duration,
+        mut on_route: Box<dyn FnMut(&str) + Send>,
+    ) -> anyhow::Result<RemoteSession> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let deadline = Instant::now() + route_timeout;
+        let spec = SessionSpec {
+            model_id: model_id.to_string(),
+            n_blocks,
+            max_len,
+            wire,
+        };
+        let hops = self.plan_and_open(&spec, 0, &tx, deadline).await?;
+        on_route(&route_line(&hops));
+        Ok(RemoteSession {
+            client: self.clone(),
+            spec,
+            route_timeout,
+            hops,
+            tx,
+            rx,
+            disconnects: self.net.disconnects(),
+            next_index: 0,
+            position: 0,
+            inputs: BTreeMap::new(),
+            step_secs: None,
+            reroutes: Vec::new(),
+            on_route,
+        })
+    }
+}
+
+/// `route <peer>[A..B] <peer>[B..C] ...`, as printed on stderr.
+pub fn route_line(hops: &[ActiveHop]) -> String {
+    let parts: Vec<String> = hops
+        .iter()
+        .map(|h| format!("{}[{}..{}]", h.hop.peer, h.hop.span.start, h.hop.span.end))
+        .collect();
+    format!("route {}", parts.join(" "))
 }
 
 /// Dials each address; succeeds when at least one answers within `timeout`.
@@ -227,92 +389,332 @@ pub async fn connect_any(
     ))
 }
 
+/// A failover that happened during a session.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Reroute {
+    /// The server blamed.
+    pub failed_peer: String,
+    /// What went wrong.
+    pub reason: String,
+    /// Position of the step that failed.
+    pub position: u32,
+    /// First block of the replaced part of the chain.
+    pub from_block: u32,
+    /// Tokens replayed into the new servers.
+    pub replayed_tokens: u32,
+    /// From noticing the failure to having the step's result, in milliseconds.
+    pub recovery_ms: f64,
+}
+
+/// Why a step failed, and whom to blame.
+#[derive(Debug)]
+struct Failure {
+    /// Index into the chain of the server blamed.
+    suspect: usize,
+    reason: String,
+}
+
+/// What every server of a session must agree to.
+struct SessionSpec {
+    model_id: String,
+    n_blocks: u32,
+    max_len: u32,
+    wire: WireDType,
+}
+
 /// A generation's state on a chain of servers.
 pub struct RemoteSession {
     client: Client,
-    id: SessionId,
-    route: Vec<PlannedHop>,
+    spec: SessionSpec,
+    route_timeout: Duration,
+    hops: Vec<ActiveHop>,
+    tx: mpsc::UnboundedSender<Delivery>,
     rx: mpsc::UnboundedReceiver<Delivery>,
-    step: u64,
+    disconnects: tokio::sync::broadcast::Receiver<PeerId>,
+    /// Index of the next step sent (normal or replay): indices only grow.
+    next_index: u64,
+    /// Tokens processed so far.
     position: u32,
+    /// For each block boundary: the hidden states that entered it, by first position.
+    inputs: BTreeMap<u32, BTreeMap<u32, HiddenState>>,
+    /// Smoothed time of a one-token step, seconds.
+    step_secs: Option<f64>,
+    /// Failovers so far.
+    pub reroutes: Vec<Reroute>,
+    on_route: Box<dyn FnMut(&str) + Send>,
 }
 
 impl RemoteSession {
     /// The chain in use.
-    pub fn route(&self) -> &[PlannedHop] {
-        &self.route
+    pub fn route(&self) -> &[ActiveHop] {
+        &self.hops
     }
 
-    /// Runs `hidden` (`[tokens, hidden]`) through the whole chain.
-    pub async fn forward(&mut self, hidden: HiddenState) -> anyhow::Result<HiddenState> {
+    fn hop_index(&self, session: SessionId) -> Option<usize> {
+        self.hops.iter().position(|h| h.session == session)
+    }
+
+    fn timeout(&self, tokens: u32) -> Duration {
+        match self.step_secs {
+            None => FIRST_STEP_TIMEOUT,
+            Some(s) => {
+                let one = Duration::from_secs_f64(s * TIMEOUT_FACTOR).max(MIN_STEP_TIMEOUT);
+                one.mul_f64((tokens as f64 / 4.0).max(1.0))
+            }
+        }
+    }
+
+    /// Keeps a server's output as the input of the next block boundary.
+    fn keep_copy(&mut self, hop: usize, position: u32, hidden: HiddenState) {
+        let end = self.hops[hop].hop.span.end;
+        if end < self.spec.n_blocks {
+            self.inputs.entry(end).or_default().insert(position, hidden);
+        }
+    }
+
+    /// The inputs of block `block` for positions `0..upto`, if the client holds them all.
+    fn history(&self, block: u32, upto: u32) -> Option<Vec<HiddenState>> {
+        let map = self.inputs.get(&block)?;
+        let mut out = Vec::new();
+        let mut at = 0u32;
+        while at < upto {
+            let h = map.get(&at)?;
+            let n = h.shape.first().copied().unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            let take = n.min(upto - at);
+            out.push(if take == n {
+                h.clone()
+            } else {
+                rows(h, 0, take as usize)
+            });
+            at += take;
+        }
+        Some(out)
+    }
+
+    /// Sends a step to hop `first` (with the rest of the chain attached) and waits for
+    /// the last hop's output.
+    async fn run_step(
+        &mut self,
+        first: usize,
+        position: u32,
+        hidden: HiddenState,
+    ) -> Result<HiddenState, Failure> {
         let tokens = hidden.shape.first().copied().unwrap_or(0);
-        let first = &self.route[0];
-        let next: Vec<Hop> = self.route[1..]
+        let index = self.next_index;
+        self.next_index += 1;
+        let next: Vec<Hop> = self.hops[first + 1..]
             .iter()
             .map(|h| Hop {
-                peer: h.peer.to_string(),
-                span: h.span,
-                addrs: h.addrs.iter().map(|a| a.to_string()).collect(),
+                peer: h.hop.peer.to_string(),
+                span: h.hop.span,
+                addrs: h.hop.addrs.iter().map(|a| a.to_string()).collect(),
+                session: h.session,
             })
             .collect();
+        let target = self.hops[first].clone();
         let step = Step {
-            session: self.id,
-            step: self.step,
-            position: self.position,
+            session: target.session,
+            step: index,
+            position,
             hidden,
             next,
             reply_to: self.client.net.peer_id().to_string(),
         };
-        match self
-            .client
-            .net
-            .request(first.peer, first.addrs.clone(), Request::Step(step))
-            .await
-            .with_context(|| format!("sending step {} to {}", self.step, first.peer))?
-        {
-            Response::Accepted => {}
-            Response::Error(e) => bail!("server {} refused step {}: {e}", first.peer, self.step),
-            other => bail!("server {} answered a step with {other:?}", first.peer),
+        let timeout = self.timeout(tokens);
+        let started = Instant::now();
+        let sent = tokio::time::timeout(
+            timeout,
+            self.client.net.request(
+                target.hop.peer,
+                target.hop.addrs.clone(),
+                Request::Step(step),
+            ),
+        )
+        .await;
+        match sent {
+            Ok(Ok(Response::Accepted)) => {}
+            Ok(Ok(Response::Error(e))) => {
+                return Err(Failure {
+                    suspect: first,
+                    reason: format!("refused step: {e}"),
+                })
+            }
+            Ok(Ok(other)) => {
+                return Err(Failure {
+                    suspect: first,
+                    reason: format!("answered a step with {other:?}"),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    suspect: first,
+                    reason: format!("{e:#}"),
+                })
+            }
+            Err(_) => {
+                return Err(Failure {
+                    suspect: first,
+                    reason: "step not accepted in time".into(),
+                })
+            }
         }
-        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        let last = self.hops.len() - 1;
+        let mut reported: HashSet<usize> = HashSet::new();
+        let deadline = tokio::time::Instant::from_std(started + timeout);
         loop {
-            let d = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .map_err(|_| anyhow!("step {} got no output within {STEP_TIMEOUT:?}", self.step))?
-                .ok_or_else(|| anyhow!("session table closed"))?;
-            match d {
-                Delivery::Output(o) if o.step == self.step => {
-                    self.step += 1;
-                    self.position += tokens;
-                    return Ok(o.hidden);
+            tokio::select! {
+                d = self.rx.recv() => {
+                    let Some(d) = d else {
+                        return Err(Failure { suspect: first, reason: "session table closed".into() });
+                    };
+                    match d {
+                        Delivery::Output(o) => {
+                            let Some(h) = self.hop_index(o.session) else { continue };
+                            if h == last && o.step == index {
+                                if tokens == 1 && first == 0 {
+                                    let s = started.elapsed().as_secs_f64();
+                                    self.step_secs = Some(self.step_secs.map_or(s, |p| 0.8 * p + 0.2 * s));
+                                }
+                                return Ok(o.hidden);
+                            }
+                            if o.step == index {
+                                reported.insert(h);
+                            }
+                            self.keep_copy(h, o.position, o.hidden);
+                        }
+                        Delivery::Failed(f) if f.step == index => {
+                            let suspect = self
+                                .hops
+                                .iter()
+                                .position(|h| h.hop.peer.to_string() == f.peer)
+                                .or_else(|| self.hop_index(f.session))
+                                .unwrap_or(first);
+                            return Err(Failure { suspect, reason: format!("{}", f.error) });
+                        }
+                        Delivery::Failed(_) => {}
+                    }
                 }
-                Delivery::Failed(f) if f.step == self.step => {
-                    bail!("step {} failed at server {}: {}", f.step, f.peer, f.error)
+                peer = self.disconnects.recv() => {
+                    if let Ok(peer) = peer {
+                        if let Some(h) = self.hops[first..].iter().position(|h| h.hop.peer == peer) {
+                            return Err(Failure { suspect: first + h, reason: "connection closed".into() });
+                        }
+                    }
                 }
-                // Leftovers of an earlier step: ignore.
-                _ => continue,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let suspect = (first..=last).find(|h| !reported.contains(h)).unwrap_or(last);
+                    return Err(Failure { suspect, reason: format!("no output within {timeout:?}") });
+                }
             }
         }
     }
 
+    /// Runs `hidden` (`[tokens, hidden]`) through the whole chain, failing over as needed.
+    pub async fn forward(&mut self, hidden: HiddenState) -> anyhow::Result<HiddenState> {
+        let tokens = hidden.shape.first().copied().unwrap_or(0);
+        let position = self.position;
+        self.inputs
+            .entry(0)
+            .or_default()
+            .insert(position, hidden.clone());
+        let mut failure = match self.run_step(0, position, hidden).await {
+            Ok(out) => {
+                self.position += tokens;
+                return Ok(out);
+            }
+            Err(f) => f,
+        };
+        for _ in 0..MAX_RECOVERIES {
+            match self.recover(failure, position, tokens).await? {
+                Ok(out) => {
+                    self.position += tokens;
+                    return Ok(out);
+                }
+                Err(f) => failure = f,
+            }
+        }
+        bail!("gave up on step at position {position} after {MAX_RECOVERIES} failovers")
+    }
+
+    /// Replaces the chain from the failed server on, replays the inputs the new servers
+    /// missed, and returns the result of the step at `position`.
+    async fn recover(
+        &mut self,
+        failure: Failure,
+        position: u32,
+        tokens: u32,
+    ) -> anyhow::Result<Result<HiddenState, Failure>> {
+        let t0 = Instant::now();
+        // Outputs already on their way tell which servers finished the step.
+        let grace = tokio::time::Instant::now() + GRACE;
+        while let Ok(Some(d)) = tokio::time::timeout_at(grace, self.rx.recv()).await {
+            if let Delivery::Output(o) = d {
+                if let Some(h) = self.hop_index(o.session) {
+                    self.keep_copy(h, o.position, o.hidden);
+                }
+            }
+        }
+        let suspect = failure.suspect.min(self.hops.len() - 1);
+        let failed = self.hops[suspect].hop.peer;
+        self.client.ban(&failed);
+        tracing::warn!(peer = %failed, "step at position {position} failed: {}; re-routing", failure.reason);
+        // Keep the longest prefix of the chain whose successor's inputs we hold in full.
+        let upto = position + tokens;
+        let (keep, history) = (0..=suspect)
+            .rev()
+            .find_map(|i| {
+                self.history(self.hops[i].hop.span.start, upto)
+                    .map(|h| (i, h))
+            })
+            .context("lost the inputs of block 0")?;
+        let from_block = self.hops[keep].hop.span.start;
+        let dropped = self.hops.split_off(keep);
+        {
+            let client = self.client.clone();
+            tokio::spawn(async move { client.close_hops(&dropped).await });
+        }
+        let deadline = Instant::now() + self.route_timeout;
+        let new = self
+            .client
+            .plan_and_open(&self.spec, from_block, &self.tx, deadline)
+            .await
+            .context("failover found no replacement")?;
+        self.hops.extend(new);
+        (self.on_route)(&route_line(&self.hops));
+        // Replay positions 0..upto into the new part of the chain, in prefill chunks,
+        // keeping the final rows of this step's positions.
+        let all = concat(&history)?;
+        let mut result = Vec::new();
+        let mut at = 0u32;
+        while at < upto {
+            let end = (at + PREFILL_CHUNK as u32).min(upto);
+            let chunk = rows(&all, at as usize, end as usize);
+            let out = match self.run_step(keep, at, chunk).await {
+                Ok(o) => o,
+                Err(f) => return Ok(Err(f)),
+            };
+            if end > position {
+                let from = position.saturating_sub(at);
+                result.push(rows(&out, from as usize, (end - at) as usize));
+            }
+            at = end;
+        }
+        self.reroutes.push(Reroute {
+            failed_peer: failed.to_string(),
+            reason: failure.reason,
+            position,
+            from_block,
+            replayed_tokens: upto,
+            recovery_ms: t0.elapsed().as_secs_f64() * 1e3,
+        });
+        Ok(Ok(concat(&result)?))
+    }
+
     /// Closes the session on every server (best effort) and forgets it.
     pub async fn close(self) {
-        self.client
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
-        let closes = self.route.iter().map(|h| {
-            let net = self.client.net.clone();
-            let (peer, addrs, session) = (h.peer, h.addrs.clone(), self.id);
-            async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    net.request(peer, addrs, Request::Close { session }),
-                )
-                .await;
-            }
-        });
-        futures::future::join_all(closes).await;
+        self.client.close_hops(&self.hops).await;
     }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use protocol::{ErrorInfo, ErrorKind, Request, Response, WireDType};
 use serde::Serialize;
@@ -13,15 +12,14 @@ use shard::candle_core::Device;
 use shard::{Head, ModelFile, SamplingParams, Span, TextCodec};
 use tokio::io::AsyncBufReadExt;
 
-use crate::cli::{BenchArgs, DemoArgs, GenerateArgs, ModelArg, SamplingArgs, ServeArgs};
-use crate::client::{connect_any, Client, Delivery};
+use crate::cli::{
+    BenchArgs, DemoArgs, GenerateArgs, InspectArgs, ModelArg, SamplingArgs, StatusArgs,
+};
+use crate::client::{connect_any, Client, Delivery, Reroute};
 use crate::generate::{budget, generate, prompt_tokens, Blocks, GenerateRequest, Generation};
-use crate::net::{self, NetConfig, REANNOUNCE_EVERY};
-use crate::server::{Server, ServerLimits};
+use crate::net::{self, NetConfig};
 
-/// Upper bound on a session's length when the model allows more: the KV cache of a
-/// longer context would dwarf a volunteer's memory. `--max-seq-len` overrides it.
-const DEFAULT_MAX_SEQ_LEN: usize = 8192;
+use crate::serving::DEFAULT_MAX_SEQ_LEN;
 
 fn model_path(m: &ModelArg) -> anyhow::Result<PathBuf> {
     match &m.model {
@@ -30,147 +28,10 @@ fn model_path(m: &ModelArg) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn open_model(m: &ModelArg) -> anyhow::Result<ModelFile> {
+/// Opens `--model`, or the default model.
+pub fn open_model(m: &ModelArg) -> anyhow::Result<ModelFile> {
     let path = model_path(m)?;
     Ok(ModelFile::open(&path)?)
-}
-
-/// Measures a decode step over the whole span: tokens per second.
-fn measure_throughput(span: &Span) -> anyhow::Result<f32> {
-    let x = shard::candle_core::Tensor::zeros(
-        (1, span.config().hidden),
-        shard::candle_core::DType::F32,
-        span.device(),
-    )?;
-    let mut cache = span.new_cache(8);
-    let t = Instant::now();
-    for _ in 0..4 {
-        span.forward(&x, &mut cache)?;
-    }
-    Ok(4.0 / t.elapsed().as_secs_f32().max(1e-6))
-}
-
-/// Picks the address to print: the first non-loopback one when there is a choice,
-/// QUIC before TCP.
-fn best_addr(addrs: &[Multiaddr]) -> Option<Multiaddr> {
-    let is_loopback = |a: &Multiaddr| {
-        a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        })
-    };
-    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
-    let mut sorted: Vec<&Multiaddr> = addrs.iter().collect();
-    sorted.sort_by_key(|a| (is_loopback(a), !is_quic(a)));
-    sorted.first().map(|a| (*a).clone())
-}
-
-/// `shoal serve`.
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = open_model(&args.model)?;
-    let cfg = file.config().clone();
-    let (start, end) = args.blocks;
-    if end > cfg.n_layers {
-        bail!(
-            "--blocks {start}..{end} is outside the model: {} has blocks 0..{}",
-            file.path().display(),
-            cfg.n_layers
-        );
-    }
-    let listen = if args.listen.is_empty() {
-        vec![
-            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-            "/ip4/0.0.0.0/tcp/0".parse()?,
-        ]
-    } else {
-        args.listen.clone()
-    };
-    let (net, mut inbound) = net::start(NetConfig {
-        listen,
-        dht_server: true,
-    })?;
-    tracing::info!(
-        model = file.id(),
-        "loading blocks {start}..{end} of {}",
-        cfg.n_layers
-    );
-    let t = Instant::now();
-    let span = tokio::task::block_in_place(|| {
-        Span::load(&file, start, end, &Device::Cpu, |done, total| {
-            if done == total || done % 8 == 0 {
-                tracing::info!("loaded {done}/{total} blocks");
-            }
-        })
-    })?;
-    tokio::task::block_in_place(|| span.warm_up())?;
-    let throughput = tokio::task::block_in_place(|| measure_throughput(&span))?;
-    tracing::info!(
-        "span ready in {:.1}s, {throughput:.0} tokens/s per decode step",
-        t.elapsed().as_secs_f32()
-    );
-    connect_any(
-        &net,
-        &args.bootstrap,
-        Duration::from_secs_f64(args.connect_timeout),
-    )
-    .await?;
-    let addrs = wait_listen_addrs(&net).await?;
-    let shown = best_addr(&addrs).context("no listen address")?;
-    let limits = ServerLimits {
-        max_sessions: args.max_sessions,
-        max_seq_len: args
-            .max_seq_len
-            .unwrap_or(cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN))
-            .min(cfg.max_seq_len),
-        public_name: args.name.clone(),
-    };
-    let server = Server::new(
-        span,
-        file.id().to_string(),
-        limits,
-        throughput,
-        net.clone(),
-        addrs,
-    );
-    let handle = server.spawn(REANNOUNCE_EVERY)?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {shown}")?;
-        out.flush()?;
-    }
-    loop {
-        tokio::select! {
-            msg = inbound.recv() => match msg {
-                Some(m) => {
-                    if !handle.submit(m) {
-                        bail!("the compute thread stopped");
-                    }
-                }
-                None => bail!("the network stopped"),
-            },
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; shutting down");
-                return Ok(());
-            }
-        }
-    }
-}
-
-async fn wait_listen_addrs(net: &net::Network) -> anyhow::Result<Vec<Multiaddr>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let addrs = net.listen_addrs().await?;
-        if !addrs.is_empty() {
-            // Every interface of a wildcard listener is reported in the same burst.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            return net.listen_addrs().await;
-        }
-        if Instant::now() > deadline {
-            bail!("not listening on any address after 10s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// One hop of the route, as printed by `--json`.
@@ -189,6 +50,16 @@ struct GenerateJson {
     #[serde(flatten)]
     generation: Generation,
     route: Vec<RouteEntry>,
+    reroutes: Vec<Reroute>,
+}
+
+/// What a generation did besides generating: the route it ended on and its failovers.
+#[derive(Debug, Default)]
+pub struct Trip {
+    /// The chain used at the end.
+    pub route: Vec<RouteEntry>,
+    /// Failovers, in order.
+    pub reroutes: Vec<Reroute>,
 }
 
 fn sampling_params(s: &SamplingArgs) -> SamplingParams {
@@ -262,7 +133,7 @@ pub async fn run_generation(
     wire: WireDType,
     route_timeout: Duration,
     on_text: impl FnMut(&str),
-) -> anyhow::Result<(Generation, Vec<RouteEntry>)> {
+) -> anyhow::Result<(Generation, Trip)> {
     let cfg = side.file.config();
     let prompt = prompt_tokens(&side.text, req)?;
     let max_new = budget(
@@ -292,29 +163,29 @@ pub async fn run_generation(
                 on_text,
             )
             .await?;
+            let route = vec![RouteEntry {
+                peer: "local".into(),
+                start: 0,
+                end: cfg.n_layers as u32,
+            }];
             Ok((
                 g,
-                vec![RouteEntry {
-                    peer: "local".into(),
-                    start: 0,
-                    end: cfg.n_layers as u32,
-                }],
+                Trip {
+                    route,
+                    reroutes: Vec::new(),
+                },
             ))
         }
         Some(client) => {
-            let route = client
-                .plan(side.file.id(), cfg.n_layers as u32, route_timeout)
-                .await?;
-            let entries = route
-                .iter()
-                .map(|h| RouteEntry {
-                    peer: h.peer.to_string(),
-                    start: h.span.start,
-                    end: h.span.end,
-                })
-                .collect();
             let mut session = client
-                .open_session(route, side.file.id(), max_len, wire)
+                .open_session(
+                    side.file.id(),
+                    cfg.n_layers as u32,
+                    max_len,
+                    wire,
+                    route_timeout,
+                    Box::new(|line: &str| eprintln!("{line}")),
+                )
                 .await?;
             let mut blocks = Blocks::Swarm {
                 session: &mut session,
@@ -330,8 +201,20 @@ pub async fn run_generation(
                 on_text,
             )
             .await;
+            let trip = Trip {
+                route: session
+                    .route()
+                    .iter()
+                    .map(|h| RouteEntry {
+                        peer: h.hop.peer.to_string(),
+                        start: h.hop.span.start,
+                        end: h.hop.span.end,
+                    })
+                    .collect(),
+                reroutes: session.reroutes.clone(),
+            };
             session.close().await;
-            Ok((result?, entries))
+            Ok((result?, trip))
         }
     }
 }
@@ -358,7 +241,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let json = args.json;
     let mut stdout = std::io::stdout();
-    let (generation, route) = run_generation(
+    let (generation, trip) = run_generation(
         &side,
         client.as_ref(),
         &req,
@@ -375,7 +258,11 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
-            serde_json::to_string(&GenerateJson { generation, route })?
+            serde_json::to_string(&GenerateJson {
+                generation,
+                route: trip.route,
+                reroutes: trip.reroutes,
+            })?
         );
     } else {
         println!();
@@ -383,7 +270,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
             "[{} tokens, {:.1} tokens/s, route: {}]",
             generation.completion_tokens.len(),
             generation.tokens_per_second,
-            route
+            trip.route
                 .iter()
                 .map(|r| format!("{}..{}@{}", r.start, r.end, short(&r.peer)))
                 .collect::<Vec<_>>()
@@ -508,7 +395,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     )
     .await;
     swarm.stop().await;
-    let (g, route) = result?;
+    let (g, trip) = result?;
+    let route = trip.route;
     println!();
     eprintln!(
         "\n[{} tokens at {:.1} tokens/s through {} servers: {}]",
@@ -612,6 +500,146 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 local.decode_tokens_per_second / swarm.decode_tokens_per_second.max(1e-9)
             );
         }
+    }
+    Ok(())
+}
+
+/// One server in `shoal status`.
+#[derive(Serialize, Debug)]
+struct StatusRow {
+    #[serde(flatten)]
+    announcement: protocol::Announcement,
+    rtt_ms: Option<f64>,
+}
+
+/// `shoal status`: asks every server the DHT knows for its announcement.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (net, _inbound) = net::start(NetConfig {
+        listen: vec![],
+        dht_server: false,
+    })?;
+    connect_any(
+        &net,
+        &args.bootstrap,
+        Duration::from_secs_f64(args.connect_timeout),
+    )
+    .await?;
+    let peers = net.find_all_servers().await?;
+    let asks = peers.iter().map(|p| {
+        let net = net.clone();
+        let p = *p;
+        async move {
+            let t = Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                net.request(p, vec![], Request::Info),
+            )
+            .await;
+            match r {
+                Ok(Ok(Response::Info(a))) => Some(StatusRow {
+                    announcement: a,
+                    rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
+                }),
+                _ => None,
+            }
+        }
+    });
+    let mut rows: Vec<StatusRow> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    rows.sort_by(|a, b| {
+        (
+            &a.announcement.model_id,
+            a.announcement.span.start,
+            &a.announcement.peer_id,
+        )
+            .cmp(&(
+                &b.announcement.model_id,
+                b.announcement.span.start,
+                &b.announcement.peer_id,
+            ))
+    });
+    let mut coverage: std::collections::BTreeMap<String, (u32, Vec<u32>)> = Default::default();
+    for r in &rows {
+        let a = &r.announcement;
+        let entry = coverage
+            .entry(a.model_id.clone())
+            .or_insert_with(|| (a.n_blocks, vec![0; a.n_blocks as usize]));
+        for b in a.span.start..a.span.end.min(entry.0) {
+            entry.1[b as usize] += 1;
+        }
+    }
+    if args.json {
+        let cov: serde_json::Map<String, serde_json::Value> = coverage
+            .iter()
+            .map(|(m, (_, c))| (m.clone(), serde_json::json!(c)))
+            .collect();
+        println!("{}", serde_json::json!({"servers": rows, "coverage": cov}));
+        return Ok(());
+    }
+    println!(
+        "{:<54} {:>9} {:>10} {:>11} {:>8}  name",
+        "peer", "blocks", "tokens/s", "free cache", "rtt ms"
+    );
+    for r in &rows {
+        let a = &r.announcement;
+        println!(
+            "{:<54} {:>9} {:>10.1} {:>11} {:>8.1}  {}",
+            a.peer_id,
+            a.span.to_string(),
+            a.throughput,
+            a.free_cache_tokens,
+            r.rtt_ms.unwrap_or(f64::NAN),
+            a.public_name
+        );
+    }
+    for (model, (n, counts)) in &coverage {
+        println!("\n{model}: {n} blocks, servers per block:");
+        let mut at = 0usize;
+        while at < counts.len() {
+            let mut end = at;
+            while end < counts.len() && counts[end] == counts[at] {
+                end += 1;
+            }
+            let note = if counts[at] == 0 {
+                "  <- nobody serves these"
+            } else {
+                ""
+            };
+            println!("  {at:>4}..{end:<4} x{}{note}", counts[at]);
+            at = end;
+        }
+    }
+    if rows.is_empty() {
+        println!("(no servers found)");
+    }
+    Ok(())
+}
+
+/// `shoal inspect`: a model's id, shape and per-block memory.
+pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let file = open_model(&args.model)?;
+    let cfg = file.config();
+    let block_bytes = file.block_bytes(0);
+    let info = serde_json::json!({
+        "model_id": file.id(),
+        "name": cfg.name,
+        "blocks": cfg.n_layers,
+        "hidden": cfg.hidden,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "context": cfg.max_seq_len,
+        "block_bytes": block_bytes,
+        "block_memory_estimate": crate::serving::block_memory(&file, 0, 0),
+        "kv_bytes_per_token_per_block": cfg.kv_bytes_per_token(1),
+        "node_overhead_bytes": crate::serving::BASE_OVERHEAD_BYTES,
+    });
+    if args.json {
+        println!("{info}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&info)?);
     }
     Ok(())
 }

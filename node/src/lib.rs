@@ -19,3 +19,4 @@ pub mod hidden;
 pub mod model_cache;
 pub mod net;
 pub mod server;
+pub mod serving;

@@ -29,10 +29,12 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Commands::Serve(a) => commands::serve(a).await,
+            Commands::Serve(a) => shoal_node::serving::serve(a).await,
             Commands::Generate(a) => commands::generate_cmd(a).await,
             Commands::Demo(a) => commands::demo(a).await,
             Commands::Bench(a) => commands::bench(a).await,
+            Commands::Status(a) => commands::status(a).await,
+            Commands::Inspect(a) => commands::inspect(a).await,
         }
     });
     // Do not wait for blocking tasks (a stuck dial, a compute thread) on the way out.

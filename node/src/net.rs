@@ -93,6 +93,9 @@ enum Command {
         model_id: String,
         reply: oneshot::Sender<Vec<Announcement>>,
     },
+    FindAllServers {
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -106,6 +109,9 @@ enum Command {
 pub struct Network {
     cmd: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Peers whose last connection closed: a client watching its chain learns at once
+    /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
+    disconnects: tokio::sync::broadcast::Sender<PeerId>,
 }
 
 /// How to start a node's network.
@@ -119,6 +125,11 @@ pub struct NetConfig {
 
 fn provider_key(model_id: &str) -> RecordKey {
     RecordKey::new(&format!("/shoal/{model_id}"))
+}
+
+/// Provided by every server of every model, so `shoal status` can list them all.
+fn all_servers_key() -> RecordKey {
+    RecordKey::new(&"/shoal/servers")
 }
 
 fn announcement_key(model_id: &str, peer: &str) -> RecordKey {
@@ -208,6 +219,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             .with_context(|| format!("cannot listen on {addr}"))?;
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+    let (disconnects, _) = tokio::sync::broadcast::channel(256);
     let (inbound_tx, inbound_rx) = mpsc::channel(1024);
     let event_loop = EventLoop {
         swarm,
@@ -221,12 +233,15 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         lookups: HashMap::new(),
         next_lookup: 0,
         rtts: HashMap::new(),
+        disconnects: disconnects.clone(),
+        all_server_queries: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((
         Network {
             cmd: cmd_tx,
             peer_id,
+            disconnects,
         },
         inbound_rx,
     ))
@@ -295,9 +310,20 @@ impl Network {
             .await
     }
 
+    /// Every server of every model the DHT knows (ask each for details with
+    /// [`protocol::Request::Info`]).
+    pub async fn find_all_servers(&self) -> anyhow::Result<Vec<PeerId>> {
+        self.call(|reply| Command::FindAllServers { reply }).await
+    }
+
     /// Addresses this node listens on, as `.../p2p/<peer id>`.
     pub async fn listen_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
         self.call(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Peers whose last connection closes, from now on.
+    pub fn disconnects(&self) -> tokio::sync::broadcast::Receiver<PeerId> {
+        self.disconnects.subscribe()
     }
 
     /// Latest measured round-trip time to each connected peer.
@@ -327,7 +353,12 @@ struct EventLoop {
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
     rtts: HashMap<PeerId, Duration>,
+    disconnects: tokio::sync::broadcast::Sender<PeerId>,
+    all_server_queries: HashMap<QueryId, ProviderQuery>,
 }
+
+/// Providers found so far, and where the answer goes.
+type ProviderQuery = (HashSet<PeerId>, Option<oneshot::Sender<Vec<PeerId>>>);
 
 impl EventLoop {
     async fn run(mut self) {
@@ -409,8 +440,10 @@ impl EventLoop {
                 if let Err(e) = kad.put_record(record, Quorum::One) {
                     tracing::warn!("cannot store announcement: {e}");
                 }
-                if let Err(e) = kad.start_providing(provider_key(&announcement.model_id)) {
-                    tracing::warn!("cannot provide model key: {e}");
+                for key in [provider_key(&announcement.model_id), all_servers_key()] {
+                    if let Err(e) = kad.start_providing(key) {
+                        tracing::warn!("cannot provide a key: {e}");
+                    }
                 }
             }
             Command::FindServers { model_id, reply } => {
@@ -432,6 +465,15 @@ impl EventLoop {
                         reply: Some(reply),
                     },
                 );
+            }
+            Command::FindAllServers { reply } => {
+                let qid = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(all_servers_key());
+                self.all_server_queries
+                    .insert(qid, (HashSet::new(), Some(reply)));
             }
             Command::ListenAddrs { reply } => {
                 let me = self.swarm.local_peer_id().to_owned();
@@ -472,6 +514,13 @@ impl EventLoop {
                     let _ = kad.bootstrap();
                     let _ = reply.send(Ok(peer_id));
                 }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                let _ = self.disconnects.send(peer_id);
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -556,6 +605,22 @@ impl EventLoop {
             return;
         };
         match result {
+            QueryResult::GetProviders(res) if self.all_server_queries.contains_key(&id) => {
+                let mut done = step.last;
+                match res {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        if let Some(q) = self.all_server_queries.get_mut(&id) {
+                            q.0.extend(providers);
+                        }
+                    }
+                    _ => done = true,
+                }
+                if done {
+                    if let Some((found, Some(reply))) = self.all_server_queries.remove(&id) {
+                        let _ = reply.send(found.into_iter().collect());
+                    }
+                }
+            }
             QueryResult::GetProviders(res) => {
                 let Some(&lookup) = self.provider_queries.get(&id) else {
                     return;

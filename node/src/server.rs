@@ -31,6 +31,8 @@ pub struct ServerLimits {
     pub max_sessions: usize,
     /// Longest sequence a session may reach.
     pub max_seq_len: usize,
+    /// KV-cache tokens all sessions together may reserve (each reserves its `max_len`).
+    pub max_cache_tokens: usize,
     /// Name shown by status tools.
     pub public_name: String,
 }
@@ -38,8 +40,8 @@ pub struct ServerLimits {
 struct Session {
     cache: KvCache,
     wire: WireDType,
-    /// Index the next step must carry.
-    next_step: u64,
+    /// Index of the last step applied: a step must carry a larger one.
+    last_step: Option<u64>,
     last_used: Instant,
 }
 
@@ -55,16 +57,35 @@ pub struct Server {
     addrs: Vec<Multiaddr>,
 }
 
-/// Sends inbound requests to the compute thread.
+/// Work for the compute thread.
+pub enum Job {
+    /// A request from the network.
+    Request(Inbound),
+    /// Serve this span from now on (rebalancing): every open session is dropped, and
+    /// their clients fail over.
+    Replace {
+        /// The newly loaded span.
+        span: Span,
+        /// Its measured throughput.
+        throughput: f32,
+    },
+}
+
+/// Sends work to the compute thread.
 #[derive(Clone)]
 pub struct ServerHandle {
-    tx: std_mpsc::Sender<Inbound>,
+    tx: std_mpsc::Sender<Job>,
 }
 
 impl ServerHandle {
     /// Queues a request for the compute thread; false if the thread has stopped.
     pub fn submit(&self, inbound: Inbound) -> bool {
-        self.tx.send(inbound).is_ok()
+        self.tx.send(Job::Request(inbound)).is_ok()
+    }
+
+    /// Swaps in a new span; false if the thread has stopped.
+    pub fn replace(&self, span: Span, throughput: f32) -> bool {
+        self.tx.send(Job::Replace { span, throughput }).is_ok()
     }
 }
 
@@ -92,14 +113,13 @@ impl Server {
 
     /// This server's current announcement.
     pub fn announcement(&self) -> Announcement {
-        let reserved: usize = self.sessions.values().map(|s| s.cache.max_len()).sum();
-        let capacity = self.limits.max_sessions * self.limits.max_seq_len;
         Announcement {
             peer_id: self.net.peer_id().to_string(),
             model_id: self.model_id.clone(),
             span: BlockSpan::new(self.span.start() as u32, self.span.end() as u32),
+            n_blocks: self.span.config().n_layers as u32,
             throughput: self.throughput,
-            free_cache_tokens: capacity.saturating_sub(reserved) as u64,
+            free_cache_tokens: self.free_cache_tokens() as u64,
             max_seq_len: self.limits.max_seq_len as u32,
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_name: self.limits.public_name.clone(),
@@ -108,24 +128,45 @@ impl Server {
         }
     }
 
+    fn free_cache_tokens(&self) -> usize {
+        let reserved: usize = self.sessions.values().map(|s| s.cache.max_len()).sum();
+        self.limits.max_cache_tokens.saturating_sub(reserved)
+    }
+
+    fn announce_now(&self) {
+        let a = self.announcement();
+        let net = self.net.clone();
+        self.rt.spawn(async move { net.announce(a).await });
+    }
+
     /// Starts the compute thread; it runs until every handle is dropped. It also
     /// re-announces the server every `reannounce`.
     pub fn spawn(mut self, reannounce: Duration) -> std::io::Result<ServerHandle> {
-        let (tx, rx) = std_mpsc::channel::<Inbound>();
+        let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("shoal-compute".into())
             .spawn(move || {
                 let mut next_announce = Instant::now();
                 loop {
                     if Instant::now() >= next_announce {
-                        let a = self.announcement();
-                        let net = self.net.clone();
-                        self.rt.spawn(async move { net.announce(a).await });
+                        self.announce_now();
                         next_announce = Instant::now() + reannounce;
                     }
                     let wait = next_announce.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(wait) {
-                        Ok(inbound) => self.handle(inbound),
+                        Ok(Job::Request(inbound)) => self.handle(inbound),
+                        Ok(Job::Replace { span, throughput }) => {
+                            tracing::info!(
+                                "now serving blocks {}..{} ({} sessions dropped)",
+                                span.start(),
+                                span.end(),
+                                self.sessions.len()
+                            );
+                            self.sessions.clear();
+                            self.span = span;
+                            self.throughput = throughput;
+                            self.announce_now();
+                        }
                         Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                     }
@@ -225,6 +266,16 @@ impl Server {
                 format!("{} sessions open, the limit", self.sessions.len()),
             ));
         }
+        let free = self.free_cache_tokens();
+        if open.max_len as usize > free {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "session of {} tokens asked for, {free} cache tokens free (--max-cache-tokens {})",
+                    open.max_len, self.limits.max_cache_tokens
+                ),
+            ));
+        }
         let cache = self
             .span
             .new_cache_for(
@@ -238,7 +289,7 @@ impl Server {
             Session {
                 cache,
                 wire: open.wire_dtype,
-                next_step: 0,
+                last_step: None,
                 last_used: Instant::now(),
             },
         );
@@ -255,14 +306,19 @@ impl Server {
                 format!("no session {}", step.session),
             )
         })?;
-        if step.step != s.next_step || step.position as usize != s.cache.len() {
+        if let Some(last) = s.last_step.filter(|l| step.step <= *l) {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                format!("step {} already applied (last step {last})", step.step),
+            ));
+        }
+        if step.position as usize != s.cache.len() {
             return Err(ErrorInfo::new(
                 ErrorKind::BadRequest,
                 format!(
-                    "step {} at position {} out of order: expected step {} at position {}",
+                    "step {} at position {}, but the session is at position {}",
                     step.step,
                     step.position,
-                    s.next_step,
                     s.cache.len()
                 ),
             ));
@@ -317,7 +373,7 @@ impl Server {
             .span
             .forward(&x, &mut session.cache)
             .map_err(|e| internal(e.to_string()))?;
-        session.next_step += 1;
+        session.last_step = Some(step.step);
         session.last_used = Instant::now();
         let out = to_wire(&y, session.wire).map_err(|e| internal(e.to_string()))?;
         let net = self.net.clone();
@@ -333,46 +389,53 @@ impl Server {
             .parse()
             .map_err(|_| ErrorInfo::new(ErrorKind::BadRequest, "reply_to is not a peer id"))?;
         self.rt.spawn(async move {
-            if next.is_empty() {
-                let msg = Request::Output(StepOutput {
-                    session,
-                    step: index,
-                    hidden: out,
-                });
-                if let Err(e) = net.request(client, vec![], msg).await {
-                    tracing::warn!(%client, "cannot return output to client: {e}");
+            // Every server reports its output to the client: from the last one it is
+            // the result, from the others a copy the client keeps for replays.
+            let copy = Request::Output(StepOutput {
+                session,
+                step: index,
+                position,
+                hidden: out.clone(),
+            });
+            let report = {
+                let net = net.clone();
+                async move {
+                    if let Err(e) = net.request(client, vec![], copy).await {
+                        tracing::debug!(%client, "cannot send output to client: {e}");
+                    }
                 }
+            };
+            if next.is_empty() {
+                report.await;
                 return;
             }
             let hop: Hop = next.remove(0);
             let failed_peer = hop.peer.clone();
-            let result = match hop.peer.parse::<PeerId>() {
-                Err(_) => Err(ErrorInfo::new(
-                    ErrorKind::BadRequest,
-                    "next hop is not a peer id",
-                )),
-                Ok(peer) => {
-                    let addrs = hop.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                    let fwd = Request::Step(Step {
-                        session,
-                        step: index,
-                        position,
-                        hidden: out,
-                        next,
-                        reply_to: reply_to.clone(),
-                    });
-                    match net.request(peer, addrs, fwd).await {
-                        Ok(Response::Accepted) => Ok(()),
-                        Ok(Response::Error(e)) => Err(e),
-                        Ok(other) => Err(ErrorInfo::new(
-                            ErrorKind::BadRequest,
-                            format!("unexpected reply {other:?}"),
-                        )),
-                        Err(e) => Err(ErrorInfo::new(ErrorKind::Unreachable, e.to_string())),
-                    }
+            let forward = async {
+                let peer = hop.peer.parse::<PeerId>().map_err(|_| {
+                    ErrorInfo::new(ErrorKind::BadRequest, "next hop is not a peer id")
+                })?;
+                let addrs = hop.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                let fwd = Request::Step(Step {
+                    session: hop.session,
+                    step: index,
+                    position,
+                    hidden: out,
+                    next,
+                    reply_to: reply_to.clone(),
+                });
+                match net.request(peer, addrs, fwd).await {
+                    Ok(Response::Accepted) => Ok(()),
+                    Ok(Response::Error(e)) => Err(e),
+                    Ok(other) => Err(ErrorInfo::new(
+                        ErrorKind::BadRequest,
+                        format!("unexpected reply {other:?}"),
+                    )),
+                    Err(e) => Err(ErrorInfo::new(ErrorKind::Unreachable, e.to_string())),
                 }
             };
-            if let Err(error) = result {
+            let (forwarded, ()) = tokio::join!(forward, report);
+            if let Err(error) = forwarded {
                 let msg = Request::Failed(StepFailed {
                     session,
                     step: index,

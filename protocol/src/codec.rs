@@ -139,6 +139,7 @@ mod tests {
                 peer: "12D3KooWpeer".into(),
                 span: BlockSpan::new(10, 20),
                 addrs: vec!["/ip4/127.0.0.1/udp/1/quic-v1".into()],
+                session: 43,
             }],
             reply_to: "12D3KooWclient".into(),
         })

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::HiddenState;
 use crate::WireDType;
 
-/// A session id, chosen at random by the client and the same on every server of its
-/// chain, so a server pushing to the next one can name the session without a lookup.
+/// A session id, chosen at random by the client for each server of its chain. A step
+/// carries the ids of the hops after it, so a server pushing to the next one names the
+/// next server's session, and a client can replace one hop without touching the others.
 pub type SessionId = u64;
 
 /// A half-open range of transformer blocks `[start, end)`.
@@ -59,6 +60,8 @@ pub struct Announcement {
     pub model_id: String,
     /// Blocks served.
     pub span: BlockSpan,
+    /// Blocks in the whole model, so tools can tell which blocks nobody serves.
+    pub n_blocks: u32,
     /// Measured tokens per second of one decode step over the whole span.
     pub throughput: f32,
     /// KV-cache tokens still free for new sessions.
@@ -85,6 +88,8 @@ pub struct Hop {
     /// Where to reach it (multiaddrs as text), so the previous server can dial it even
     /// if the two have never met.
     pub addrs: Vec<String>,
+    /// The session id the client opened on this hop.
+    pub session: SessionId,
 }
 
 /// Opens a session on a server for `span` (a sub-span of what the server announces).
@@ -103,6 +108,10 @@ pub struct OpenSession {
 }
 
 /// One forward step: hidden states for positions `position..position + tokens`.
+///
+/// Step indices only grow within a session: a server refuses an index it has already
+/// passed, so a retried step is never applied twice. Replays after a failover take fresh
+/// indices from the same counter.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Step {
     /// Session the step belongs to.
@@ -119,14 +128,18 @@ pub struct Step {
     pub reply_to: String,
 }
 
-/// The output of the last server of a chain, sent to the client.
+/// A server's output for a step, sent to the client by every server of the chain: from
+/// the last one it is the result; from the others it is a copy of what the next server
+/// received, which the client keeps so it can rebuild a replacement server's cache.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct StepOutput {
-    /// Session the step belongs to.
+    /// The sending server's session.
     pub session: SessionId,
     /// The step's index.
     pub step: u64,
-    /// Output hidden states of the last block, `[tokens, hidden]`.
+    /// Position of the first token.
+    pub position: u32,
+    /// Output hidden states of the server's last block, `[tokens, hidden]`.
     pub hidden: HiddenState,
 }
 

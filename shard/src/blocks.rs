@@ -124,6 +124,7 @@ impl Span {
             blocks.push(block);
             progress(i + 1 - start, end - start);
         }
+        file.release_pages();
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half)
             .map(|j| {

@@ -238,6 +238,42 @@ impl ModelFile {
         }
     }
 
+    /// Bytes the weights of block `i` take once loaded (quantised size for GGUF, f32 for
+    /// safetensors, which are widened on load).
+    pub fn block_bytes(&self, i: usize) -> u64 {
+        let prefix = format!("blk.{i}.");
+        match &self.inner {
+            Inner::Gguf { content, .. } => content
+                .tensor_infos
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(_, t)| {
+                    let d = t.ggml_dtype;
+                    (t.shape.elem_count() / d.block_size().max(1) * d.type_size()) as u64
+                })
+                .sum(),
+            Inner::Safetensors { st, .. } => {
+                let hf_prefix = format!("model.layers.{i}.");
+                st.tensors()
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&hf_prefix))
+                    .map(|(_, v)| v.shape().iter().product::<usize>() as u64 * 4)
+                    .sum()
+            }
+        }
+    }
+
+    /// Drops the mapped file pages this process touched while copying tensors out, so
+    /// they stop counting as this process's resident memory (the copies are what the
+    /// model uses; the kernel keeps the file cached for others).
+    pub fn release_pages(&self) {
+        if let Inner::Gguf { mmap, .. } = &self.inner {
+            // SAFETY: the map is private and read-only; after DONTNEED a later read sees
+            // the file's bytes again, which is all this crate ever reads from it.
+            let _ = unsafe { mmap.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// True when the file holds a tensor of this (GGUF-style) name.
     pub(crate) fn has(&self, name: &str) -> bool {
         match &self.inner {

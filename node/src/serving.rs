@@ -1,0 +1,303 @@
+//! `shoal serve`: choosing a span, loading it, serving it, and moving when the swarm
+//! would be better off.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use libp2p::multiaddr::Protocol;
+use libp2p::Multiaddr;
+use shard::candle_core::Device;
+use shard::{ModelFile, Span};
+
+use crate::cli::ServeArgs;
+use crate::client::connect_any;
+use crate::net::{self, NetConfig, Network, REANNOUNCE_EVERY};
+use crate::server::{Server, ServerHandle, ServerLimits};
+
+/// Upper bound on a session's length when the model allows more: the KV cache of a
+/// longer context would dwarf a volunteer's memory. `--max-seq-len` overrides it.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 8192;
+
+/// Memory a server needs besides its blocks: runtime, network stack, buffers. Measured
+/// on the default model: a 10-block node resident at ~74 MiB, of which ~44 MiB blocks.
+pub const BASE_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// Loaded weights take more than their stored size: candle repacks quantised weights
+/// for its kernels on first use. Measured on the default model (Q4_1): ~2x.
+const WEIGHT_OVERHEAD_FACTOR: f64 = 2.0;
+
+/// Estimated resident bytes of one block of `file` with `cache_tokens` KV-cache tokens
+/// reserved for it.
+pub fn block_memory(file: &ModelFile, block: usize, cache_tokens: usize) -> u64 {
+    (file.block_bytes(block) as f64 * WEIGHT_OVERHEAD_FACTOR) as u64
+        + file.config().kv_bytes_per_token(1) as u64 * cache_tokens as u64
+}
+
+/// How many blocks fit `budget` bytes.
+pub fn blocks_for_budget(file: &ModelFile, budget: u64, cache_tokens: usize) -> usize {
+    let per = block_memory(file, 0, cache_tokens).max(1);
+    (budget.saturating_sub(BASE_OVERHEAD_BYTES) / per) as usize
+}
+
+/// Half of the memory the kernel says is available: a volunteer's machine keeps
+/// working while it serves.
+fn default_budget() -> u64 {
+    let avail_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(4 << 20);
+    avail_kb * 1024 / 2
+}
+
+/// Measures a decode step over the whole span: tokens per second.
+pub fn measure_throughput(span: &Span) -> anyhow::Result<f32> {
+    let x = shard::candle_core::Tensor::zeros(
+        (1, span.config().hidden),
+        shard::candle_core::DType::F32,
+        span.device(),
+    )?;
+    let mut cache = span.new_cache(8);
+    let t = Instant::now();
+    for _ in 0..4 {
+        span.forward(&x, &mut cache)?;
+    }
+    Ok(4.0 / t.elapsed().as_secs_f32().max(1e-6))
+}
+
+fn load_span(file: &ModelFile, start: usize, end: usize) -> anyhow::Result<(Span, f32)> {
+    let t = Instant::now();
+    let span = Span::load(file, start, end, &Device::Cpu, |done, total| {
+        if done == total || done % 8 == 0 {
+            tracing::info!("loaded {done}/{total} blocks");
+        }
+    })?;
+    span.warm_up()?;
+    let throughput = measure_throughput(&span)?;
+    tracing::info!(
+        "blocks {start}..{end} ready in {:.1}s, {throughput:.0} tokens/s per decode step",
+        t.elapsed().as_secs_f32()
+    );
+    Ok((span, throughput))
+}
+
+/// Picks the address to print: the first non-loopback one when there is a choice,
+/// QUIC before TCP.
+fn best_addr(addrs: &[Multiaddr]) -> Option<Multiaddr> {
+    let is_loopback = |a: &Multiaddr| {
+        a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        })
+    };
+    let is_quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+    let mut sorted: Vec<&Multiaddr> = addrs.iter().collect();
+    sorted.sort_by_key(|a| (is_loopback(a), !is_quic(a)));
+    sorted.first().map(|a| (*a).clone())
+}
+
+async fn wait_listen_addrs(net: &Network) -> anyhow::Result<Vec<Multiaddr>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let addrs = net.listen_addrs().await?;
+        if !addrs.is_empty() {
+            // Every interface of a wildcard listener is reported in the same burst.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return net.listen_addrs().await;
+        }
+        if Instant::now() > deadline {
+            bail!("not listening on any address after 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn views(found: &[protocol::Announcement], me: &str) -> Vec<coordinator::SpanView> {
+    found
+        .iter()
+        .filter(|a| a.peer_id != me)
+        .map(|a| coordinator::SpanView {
+            start: a.span.start,
+            end: a.span.end,
+            throughput: a.throughput,
+        })
+        .collect()
+}
+
+/// `shoal serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = crate::commands::open_model(&args.model)?;
+    let cfg = file.config().clone();
+    if let Some((start, end)) = args.blocks {
+        if end > cfg.n_layers {
+            bail!(
+                "--blocks {start}..{end} is outside the model: {} has blocks 0..{}",
+                file.path().display(),
+                cfg.n_layers
+            );
+        }
+    }
+    let max_seq_len = args
+        .max_seq_len
+        .unwrap_or(cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN))
+        .min(cfg.max_seq_len);
+    let max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
+    let listen = if args.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            "/ip4/0.0.0.0/tcp/0".parse()?,
+        ]
+    } else {
+        args.listen.clone()
+    };
+    let (net, mut inbound) = net::start(NetConfig {
+        listen,
+        dht_server: true,
+    })?;
+    connect_any(
+        &net,
+        &args.bootstrap,
+        Duration::from_secs_f64(args.connect_timeout),
+    )
+    .await?;
+    let me = net.peer_id().to_string();
+    let n_blocks = cfg.n_layers as u32;
+    let (start, end) = match args.blocks {
+        Some(b) => b,
+        None => {
+            let budget = args.memory_budget.unwrap_or_else(default_budget);
+            let fit = blocks_for_budget(&file, budget, max_cache_tokens);
+            if fit == 0 {
+                bail!(
+                    "--memory-budget {} MiB is too small: one block of this model needs about {} MiB (weights and {} cache tokens) on top of {} MiB for the node itself",
+                    budget >> 20,
+                    block_memory(&file, 0, max_cache_tokens) >> 20,
+                    max_cache_tokens,
+                    BASE_OVERHEAD_BYTES >> 20
+                );
+            }
+            let found = if args.bootstrap.is_empty() {
+                Vec::new()
+            } else {
+                net.find_servers(file.id()).await.unwrap_or_default()
+            };
+            let (s, e) = coordinator::choose_span(&views(&found, &me), n_blocks, fit as u32);
+            tracing::info!(
+                "budget {} MiB fits {fit} blocks; the swarm ({} servers) is weakest at {s}..{e}",
+                budget >> 20,
+                found.len()
+            );
+            (s as usize, e as usize)
+        }
+    };
+    tracing::info!(
+        model = file.id(),
+        "loading blocks {start}..{end} of {}",
+        cfg.n_layers
+    );
+    let (span, throughput) = tokio::task::block_in_place(|| load_span(&file, start, end))?;
+    let addrs = wait_listen_addrs(&net).await?;
+    let shown = best_addr(&addrs).context("no listen address")?;
+    let limits = ServerLimits {
+        max_sessions: args.max_sessions,
+        max_seq_len,
+        max_cache_tokens,
+        public_name: args.name.clone(),
+    };
+    let server = Server::new(
+        span,
+        file.id().to_string(),
+        limits,
+        throughput,
+        net.clone(),
+        addrs,
+    );
+    let handle = server.spawn(REANNOUNCE_EVERY)?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {shown}")?;
+        out.flush()?;
+    }
+    if args.blocks.is_none() && args.rebalance_interval > 0.0 {
+        let current = Arc::new(Mutex::new(coordinator::SpanView {
+            start: start as u32,
+            end: end as u32,
+            throughput,
+        }));
+        tokio::spawn(rebalance(
+            file,
+            net.clone(),
+            handle.clone(),
+            current,
+            Duration::from_secs_f64(args.rebalance_interval),
+            args.rebalance_threshold,
+        ));
+    }
+    loop {
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(m) => {
+                    if !handle.submit(m) {
+                        bail!("the compute thread stopped");
+                    }
+                }
+                None => bail!("the network stopped"),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; shutting down");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Every `interval` (jittered), asks `coordinator::should_move` whether this server's
+/// span should move, and moves it when it should.
+async fn rebalance(
+    file: ModelFile,
+    net: Network,
+    handle: ServerHandle,
+    current: Arc<Mutex<coordinator::SpanView>>,
+    interval: Duration,
+    threshold: f32,
+) {
+    let me = net.peer_id().to_string();
+    let n_blocks = file.config().n_layers as u32;
+    let mut rng: rand::rngs::StdRng = rand::make_rng();
+    loop {
+        tokio::time::sleep(coordinator::jittered(interval, &mut rng)).await;
+        let Ok(found) = net.find_servers(file.id()).await else {
+            return;
+        };
+        let mine = *current.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((s, e)) = coordinator::should_move(&views(&found, &me), mine, n_blocks, threshold)
+        else {
+            continue;
+        };
+        tracing::info!(
+            "moving from blocks {}..{} to {s}..{e}: the swarm is weaker there",
+            mine.start,
+            mine.end
+        );
+        let loaded = tokio::task::block_in_place(|| load_span(&file, s as usize, e as usize));
+        match loaded {
+            Ok((span, throughput)) => {
+                *current.lock().unwrap_or_else(|p| p.into_inner()) = coordinator::SpanView {
+                    start: s,
+                    end: e,
+                    throughput,
+                };
+                if !handle.replace(span, throughput) {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("cannot load the new span: {e:#}"),
+        }
+    }
+}
