@@ -26,7 +26,6 @@ use protocol::{
 };
 use tokio::sync::mpsc;
 
-use crate::generate::PREFILL_CHUNK;
 use crate::hidden::{concat, rows};
 use crate::net::Network;
 
@@ -151,34 +150,43 @@ impl Client {
     }
 
     /// Plans the fastest chain through blocks `[from, n_blocks)` among servers that are
-    /// not banned and have room for `max_len` tokens, looking again until `deadline`.
+    /// not banned and have room for `max_len` tokens. Tries the announcements already
+    /// in `known` first (a failover must not wait on the DHT), then looks again until
+    /// `deadline`.
     async fn plan(
         &self,
-        model_id: &str,
+        spec: &SessionSpec,
         from: u32,
-        n_blocks: u32,
-        max_len: u32,
         deadline: Instant,
+        known: &mut Vec<Announcement>,
     ) -> anyhow::Result<Vec<PlannedHop>> {
+        let mut fresh = known.is_empty();
         loop {
-            let found: Vec<Announcement> = self
-                .net
-                .find_servers(model_id)
-                .await?
-                .into_iter()
+            if fresh {
+                *known = self.net.find_servers(&spec.model_id).await?;
+            }
+            let usable: Vec<Announcement> = known
+                .iter()
                 .filter(|a| !self.is_banned(&a.peer_id))
-                .filter(|a| a.free_cache_tokens >= max_len as u64 && a.max_seq_len >= max_len)
+                .filter(|a| {
+                    a.free_cache_tokens >= spec.max_len as u64 && a.max_seq_len >= spec.max_len
+                })
+                .cloned()
                 .collect();
-            let err = match self.route_from(&found, from, n_blocks).await {
+            let err = match self.route_from(&usable, from, spec.n_blocks).await {
                 Ok(route) => return Ok(route),
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
                 return Err(err.context(format!(
-                    "no chain of servers for model {model_id} with room for {max_len} tokens"
+                    "no chain of servers for model {} with room for {} tokens",
+                    spec.model_id, spec.max_len
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if fresh {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            fresh = true;
         }
     }
 
@@ -283,11 +291,10 @@ impl Client {
         from: u32,
         tx: &mpsc::UnboundedSender<Delivery>,
         deadline: Instant,
+        known: &mut Vec<Announcement>,
     ) -> anyhow::Result<Vec<ActiveHop>> {
         loop {
-            let route = self
-                .plan(&spec.model_id, from, spec.n_blocks, spec.max_len, deadline)
-                .await?;
+            let route = self.plan(spec, from, deadline, known).await?;
             match self
                 .open_hops(route, &spec.model_id, spec.max_len, spec.wire, tx)
                 .await
@@ -336,12 +343,16 @@ impl Client {
             max_len,
             wire,
         };
-        let hops = self.plan_and_open(&spec, 0, &tx, deadline).await?;
+        let mut known = Vec::new();
+        let hops = self
+            .plan_and_open(&spec, 0, &tx, deadline, &mut known)
+            .await?;
         on_route(&route_line(&hops));
         Ok(RemoteSession {
             client: self.clone(),
             spec,
             route_timeout,
+            known,
             hops,
             tx,
             rx,
@@ -404,6 +415,8 @@ pub struct Reroute {
     pub replayed_tokens: u32,
     /// From noticing the failure to having the step's result, in milliseconds.
     pub recovery_ms: f64,
+    /// The part of `recovery_ms` spent replaying history into the new servers.
+    pub replay_ms: f64,
 }
 
 /// Why a step failed, and whom to blame.
@@ -412,6 +425,8 @@ struct Failure {
     /// Index into the chain of the server blamed.
     suspect: usize,
     reason: String,
+    /// Time from sending the step to noticing the failure.
+    after: Duration,
 }
 
 /// What every server of a session must agree to.
@@ -427,6 +442,8 @@ pub struct RemoteSession {
     client: Client,
     spec: SessionSpec,
     route_timeout: Duration,
+    /// Servers from the last DHT lookup, for planning a failover without a new one.
+    known: Vec<Announcement>,
     hops: Vec<ActiveHop>,
     tx: mpsc::UnboundedSender<Delivery>,
     rx: mpsc::UnboundedReceiver<Delivery>,
@@ -540,24 +557,28 @@ impl RemoteSession {
                 return Err(Failure {
                     suspect: first,
                     reason: format!("refused step: {e}"),
+                    after: started.elapsed(),
                 })
             }
             Ok(Ok(other)) => {
                 return Err(Failure {
                     suspect: first,
                     reason: format!("answered a step with {other:?}"),
+                    after: started.elapsed(),
                 })
             }
             Ok(Err(e)) => {
                 return Err(Failure {
                     suspect: first,
                     reason: format!("{e:#}"),
+                    after: started.elapsed(),
                 })
             }
             Err(_) => {
                 return Err(Failure {
                     suspect: first,
                     reason: "step not accepted in time".into(),
+                    after: started.elapsed(),
                 })
             }
         }
@@ -568,7 +589,7 @@ impl RemoteSession {
             tokio::select! {
                 d = self.rx.recv() => {
                     let Some(d) = d else {
-                        return Err(Failure { suspect: first, reason: "session table closed".into() });
+                        return Err(Failure { suspect: first, reason: "session table closed".into(), after: started.elapsed() });
                     };
                     match d {
                         Delivery::Output(o) => {
@@ -592,7 +613,7 @@ impl RemoteSession {
                                 .position(|h| h.hop.peer.to_string() == f.peer)
                                 .or_else(|| self.hop_index(f.session))
                                 .unwrap_or(first);
-                            return Err(Failure { suspect, reason: format!("{}", f.error) });
+                            return Err(Failure { suspect, reason: format!("{}", f.error), after: started.elapsed() });
                         }
                         Delivery::Failed(_) => {}
                     }
@@ -600,13 +621,13 @@ impl RemoteSession {
                 peer = self.disconnects.recv() => {
                     if let Ok(peer) = peer {
                         if let Some(h) = self.hops[first..].iter().position(|h| h.hop.peer == peer) {
-                            return Err(Failure { suspect: first + h, reason: "connection closed".into() });
+                            return Err(Failure { suspect: first + h, reason: "connection closed".into(), after: started.elapsed() });
                         }
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let suspect = (first..=last).find(|h| !reported.contains(h)).unwrap_or(last);
-                    return Err(Failure { suspect, reason: format!("no output within {timeout:?}") });
+                    return Err(Failure { suspect, reason: format!("no output within {timeout:?}"), after: started.elapsed() });
                 }
             }
         }
@@ -648,6 +669,11 @@ impl RemoteSession {
         tokens: u32,
     ) -> anyhow::Result<Result<HiddenState, Failure>> {
         let t0 = Instant::now();
+        tracing::warn!(
+            "step at position {position} failed after {:?}: {}",
+            failure.after,
+            failure.reason
+        );
         // Outputs already on their way tell which servers finished the step.
         let grace = tokio::time::Instant::now() + GRACE;
         while let Ok(Some(d)) = tokio::time::timeout_at(grace, self.rx.recv()).await {
@@ -679,37 +705,46 @@ impl RemoteSession {
         let deadline = Instant::now() + self.route_timeout;
         let new = self
             .client
-            .plan_and_open(&self.spec, from_block, &self.tx, deadline)
+            .plan_and_open(&self.spec, from_block, &self.tx, deadline, &mut self.known)
             .await
             .context("failover found no replacement")?;
         self.hops.extend(new);
         (self.on_route)(&route_line(&self.hops));
-        // Replay positions 0..upto into the new part of the chain, in prefill chunks,
-        // keeping the final rows of this step's positions.
-        let all = concat(&history)?;
+        let replay_started = Instant::now();
+        // Replay positions 0..upto into the new part of the chain, step by step as they
+        // first ran: a different grouping of tokens changes the float rounding (candle
+        // quantises activations per matmul), and the output must not change at all.
         let mut result = Vec::new();
         let mut at = 0u32;
-        while at < upto {
-            let end = (at + PREFILL_CHUNK as u32).min(upto);
-            let chunk = rows(&all, at as usize, end as usize);
+        for chunk in history {
+            let n = chunk.shape.first().copied().unwrap_or(0);
             let out = match self.run_step(keep, at, chunk).await {
                 Ok(o) => o,
                 Err(f) => return Ok(Err(f)),
             };
-            if end > position {
+            if at + n > position {
                 let from = position.saturating_sub(at);
-                result.push(rows(&out, from as usize, (end - at) as usize));
+                result.push(rows(&out, from as usize, n as usize));
             }
-            at = end;
+            at += n;
         }
-        self.reroutes.push(Reroute {
+        let r = Reroute {
             failed_peer: failed.to_string(),
             reason: failure.reason,
             position,
             from_block,
             replayed_tokens: upto,
             recovery_ms: t0.elapsed().as_secs_f64() * 1e3,
-        });
+            replay_ms: replay_started.elapsed().as_secs_f64() * 1e3,
+        };
+        tracing::warn!(
+            "re-routed from block {} in {:.0} ms after noticing the failure ({:.0} ms of it replaying {} tokens)",
+            r.from_block,
+            r.recovery_ms,
+            r.replay_ms,
+            r.replayed_tokens
+        );
+        self.reroutes.push(r);
         Ok(Ok(concat(&result)?))
     }
 

@@ -49,6 +49,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// a large one.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long a provider lookup goes on after its first answer. On a swarm of any size the
+/// closest peers answer within a few round trips; waiting for the slowest (or dead) ones
+/// would stall a client's failover.
+const PROVIDER_SETTLE: Duration = Duration::from_millis(300);
+
 /// Idle connections are kept this long: setting up QUIC costs ~44 ms (DESIGN.md), so a
 /// connection is reused across steps and sessions.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -235,6 +240,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         rtts: HashMap::new(),
         disconnects: disconnects.clone(),
         all_server_queries: HashMap::new(),
+        finish_soon: Vec::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((
@@ -355,6 +361,8 @@ struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
     all_server_queries: HashMap<QueryId, ProviderQuery>,
+    /// Queries to finish at a given time (see [`PROVIDER_SETTLE`]).
+    finish_soon: Vec<(Instant, QueryId)>,
 }
 
 /// Providers found so far, and where the answer goes.
@@ -362,9 +370,20 @@ type ProviderQuery = (HashSet<PeerId>, Option<oneshot::Sender<Vec<PeerId>>>);
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         loop {
             tokio::select! {
                 biased;
+                _ = tick.tick(), if !self.finish_soon.is_empty() => {
+                    let now = Instant::now();
+                    let due: Vec<QueryId> = self.finish_soon.iter().filter(|(t, _)| *t <= now).map(|(_, q)| *q).collect();
+                    self.finish_soon.retain(|(t, _)| *t > now);
+                    for q in due {
+                        if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&q) {
+                            query.finish();
+                        }
+                    }
+                }
                 cmd = self.cmd_rx.recv() => match cmd {
                     Some(c) => self.on_command(c),
                     // Every handle is gone: the program is done with the network.
@@ -631,6 +650,11 @@ impl EventLoop {
                         if let Some(l) = self.lookups.get_mut(&lookup) {
                             l.providers.extend(providers);
                         }
+                        // Providers arrive from the first peers asked; a dead peer in
+                        // the routing table would hold the query until its timeout. Give
+                        // the others a moment, then finish.
+                        self.finish_soon
+                            .push((Instant::now() + PROVIDER_SETTLE, id));
                     }
                     Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
                     Err(e) => {

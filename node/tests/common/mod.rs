@@ -24,31 +24,55 @@ pub fn shoal() -> Command {
 /// A `shoal serve` process, killed when dropped.
 pub struct Server {
     pub child: Child,
+    /// Its `listening` address.
     pub addr: String,
+    /// Its peer id.
+    pub peer: String,
+    /// Where its stderr (logs) goes.
+    pub log: PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
-/// Starts `shoal serve` on loopback and waits (at most 120 s) for its `listening` line.
+impl Server {
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts `shoal serve --blocks` on loopback and waits for its `listening` line.
 pub fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> Server {
+    serve_with(model, &["--blocks", blocks], bootstrap)
+}
+
+/// Starts `shoal serve` with extra arguments on loopback and waits (at most 120 s) for
+/// its `listening` line.
+pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
     let mut cmd = shoal();
     cmd.args([
         "serve",
-        "--blocks",
-        blocks,
         "--listen",
         "/ip4/127.0.0.1/udp/0/quic-v1",
         "--model",
     ])
     .arg(model)
-    .env("RUST_LOG", "warn")
+    .args(extra)
+    .env(
+        "RUST_LOG",
+        std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+    )
     .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    .stderr(std::fs::File::create(&log).expect("log file"));
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -67,15 +91,39 @@ pub fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> 
         Ok(l) => l,
         Err(_) => {
             let _ = child.kill();
-            panic!("shoal serve {blocks} printed no listening line within 120 s");
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!(
+                "shoal serve {extra:?} printed no listening line within 120 s; log:\n{log_text}"
+            );
         }
     };
     let addr = line
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
-    assert!(addr.contains("/p2p/"), "address {addr} lacks a peer id");
-    Server { child, addr }
+    let peer = addr
+        .rsplit_once("/p2p/")
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_else(|| panic!("address {addr} lacks a peer id"));
+    Server {
+        child,
+        addr,
+        peer,
+        log,
+    }
+}
+
+/// `shoal status --json` of the swarm reachable through `bootstrap`.
+pub fn status(bootstrap: &str) -> serde_json::Value {
+    let mut cmd = shoal();
+    cmd.args(["status", "--json", "--bootstrap", bootstrap]);
+    let (out, _) = run(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 /// Runs a command to completion, killing it after `limit`; returns its output and the

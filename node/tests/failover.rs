@@ -1,0 +1,207 @@
+//! Failover: servers die mid-generation and the generation goes on, unchanged.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
+const TOKENS: &str = "40";
+
+fn local_reference(m: &std::path::Path) -> Value {
+    let mut cmd = shoal();
+    cmd.args([
+        "generate",
+        "--local",
+        "--json",
+        "--chat",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        TOKENS,
+        "--model",
+    ])
+    .arg(m);
+    let (out, _) = run(cmd, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Bytes of text the first `n` completion tokens decode to.
+fn text_len_of_first(m: &std::path::Path, reference: &Value, n: usize) -> usize {
+    let file = shard::ModelFile::open(m).expect("model");
+    let text = shard::TextCodec::from_model(&file).expect("tokenizer");
+    let ids: Vec<u32> = reference["completion_tokens"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .take(n)
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect();
+    text.decode(&ids).expect("decode").len()
+}
+
+/// Runs a streaming generation through `bootstrap`; once `kill_after` bytes of text
+/// have arrived, kills the server at position `hop` of the route. Returns the text, the
+/// route lines seen on stderr, and the time from the kill to the next text.
+fn generate_and_kill(
+    m: &std::path::Path,
+    bootstrap: &str,
+    servers: &mut [Server],
+    hop: usize,
+    kill_after: usize,
+) -> (String, Vec<String>, Duration, String, String) {
+    let mut child = shoal()
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            TOKENS,
+            "--bootstrap",
+            bootstrap,
+            "--model",
+        ])
+        .arg(m)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn generate");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let (route_tx, route_rx) = mpsc::channel::<String>();
+    let err_thread = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("route ") {
+                let _ = route_tx.send(line.clone());
+            }
+            all.push(line);
+        }
+        all
+    });
+    let first_route = route_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a route line on stderr");
+    let victim_peer = first_route
+        .split_whitespace()
+        .nth(hop + 1)
+        .and_then(|h| h.split_once('['))
+        .map(|(p, _)| p.to_string())
+        .unwrap_or_else(|| panic!("no hop {hop} in {first_route:?}"));
+    let (bytes_tx, bytes_rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || bytes_tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    });
+    let mut text = Vec::new();
+    let mut killed_at: Option<Instant> = None;
+    let mut next_after_kill: Option<Duration> = None;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while let Ok((at, chunk)) =
+        bytes_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        text.extend_from_slice(&chunk);
+        if let Some(k) = killed_at {
+            next_after_kill.get_or_insert(at.duration_since(k));
+        } else if text.len() >= kill_after {
+            let victim = servers
+                .iter_mut()
+                .find(|s| s.peer == victim_peer)
+                .expect("victim is one of ours");
+            victim.child.kill().expect("kill");
+            killed_at = Some(Instant::now());
+        }
+    }
+    let status = child.wait().expect("wait");
+    let log = err_thread.join().expect("stderr").join("\n");
+    assert!(status.success(), "generation failed:\n{log}");
+    let routes: Vec<String> = log
+        .lines()
+        .filter(|l| l.starts_with("route "))
+        .map(str::to_string)
+        .collect();
+    (
+        String::from_utf8(text).expect("utf-8"),
+        routes,
+        next_after_kill.expect("text after the kill"),
+        victim_peer,
+        log,
+    )
+}
+
+/// Two replicas per span; the server the client uses dies after at least 8 tokens, at
+/// the start, the middle and the end of the chain in turn: the generation completes with
+/// exactly the undisturbed output.
+#[test]
+fn a_server_dying_mid_generation_changes_nothing() {
+    let m = model();
+    let reference = local_reference(&m);
+    let expected = reference["text"].as_str().expect("text").to_string();
+    assert_eq!(
+        reference["completion_tokens"].as_array().map(Vec::len),
+        Some(40)
+    );
+    let kill_after = text_len_of_first(&m, &reference, 8);
+
+    let first = serve(&m, "0..10", None);
+    let boot = first.addr.clone();
+    let mut servers = vec![first];
+    for blocks in ["0..10", "10..20", "10..20", "20..30", "20..30"] {
+        servers.push(serve(&m, blocks, Some(&boot)));
+    }
+    // Let the last announcements spread before the first lookup.
+    std::thread::sleep(Duration::from_millis(500));
+    for (hop, name) in [(0, "start"), (1, "middle"), (2, "end")] {
+        // Keep a live bootstrap: the first server may be the one killed.
+        let bootstrap = servers
+            .iter_mut()
+            .find_map(|s| {
+                s.child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .is_none()
+                    .then(|| s.addr.clone())
+            })
+            .expect("a live server");
+        let (text, routes, gap, victim, log) =
+            generate_and_kill(&m, &bootstrap, &mut servers, hop, kill_after);
+        eprintln!(
+            "killed the {name} server {victim}: next text {:.0} ms later; routes: {routes:#?}",
+            gap.as_secs_f64() * 1e3
+        );
+        for line in log.lines().filter(|l| !l.starts_with("route ")) {
+            eprintln!("  {line}");
+        }
+        assert_eq!(
+            text.trim_end_matches('\n'),
+            expected,
+            "output changed after killing the {name} server"
+        );
+        assert!(
+            routes.len() >= 2,
+            "no re-route after killing the {name} server: {routes:?}"
+        );
+        let last = routes.last().expect("route");
+        assert!(
+            !last.contains(&victim),
+            "still routed through the dead server: {last}"
+        );
+    }
+}
