@@ -58,6 +58,8 @@ pub struct PlannedHop {
     pub addrs: Vec<Multiaddr>,
     /// Blocks it runs for us.
     pub span: BlockSpan,
+    /// Its announced decode speed over its whole span, tokens per second.
+    pub throughput: f32,
 }
 
 /// A server of a session's chain, with the session opened on it.
@@ -69,8 +71,8 @@ pub struct ActiveHop {
     pub session: SessionId,
 }
 
-/// Time allowed for a step before any step has been timed (the first prefill on a slow
-/// machine can take many seconds).
+/// The longest a step may take (the first prefill of a long prompt on a slow machine
+/// can take many seconds).
 const FIRST_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A step is declared lost when it takes this many times the recent decode step...
@@ -78,8 +80,13 @@ const TIMEOUT_FACTOR: f64 = 8.0;
 /// ... but never sooner than this: scheduling hiccups on a loaded machine are not deaths.
 const MIN_STEP_TIMEOUT: Duration = Duration::from_millis(400);
 
-/// Time allowed to open a session on one server (a dead server's dial must not stall us).
-const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time allowed to open a session on one server that just answered a probe: opens wait
+/// behind the steps queued on its compute thread.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a live server takes to answer `Info` (answered off its compute thread): a round
+/// trip, plus scheduling slack on a loaded machine.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Failovers tried for one step before giving up.
 const MAX_RECOVERIES: usize = 8;
@@ -165,17 +172,31 @@ impl Client {
             if fresh {
                 *known = self.net.find_servers(&spec.model_id).await?;
             }
-            let usable: Vec<Announcement> = known
-                .iter()
-                .filter(|a| !self.is_banned(&a.peer_id))
+            // Ask the candidates directly: the DHT still lists servers that died within
+            // its record lifetime, and their free cache there is stale.
+            let candidates: Vec<&Announcement> =
+                known.iter().filter(|a| a.span.end > from).collect();
+            let alive: Vec<Announcement> = self
+                .probe(&candidates)
+                .await
+                .into_iter()
                 .filter(|a| {
                     a.free_cache_tokens >= spec.max_len as u64 && a.max_seq_len >= spec.max_len
                 })
+                .collect();
+            // Banned servers are avoided while others can do the job; a banned server
+            // that answers its probe is better than no route at all.
+            let unbanned: Vec<Announcement> = alive
+                .iter()
+                .filter(|a| !self.is_banned(&a.peer_id))
                 .cloned()
                 .collect();
-            let err = match self.route_from(&usable, from, spec.n_blocks).await {
+            let err = match self.route_from(&unbanned, from, spec.n_blocks).await {
                 Ok(route) => return Ok(route),
-                Err(e) => e,
+                Err(e) => match self.route_from(&alive, from, spec.n_blocks).await {
+                    Ok(route) => return Ok(route),
+                    Err(_) => e,
+                },
             };
             if Instant::now() >= deadline {
                 return Err(err.context(format!(
@@ -188,6 +209,40 @@ impl Client {
             }
             fresh = true;
         }
+    }
+
+    /// Asks each server for its current announcement; keeps those that answer within
+    /// [`PROBE_TIMEOUT`] (a dead server's record can outlive it in the DHT).
+    async fn probe(&self, candidates: &[&Announcement]) -> Vec<Announcement> {
+        let asks = candidates.iter().filter_map(|a| {
+            let peer: PeerId = a.peer_id.parse().ok()?;
+            let addrs: Vec<Multiaddr> = a.addrs.iter().filter_map(|x| x.parse().ok()).collect();
+            let net = self.net.clone();
+            Some(async move {
+                match tokio::time::timeout(PROBE_TIMEOUT, net.request(peer, addrs, Request::Info))
+                    .await
+                {
+                    Ok(Ok(Response::Info(fresh))) if fresh.peer_id == peer.to_string() => {
+                        Some(fresh)
+                    }
+                    _ => None,
+                }
+            })
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// True when `peer` answers a probe in time.
+    async fn alive(&self, hop: &PlannedHop) -> bool {
+        let probe = self.net.request(hop.peer, hop.addrs.clone(), Request::Info);
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+            Ok(Ok(Response::Info(_)))
+        )
     }
 
     async fn route_from(
@@ -224,6 +279,7 @@ impl Client {
                         .context("announcement with a bad peer id")?,
                     addrs: a.addrs.iter().filter_map(|x| x.parse().ok()).collect(),
                     span: BlockSpan::new(h.start, h.end),
+                    throughput: a.throughput,
                 })
             })
             .collect()
@@ -471,14 +527,23 @@ impl RemoteSession {
         self.hops.iter().position(|h| h.session == session)
     }
 
+    /// How long a step of `tokens` tokens may take before the chain is presumed broken:
+    /// a multiple of the recent one-token step, plus, for many tokens, a multiple of
+    /// what the servers' announced speeds predict (a prefill is faster per token than
+    /// decoding, so this errs long).
     fn timeout(&self, tokens: u32) -> Duration {
-        match self.step_secs {
-            None => FIRST_STEP_TIMEOUT,
-            Some(s) => {
-                let one = Duration::from_secs_f64(s * TIMEOUT_FACTOR).max(MIN_STEP_TIMEOUT);
-                one.mul_f64((tokens as f64 / 4.0).max(1.0))
-            }
-        }
+        let per_token: f64 = self
+            .hops
+            .iter()
+            .map(|h| 1.0 / (h.hop.throughput.max(1e-3) as f64))
+            .sum();
+        let one = self.step_secs.map(|s| s * TIMEOUT_FACTOR);
+        let secs = match (one, tokens) {
+            (Some(one), 1) => one,
+            (one, n) if per_token.is_finite() => one.unwrap_or(0.0) + 4.0 * per_token * n as f64,
+            _ => return FIRST_STEP_TIMEOUT,
+        };
+        Duration::from_secs_f64(secs.min(FIRST_STEP_TIMEOUT.as_secs_f64())).max(MIN_STEP_TIMEOUT)
     }
 
     /// Keeps a server's output as the input of the next block boundary.
@@ -542,15 +607,26 @@ impl RemoteSession {
         };
         let timeout = self.timeout(tokens);
         let started = Instant::now();
-        let sent = tokio::time::timeout(
-            timeout,
-            self.client.net.request(
+        // A timeout only means "look closer": a server that answers a probe is busy,
+        // not dead, and is given more time (up to FIRST_STEP_TIMEOUT in all).
+        let sent = {
+            let net = self.client.net.clone();
+            let request = net.request(
                 target.hop.peer,
                 target.hop.addrs.clone(),
                 Request::Step(step),
-            ),
-        )
-        .await;
+            );
+            tokio::pin!(request);
+            loop {
+                match tokio::time::timeout(timeout, &mut request).await {
+                    Ok(r) => break Ok(r),
+                    Err(_)
+                        if started.elapsed() < FIRST_STEP_TIMEOUT
+                            && self.client.alive(&target.hop).await => {}
+                    Err(e) => break Err(e),
+                }
+            }
+        };
         match sent {
             Ok(Ok(Response::Accepted)) => {}
             Ok(Ok(Response::Error(e))) => {
@@ -584,7 +660,7 @@ impl RemoteSession {
         }
         let last = self.hops.len() - 1;
         let mut reported: HashSet<usize> = HashSet::new();
-        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let mut deadline = tokio::time::Instant::from_std(started + timeout);
         loop {
             tokio::select! {
                 d = self.rx.recv() => {
@@ -627,6 +703,11 @@ impl RemoteSession {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let suspect = (first..=last).find(|h| !reported.contains(h)).unwrap_or(last);
+                    let hop = self.hops[suspect].hop.clone();
+                    if started.elapsed() < FIRST_STEP_TIMEOUT && self.client.alive(&hop).await {
+                        deadline = tokio::time::Instant::now() + timeout;
+                        continue;
+                    }
                     return Err(Failure { suspect, reason: format!("no output within {timeout:?}"), after: started.elapsed() });
                 }
             }

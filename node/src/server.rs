@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -55,6 +56,9 @@ pub struct Server {
     net: Network,
     rt: tokio::runtime::Handle,
     addrs: Vec<Multiaddr>,
+    /// The current announcement, shared with the network side so `Info` requests (a
+    /// client's liveness probe) are answered at once, even while a long step computes.
+    public: Arc<Mutex<Announcement>>,
 }
 
 /// Work for the compute thread.
@@ -99,7 +103,7 @@ impl Server {
         net: Network,
         addrs: Vec<Multiaddr>,
     ) -> Self {
-        Server {
+        let mut server = Server {
             span,
             model_id,
             limits,
@@ -108,7 +112,32 @@ impl Server {
             net,
             rt: tokio::runtime::Handle::current(),
             addrs,
-        }
+            public: Arc::new(Mutex::new(Announcement {
+                peer_id: String::new(),
+                model_id: String::new(),
+                span: BlockSpan::new(0, 0),
+                n_blocks: 0,
+                throughput: 0.0,
+                free_cache_tokens: 0,
+                max_seq_len: 0,
+                version: String::new(),
+                public_name: String::new(),
+                addrs: Vec::new(),
+                expires_unix_ms: 0,
+            })),
+        };
+        server.refresh_public();
+        server
+    }
+
+    /// The announcement kept current for the network side (see the field's doc).
+    pub fn public_view(&self) -> Arc<Mutex<Announcement>> {
+        self.public.clone()
+    }
+
+    fn refresh_public(&mut self) {
+        let a = self.announcement();
+        *self.public.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
     /// This server's current announcement.
@@ -133,7 +162,8 @@ impl Server {
         self.limits.max_cache_tokens.saturating_sub(reserved)
     }
 
-    fn announce_now(&self) {
+    fn announce_now(&mut self) {
+        self.refresh_public();
         let a = self.announcement();
         let net = self.net.clone();
         self.rt.spawn(async move { net.announce(a).await });
@@ -178,6 +208,7 @@ impl Server {
 
     fn expire_idle(&mut self) {
         let now = Instant::now();
+        let before = self.sessions.len();
         self.sessions.retain(|id, s| {
             let keep = now.duration_since(s.last_used) < SESSION_IDLE_TIMEOUT;
             if !keep {
@@ -185,6 +216,9 @@ impl Server {
             }
             keep
         });
+        if self.sessions.len() != before {
+            self.refresh_public();
+        }
     }
 
     fn handle(&mut self, inbound: Inbound) {
@@ -203,10 +237,12 @@ impl Server {
                     Err(e) => Response::Error(e),
                 };
                 self.net.respond_blocking(channel, r);
+                self.refresh_public();
             }
             Request::Close { session } => {
                 self.sessions.remove(&session);
                 self.net.respond_blocking(channel, Response::Accepted);
+                self.refresh_public();
             }
             Request::Step(step) => {
                 let (session, index, reply_to) = (step.session, step.step, step.reply_to.clone());

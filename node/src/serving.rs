@@ -218,6 +218,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         net.clone(),
         addrs,
     );
+    let public = server.public_view();
     let handle = server.spawn(REANNOUNCE_EVERY)?;
     {
         let mut out = std::io::stdout().lock();
@@ -242,6 +243,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {
+                Some(m) if matches!(m.request, protocol::Request::Info) => {
+                    // Answered here, not behind queued steps: clients use it to tell a
+                    // busy server from a dead one.
+                    let a = public.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    net.respond(m.channel, protocol::Response::Info(a)).await;
+                }
                 Some(m) => {
                     if !handle.submit(m) {
                         bail!("the compute thread stopped");
