@@ -74,7 +74,7 @@ fn no_generation_is_lost_under_churn() {
                     break;
                 }
                 let span = (round / 2) % 3;
-                if round % 2 == 0 {
+                if round.is_multiple_of(2) {
                     // A server of this span leaves (never the last one of its span).
                     let mut l = live.lock().expect("lock");
                     let of_span: Vec<usize> = (0..l.len()).filter(|&i| l[i].0 == span).collect();

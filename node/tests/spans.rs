@@ -1,0 +1,177 @@
+//! Servers started without `--blocks` choose their spans from a memory budget, cover the
+//! model between them, and stop moving once the swarm is balanced.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// (start, end) of every server, by peer id, from `shoal status`.
+fn spans(st: &Value) -> BTreeMap<String, (u64, u64)> {
+    st["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|s| {
+            (
+                s["peer_id"].as_str().expect("peer").to_string(),
+                (
+                    s["span"]["start"].as_u64().expect("start"),
+                    s["span"]["end"].as_u64().expect("end"),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn coverage(st: &Value) -> Vec<u64> {
+    let cov = st["coverage"].as_object().expect("coverage");
+    assert_eq!(cov.len(), 1, "one model: {cov:?}");
+    cov.values()
+        .next()
+        .expect("model")
+        .as_array()
+        .expect("counts")
+        .iter()
+        .map(|c| c.as_u64().expect("count"))
+        .collect()
+}
+
+fn wait_for_servers(boot: &str, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(boot);
+        if spans(&st).len() == n {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} servers never showed up: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Polls until the spans stay the same for three polls in a row; returns them.
+fn wait_until_settled(boot: &str, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = BTreeMap::new();
+    let mut same = 0;
+    loop {
+        let st = status(boot);
+        let now = spans(&st);
+        if now.len() == n && now == last {
+            same += 1;
+            if same == 3 {
+                return st;
+            }
+        } else {
+            same = 0;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "the swarm kept moving: {st}");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn moves(servers: &[Server]) -> usize {
+    servers
+        .iter()
+        .map(|s| s.log_text().matches("moving from blocks").count())
+        .sum()
+}
+
+#[test]
+fn spans_from_a_memory_budget_cover_the_model_and_settle() {
+    let m = model();
+    let mut cmd = shoal();
+    cmd.args(["inspect", "--json", "--model"]).arg(&m);
+    let (out, _) = run(cmd, Duration::from_secs(60));
+    let info: Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    let blocks = info["blocks"].as_u64().expect("blocks");
+    let cache_tokens = 1024u64;
+    let per_block = info["block_memory_estimate"].as_u64().expect("estimate")
+        + cache_tokens * info["kv_bytes_per_token_per_block"].as_u64().expect("kv");
+    // Half the model's blocks, and half a block of slack.
+    let budget = info["node_overhead_bytes"].as_u64().expect("overhead")
+        + per_block * blocks / 2
+        + per_block / 2;
+    let budget = budget.to_string();
+    let args = [
+        "--memory-budget",
+        budget.as_str(),
+        "--max-cache-tokens",
+        "1024",
+        "--rebalance-interval",
+        "2",
+    ];
+
+    let first = serve_with(&m, &args, None);
+    let boot = first.addr.clone();
+    let mut servers = vec![first];
+    wait_for_servers(&boot, 1);
+    for n in 2..=4 {
+        servers.push(serve_with(&m, &args, Some(&boot)));
+        wait_for_servers(&boot, n);
+    }
+    let st = wait_until_settled(&boot, 4);
+    assert!(
+        spans(&st).values().all(|(a, b)| b - a == blocks / 2),
+        "each takes half: {st}"
+    );
+    assert_eq!(
+        coverage(&st),
+        vec![2; blocks as usize],
+        "every block covered twice: {st}"
+    );
+    assert_eq!(
+        moves(&servers),
+        0,
+        "servers placed right the first time never move"
+    );
+
+    // Block throughputs before the fifth server joins: it must fill the weakest.
+    let mut per_block_tput = vec![0.0f64; blocks as usize];
+    for s in st["servers"].as_array().expect("servers") {
+        for b in
+            s["span"]["start"].as_u64().expect("start")..s["span"]["end"].as_u64().expect("end")
+        {
+            per_block_tput[b as usize] += s["throughput"].as_f64().expect("throughput");
+        }
+    }
+    let weakest = per_block_tput.iter().copied().fold(f64::INFINITY, f64::min);
+    let fifth = serve_with(&m, &args, Some(&boot));
+    let fifth_peer = fifth.peer.clone();
+    servers.push(fifth);
+    let st = wait_for_servers(&boot, 5);
+    let (a, b) = spans(&st)[&fifth_peer];
+    let floor = (a..b)
+        .map(|x| per_block_tput[x as usize])
+        .fold(f64::INFINITY, f64::min);
+    eprintln!("block throughputs before: {per_block_tput:?}; fifth server took {a}..{b}");
+    assert_eq!(
+        floor, weakest,
+        "the fifth server took {a}..{b}, not the weakest blocks"
+    );
+
+    let before = moves(&servers);
+    let settled = wait_until_settled(&boot, 5);
+    assert!(coverage(&settled).iter().all(|c| *c >= 2), "{settled}");
+    let moved = moves(&servers);
+    // Settled: another stretch of checks (each server checks every ~2 s) moves nobody.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        spans(&status(&boot)),
+        spans(&settled),
+        "a server moved after the swarm settled"
+    );
+    assert_eq!(
+        moves(&servers),
+        moved,
+        "a server moved after the swarm settled"
+    );
+    eprintln!("moves: {before} before the fifth server, {moved} after it joined");
+}
