@@ -107,3 +107,37 @@ fn resident_memory_grows_with_the_span() {
         mib(rss_small)
     );
 }
+
+/// A server without room for a session is passed over for one that has it; with no such
+/// server, the client says what it needed.
+#[test]
+fn a_full_server_is_passed_over() {
+    let m = model();
+    let small = common::serve_with(&m, &["--blocks", "0..30", "--max-cache-tokens", "16"], None);
+    let prompt = [
+        "--prompt",
+        "Tell me about the moon.",
+        "--max-tokens",
+        "8",
+        "--chat",
+    ];
+    let mut cmd = shoal();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(&m)
+        .args(prompt)
+        .args(["--route-timeout", "2", "--bootstrap", &small.addr]);
+    let (out, _) = run(cmd, Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should find no server with room");
+    assert!(
+        err.contains("with room for") && err.contains("no usable server covers blocks 0..30"),
+        "{err}"
+    );
+
+    let roomy = common::serve(&m, "0..30", Some(&small.addr));
+    let out = generate_json(&[&prompt[..], &["--bootstrap", &small.addr]].concat());
+    let route = out["route"].as_array().expect("route");
+    assert_eq!(route.len(), 1);
+    assert_eq!(route[0]["peer"].as_str(), Some(roomy.peer.as_str()));
+}
