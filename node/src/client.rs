@@ -84,9 +84,14 @@ const MIN_STEP_TIMEOUT: Duration = Duration::from_millis(400);
 /// behind the steps queued on its compute thread.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Time a live server takes to answer `Info` (answered off its compute thread): a round
-/// trip, plus scheduling slack on a loaded machine.
+/// Longest wait for servers to answer `Info` while planning (answered off their compute
+/// thread: a round trip plus scheduling slack on a loaded machine).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Wait for a server suspected dead to answer `Info`. Short, since it decides how soon
+/// a failover starts; a live but starved server that misses it costs a failover, never
+/// a wrong output.
+const DEATH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Failovers tried for one step before giving up.
 const MAX_RECOVERIES: usize = 8;
@@ -176,14 +181,9 @@ impl Client {
             // its record lifetime, and their free cache there is stale.
             let candidates: Vec<&Announcement> =
                 known.iter().filter(|a| a.span.end > from).collect();
-            let alive: Vec<Announcement> = self
-                .probe(&candidates)
-                .await
-                .into_iter()
-                .filter(|a| {
-                    a.free_cache_tokens >= spec.max_len as u64 && a.max_seq_len >= spec.max_len
-                })
-                .collect();
+            let alive = self
+                .probe(&candidates, from, spec.n_blocks, spec.max_len)
+                .await;
             // Banned servers are avoided while others can do the job; a banned server
             // that answers its probe is better than no route at all.
             let unbanned: Vec<Announcement> = alive
@@ -211,36 +211,65 @@ impl Client {
         }
     }
 
-    /// Asks each server for its current announcement; keeps those that answer within
-    /// [`PROBE_TIMEOUT`] (a dead server's record can outlive it in the DHT).
-    async fn probe(&self, candidates: &[&Announcement]) -> Vec<Announcement> {
-        let asks = candidates.iter().filter_map(|a| {
-            let peer: PeerId = a.peer_id.parse().ok()?;
-            let addrs: Vec<Multiaddr> = a.addrs.iter().filter_map(|x| x.parse().ok()).collect();
-            let net = self.net.clone();
-            Some(async move {
-                match tokio::time::timeout(PROBE_TIMEOUT, net.request(peer, addrs, Request::Info))
-                    .await
-                {
-                    Ok(Ok(Response::Info(fresh))) if fresh.peer_id == peer.to_string() => {
-                        Some(fresh)
+    /// Asks each server for its current announcement (a dead server's record can
+    /// outlive it in the DHT, and the record's free cache is stale) and returns those
+    /// that answer and have room for `max_len` tokens. Stops waiting once the answers
+    /// cover blocks `[from, n_blocks)` and a short while has passed for more (a dead
+    /// server must not hold up a failover for the whole [`PROBE_TIMEOUT`]).
+    async fn probe(
+        &self,
+        candidates: &[&Announcement],
+        from: u32,
+        n_blocks: u32,
+        max_len: u32,
+    ) -> Vec<Announcement> {
+        use futures::StreamExt;
+        let mut asks: futures::stream::FuturesUnordered<_> = candidates
+            .iter()
+            .filter_map(|a| {
+                let peer: PeerId = a.peer_id.parse().ok()?;
+                let addrs: Vec<Multiaddr> = a.addrs.iter().filter_map(|x| x.parse().ok()).collect();
+                let net = self.net.clone();
+                Some(async move {
+                    match net.request(peer, addrs, Request::Info).await {
+                        Ok(Response::Info(fresh)) if fresh.peer_id == peer.to_string() => {
+                            Some(fresh)
+                        }
+                        _ => None,
                     }
-                    _ => None,
-                }
+                })
             })
-        });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+            .collect();
+        let started = tokio::time::Instant::now();
+        let mut deadline = started + PROBE_TIMEOUT;
+        let mut found: Vec<Announcement> = Vec::new();
+        let mut covered = vec![false; n_blocks as usize];
+        loop {
+            match tokio::time::timeout_at(deadline, asks.next()).await {
+                Ok(Some(Some(a))) => {
+                    if a.free_cache_tokens >= max_len as u64 && a.max_seq_len >= max_len {
+                        for b in a.span.start..a.span.end.min(n_blocks) {
+                            covered[b as usize] = true;
+                        }
+                        found.push(a);
+                        if covered[from as usize..].iter().all(|c| *c) {
+                            // Enough for a route: wait a little longer for better ones.
+                            let settle = (started.elapsed() * 2).max(Duration::from_millis(20));
+                            deadline = deadline.min(tokio::time::Instant::now() + settle);
+                        }
+                    }
+                }
+                Ok(Some(None)) => {}
+                Ok(None) | Err(_) => return found,
+            }
+        }
     }
 
-    /// True when `peer` answers a probe in time.
+    /// True when the server answers a liveness probe within [`DEATH_PROBE_TIMEOUT`].
     async fn alive(&self, hop: &PlannedHop) -> bool {
         let probe = self.net.request(hop.peer, hop.addrs.clone(), Request::Info);
         matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+            tokio::time::timeout(DEATH_PROBE_TIMEOUT, probe).await,
             Ok(Ok(Response::Info(_)))
         )
     }
