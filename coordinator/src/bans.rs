@@ -57,6 +57,14 @@ impl Bans {
         self.entries.remove(peer);
     }
 
+    /// The peers banned at `now`.
+    pub fn banned(&self, now: Duration) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter(move |(_, e)| now < e.until)
+            .map(|(p, _)| p.as_str())
+    }
+
     /// True while `peer` is banned.
     pub fn is_banned(&self, peer: &str, now: Duration) -> bool {
         self.entries.get(peer).is_some_and(|e| now < e.until)
@@ -81,6 +89,7 @@ mod tests {
         assert_eq!(bans.fail("p", s(50)), s(30), "capped");
         assert!(bans.is_banned("p", s(79)));
         assert!(!bans.is_banned("other", s(79)));
+        assert_eq!(bans.banned(s(79)).collect::<Vec<_>>(), vec!["p"]);
         bans.succeed("p");
         assert!(!bans.is_banned("p", s(60)));
         assert_eq!(bans.fail("p", s(100)), s(2));

@@ -14,4 +14,6 @@ pub mod spans;
 
 pub use bans::Bans;
 pub use route::{alternatives, plan_route, RouteError, RouteHop, ServerView};
-pub use spans::{block_throughputs, choose_span, jittered, should_move, SpanView};
+pub use spans::{
+    block_throughputs, choose_span, choose_span_in, jittered, should_move, should_move_in, SpanView,
+};

@@ -13,6 +13,10 @@ pub struct ServerView {
     pub throughput: f32,
     /// Round-trip time to it in seconds, if measured.
     pub rtt: Option<f32>,
+    /// Sessions it is serving now. Their steps share its compute, so each makes a step
+    /// about that much slower; counting them spreads clients over replicas instead of
+    /// piling every client onto the single fastest server.
+    pub sessions: u32,
 }
 
 /// One hop of a planned route: which server runs which blocks.
@@ -46,7 +50,8 @@ const DEFAULT_RTT_S: f32 = 0.01;
 /// Expected seconds for `server` to run `blocks` blocks of one token, plus its round trip.
 fn hop_cost(s: &ServerView, blocks: u32) -> f32 {
     let span = s.end.saturating_sub(s.start).max(1) as f32;
-    s.rtt.unwrap_or(DEFAULT_RTT_S) + blocks as f32 / (s.throughput.max(1e-6) * span)
+    let busy = 1.0 + s.sessions as f32;
+    s.rtt.unwrap_or(DEFAULT_RTT_S) + busy * blocks as f32 / (s.throughput.max(1e-6) * span)
 }
 
 fn ranges(blocks: impl Iterator<Item = u32>) -> String {
@@ -165,6 +170,7 @@ mod tests {
             end,
             throughput: tput,
             rtt: Some(0.001),
+            sessions: 0,
         }
     }
 
@@ -227,6 +233,18 @@ mod tests {
             r.iter().all(|h| h.server != 0),
             "a serves nothing past block 10"
         );
+    }
+
+    #[test]
+    fn busy_servers_are_passed_over_for_idle_replicas() {
+        let mut busy = s("busy", 0, 10, 100.0);
+        busy.sessions = 3;
+        let idle = s("idle", 0, 10, 60.0);
+        let r = plan_route(&[busy.clone(), idle], 0, 10).expect("covered");
+        assert_eq!(hops(&r), vec![(1, 0, 10)]);
+        busy.sessions = 0;
+        let r = plan_route(&[busy, s("idle", 0, 10, 60.0)], 0, 10).expect("covered");
+        assert_eq!(hops(&r), vec![(0, 0, 10)]);
     }
 
     #[test]

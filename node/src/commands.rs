@@ -13,7 +13,7 @@ use shard::{Head, ModelFile, SamplingParams, Span, TextCodec};
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{
-    BenchArgs, DemoArgs, GenerateArgs, InspectArgs, ModelArg, SamplingArgs, StatusArgs,
+    BenchArgs, DemoArgs, GenerateArgs, InspectArgs, ModelArg, SamplingArgs, SimArgs, StatusArgs,
 };
 use crate::client::{connect_any, Client, Delivery, Reroute};
 use crate::generate::{budget, generate, prompt_tokens, Blocks, GenerateRequest, Generation};
@@ -92,6 +92,7 @@ impl ClientSide {
 pub async fn start_client(
     bootstrap: &[Multiaddr],
     connect_timeout: Duration,
+    shaping: Option<net::Shaping>,
 ) -> anyhow::Result<Client> {
     if bootstrap.is_empty() {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
@@ -99,6 +100,7 @@ pub async fn start_client(
     let (net, mut inbound) = net::start(NetConfig {
         listen: vec![],
         dht_server: false,
+        shaping,
     })?;
     let client = Client::new(net.clone());
     let c = client.clone();
@@ -235,6 +237,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
             start_client(
                 &args.bootstrap,
                 Duration::from_secs_f64(args.connect_timeout),
+                args.emulate.shaping(),
             )
             .await?,
         )
@@ -372,6 +375,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
+        None,
     )
     .await?;
     let req = GenerateRequest {
@@ -448,6 +452,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
+        None,
     )
     .await?;
     let mut rows = Vec::new();
@@ -517,6 +522,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (net, _inbound) = net::start(NetConfig {
         listen: vec![],
         dht_server: false,
+        shaping: None,
     })?;
     connect_any(
         &net,
@@ -641,5 +647,64 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     } else {
         println!("{}", serde_json::to_string_pretty(&info)?);
     }
+    Ok(())
+}
+
+/// `shoal sim`: runs a topology in virtual time and prints the report.
+pub fn simulate(args: SimArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.topology)
+        .with_context(|| format!("cannot read {}", args.topology.display()))?;
+    let topo = sim::Topology::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.topology.display()))?;
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!(
+        "simulating {} for {} s",
+        topo.name, topo.duration_s
+    ));
+    let started = Instant::now();
+    let report = sim::run(&topo, &sim::Options { seed: args.seed }, |f| {
+        bar.set_position((f * 1000.0) as u64)
+    });
+    bar.finish_and_clear();
+    let wall = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    let r = &report;
+    println!(
+        "{} ({}), {} s virtual in {wall:.1} s, seed {}",
+        r.topology, r.model, r.duration_s, r.seed
+    );
+    println!(
+        "  nodes: {} started, {} alive at the end ({} chose their span); clients: {}",
+        r.nodes_started, r.nodes_alive_at_end, r.auto_nodes, r.clients
+    );
+    println!(
+        "  generations: {} completed, {} lost; tokens: {}",
+        r.generations_completed, r.generations_lost, r.tokens_generated
+    );
+    println!(
+        "  tokens/s: {:.1} in total; per client mean {:.2} (min {:.2}, max {:.2})",
+        r.tokens_per_second_total,
+        r.tokens_per_second_per_client.mean,
+        r.tokens_per_second_per_client.min,
+        r.tokens_per_second_per_client.max
+    );
+    println!("  decode: {:.2} tokens/s per generation; step latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms", r.decode_tokens_per_second, r.decode_step_latency_ms.p50, r.decode_step_latency_ms.p95, r.decode_step_latency_ms.p99);
+    println!(
+        "  re-routes: {}; rebalances: {}; events: {}",
+        r.reroutes, r.rebalances, r.events
+    );
+    let worst = r.uncovered_blocks.iter().map(|x| x.1).max().unwrap_or(0);
+    let minutes = r.uncovered_blocks.iter().filter(|x| x.1 > 0).count();
+    println!(
+        "  blocks uncovered: at most {worst}; in {minutes} of {} one-minute samples",
+        r.uncovered_blocks.len()
+    );
     Ok(())
 }

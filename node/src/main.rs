@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
             Commands::Bench(a) => commands::bench(a).await,
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
+            Commands::Sim(a) => commands::simulate(a),
         }
     });
     // Do not wait for blocking tasks (a stuck dial, a compute thread) on the way out.

@@ -114,6 +114,7 @@ enum Command {
 pub struct Network {
     cmd: mpsc::Sender<Command>,
     peer_id: PeerId,
+    shaping: Option<Shaping>,
     /// Peers whose last connection closed: a client watching its chain learns at once
     /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
@@ -126,6 +127,32 @@ pub struct NetConfig {
     /// True for servers: Kademlia answers queries and stores records. Clients stay in
     /// client mode so they are never asked to hold the swarm's records.
     pub dht_server: bool,
+    /// Emulated link for every request this node sends (checking the simulator on
+    /// loopback); `None` in normal use.
+    pub shaping: Option<Shaping>,
+}
+
+/// An emulated network link, applied by the sender to each request it sends: a one-way
+/// delay plus the time its hidden states take at a given bandwidth. Used to run a real
+/// swarm on loopback with the latencies and bandwidths of a simulator topology.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shaping {
+    /// One-way delay (half the round trip).
+    pub one_way: Duration,
+    /// Link bandwidth in bytes per second, if limited.
+    pub bytes_per_s: Option<f64>,
+}
+
+impl Shaping {
+    fn delay(&self, request: &Request) -> Duration {
+        let bytes = match request {
+            Request::Step(s) => s.hidden.bytes.len(),
+            Request::Output(o) => o.hidden.bytes.len(),
+            _ => 0,
+        };
+        let transfer = self.bytes_per_s.map_or(0.0, |bw| bytes as f64 / bw);
+        self.one_way + Duration::from_secs_f64(transfer)
+    }
 }
 
 fn provider_key(model_id: &str) -> RecordKey {
@@ -247,6 +274,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         Network {
             cmd: cmd_tx,
             peer_id,
+            shaping: config.shaping,
             disconnects,
         },
         inbound_rx,
@@ -287,6 +315,9 @@ impl Network {
         addrs: Vec<Multiaddr>,
         request: Request,
     ) -> anyhow::Result<Response> {
+        if let Some(shaping) = self.shaping {
+            tokio::time::sleep(shaping.delay(&request)).await;
+        }
         self.call(|reply| Command::Request {
             peer,
             addrs,

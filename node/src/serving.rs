@@ -159,6 +159,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (net, mut inbound) = net::start(NetConfig {
         listen,
         dht_server: true,
+        shaping: args.emulate.shaping(),
     })?;
     connect_any(
         &net,

@@ -66,6 +66,8 @@ pub struct Announcement {
     pub throughput: f32,
     /// KV-cache tokens still free for new sessions.
     pub free_cache_tokens: u64,
+    /// Sessions open now (routing spreads clients by it).
+    pub sessions: u32,
     /// Longest sequence (prompt + completion) a session may reach.
     pub max_seq_len: u32,
     /// Version of the `shoal` binary that serves it.
