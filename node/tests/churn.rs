@@ -17,37 +17,20 @@ const PROMPTS: [&str; 4] = [
 ];
 const TOKENS: &str = "16";
 
-fn generate(m: &std::path::Path, prompt: &str, extra: &[&str]) -> Value {
-    let mut cmd = shoal();
-    cmd.args([
-        "generate",
-        "--json",
-        "--chat",
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        TOKENS,
-        "--model",
-    ])
-    .arg(m)
-    .args(extra)
-    .env("RUST_LOG", "warn");
-    let (out, _) = run(cmd, Duration::from_secs(300));
-    assert!(
-        out.status.success(),
-        "generation of {prompt:?} lost: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
+fn generate(prompt: &str, extra: &[&str]) -> Value {
+    generate_json(
+        &[
+            &["--chat", "--prompt", prompt, "--max-tokens", TOKENS][..],
+            extra,
+        ]
+        .concat(),
+    )
 }
 
 #[test]
 fn no_generation_is_lost_under_churn() {
     let m = model();
-    let references: Vec<Value> = PROMPTS
-        .iter()
-        .map(|p| generate(&m, p, &["--local"]))
-        .collect();
+    let references: Vec<Value> = PROMPTS.iter().map(|p| generate(p, &["--local"])).collect();
 
     let spans = ["0..10", "10..20", "20..30"];
     let first = serve(&m, spans[0], None);
@@ -108,7 +91,7 @@ fn no_generation_is_lost_under_churn() {
 
     let clients: Vec<_> = (0..2)
         .map(|c| {
-            let (live, m, references) = (live.clone(), m.clone(), references.clone());
+            let (live, references) = (live.clone(), references.clone());
             std::thread::spawn(move || {
                 let mut reroutes = 0;
                 for g in 0..10 {
@@ -119,7 +102,7 @@ fn no_generation_is_lost_under_churn() {
                         .last()
                         .map(|s| s.1.addr.clone())
                         .expect("live");
-                    let out = generate(&m, PROMPTS[k], &["--bootstrap", &boot]);
+                    let out = generate(PROMPTS[k], &["--bootstrap", &boot]);
                     assert_eq!(
                         out["completion_tokens"], references[k]["completion_tokens"],
                         "client {c}, generation {g}: output differs from the undisturbed run"

@@ -13,27 +13,15 @@ use serde_json::Value;
 const PROMPT: &str = "Write a short story about a lighthouse keeper and a storm.";
 const TOKENS: &str = "40";
 
-fn local_reference(m: &std::path::Path) -> Value {
-    let mut cmd = shoal();
-    cmd.args([
-        "generate",
+fn local_reference() -> Value {
+    generate_json(&[
         "--local",
-        "--json",
         "--chat",
         "--prompt",
         PROMPT,
         "--max-tokens",
         TOKENS,
-        "--model",
     ])
-    .arg(m);
-    let (out, _) = run(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
 }
 
 /// Bytes of text the first `n` completion tokens decode to.
@@ -151,7 +139,7 @@ fn generate_and_kill(
 #[test]
 fn a_server_dying_mid_generation_changes_nothing() {
     let m = model();
-    let reference = local_reference(&m);
+    let reference = local_reference();
     let expected = reference["text"].as_str().expect("text").to_string();
     assert_eq!(
         reference["completion_tokens"].as_array().map(Vec::len),

@@ -16,36 +16,21 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 
 const PROMPT: &str = "Write a long story about a lighthouse keeper.";
 
 /// Decode tokens/s of a generation (best of three, as `shoal bench` does).
-fn decode_tps(m: &std::path::Path, extra: &[&str]) -> f64 {
+fn decode_tps(extra: &[&str]) -> f64 {
     (0..3)
         .map(|_| {
-            let mut cmd = shoal();
-            cmd.args([
-                "generate",
-                "--json",
-                "--chat",
-                "--prompt",
-                PROMPT,
-                "--max-tokens",
-                "64",
-                "--model",
-            ])
-            .arg(m)
-            .args(extra)
-            .env("RUST_LOG", "error");
-            let (out, _) = run(cmd, Duration::from_secs(300));
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-            v["tokens_per_second"].as_f64().expect("tokens_per_second")
+            let args = [
+                &["--chat", "--prompt", PROMPT, "--max-tokens", "64"][..],
+                extra,
+            ]
+            .concat();
+            generate_json(&args)["tokens_per_second"]
+                .as_f64()
+                .expect("tokens_per_second")
         })
         .fold(0.0, f64::max)
 }
@@ -90,11 +75,11 @@ fn simulator_predicts_emulated_swarms() {
         .expect("preset")
         .block_bytes();
     // Calibration: one process, then three servers on plain loopback.
-    let local = decode_tps(&m, &["--local"]);
+    let local = decode_tps(&["--local"]);
     let three = ["0..10", "10..20", "20..30"];
     let plain = {
         let (servers, boot) = swarm(&m, &three, &[]);
-        let tps = decode_tps(&m, &["--bootstrap", &boot]);
+        let tps = decode_tps(&["--bootstrap", &boot]);
         drop(servers);
         tps
     };
@@ -134,7 +119,7 @@ fn simulator_predicts_emulated_swarms() {
             let (servers, boot) = swarm(&m, spans, &emulate);
             let mut extra = vec!["--bootstrap", boot.as_str()];
             extra.extend_from_slice(&emulate);
-            let tps = decode_tps(&m, &extra);
+            let tps = decode_tps(&extra);
             drop(servers);
             tps
         };

@@ -7,22 +7,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn generate_json(args: &[&str]) -> Value {
-    let mut cmd = shoal();
-    cmd.arg("generate")
-        .arg("--model")
-        .arg(model())
-        .args(args)
-        .arg("--json");
-    let (out, _) = run(cmd, Duration::from_secs(300));
-    assert!(
-        out.status.success(),
-        "generate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
-
 fn ids(v: &Value, key: &str) -> Vec<u64> {
     v[key]
         .as_array()

@@ -113,6 +113,24 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
     }
 }
 
+/// `shoal generate --model <default> --json ARGS`, which must succeed; its JSON.
+pub fn generate_json(args: &[&str]) -> serde_json::Value {
+    let mut cmd = shoal();
+    cmd.arg("generate")
+        .arg("--model")
+        .arg(model())
+        .args(args)
+        .arg("--json")
+        .env("RUST_LOG", "warn");
+    let (out, _) = run(cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "generate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
 /// `shoal status --json` of the swarm reachable through `bootstrap`.
 pub fn status(bootstrap: &str) -> serde_json::Value {
     let mut cmd = shoal();
