@@ -238,6 +238,9 @@ pub struct BenchArgs {
     /// Repeat each measurement this many times and report the best.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Concurrent sessions on the swarm for the aggregate measurement, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    pub sessions: Vec<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -423,7 +423,24 @@ struct BenchRow {
     prefill_tokens_per_second: f64,
 }
 
-/// `shoal bench`: decode and prefill speed, in one process and through a loopback swarm.
+#[derive(Serialize, Debug)]
+struct ConcurrencyRow {
+    sessions: usize,
+    /// Tokens of all sessions over the wall time from the first start to the last end.
+    aggregate_tokens_per_second: f64,
+}
+
+/// `shoal bench`: decode and prefill speed, in one process and through a loopback swarm,
+/// and the aggregate speed of several concurrent sessions on the swarm.
+///
+/// Measured on the 2-core build machine (2026-11, default model, dev profile): one
+/// session 17.9 tok/s, but 4 concurrent sessions only 6.3 tok/s in aggregate. The cause is
+/// candle's CPU worker pool, not the swarm: its workers spin 25,000 rounds after every op
+/// and are pinned to cores, so 3 servers + clients on 2 cores burn the CPU spinning.
+/// With `CANDLE_BARRIER_POOL_SPIN_LIMIT=100` 4 concurrent processes reached 12.4 tok/s in
+/// aggregate; with `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` 29.7 tok/s (one session:
+/// 18.0). Batching sessions into one forward pass, and sizing thread pools to the cores a
+/// node really has, are the next steps (the performance issue).
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let path = model_path(&args.model)?;
     let side = ClientSide::load(ModelFile::open(&path)?)?;
@@ -485,9 +502,36 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             prefill_tokens_per_second: prefill,
         });
     }
+    // Aggregate speed of N generations at once on the swarm (each its own session).
+    let mut concurrency = Vec::new();
+    for &n in &args.sessions {
+        let started = Instant::now();
+        let runs = (0..n.max(1)).map(|_| {
+            run_generation(
+                &side,
+                Some(&client),
+                &decode_req,
+                WireDType::F32,
+                Duration::from_secs(60),
+                |_| {},
+            )
+        });
+        let results = futures::future::join_all(runs).await;
+        let mut tokens = 0usize;
+        for r in results {
+            tokens += r?.0.completion_tokens.len();
+        }
+        concurrency.push(ConcurrencyRow {
+            sessions: n.max(1),
+            aggregate_tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
+        });
+    }
     swarm.stop().await;
     if args.json {
-        println!("{}", serde_json::to_string(&rows)?);
+        println!(
+            "{}",
+            serde_json::json!({"runs": rows, "concurrency": concurrency})
+        );
     } else {
         println!(
             "{:<10} {:>14} {:>16}",
@@ -504,6 +548,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 "swarm/local per-token decode time: {:.3}",
                 local.decode_tokens_per_second / swarm.decode_tokens_per_second.max(1e-9)
             );
+        }
+        println!("{:<10} {:>22}", "sessions", "aggregate tok/s (swarm)");
+        for c in &concurrency {
+            println!("{:<10} {:>22.1}", c.sessions, c.aggregate_tokens_per_second);
         }
     }
     Ok(())
