@@ -5,6 +5,11 @@ use shoal_node::cli::{Cli, Commands};
 use shoal_node::commands;
 
 fn main() -> std::process::ExitCode {
+    // candle counts the cores (reading /proc/cpuinfo) on every f32 matmul unless this is
+    // set: 5% of a decode's time. Set here, before any thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", shard::kernels::threads().to_string());
+    }
     let cli = Cli::parse();
     let default_level = match cli.command {
         Commands::Serve(_) => "info",

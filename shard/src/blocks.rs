@@ -19,14 +19,56 @@ use crate::{ModelConfig, Result, RopeStyle, ShardError};
 /// One transformer block's weights.
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Wq, Wk, Wv.
+    qkv: Projection,
     wo: Linear,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// Wgate, Wup.
+    gate_up: Projection,
     down: Linear,
+}
+
+/// Linear layers that read the same input: one stacked product when our kernels run
+/// them all (one pass over the input, one hand-out of work to the threads), else one
+/// product each.
+enum Projection {
+    Stacked { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projection {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        Ok(match Linear::stack(&refs) {
+            Some(linear) => Projection::Stacked {
+                widths: parts
+                    .iter()
+                    .map(|p| p.out_features())
+                    .collect::<candle_core::Result<_>>()?,
+                linear,
+            },
+            None => Projection::Separate(parts),
+        })
+    }
+
+    /// One output per layer, in order.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Projection::Stacked { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(candle_core::D::Minus1, at, w);
+                        at += w;
+                        part
+                    })
+                    .collect()
+            }
+            Projection::Separate(layers) => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
 }
 
 /// The keys and values one session has seen, for every block of a span.
@@ -112,13 +154,17 @@ impl Span {
             let p = |n: &str| format!("blk.{i}.{n}");
             let block = Block {
                 attn_norm: file.dense(&p("attn_norm.weight"), device)?,
-                wq: file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
-                wk: file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
-                wv: file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
+                qkv: Projection::new(vec![
+                    file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
+                    file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
+                    file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
+                ])?,
                 wo: file.linear(&p("attn_output"), false, device)?,
                 ffn_norm: file.dense(&p("ffn_norm.weight"), device)?,
-                gate: file.linear(&p("ffn_gate"), false, device)?,
-                up: file.linear(&p("ffn_up"), false, device)?,
+                gate_up: Projection::new(vec![
+                    file.linear(&p("ffn_gate"), false, device)?,
+                    file.linear(&p("ffn_up"), false, device)?,
+                ])?,
                 down: file.linear(&p("ffn_down"), false, device)?,
             };
             blocks.push(block);
@@ -201,6 +247,10 @@ impl Span {
     /// Runs `x` (`[tokens, hidden]`, positions `cache.len()..`) through the span,
     /// appending to the cache. Returns the output hidden states, same shape.
     pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        crate::kernels::on_pool(|| self.forward_on_pool(x, cache))
+    }
+
+    fn forward_on_pool(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (seq, hidden) = x
             .dims2()
             .map_err(|_| ShardError::BadInput(format!("hidden states of shape {:?}", x.dims())))?;
@@ -284,9 +334,14 @@ impl Span {
                 .unsqueeze(0)?
                 .contiguous()
         };
-        let q = heads(b.wq.forward(&h)?, nh)?;
-        let k = heads(b.wk.forward(&h)?, nkv)?;
-        let v = heads(b.wv.forward(&h)?, nkv)?.squeeze(0)?;
+        let [q, k, v]: [Tensor; 3] = b
+            .qkv
+            .forward(&h)?
+            .try_into()
+            .map_err(|_| ShardError::BadInput("q, k and v projections".into()))?;
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = heads(v, nkv)?.squeeze(0)?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?.squeeze(0)?;
         let (k, v) = match kv.take() {
@@ -318,8 +373,12 @@ impl Span {
 
         // MLP (SwiGLU).
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let g = candle_nn::ops::silu(&b.gate.forward(&h)?)?;
-        let m = b.down.forward(&(g * b.up.forward(&h)?)?)?;
+        let [g, u]: [Tensor; 2] = b
+            .gate_up
+            .forward(&h)?
+            .try_into()
+            .map_err(|_| ShardError::BadInput("gate and up projections".into()))?;
+        let m = b.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
         Ok((x + m)?)
     }
 }

@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{Arch, HfConfig, ModelConfig, RopeStyle};
+use crate::kernels::QMatrix;
 use crate::{Result, ShardError};
 
 /// How the weights are stored.
@@ -49,18 +51,93 @@ pub struct ModelFile {
 /// A linear layer: a (possibly quantised) weight and an optional bias.
 #[derive(Clone, Debug)]
 pub(crate) struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
+#[derive(Clone, Debug)]
+enum Weight {
+    /// Q4_0 / Q4_1 / Q8_0 on the CPU: our own kernels ([`crate::kernels`]).
+    Packed(Arc<QMatrix>),
+    /// Everything else (other GGUF formats, dense safetensors, GPU devices): candle.
+    Candle(QMatMul),
+}
+
 impl Linear {
+    /// A layer over an already loaded quantised tensor.
+    pub(crate) fn packed(weight: Arc<QMatrix>) -> Self {
+        Self {
+            weight: Weight::Packed(weight),
+            bias: None,
+        }
+    }
+
+    /// One layer computing all of `parts` (which read the same input) side by side, when
+    /// they all run on our kernels in one format; `None` otherwise.
+    pub(crate) fn stack(parts: &[&Linear]) -> Option<Linear> {
+        let weights: Vec<&QMatrix> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Packed(q) => Some(q.as_ref()),
+                Weight::Candle(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        let bias = match parts.iter().filter(|p| p.bias.is_some()).count() {
+            0 => None,
+            n if n == parts.len() => {
+                let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+                Some(Tensor::cat(&biases, 0).ok()?)
+            }
+            _ => return None,
+        };
+        Some(Linear {
+            weight: Weight::Packed(Arc::new(QMatrix::stack(&weights)?)),
+            bias,
+        })
+    }
+
+    /// Output width.
+    pub(crate) fn out_features(&self) -> candle_core::Result<usize> {
+        match &self.weight {
+            Weight::Packed(q) => Ok(q.rows()),
+            Weight::Candle(QMatMul::QTensor(q)) => Ok(q.shape().dims2()?.0),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.dims2()?.0),
+        }
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            Weight::Packed(q) => packed_forward(q, x)?,
+            Weight::Candle(w) => w.forward(x)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
+}
+
+/// `x · qᵀ` over the last dimension of `x`, on our kernels, reading `x` in place.
+fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let k = dims.last().copied().unwrap_or(0);
+    if k != q.cols() {
+        candle_core::bail!("linear layer of width {} fed {:?}", q.cols(), x.dims());
+    }
+    let m = x.elem_count() / k.max(1);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("our quantised kernels run on the CPU only");
+        };
+        let all = cpu.as_slice::<f32>()?;
+        q.matmul(&all[layout.start_offset()..][..m * k], m)
+    };
+    if let Some(last) = dims.last_mut() {
+        *last = q.rows();
+    }
+    Tensor::from_vec(y, dims, x.device())
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -319,11 +396,15 @@ impl ModelFile {
     pub(crate) fn linear(&self, name: &str, bias: bool, device: &Device) -> Result<Linear> {
         let weight = match &self.inner {
             Inner::Gguf { .. } => {
-                QMatMul::from_qtensor(self.qtensor(&format!("{name}.weight"), device)?)?
+                let q = self.qtensor(&format!("{name}.weight"), device)?;
+                match QMatrix::from_qtensor(&q).filter(|_| device.is_cpu()) {
+                    Some(packed) => Weight::Packed(Arc::new(packed)),
+                    None => Weight::Candle(QMatMul::from_qtensor(q)?),
+                }
             }
-            Inner::Safetensors { .. } => {
-                QMatMul::Tensor(self.dense(&format!("{name}.weight"), device)?)
-            }
+            Inner::Safetensors { .. } => Weight::Candle(QMatMul::Tensor(
+                self.dense(&format!("{name}.weight"), device)?,
+            )),
         };
         let bias = if bias {
             Some(self.dense(&format!("{name}.bias"), device)?)
@@ -334,9 +415,9 @@ impl ModelFile {
     }
 
     /// Loads a linear layer from an already loaded quantised tensor (tied embeddings).
-    pub(crate) fn linear_from(q: std::sync::Arc<QTensor>) -> Result<Linear> {
+    pub(crate) fn linear_from(q: Arc<QTensor>) -> Result<Linear> {
         Ok(Linear {
-            weight: QMatMul::from_arc(q)?,
+            weight: Weight::Candle(QMatMul::from_arc(q)?),
             bias: None,
         })
     }

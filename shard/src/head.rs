@@ -9,10 +9,14 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
 use crate::file::{Linear, ModelFile, WeightFormat};
+use crate::kernels::QMatrix;
 use crate::{ModelConfig, Result, ShardError};
 
 enum Embedding {
-    /// GGUF: rows are dequantised on lookup, the matrix stays quantised.
+    /// GGUF in a format our kernels run: rows are dequantised on lookup, and a tied LM
+    /// head computes on the same bytes.
+    Packed(Arc<QMatrix>),
+    /// Other GGUF formats: rows are dequantised on lookup, the matrix stays quantised.
     Quantized(Arc<QTensor>),
     /// Safetensors: a dense f32 matrix.
     Dense(Tensor),
@@ -34,13 +38,24 @@ impl Head {
         let tied = !file.has("output.weight");
         let (embedding, lm_head) = match file.format() {
             WeightFormat::Gguf => {
-                let q = Arc::new(file.qtensor("token_embd.weight", device)?);
+                let q = file.qtensor("token_embd.weight", device)?;
+                let packed = QMatrix::from_qtensor(&q).filter(|_| device.is_cpu());
+                let (embedding, tied_head) = match packed {
+                    Some(p) => {
+                        let p = Arc::new(p);
+                        (Embedding::Packed(p.clone()), Linear::packed(p))
+                    }
+                    None => {
+                        let q = Arc::new(q);
+                        (Embedding::Quantized(q.clone()), ModelFile::linear_from(q)?)
+                    }
+                };
                 let head = if tied {
-                    ModelFile::linear_from(q.clone())?
+                    tied_head
                 } else {
                     file.linear("output", false, device)?
                 };
-                (Embedding::Quantized(q), head)
+                (embedding, head)
             }
             WeightFormat::Safetensors => {
                 let e = file.dense("token_embd.weight", device)?;
@@ -79,6 +94,14 @@ impl Head {
         }
         let t = Tensor::new(ids, &self.device)?;
         Ok(match &self.embedding {
+            Embedding::Packed(q) => {
+                let hidden = q.cols();
+                let mut rows = vec![0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(hidden)) {
+                    q.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(rows, (ids.len(), hidden), &self.device)?
+            }
             Embedding::Quantized(q) => q.embedding(&t)?,
             Embedding::Dense(e) => e.index_select(&t, 0)?,
         })
@@ -86,8 +109,10 @@ impl Head {
 
     /// Logits `[tokens, vocab]` for every row of `hidden` (`[tokens, hidden]`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&h)?)
+        crate::kernels::on_pool(|| {
+            let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+            Ok(self.lm_head.forward(&h)?)
+        })
     }
 
     /// Logits of the last row of `hidden`, as a vector.

@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod file;
 mod head;
+pub mod kernels;
 mod sampling;
 mod text;
 

@@ -15,10 +15,66 @@ fn model() -> PathBuf {
     }
 }
 
-/// Logits at every position of a chat prompt, ours (run token by token, and as one
-/// prefill) against candle-transformers' `quantized_llama` on the same file.
+/// candle-transformers' `quantized_llama` on `path`, token by token: logits `[1, vocab]`
+/// per position. `exact` dequantises every weight to f32 first, so activations are not
+/// rounded to 8 bits either: the model's exact function, to f32 rounding.
+fn reference_logits(path: &std::path::Path, ids: &[u32], exact: bool) -> Result<Vec<Tensor>> {
+    let path = path.to_path_buf();
+    let ids = ids.to_vec();
+    // candle reads CANDLE_DEQUANTIZE_ALL once per thread, at its first quantised layer:
+    // a fresh thread sees the value set here.
+    std::thread::spawn(move || -> Result<Vec<Tensor>> {
+        if exact {
+            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+        }
+        let dev = Device::Cpu;
+        let mut f = std::fs::File::open(&path)?;
+        let ct = gguf_file::Content::read(&mut f)?;
+        let mut model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            ct, &mut f, &dev,
+        )?;
+        if exact {
+            std::env::remove_var("CANDLE_DEQUANTIZE_ALL");
+        }
+        let mut rows = Vec::new();
+        for (pos, &id) in ids.iter().enumerate() {
+            rows.push(model.forward(&Tensor::new(&[id], &dev)?.unsqueeze(0)?, pos)?);
+        }
+        Ok(rows)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("reference thread panicked"))?
+}
+
+/// Root mean square of `a - b`.
+fn rms_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(a.sub(b)?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?)
+}
+
+/// Positions where the exact model prefers its top token by more than `margin`: there,
+/// any implementation of the quantised model must pick the same token.
+fn clear_choices(exact: &Tensor, margin: f32) -> Result<Vec<(usize, u32)>> {
+    let mut out = Vec::new();
+    for (pos, row) in exact.to_vec2::<f32>()?.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        if row[idx[0]] - row[idx[1]] > margin {
+            out.push((pos, idx[0] as u32));
+        }
+    }
+    Ok(out)
+}
+
+/// Logits at every position of a chat prompt, ours (token by token, and as one prefill)
+/// against the exact model (candle-transformers' `quantized_llama` on dequantised
+/// weights) and against `quantized_llama` on the quantised weights.
+///
+/// Every quantised implementation rounds activations to 8 bits per block of 32 (ggml's
+/// Q8_0/Q8_1), which moves logits by about one unit on this model and flips near-ties;
+/// ours must stay as close to the exact model as candle's kernels do, and pick the exact
+/// model's token wherever it is clearly ahead.
 #[test]
-fn logits_agree_with_candle_quantized_llama() -> Result<()> {
+fn logits_agree_with_the_exact_model() -> Result<()> {
     let path = model();
     let file = ModelFile::open(&path)?;
     let text = TextCodec::from_model(&file)?;
@@ -32,74 +88,41 @@ fn logits_agree_with_candle_quantized_llama() -> Result<()> {
     let n = file.config().n_layers;
     let span = Span::load(&file, 0, n, &dev, |_, _| {})?;
 
-    let mut f = std::fs::File::open(&path)?;
-    let ct = gguf_file::Content::read(&mut f)?;
-    let mut reference =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
+    let exact = Tensor::cat(&reference_logits(&path, &ids, true)?, 0)?;
+    let candle_q = Tensor::cat(&reference_logits(&path, &ids, false)?, 0)?;
     let mut cache = span.new_cache(ids.len());
-    let mut worst_step = 0f32;
-    let mut ref_rows = Vec::new();
-    for (pos, &id) in ids.iter().enumerate() {
-        let r = reference.forward(&Tensor::new(&[id], &dev)?.unsqueeze(0)?, pos)?;
-        let ours = head.logits(&span.forward(&head.embed(&[id])?, &mut cache)?)?;
-        let d = ours
-            .sub(&r)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        worst_step = worst_step.max(d);
-        assert_eq!(
-            ours.argmax(1)?.to_vec1::<u32>()?,
-            r.argmax(1)?.to_vec1::<u32>()?,
-            "position {pos}: argmax differs"
-        );
-        ref_rows.push(r);
+    let mut rows = Vec::new();
+    for &id in &ids {
+        rows.push(head.logits(&span.forward(&head.embed(&[id])?, &mut cache)?)?);
     }
-    assert!(
-        worst_step < 1e-3,
-        "token-by-token max abs diff {worst_step}"
-    );
-
-    // One prefill: candle quantises a many-row activation differently from one row, so
-    // logits move a little; the predicted token must not.
-    let reference = Tensor::cat(&ref_rows, 0)?;
+    let stepwise = Tensor::cat(&rows, 0)?;
     let mut cache = span.new_cache(ids.len());
     let prefill = head.logits(&span.forward(&head.embed(&ids)?, &mut cache)?)?;
-    let d = prefill
-        .sub(&reference)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let spread = reference
-        .max_keepdim(1)?
-        .sub(&reference.min_keepdim(1)?)?
-        .flatten_all()?
-        .min(0)?
-        .to_scalar::<f32>()?;
-    eprintln!("{} positions: token-by-token max abs diff {worst_step:e}, prefill {d:.3} (logit range >= {spread:.1})", ids.len());
-    assert_eq!(
-        prefill.argmax(1)?.to_vec1::<u32>()?,
-        reference.argmax(1)?.to_vec1::<u32>()?
-    );
-    assert!(d < 1.5, "prefill max abs diff {d}");
 
-    // The reference run as one prefill too gives the same last-position logits as ours.
-    let mut f = std::fs::File::open(&path)?;
-    let ct = gguf_file::Content::read(&mut f)?;
-    let mut fresh =
-        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &dev)?;
-    let r_last = fresh.forward(&Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?, 0)?;
-    let ours_last = prefill.narrow(0, ids.len() - 1, 1)?;
-    let d_last = ours_last
-        .sub(&r_last)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    eprintln!("prefill vs reference prefill, last position: max abs diff {d_last:e}");
-    assert!(d_last < 1e-3, "prefill vs reference prefill: {d_last}");
+    let ours = rms_diff(&stepwise, &exact)?;
+    let theirs = rms_diff(&candle_q, &exact)?;
+    let ours_prefill = rms_diff(&prefill, &exact)?;
+    let clear = clear_choices(&exact, 0.5)?;
+    eprintln!(
+        "{} positions, {} clear choices; rms diff from the exact model: ours {ours:.3} \
+         (prefill {ours_prefill:.3}), candle's quantised kernels {theirs:.3}",
+        ids.len(),
+        clear.len()
+    );
+    assert!(
+        clear.len() * 2 >= ids.len(),
+        "too few clear choices to test"
+    );
+    for (name, logits) in [("token by token", &stepwise), ("prefill", &prefill)] {
+        let picked = logits.argmax(1)?.to_vec1::<u32>()?;
+        for &(pos, token) in &clear {
+            assert_eq!(picked[pos], token, "{name}: position {pos}");
+        }
+    }
+    assert!(
+        ours <= theirs * 1.5 && ours_prefill <= theirs * 1.5,
+        "ours {ours} / prefill {ours_prefill} vs candle's {theirs}"
+    );
     Ok(())
 }
 
