@@ -235,7 +235,12 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             }
         })
         .context("setting up behaviours")?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        // V1Lazy: a request's first bytes go out with the protocol name instead of
+        // waiting a round trip for the other side to confirm it (one per hop per token).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     swarm
         .behaviour_mut()

@@ -177,33 +177,37 @@ impl Server {
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("shoal-compute".into())
+            // The loop runs on the math pool itself: a step's products are shared with
+            // the pool's other threads without first waking one to take the step over.
             .spawn(move || {
-                let mut next_announce = Instant::now();
-                loop {
-                    if Instant::now() >= next_announce {
-                        self.announce_now();
-                        next_announce = Instant::now() + reannounce;
-                    }
-                    let wait = next_announce.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(wait) {
-                        Ok(Job::Request(inbound)) => self.handle(inbound),
-                        Ok(Job::Replace { span, throughput }) => {
-                            tracing::info!(
-                                "now serving blocks {}..{} ({} sessions dropped)",
-                                span.start(),
-                                span.end(),
-                                self.sessions.len()
-                            );
-                            self.sessions.clear();
-                            self.span = span;
-                            self.throughput = throughput;
+                shard::kernels::on_pool(move || {
+                    let mut next_announce = Instant::now();
+                    loop {
+                        if Instant::now() >= next_announce {
                             self.announce_now();
+                            next_announce = Instant::now() + reannounce;
                         }
-                        Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                        let wait = next_announce.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(wait) {
+                            Ok(Job::Request(inbound)) => self.handle(inbound),
+                            Ok(Job::Replace { span, throughput }) => {
+                                tracing::info!(
+                                    "now serving blocks {}..{} ({} sessions dropped)",
+                                    span.start(),
+                                    span.end(),
+                                    self.sessions.len()
+                                );
+                                self.sessions.clear();
+                                self.span = span;
+                                self.throughput = throughput;
+                                self.announce_now();
+                            }
+                            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                        self.expire_idle();
                     }
-                    self.expire_idle();
-                }
+                })
             })?;
         Ok(ServerHandle { tx })
     }

@@ -51,7 +51,9 @@ pub struct HiddenState {
     pub dtype: WireDType,
     /// Dimensions, outermost first.
     pub shape: Vec<u32>,
-    /// Little-endian elements, row-major.
+    /// Little-endian elements, row-major. Encoded as one byte string (a length and a
+    /// copy), not element by element as serde would a plain `Vec<u8>`.
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
 }
 
