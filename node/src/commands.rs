@@ -433,14 +433,11 @@ struct ConcurrencyRow {
 /// `shoal bench`: decode and prefill speed, in one process and through a loopback swarm,
 /// and the aggregate speed of several concurrent sessions on the swarm.
 ///
-/// Measured on the 2-core build machine (2026-11, default model, dev profile): one
-/// session 17.9 tok/s, but 4 concurrent sessions only 6.3 tok/s in aggregate. The cause is
-/// candle's CPU worker pool, not the swarm: its workers spin 25,000 rounds after every op
-/// and are pinned to cores, so 3 servers + clients on 2 cores burn the CPU spinning.
-/// With `CANDLE_BARRIER_POOL_SPIN_LIMIT=100` 4 concurrent processes reached 12.4 tok/s in
-/// aggregate; with `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` 29.7 tok/s (one session:
-/// 18.0). Batching sessions into one forward pass, and sizing thread pools to the cores a
-/// node really has, are the next steps (the performance issue).
+/// History on the 2-core build machine (default model, dev profile): candle's CPU pool,
+/// whose workers spin 25,000 rounds after every op, and its scalar Q4_1 kernel held a
+/// local decode to 35 tok/s and 4 concurrent sessions to 6.3 tok/s in aggregate; our own
+/// kernels on a pool that sleeps when idle (`shard::kernels`) took them to 141.5 and
+/// 100.3. `bench/llama-cpp.sh` runs this beside llama.cpp on the same file.
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let path = model_path(&args.model)?;
     let side = ClientSide::load(ModelFile::open(&path)?)?;
@@ -530,7 +527,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"runs": rows, "concurrency": concurrency})
+            serde_json::json!({
+                "model": path,
+                "threads": shard::kernels::threads(),
+                "runs": rows,
+                "concurrency": concurrency,
+            })
         );
     } else {
         println!(
@@ -678,6 +680,7 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let cfg = file.config();
     let block_bytes = file.block_bytes(0);
     let info = serde_json::json!({
+        "path": file.path(),
         "model_id": file.id(),
         "name": cfg.name,
         "blocks": cfg.n_layers,

