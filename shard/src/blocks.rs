@@ -247,44 +247,92 @@ impl Span {
     /// Runs `x` (`[tokens, hidden]`, positions `cache.len()..`) through the span,
     /// appending to the cache. Returns the output hidden states, same shape.
     pub fn forward(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        crate::kernels::on_pool(|| self.forward_on_pool(x, cache))
+        let mut out = self.forward_batch(vec![(x, cache)])?;
+        out.pop()
+            .ok_or_else(|| ShardError::BadInput("no output".into()))
     }
 
-    fn forward_on_pool(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (seq, hidden) = x
-            .dims2()
-            .map_err(|_| ShardError::BadInput(format!("hidden states of shape {:?}", x.dims())))?;
-        if hidden != self.config.hidden || seq == 0 {
-            return Err(ShardError::BadInput(format!(
-                "hidden states of shape [{seq}, {hidden}], expected [tokens >= 1, {}]",
-                self.config.hidden
-            )));
-        }
-        let (first, last) = cache.blocks();
+    /// Runs several sessions' inputs through the span as one batch: the rows of all of
+    /// them go through each weight matrix together (each weight block is read once for
+    /// all), and each session attends over its own cache. Outputs come in input order
+    /// and equal what [`Span::forward`] gives each alone. Every cache must cover the same
+    /// blocks.
+    pub fn forward_batch(&self, items: Vec<(&Tensor, &mut KvCache)>) -> Result<Vec<Tensor>> {
+        crate::kernels::on_pool(|| self.forward_batch_on_pool(items))
+    }
+
+    fn forward_batch_on_pool(
+        &self,
+        mut items: Vec<(&Tensor, &mut KvCache)>,
+    ) -> Result<Vec<Tensor>> {
+        let Some((_, first_cache)) = items.first() else {
+            return Ok(Vec::new());
+        };
+        let (first, last) = first_cache.blocks();
         if first < self.start || last > self.end {
             return Err(ShardError::BadInput("cache belongs to another span".into()));
         }
-        let blocks = &self.blocks[first - self.start..last - self.start];
-        let pos = cache.len;
-        if pos + seq > cache.max_len {
-            return Err(ShardError::TooLong {
-                len: pos + seq,
-                max: cache.max_len,
+        let mut segments = Vec::with_capacity(items.len());
+        let mut xs = Vec::with_capacity(items.len());
+        for (x, cache) in &items {
+            let (seq, hidden) = x.dims2().map_err(|_| {
+                ShardError::BadInput(format!("hidden states of shape {:?}", x.dims()))
+            })?;
+            if hidden != self.config.hidden || seq == 0 {
+                return Err(ShardError::BadInput(format!(
+                    "hidden states of shape [{seq}, {hidden}], expected [tokens >= 1, {}]",
+                    self.config.hidden
+                )));
+            }
+            if cache.blocks() != (first, last) {
+                return Err(ShardError::BadInput(
+                    "a batch's caches must cover the same blocks".into(),
+                ));
+            }
+            let pos = cache.len;
+            if pos + seq > cache.max_len {
+                return Err(ShardError::TooLong {
+                    len: pos + seq,
+                    max: cache.max_len,
+                });
+            }
+            let (cos, sin) = self.rope_tables(pos, seq)?;
+            let mask = if seq > 1 {
+                Some(causal_mask(seq, pos, &self.device)?)
+            } else {
+                None
+            };
+            segments.push(Segment {
+                seq,
+                cos,
+                sin,
+                mask,
             });
+            xs.push(x.to_dtype(DType::F32)?.to_device(&self.device)?);
         }
-        let x = x.to_dtype(DType::F32)?.to_device(&self.device)?;
-        let (cos, sin) = self.rope_tables(pos, seq)?;
-        let mask = if seq > 1 {
-            Some(causal_mask(seq, pos, &self.device)?)
+        let blocks = &self.blocks[first - self.start..last - self.start];
+        let mut x = if xs.len() == 1 {
+            xs.swap_remove(0)
         } else {
-            None
+            Tensor::cat(&xs, 0)?
         };
-        let mut x = x;
-        for (block, kv) in blocks.iter().zip(cache.layers.iter_mut()) {
-            x = self.block_forward(block, &x, &cos, &sin, mask.as_ref(), kv)?;
+        for (j, block) in blocks.iter().enumerate() {
+            let mut kvs: Vec<&mut Option<(Tensor, Tensor)>> =
+                items.iter_mut().map(|(_, c)| &mut c.layers[j]).collect();
+            x = self.block_forward(block, &x, &segments, &mut kvs)?;
         }
-        cache.len += seq;
-        Ok(x)
+        let mut out = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for ((_, cache), seg) in items.iter_mut().zip(&segments) {
+            cache.len += seg.seq;
+            out.push(if segments.len() == 1 {
+                x.clone()
+            } else {
+                x.narrow(0, row, seg.seq)?
+            });
+            row += seg.seq;
+        }
+        Ok(out)
     }
 
     fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
@@ -311,64 +359,36 @@ impl Span {
         }
     }
 
+    /// One block over the rows of every segment: projections and MLP on all rows at
+    /// once, attention per segment over its own cache.
     fn block_forward(
         &self,
         b: &Block,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        kv: &mut Option<(Tensor, Tensor)>,
+        segments: &[Segment],
+        kvs: &mut [&mut Option<(Tensor, Tensor)>],
     ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let eps = cfg.rms_eps as f32;
-        let seq = x.dim(0)?;
-        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let eps = self.config.rms_eps as f32;
 
         // Attention.
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
-        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            // [seq, n*hd] -> [1, n, seq, hd], the layout the rope kernels want.
-            t.reshape((seq, n, hd))?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()
-        };
         let [q, k, v]: [Tensor; 3] = b
             .qkv
             .forward(&h)?
             .try_into()
             .map_err(|_| ShardError::BadInput("q, k and v projections".into()))?;
-        let q = heads(q, nh)?;
-        let k = heads(k, nkv)?;
-        let v = heads(v, nkv)?.squeeze(0)?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?.squeeze(0)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            None => (k, v),
+        let o = if segments.len() == 1 {
+            self.attention(q, k, v, &segments[0], kvs[0])?
+        } else {
+            let mut outs = Vec::with_capacity(segments.len());
+            let mut row = 0;
+            for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
+                let part = |t: &Tensor| t.narrow(0, row, seg.seq);
+                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv)?);
+                row += seg.seq;
+            }
+            Tensor::cat(&outs, 0)?
         };
-        *kv = Some((k.clone(), v.clone()));
-        let total = k.dim(1)?;
-        // Grouped-query attention without copying K/V: the n_rep query heads that share
-        // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
-        let n_rep = nh / nkv;
-        let q = q.reshape((nkv, n_rep * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match mask {
-            Some(m) => att
-                .reshape((nkv, n_rep, seq, total))?
-                .broadcast_add(m)?
-                .reshape((nkv, n_rep * seq, total))?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let o = att
-            .matmul(&v)?
-            .reshape((nh, seq, hd))?
-            .transpose(0, 1)?
-            .reshape((seq, nh * hd))?;
         let x = (x + b.wo.forward(&o)?)?;
 
         // MLP (SwiGLU).
@@ -381,6 +401,66 @@ impl Span {
         let m = b.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
         Ok((x + m)?)
     }
+
+    /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,
+    /// which it extends: `[seq, heads * head_dim]`.
+    fn attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seg: &Segment,
+        kv: &mut Option<(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let seq = seg.seq;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            // [seq, n*hd] -> [1, n, seq, hd], the layout the rope kernels want.
+            t.reshape((seq, n, hd))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()
+        };
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = heads(v, nkv)?.squeeze(0)?;
+        let q = self.rope(&q, &seg.cos, &seg.sin)?;
+        let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
+        let (k, v) = match kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
+            None => (k, v),
+        };
+        *kv = Some((k.clone(), v.clone()));
+        let total = k.dim(1)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share
+        // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
+        let n_rep = nh / nkv;
+        let q = q.reshape((nkv, n_rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match &seg.mask {
+            Some(m) => att
+                .reshape((nkv, n_rep, seq, total))?
+                .broadcast_add(m)?
+                .reshape((nkv, n_rep * seq, total))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        Ok(att
+            .matmul(&v)?
+            .reshape((nh, seq, hd))?
+            .transpose(0, 1)?
+            .reshape((seq, nh * hd))?)
+    }
+}
+
+/// One session's rows in a batch: how many, and their rope tables and causal mask.
+struct Segment {
+    seq: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
 }
 
 /// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,

@@ -220,6 +220,62 @@ fn safetensors_spans_equal_the_whole_model() -> Result<()> {
     Ok(())
 }
 
+/// Three sessions at different positions, stepped as one batch (one of them with
+/// several tokens), give what each gives stepped alone.
+fn check_batch_matches_separate(file: &ModelFile, tol: f32) -> Result<()> {
+    let dev = Device::Cpu;
+    let head = Head::load(file, &dev)?;
+    let span = Span::load(file, 0, LAYERS, &dev, |_, _| {})?;
+    let histories: [&[u32]; 3] = [&PROMPT, &PROMPT[..2], &DECODE];
+    let steps: [&[u32]; 3] = [&[9], &[4, 50, 61], &[12]];
+    let mut alone = Vec::new();
+    let mut batch_caches = Vec::new();
+    for (history, step) in histories.iter().zip(steps) {
+        let mut cache = span.new_cache(64);
+        span.forward(&head.embed(history)?, &mut cache)?;
+        alone.push(span.forward(&head.embed(step)?, &mut cache)?);
+        let mut cache = span.new_cache(64);
+        span.forward(&head.embed(history)?, &mut cache)?;
+        batch_caches.push(cache);
+    }
+    let inputs: Vec<Tensor> = steps
+        .iter()
+        .map(|s| head.embed(s))
+        .collect::<Result<_, _>>()?;
+    let batched = span.forward_batch(inputs.iter().zip(batch_caches.iter_mut()).collect())?;
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        let d = max_diff(a, b)?;
+        assert!(d <= tol, "session {i}: batched differs from alone by {d}");
+    }
+    for (cache, (history, step)) in batch_caches.iter().zip(histories.iter().zip(steps)) {
+        assert_eq!(cache.len(), history.len() + step.len());
+    }
+    // Caches over different blocks cannot share a batch.
+    let mut c1 = span.new_cache_for(0, 2, 64)?;
+    let mut c2 = span.new_cache(64);
+    let x = head.embed(&[1])?;
+    assert!(span
+        .forward_batch(vec![(&x, &mut c1), (&x, &mut c2)])
+        .is_err());
+    Ok(())
+}
+
+#[test]
+fn batched_sessions_equal_separate_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::F16] {
+        let path = dir.path().join(format!("batch-{dtype:?}.gguf"));
+        write_gguf(&path, dtype, true)?;
+        // Our kernels compute each row the same way in any batch: equal. candle's dense
+        // matmul blocks a many-row product differently: equal to rounding.
+        let tol = if dtype == GgmlDType::F16 { 1e-4 } else { 0.0 };
+        check_batch_matches_separate(&ModelFile::open(&path)?, tol)?;
+    }
+    let path = dir.path().join("batch-hf");
+    write_hf(&path, DType::F32, false)?;
+    check_batch_matches_separate(&ModelFile::open(&path)?, 1e-4)
+}
+
 /// Our logits at every position, from a prefill and from token-by-token decoding.
 fn our_logits(file: &ModelFile, ids: &[u32]) -> Result<(Tensor, Tensor)> {
     let dev = Device::Cpu;
