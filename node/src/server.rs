@@ -16,6 +16,7 @@ use protocol::{
     Announcement, BlockSpan, ErrorInfo, ErrorKind, Hop, OpenSession, Request, Response, SessionId,
     Step, StepFailed, StepOutput, WireDType,
 };
+use shard::candle_core::Tensor;
 use shard::{KvCache, Span};
 
 use crate::hidden::{from_wire, to_wire};
@@ -60,6 +61,9 @@ pub struct Server {
     /// client's liveness probe) are answered at once, even while a long step computes.
     public: Arc<Mutex<Announcement>>,
 }
+
+/// Blocks `[start, end)` a session's cache covers.
+type BlockRange = (usize, usize);
 
 /// Work for the compute thread.
 pub enum Job {
@@ -173,43 +177,100 @@ impl Server {
 
     /// Starts the compute thread; it runs until every handle is dropped. It also
     /// re-announces the server every `reannounce`.
-    pub fn spawn(mut self, reannounce: Duration) -> std::io::Result<ServerHandle> {
+    pub fn spawn(self, reannounce: Duration) -> std::io::Result<ServerHandle> {
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("shoal-compute".into())
             // The loop runs on the math pool itself: a step's products are shared with
             // the pool's other threads without first waking one to take the step over.
-            .spawn(move || {
-                shard::kernels::on_pool(move || {
-                    let mut next_announce = Instant::now();
-                    loop {
-                        if Instant::now() >= next_announce {
-                            self.announce_now();
-                            next_announce = Instant::now() + reannounce;
-                        }
-                        let wait = next_announce.saturating_duration_since(Instant::now());
-                        match rx.recv_timeout(wait) {
-                            Ok(Job::Request(inbound)) => self.handle(inbound),
-                            Ok(Job::Replace { span, throughput }) => {
-                                tracing::info!(
-                                    "now serving blocks {}..{} ({} sessions dropped)",
-                                    span.start(),
-                                    span.end(),
-                                    self.sessions.len()
-                                );
-                                self.sessions.clear();
-                                self.span = span;
-                                self.throughput = throughput;
-                                self.announce_now();
-                            }
-                            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                        }
-                        self.expire_idle();
-                    }
-                })
-            })?;
+            .spawn(move || shard::kernels::on_pool(move || self.run(rx, reannounce)))?;
         Ok(ServerHandle { tx })
+    }
+
+    fn run(mut self, rx: std_mpsc::Receiver<Job>, reannounce: Duration) {
+        let mut next_announce = Instant::now();
+        loop {
+            if Instant::now() >= next_announce {
+                self.announce_now();
+                next_announce = Instant::now() + reannounce;
+            }
+            let wait = next_announce.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Job::Request(inbound)) => {
+                    // Everything queued behind it too: steps of different sessions that
+                    // wait together are computed as one batch.
+                    let mut queued = vec![inbound];
+                    let mut replace = None;
+                    while let Ok(job) = rx.try_recv() {
+                        match job {
+                            Job::Request(i) => queued.push(i),
+                            Job::Replace { span, throughput } => {
+                                replace = Some((span, throughput));
+                                break;
+                            }
+                        }
+                    }
+                    self.handle_all(queued);
+                    if let Some((span, throughput)) = replace {
+                        self.replace_span(span, throughput);
+                    }
+                }
+                Ok(Job::Replace { span, throughput }) => self.replace_span(span, throughput),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.expire_idle();
+        }
+    }
+
+    fn replace_span(&mut self, span: Span, throughput: f32) {
+        tracing::info!(
+            "now serving blocks {}..{} ({} sessions dropped)",
+            span.start(),
+            span.end(),
+            self.sessions.len()
+        );
+        self.sessions.clear();
+        self.span = span;
+        self.throughput = throughput;
+        self.announce_now();
+    }
+
+    /// Handles requests in arrival order, gathering valid steps of distinct sessions into
+    /// one batch; anything else (or a second step of a session already in the batch)
+    /// runs the batch first.
+    fn handle_all(&mut self, queued: Vec<Inbound>) {
+        let mut batch: Vec<Step> = Vec::new();
+        for inbound in queued {
+            let Inbound {
+                peer,
+                request,
+                channel,
+            } = inbound;
+            match request {
+                Request::Step(step) => {
+                    if batch.iter().any(|s| s.session == step.session) {
+                        self.run_steps(std::mem::take(&mut batch));
+                    }
+                    match self.check_step(&step) {
+                        Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
+                        Ok(()) => {
+                            self.net.respond_blocking(channel, Response::Accepted);
+                            batch.push(step);
+                        }
+                    }
+                }
+                request => {
+                    self.run_steps(std::mem::take(&mut batch));
+                    self.handle(Inbound {
+                        peer,
+                        request,
+                        channel,
+                    });
+                }
+            }
+        }
+        self.run_steps(batch);
     }
 
     fn expire_idle(&mut self) {
@@ -229,7 +290,7 @@ impl Server {
 
     fn handle(&mut self, inbound: Inbound) {
         let Inbound {
-            peer,
+            peer: _,
             request,
             channel,
         } = inbound;
@@ -250,19 +311,13 @@ impl Server {
                 self.net.respond_blocking(channel, Response::Accepted);
                 self.refresh_public();
             }
-            Request::Step(step) => {
-                let (session, index, reply_to) = (step.session, step.step, step.reply_to.clone());
-                match self.check_step(&step) {
-                    Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
-                    Ok(()) => {
-                        self.net.respond_blocking(channel, Response::Accepted);
-                        if let Err(e) = self.run_step(step) {
-                            tracing::warn!(%peer, session, "step failed: {e}");
-                            self.report_failure(&reply_to, session, index, self.net.peer_id(), e);
-                        }
-                    }
+            Request::Step(step) => match self.check_step(&step) {
+                Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
+                Ok(()) => {
+                    self.net.respond_blocking(channel, Response::Accepted);
+                    self.run_steps(vec![step]);
                 }
-            }
+            },
             Request::Output(_) | Request::Failed(_) => self.net.respond_blocking(
                 channel,
                 Response::Error(ErrorInfo::new(
@@ -402,22 +457,86 @@ impl Server {
         Ok(())
     }
 
-    fn run_step(&mut self, step: Step) -> Result<(), ErrorInfo> {
-        let internal = |e: String| ErrorInfo::new(ErrorKind::Internal, e);
+    /// Computes validated steps, as one batch per set of sessions over the same blocks,
+    /// and sends each output on. A step that fails is reported to its client.
+    fn run_steps(&mut self, steps: Vec<Step>) {
+        if steps.is_empty() {
+            return;
+        }
         let device = self.span.device().clone();
         let hidden = self.span.config().hidden;
-        let session = self
-            .sessions
-            .get_mut(&step.session)
-            .ok_or_else(|| ErrorInfo::new(ErrorKind::UnknownSession, "session vanished"))?;
-        let x = from_wire(&step.hidden, hidden, &device).map_err(|e| internal(e.to_string()))?;
-        let y = self
-            .span
-            .forward(&x, &mut session.cache)
-            .map_err(|e| internal(e.to_string()))?;
-        session.last_step = Some(step.step);
-        session.last_used = Instant::now();
-        let out = to_wire(&y, session.wire).map_err(|e| internal(e.to_string()))?;
+        // Sessions over the same blocks batch together (a session may use a sub-span).
+        let mut groups: Vec<(BlockRange, Vec<(Step, Tensor)>)> = Vec::new();
+        for step in steps {
+            let Some(blocks) = self.sessions.get(&step.session).map(|s| s.cache.blocks()) else {
+                let e = ErrorInfo::new(ErrorKind::UnknownSession, "session vanished");
+                self.step_failed(&step, e);
+                continue;
+            };
+            match from_wire(&step.hidden, hidden, &device) {
+                Ok(x) => match groups.iter_mut().find(|(b, _)| *b == blocks) {
+                    Some((_, group)) => group.push((step, x)),
+                    None => groups.push((blocks, vec![(step, x)])),
+                },
+                Err(e) => {
+                    let e = ErrorInfo::new(ErrorKind::Internal, e.to_string());
+                    self.step_failed(&step, e);
+                }
+            }
+        }
+        for (_, group) in groups {
+            // The sessions leave the map while the batch borrows their caches.
+            let mut taken: Vec<(Step, Tensor, Session)> = Vec::new();
+            for (step, x) in group {
+                if let Some(session) = self.sessions.remove(&step.session) {
+                    taken.push((step, x, session));
+                }
+            }
+            let items: Vec<_> = taken
+                .iter_mut()
+                .map(|(_, x, session)| (&*x, &mut session.cache))
+                .collect();
+            let outputs = self.span.forward_batch(items);
+            let mut done = Vec::with_capacity(taken.len());
+            for (step, _, mut session) in taken {
+                session.last_step = Some(step.step);
+                session.last_used = Instant::now();
+                let wire = session.wire;
+                self.sessions.insert(step.session, session);
+                done.push((step, wire));
+            }
+            match outputs {
+                Ok(ys) => {
+                    for ((step, wire), y) in done.into_iter().zip(ys) {
+                        let (session, index) = (step.session, step.step);
+                        let reply_to = step.reply_to.clone();
+                        if let Err(e) = self.send_output(step, &y, wire) {
+                            tracing::warn!(session, "step failed: {e}");
+                            let me = self.net.peer_id();
+                            self.report_failure(&reply_to, session, index, me, e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for (step, _) in done {
+                        let e = ErrorInfo::new(ErrorKind::Internal, e.to_string());
+                        self.step_failed(&step, e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn step_failed(&self, step: &Step, e: ErrorInfo) {
+        tracing::warn!(session = step.session, "step failed: {e}");
+        let me = self.net.peer_id();
+        self.report_failure(&step.reply_to, step.session, step.step, me, e);
+    }
+
+    /// Pushes a step's output to the next server of the chain and a copy to the client.
+    fn send_output(&self, step: Step, y: &Tensor, wire: WireDType) -> Result<(), ErrorInfo> {
+        let internal = |e: String| ErrorInfo::new(ErrorKind::Internal, e);
+        let out = to_wire(y, wire).map_err(|e| internal(e.to_string()))?;
         let net = self.net.clone();
         let Step {
             session,

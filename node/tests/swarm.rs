@@ -17,7 +17,7 @@ fn ids(v: &Value, key: &str) -> Vec<u64> {
 }
 
 /// Greedy generation through three servers equals the one-process reference, token for
-/// token, on three prompts of 32 new tokens.
+/// token, on three prompts of 32 new tokens: one at a time, then all three at once.
 #[test]
 fn three_servers_match_local_token_for_token() {
     let m = model();
@@ -32,12 +32,14 @@ fn three_servers_match_local_token_for_token() {
         ("Explain how a bicycle works, step by step.", true),
         ("Once upon a time, in a small village by the sea,", false),
     ];
+    let mut locals = Vec::new();
     for (prompt, chat) in prompts {
         let mut args = vec!["--prompt", prompt, "--max-tokens", "32"];
         if chat {
             args.push("--chat");
         }
         let local = generate_json(&[args.as_slice(), &["--local"]].concat());
+        locals.push(ids(&local, "completion_tokens"));
         let swarm = generate_json(&[args.as_slice(), &["--bootstrap", &a.addr]].concat());
         assert_eq!(ids(&local, "prompt_tokens"), ids(&swarm, "prompt_tokens"));
         let (l, s) = (
@@ -63,6 +65,29 @@ fn three_servers_match_local_token_for_token() {
             })
             .collect();
         assert_eq!(route, vec![(0, 10), (10, 20), (20, 30)]);
+    }
+    // All three at once: the servers batch the steps that arrive together, and each
+    // generation must still equal its one-process reference.
+    let concurrent: Vec<_> = prompts
+        .iter()
+        .map(|&(prompt, chat)| {
+            let boot = a.addr.clone();
+            std::thread::spawn(move || {
+                let mut args = vec!["--prompt", prompt, "--max-tokens", "32", "--bootstrap"];
+                args.push(&boot);
+                if chat {
+                    args.push("--chat");
+                }
+                ids(&generate_json(&args), "completion_tokens")
+            })
+        })
+        .collect();
+    for ((handle, local), (prompt, _)) in concurrent.into_iter().zip(&locals).zip(prompts) {
+        let swarm = handle.join().expect("client thread");
+        assert_eq!(
+            &swarm, local,
+            "concurrent swarm differs from local for {prompt:?}"
+        );
     }
     drop((a, b, c));
 }
