@@ -16,7 +16,9 @@ use crate::cli::{
     BenchArgs, DemoArgs, GenerateArgs, InspectArgs, ModelArg, SamplingArgs, SimArgs, StatusArgs,
 };
 use crate::client::{connect_any, Client, Delivery, Reroute};
-use crate::generate::{budget, generate, prompt_tokens, Blocks, GenerateRequest, Generation};
+use crate::generate::{
+    budget, generate, prompt_tokens, Blocks, ClientHead, GenerateRequest, Generation,
+};
 use crate::net::{self, NetConfig};
 
 use crate::serving::DEFAULT_MAX_SEQ_LEN;
@@ -75,14 +77,14 @@ fn sampling_params(s: &SamplingArgs) -> SamplingParams {
 /// A client loaded and ready: model head, tokenizer, and maybe a swarm connection.
 pub struct ClientSide {
     file: ModelFile,
-    head: Head,
+    head: ClientHead,
     text: TextCodec,
 }
 
 impl ClientSide {
     /// Loads the client-side tensors and tokenizer of a model.
     pub fn load(file: ModelFile) -> anyhow::Result<Self> {
-        let head = Head::load(&file, &Device::Cpu)?;
+        let head = ClientHead::start(Head::load(&file, &Device::Cpu)?)?;
         let text = TextCodec::from_model(&file)?;
         Ok(ClientSide { file, head, text })
     }

@@ -2,9 +2,11 @@
 //! stream text. The same loop serves `--local` (the reference) and the swarm, so the two
 //! can only differ in where the blocks run.
 
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use protocol::WireDType;
 use serde::Serialize;
 use shard::candle_core::{Device, Tensor};
@@ -16,6 +18,75 @@ use crate::hidden::{from_wire, to_wire};
 /// Prompt tokens sent per prefill step: long prompts go in chunks so each frame stays
 /// well under the protocol's limit (256 tokens x 8192 hidden x f32 = 8 MiB).
 pub const PREFILL_CHUNK: usize = 256;
+
+/// A row of hidden states waiting for the LM head, and where its logits go.
+type LogitsJob = (Tensor, tokio::sync::oneshot::Sender<anyhow::Result<Vec<f32>>>);
+
+/// The client side of the model, shared by every generation of this process: embeddings
+/// on the caller's thread, the LM head on a thread of its own that runs the rows of all
+/// the generations waiting as one product. The head is the largest matrix of a small
+/// model (SmolLM2's tied 49152 x 576 embedding): one product for 8 rows costs 1.2x one
+/// for a single row, so concurrent sessions (the API, `shoal bench`) share it.
+#[derive(Clone)]
+pub struct ClientHead {
+    head: Arc<Head>,
+    tx: std_mpsc::Sender<LogitsJob>,
+}
+
+impl ClientHead {
+    /// Starts the LM head's thread; it ends when the last clone is dropped.
+    pub fn start(head: Head) -> std::io::Result<Self> {
+        let head = Arc::new(head);
+        let (tx, rx) = std_mpsc::channel::<LogitsJob>();
+        let shared = head.clone();
+        std::thread::Builder::new()
+            .name("shoal-head".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut jobs = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        jobs.push(more);
+                    }
+                    let rows: Vec<&Tensor> = jobs.iter().map(|(row, _)| row).collect();
+                    let logits = Tensor::cat(&rows, 0)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|x| Ok(shared.logits(&x)?));
+                    match logits {
+                        Ok(all) => {
+                            for (i, (_, reply)) in jobs.into_iter().enumerate() {
+                                let row = all.get(i).and_then(|r| r.to_vec1::<f32>());
+                                let _ = reply.send(row.map_err(anyhow::Error::from));
+                            }
+                        }
+                        Err(e) => {
+                            for (_, reply) in jobs {
+                                let _ = reply.send(Err(anyhow!("LM head: {e:#}")));
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { head, tx })
+    }
+
+    /// Embeddings, norm and the model's shape.
+    pub fn head(&self) -> &Head {
+        &self.head
+    }
+
+    /// Logits of the last row of `hidden` (`[tokens, hidden]`).
+    pub async fn last_logits(&self, hidden: &Tensor) -> anyhow::Result<Vec<f32>> {
+        let n = hidden.dim(0)?;
+        if n == 0 {
+            bail!("no hidden states");
+        }
+        let last = hidden.narrow(0, n - 1, 1)?.contiguous()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || anyhow!("the LM head's thread has stopped");
+        self.tx.send((last, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
 
 /// Where the blocks run.
 pub enum Blocks<'a> {
@@ -111,7 +182,7 @@ pub fn budget(prompt_len: usize, max_tokens: usize, context: usize) -> anyhow::R
 
 /// Runs one generation; `on_text` receives text as soon as it is decoded.
 pub async fn generate(
-    head: &Head,
+    client_head: &ClientHead,
     text: &TextCodec,
     blocks: &mut Blocks<'_>,
     prompt: Vec<u32>,
@@ -120,6 +191,7 @@ pub async fn generate(
     mut on_text: impl FnMut(&str),
 ) -> anyhow::Result<Generation> {
     let device = Device::Cpu;
+    let head = client_head.head();
     let hidden = head.config().hidden;
     let mut sampler = Sampler::new(sampling);
     let mut stream = text.stream();
@@ -137,7 +209,7 @@ pub async fn generate(
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
     while completion.len() < max_tokens {
-        let logits = tokio::task::block_in_place(|| head.last_logits(&h))?;
+        let logits = client_head.last_logits(&h).await?;
         let tok = sampler.sample(&logits, &history);
         if completion.is_empty() {
             prefill_seconds = started.elapsed().as_secs_f64();
