@@ -637,56 +637,24 @@ impl RemoteSession {
         };
         let timeout = self.timeout(tokens);
         let started = Instant::now();
-        // A timeout only means "look closer": a server that answers a probe is busy,
-        // not dead, and is given more time (up to FIRST_STEP_TIMEOUT in all).
-        let sent = {
-            let net = self.client.net.clone();
-            let request = net.request(
+        // On the data plane: written to the first server's stream, no answer. A server
+        // that refuses the step reports it like any failure; one that died is found by
+        // the output deadline below and a probe.
+        let sent = self
+            .client
+            .net
+            .send(
                 target.hop.peer,
                 target.hop.addrs.clone(),
                 Request::Step(step),
-            );
-            tokio::pin!(request);
-            loop {
-                match tokio::time::timeout(timeout, &mut request).await {
-                    Ok(r) => break Ok(r),
-                    Err(_)
-                        if started.elapsed() < FIRST_STEP_TIMEOUT
-                            && self.client.alive(&target.hop).await => {}
-                    Err(e) => break Err(e),
-                }
-            }
-        };
-        match sent {
-            Ok(Ok(Response::Accepted)) => {}
-            Ok(Ok(Response::Error(e))) => {
-                return Err(Failure {
-                    suspect: first,
-                    reason: format!("refused step: {e}"),
-                    after: started.elapsed(),
-                })
-            }
-            Ok(Ok(other)) => {
-                return Err(Failure {
-                    suspect: first,
-                    reason: format!("answered a step with {other:?}"),
-                    after: started.elapsed(),
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(Failure {
-                    suspect: first,
-                    reason: format!("{e:#}"),
-                    after: started.elapsed(),
-                })
-            }
-            Err(_) => {
-                return Err(Failure {
-                    suspect: first,
-                    reason: "step not accepted in time".into(),
-                    after: started.elapsed(),
-                })
-            }
+            )
+            .await;
+        if let Err(e) = sent {
+            return Err(Failure {
+                suspect: first,
+                reason: format!("{e:#}"),
+                after: started.elapsed(),
+            });
         }
         let last = self.hops.len() - 1;
         let mut reported: HashSet<usize> = HashSet::new();

@@ -11,7 +11,8 @@ use protocol::{Request, Response};
 #[derive(Clone, Default)]
 pub struct ShoalCodec;
 
-async fn read_frame<T, M>(io: &mut T) -> io::Result<M>
+/// Reads one frame and decodes it; the length is checked against the limit first.
+pub(crate) async fn read_frame<T, M>(io: &mut T) -> io::Result<M>
 where
     T: AsyncRead + Unpin + Send,
     M: serde::de::DeserializeOwned,

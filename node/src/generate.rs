@@ -20,7 +20,10 @@ use crate::hidden::{from_wire, to_wire};
 pub const PREFILL_CHUNK: usize = 256;
 
 /// A row of hidden states waiting for the LM head, and where its logits go.
-type LogitsJob = (Tensor, tokio::sync::oneshot::Sender<anyhow::Result<Vec<f32>>>);
+type LogitsJob = (
+    Tensor,
+    tokio::sync::oneshot::Sender<anyhow::Result<Vec<f32>>>,
+);
 
 /// The client side of the model, shared by every generation of this process: embeddings
 /// on the caller's thread, the LM head on a thread of its own that runs the rows of all

@@ -11,12 +11,22 @@
 //! `/shoal/<model>` and puts its [`Announcement`] under `/shoal/<model>/<peer>`, both with
 //! an expiry, and re-announces before they lapse. Identify feeds peers' listen addresses
 //! to Kademlia; ping measures round trips for routing.
+//!
+//! Two planes. Control (sessions, probes, lookups) is request-response on
+//! [`protocol::INFERENCE_PROTOCOL`], through the event loop. Data (steps, outputs,
+//! failure reports) goes on [`protocol::DATA_PROTOCOL`]: one long-lived libp2p stream per
+//! pair of peers, written by the sending task and read by a task per stream, so a frame
+//! never waits for the event loop, never opens a substream and is never answered.
+//! Measured on loopback (2 cores): a hop fell from 0.35-0.5 ms as a request-response to
+//! well under that, and the 3-server swarm went from 1.53x to 1.17x the per-token time of
+//! one process.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
-use futures::StreamExt;
+use futures::{AsyncWriteExt, StreamExt};
 use libp2p::kad::{
     self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record,
     RecordKey,
@@ -64,6 +74,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     rr: request_response::Behaviour<ShoalCodec>,
+    stream: libp2p_stream::Behaviour,
 }
 
 /// An inbound request, to be answered through [`Network::respond`].
@@ -72,8 +83,9 @@ pub struct Inbound {
     pub peer: PeerId,
     /// What they asked.
     pub request: Request,
-    /// Where the answer goes.
-    pub channel: ResponseChannel<Response>,
+    /// Where the answer goes; `None` for a one-way message of the data plane
+    /// ([`Network::send`]), which gets no answer.
+    pub channel: Option<ResponseChannel<Response>>,
 }
 
 enum Command {
@@ -107,6 +119,11 @@ enum Command {
     Rtts {
         reply: oneshot::Sender<HashMap<PeerId, Duration>>,
     },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -118,7 +135,18 @@ pub struct Network {
     /// Peers whose last connection closed: a client watching its chain learns at once
     /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
+    data: Arc<DataStreams>,
 }
+
+/// The outbound half of the data plane: one stream per peer, opened on first use and
+/// kept. Frames are written from the sending task itself, not through the event loop.
+struct DataStreams {
+    control: tokio::sync::Mutex<libp2p_stream::Control>,
+    open: std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<libp2p::Stream>>>>>,
+}
+
+/// Longest wait to open a data stream (dialling included) or to write one frame.
+const DATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to start a node's network.
 pub struct NetConfig {
@@ -232,6 +260,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
                 rr,
+                stream: libp2p_stream::Behaviour::new(),
             }
         })
         .context("setting up behaviours")?
@@ -258,6 +287,11 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (disconnects, _) = tokio::sync::broadcast::channel(256);
     let (inbound_tx, inbound_rx) = mpsc::channel(1024);
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control
+        .accept(StreamProtocol::new(protocol::DATA_PROTOCOL))
+        .map_err(|e| anyhow!("data plane: {e}"))?;
+    tokio::spawn(accept_data_streams(incoming, inbound_tx.clone()));
     let event_loop = EventLoop {
         swarm,
         cmd_rx,
@@ -281,6 +315,10 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             peer_id,
             shaping: config.shaping,
             disconnects,
+            data: Arc::new(DataStreams {
+                control: tokio::sync::Mutex::new(control),
+                open: std::sync::Mutex::new(HashMap::new()),
+            }),
         },
         inbound_rx,
     ))
@@ -332,9 +370,75 @@ impl Network {
         .await?
     }
 
-    /// Answers an inbound request.
-    pub async fn respond(&self, channel: ResponseChannel<Response>, response: Response) {
-        let _ = self.cmd.send(Command::Respond { channel, response }).await;
+    /// Sends a one-way message (a step, an output, a failure report) on the data plane:
+    /// the stream to `peer`, opened on first use (dialling `addrs` if need be) and kept.
+    /// Returns once the frame is written; nothing is answered. A broken stream is
+    /// reopened once.
+    pub async fn send(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        message: Request,
+    ) -> anyhow::Result<()> {
+        if let Some(shaping) = self.shaping {
+            tokio::time::sleep(shaping.delay(&message)).await;
+        }
+        let frame = protocol::encode_frame(&message)?;
+        let slot = {
+            let mut open = self.data.open.lock().expect("data streams lock");
+            open.entry(peer).or_default().clone()
+        };
+        let mut stream = slot.lock().await;
+        let mut last_error = None;
+        for _ in 0..2 {
+            if stream.is_none() {
+                match self.open_data_stream(peer, &addrs).await {
+                    Ok(s) => *stream = Some(s),
+                    Err(e) => {
+                        last_error = Some(e);
+                        continue;
+                    }
+                }
+            }
+            let Some(s) = stream.as_mut() else { continue };
+            let write = async {
+                s.write_all(&frame).await?;
+                s.flush().await
+            };
+            match tokio::time::timeout(DATA_TIMEOUT, write).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last_error = Some(anyhow!("writing to {peer}: {e}")),
+                Err(_) => last_error = Some(anyhow!("writing to {peer}: timed out")),
+            }
+            *stream = None;
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("no data stream to {peer}")))
+    }
+
+    async fn open_data_stream(
+        &self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+    ) -> anyhow::Result<libp2p::Stream> {
+        if !addrs.is_empty() {
+            let addrs = addrs.to_vec();
+            self.call(|reply| Command::AddAddresses { peer, addrs, reply })
+                .await?;
+        }
+        let mut control = self.data.control.lock().await;
+        let open = control.open_stream(peer, StreamProtocol::new(protocol::DATA_PROTOCOL));
+        match tokio::time::timeout(DATA_TIMEOUT, open).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(anyhow!("cannot open a data stream to {peer}: {e}")),
+            Err(_) => Err(anyhow!("cannot open a data stream to {peer}: timed out")),
+        }
+    }
+
+    /// Answers an inbound request (nothing to do for a one-way message).
+    pub async fn respond(&self, channel: Option<ResponseChannel<Response>>, response: Response) {
+        if let Some(channel) = channel {
+            let _ = self.cmd.send(Command::Respond { channel, response }).await;
+        }
     }
 
     /// Puts (or refreshes) this server's announcement in the DHT.
@@ -469,6 +573,12 @@ impl EventLoop {
                     .rr
                     .send_request_with_addresses(&peer, request, addrs);
                 self.pending_requests.insert(id, reply);
+            }
+            Command::AddAddresses { peer, addrs, reply } => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a);
+                }
+                let _ = reply.send(());
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -620,7 +730,7 @@ impl EventLoop {
                     let inbound = Inbound {
                         peer,
                         request,
-                        channel,
+                        channel: Some(channel),
                     };
                     if self.inbound_tx.send(inbound).await.is_err() {
                         tracing::debug!("no one handles inbound requests any more");
@@ -786,9 +896,52 @@ fn valid_announcement(bytes: &[u8], model_id: &str, peer: PeerId) -> Option<Anno
 
 impl Network {
     /// [`Network::respond`] for threads outside the async runtime (the compute thread).
-    pub fn respond_blocking(&self, channel: ResponseChannel<Response>, response: Response) {
-        let _ = self
-            .cmd
-            .blocking_send(Command::Respond { channel, response });
+    pub fn respond_blocking(&self, channel: Option<ResponseChannel<Response>>, response: Response) {
+        if let Some(channel) = channel {
+            let _ = self
+                .cmd
+                .blocking_send(Command::Respond { channel, response });
+        }
+    }
+}
+
+/// Accepts the data-plane streams other peers open to this node, and reads each in a
+/// task of its own: frames go straight to the inbound queue, never through the event
+/// loop. A frame that does not decode, or a message that does not belong on the data
+/// plane, ends that stream (the sender reopens one if it is honest).
+async fn accept_data_streams(
+    mut incoming: libp2p_stream::IncomingStreams,
+    inbound: mpsc::Sender<Inbound>,
+) {
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            loop {
+                let request: Request = match crate::codec::read_frame(&mut stream).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                            tracing::debug!(%peer, "data stream closed: {e}");
+                        }
+                        return;
+                    }
+                };
+                if !matches!(
+                    request,
+                    Request::Step(_) | Request::Output(_) | Request::Failed(_)
+                ) {
+                    tracing::debug!(%peer, "request-response message on the data plane");
+                    return;
+                }
+                let message = Inbound {
+                    peer,
+                    request,
+                    channel: None,
+                };
+                if inbound.send(message).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! All model work for a server happens on one dedicated OS thread that owns the loaded
 //! [`Span`] and every session's KV cache, so the libp2p event loop never waits on a
-//! matmul. Requests reach it through a channel in arrival order; a step is acknowledged
-//! as soon as it is validated, then computed, then its output is pushed to the next
-//! server of the chain (or back to the client) from the async runtime.
+//! matmul. Requests reach it through a channel in arrival order. Steps come on the data
+//! plane (one-way frames, [`Network::send`]): a step is validated (a refusal goes to its
+//! client as a failure report), computed together with the other sessions' steps waiting
+//! at the same time, and its output pushed to the next server of the chain and a copy to
+//! the client, from the async runtime.
 
 use std::collections::HashMap;
 use std::sync::mpsc as std_mpsc;
@@ -253,7 +255,7 @@ impl Server {
                         self.run_steps(std::mem::take(&mut batch));
                     }
                     match self.check_step(&step) {
-                        Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
+                        Err(e) => self.refuse_step(channel, &step, e),
                         Ok(()) => {
                             self.net.respond_blocking(channel, Response::Accepted);
                             batch.push(step);
@@ -312,7 +314,7 @@ impl Server {
                 self.refresh_public();
             }
             Request::Step(step) => match self.check_step(&step) {
-                Err(e) => self.net.respond_blocking(channel, Response::Error(e)),
+                Err(e) => self.refuse_step(channel, &step, e),
                 Ok(()) => {
                     self.net.respond_blocking(channel, Response::Accepted);
                     self.run_steps(vec![step]);
@@ -527,6 +529,20 @@ impl Server {
         }
     }
 
+    /// A step that cannot be taken: the error goes back as the answer to a request, or,
+    /// for a step that came on the data plane (no answer), to the step's client.
+    fn refuse_step(
+        &self,
+        channel: Option<libp2p::request_response::ResponseChannel<Response>>,
+        step: &Step,
+        e: ErrorInfo,
+    ) {
+        match channel {
+            Some(channel) => self.net.respond_blocking(Some(channel), Response::Error(e)),
+            None => self.step_failed(step, e),
+        }
+    }
+
     fn step_failed(&self, step: &Step, e: ErrorInfo) {
         tracing::warn!(session = step.session, "step failed: {e}");
         let me = self.net.peer_id();
@@ -561,7 +577,7 @@ impl Server {
             let report = {
                 let net = net.clone();
                 async move {
-                    if let Err(e) = net.request(client, vec![], copy).await {
+                    if let Err(e) = net.send(client, vec![], copy).await {
                         tracing::debug!(%client, "cannot send output to client: {e}");
                     }
                 }
@@ -585,17 +601,14 @@ impl Server {
                     next,
                     reply_to: reply_to.clone(),
                 });
-                match net.request(peer, addrs, fwd).await {
-                    Ok(Response::Accepted) => Ok(()),
-                    Ok(Response::Error(e)) => Err(e),
-                    Ok(other) => Err(ErrorInfo::new(
-                        ErrorKind::BadRequest,
-                        format!("unexpected reply {other:?}"),
-                    )),
-                    Err(e) => Err(ErrorInfo::new(ErrorKind::Unreachable, e.to_string())),
-                }
+                // The next server reports its own refusal to the client directly.
+                net.send(peer, addrs, fwd)
+                    .await
+                    .map_err(|e| ErrorInfo::new(ErrorKind::Unreachable, e.to_string()))
             };
-            let (forwarded, ()) = tokio::join!(forward, report);
+            // The next server first: the copy is only needed if something fails later.
+            let forwarded = forward.await;
+            report.await;
             if let Err(error) = forwarded {
                 let msg = Request::Failed(StepFailed {
                     session,
@@ -603,7 +616,7 @@ impl Server {
                     peer: failed_peer,
                     error,
                 });
-                let _ = net.request(client, vec![], msg).await;
+                let _ = net.send(client, vec![], msg).await;
             }
         });
         Ok(())
@@ -628,7 +641,7 @@ impl Server {
             error,
         });
         self.rt.spawn(async move {
-            let _ = net.request(client, vec![], msg).await;
+            let _ = net.send(client, vec![], msg).await;
         });
     }
 }
