@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -105,6 +106,21 @@ pub async fn start_client(
         shaping,
     })?;
     let client = Client::new(net.clone());
+    // Outputs and failure reports go from the task reading their stream straight to
+    // the session waiting for them.
+    let direct = client.clone();
+    net.on_data(Arc::new(move |m| {
+        match m.request {
+            Request::Output(o) => {
+                direct.deliver(o.session, Delivery::Output(o));
+            }
+            Request::Failed(f) => {
+                direct.deliver(f.session, Delivery::Failed(f));
+            }
+            _ => {}
+        }
+        true
+    }));
     let c = client.clone();
     tokio::spawn(async move {
         while let Some(m) = inbound.recv().await {

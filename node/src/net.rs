@@ -141,9 +141,15 @@ pub struct Network {
 /// The outbound half of the data plane: one stream per peer, opened on first use and
 /// kept. Frames are written from the sending task itself, not through the event loop.
 struct DataStreams {
+    /// Where inbound data-plane messages go straight from the task reading their stream
+    /// (see [`Network::on_data`]); the inbound queue when unset.
+    sink: Arc<std::sync::RwLock<Option<DataSink>>>,
     control: tokio::sync::Mutex<libp2p_stream::Control>,
     open: std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<libp2p::Stream>>>>>,
 }
+
+/// Takes an inbound data-plane message without blocking; false if its receiver is gone.
+pub type DataSink = Arc<dyn Fn(Inbound) -> bool + Send + Sync>;
 
 /// Longest wait to open a data stream (dialling included) or to write one frame.
 const DATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -291,7 +297,12 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
     let incoming = control
         .accept(StreamProtocol::new(protocol::DATA_PROTOCOL))
         .map_err(|e| anyhow!("data plane: {e}"))?;
-    tokio::spawn(accept_data_streams(incoming, inbound_tx.clone()));
+    let sink = Arc::new(std::sync::RwLock::new(None));
+    tokio::spawn(accept_data_streams(
+        incoming,
+        inbound_tx.clone(),
+        sink.clone(),
+    ));
     let event_loop = EventLoop {
         swarm,
         cmd_rx,
@@ -316,6 +327,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             shaping: config.shaping,
             disconnects,
             data: Arc::new(DataStreams {
+                sink,
                 control: tokio::sync::Mutex::new(control),
                 open: std::sync::Mutex::new(HashMap::new()),
             }),
@@ -432,6 +444,13 @@ impl Network {
             Ok(Err(e)) => Err(anyhow!("cannot open a data stream to {peer}: {e}")),
             Err(_) => Err(anyhow!("cannot open a data stream to {peer}: timed out")),
         }
+    }
+
+    /// Hands every inbound data-plane message (steps, outputs, failure reports) to
+    /// `sink`, called on the task that read it, instead of the inbound queue: one task
+    /// hop less per hop of a step. The sink must not block.
+    pub fn on_data(&self, sink: DataSink) {
+        *self.data.sink.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 
     /// Answers an inbound request (nothing to do for a one-way message).
@@ -912,9 +931,11 @@ impl Network {
 async fn accept_data_streams(
     mut incoming: libp2p_stream::IncomingStreams,
     inbound: mpsc::Sender<Inbound>,
+    sink: Arc<std::sync::RwLock<Option<DataSink>>>,
 ) {
     while let Some((peer, mut stream)) = incoming.next().await {
         let inbound = inbound.clone();
+        let sink = sink.clone();
         tokio::spawn(async move {
             loop {
                 let request: Request = match crate::codec::read_frame(&mut stream).await {
@@ -938,7 +959,12 @@ async fn accept_data_streams(
                     request,
                     channel: None,
                 };
-                if inbound.send(message).await.is_err() {
+                let direct = sink.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let delivered = match direct {
+                    Some(sink) => sink(message),
+                    None => inbound.send(message).await.is_ok(),
+                };
+                if !delivered {
                     return;
                 }
             }

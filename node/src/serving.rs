@@ -241,6 +241,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.rebalance_threshold,
         ));
     }
+    // Steps go from the task reading their stream straight to the compute thread.
+    let direct = handle.clone();
+    net.on_data(Arc::new(move |m| direct.submit(m)));
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {
