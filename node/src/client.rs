@@ -173,9 +173,17 @@ impl Client {
         known: &mut Vec<Announcement>,
     ) -> anyhow::Result<Vec<PlannedHop>> {
         let mut fresh = known.is_empty();
+        let mut attempt = 0;
         loop {
             if fresh {
-                *known = self.net.find_servers(&spec.model_id).await?;
+                // A quick lookup first; after one that left blocks uncovered, patient
+                // ones (the peers that answer first may know only part of the swarm).
+                *known = if attempt == 0 {
+                    self.net.find_servers(&spec.model_id).await?
+                } else {
+                    self.net.find_servers_patiently(&spec.model_id).await?
+                };
+                attempt += 1;
             }
             // Ask the candidates directly: the DHT still lists servers that died within
             // its record lifetime, and their free cache there is stale.

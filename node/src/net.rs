@@ -64,6 +64,11 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 /// would stall a client's failover.
 const PROVIDER_SETTLE: Duration = Duration::from_millis(300);
 
+/// The settle time of a patient lookup ([`Network::find_servers_patiently`]), after a
+/// quick one left blocks uncovered: the first peers to answer (a node that has just
+/// joined, say) may know only part of the swarm.
+const PATIENT_SETTLE: Duration = Duration::from_secs(2);
+
 /// Idle connections are kept this long: setting up QUIC costs ~44 ms (DESIGN.md), so a
 /// connection is reused across steps and sessions.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -108,6 +113,7 @@ enum Command {
     },
     FindServers {
         model_id: String,
+        settle: Duration,
         reply: oneshot::Sender<Vec<Announcement>>,
     },
     FindAllServers {
@@ -144,15 +150,20 @@ struct DataStreams {
     /// Where inbound data-plane messages go straight from the task reading their stream
     /// (see [`Network::on_data`]); the inbound queue when unset.
     sink: Arc<std::sync::RwLock<Option<DataSink>>>,
-    control: tokio::sync::Mutex<libp2p_stream::Control>,
+    /// Cloned for each stream opened: one shared control opens one stream at a time, and
+    /// an open that hangs (a peer that died) must not hold up the others.
+    control: std::sync::Mutex<libp2p_stream::Control>,
     open: std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<libp2p::Stream>>>>>,
 }
 
 /// Takes an inbound data-plane message without blocking; false if its receiver is gone.
 pub type DataSink = Arc<dyn Fn(Inbound) -> bool + Send + Sync>;
 
-/// Longest wait to open a data stream (dialling included) or to write one frame.
+/// Longest wait to write one frame (a prefill chunk can be megabytes on a slow link).
 const DATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest wait to open a data stream, dialling included.
+const OPEN_DATA_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to start a node's network.
 pub struct NetConfig {
@@ -328,7 +339,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             disconnects,
             data: Arc::new(DataStreams {
                 sink,
-                control: tokio::sync::Mutex::new(control),
+                control: std::sync::Mutex::new(control),
                 open: std::sync::Mutex::new(HashMap::new()),
             }),
         },
@@ -437,9 +448,14 @@ impl Network {
             self.call(|reply| Command::AddAddresses { peer, addrs, reply })
                 .await?;
         }
-        let mut control = self.data.control.lock().await;
+        let mut control = self
+            .data
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let open = control.open_stream(peer, StreamProtocol::new(protocol::DATA_PROTOCOL));
-        match tokio::time::timeout(DATA_TIMEOUT, open).await {
+        match tokio::time::timeout(OPEN_DATA_TIMEOUT, open).await {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => Err(anyhow!("cannot open a data stream to {peer}: {e}")),
             Err(_) => Err(anyhow!("cannot open a data stream to {peer}: timed out")),
@@ -470,9 +486,30 @@ impl Network {
 
     /// Finds the servers of a model: their announcements from the DHT, unexpired.
     pub async fn find_servers(&self, model_id: &str) -> anyhow::Result<Vec<Announcement>> {
+        self.lookup_servers(model_id, PROVIDER_SETTLE).await
+    }
+
+    /// [`Network::find_servers`], waiting longer for more of the DHT to answer: for a
+    /// retry after a quick lookup found too little.
+    pub async fn find_servers_patiently(
+        &self,
+        model_id: &str,
+    ) -> anyhow::Result<Vec<Announcement>> {
+        self.lookup_servers(model_id, PATIENT_SETTLE).await
+    }
+
+    async fn lookup_servers(
+        &self,
+        model_id: &str,
+        settle: Duration,
+    ) -> anyhow::Result<Vec<Announcement>> {
         let model_id = model_id.to_string();
-        self.call(|reply| Command::FindServers { model_id, reply })
-            .await
+        self.call(|reply| Command::FindServers {
+            model_id,
+            settle,
+            reply,
+        })
+        .await
     }
 
     /// Every server of every model the DHT knows (ask each for details with
@@ -500,6 +537,8 @@ impl Network {
 /// A running "find servers" lookup: providers first, then one record per provider.
 struct Lookup {
     model_id: String,
+    /// How long to wait for more providers after the first ones arrive.
+    settle: Duration,
     providers: HashSet<PeerId>,
     records_pending: usize,
     found: Vec<Announcement>,
@@ -630,7 +669,11 @@ impl EventLoop {
                     }
                 }
             }
-            Command::FindServers { model_id, reply } => {
+            Command::FindServers {
+                model_id,
+                settle,
+                reply,
+            } => {
                 let lookup = self.next_lookup;
                 self.next_lookup += 1;
                 let qid = self
@@ -643,6 +686,7 @@ impl EventLoop {
                     lookup,
                     Lookup {
                         model_id,
+                        settle,
                         providers: HashSet::new(),
                         records_pending: 0,
                         found: Vec::new(),
@@ -812,14 +856,15 @@ impl EventLoop {
                 let mut done = step.last;
                 match res {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        let mut settle = PROVIDER_SETTLE;
                         if let Some(l) = self.lookups.get_mut(&lookup) {
                             l.providers.extend(providers);
+                            settle = l.settle;
                         }
                         // Providers arrive from the first peers asked; a dead peer in
                         // the routing table would hold the query until its timeout. Give
                         // the others a moment, then finish.
-                        self.finish_soon
-                            .push((Instant::now() + PROVIDER_SETTLE, id));
+                        self.finish_soon.push((Instant::now() + settle, id));
                     }
                     Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
                     Err(e) => {

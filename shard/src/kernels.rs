@@ -224,11 +224,19 @@ impl QMatrix {
         let row_bytes = self.cols / QK * self.format.block_bytes();
         let w = &self.data[first * row_bytes..(first + n_rows) * row_bytes];
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `w` holds `n_rows`
-            // rows and `out` `n_rows * m` values (both checked by the slicing).
-            unsafe { avx2::products(self.format, w, row_bytes, xq, out) };
-            return;
+        match x86_level() {
+            // SAFETY (both): the CPU has the features the kernel is compiled for (checked
+            // by `x86_level`); `w` holds `n_rows` rows and `out` `n_rows * m` values
+            // (both checked by the slicing).
+            X86Level::Vnni => {
+                unsafe { vnni_kernels::products(self.format, w, row_bytes, xq, out) };
+                return;
+            }
+            X86Level::Avx2 => {
+                unsafe { avx2_kernels::products(self.format, w, row_bytes, xq, out) };
+                return;
+            }
+            X86Level::None => {}
         }
         for (row, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
             scalar_products(self.format, row, xq, 0, out);
@@ -241,13 +249,31 @@ fn f16_le(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// The best kernel set this x86 CPU runs.
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::is_x86_feature_detected!("avx2")
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum X86Level {
+    None,
+    Avx2,
+    Vnni,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn x86_level() -> X86Level {
+    static LEVEL: OnceLock<X86Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let avx2 = std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("f16c");
+        let vnni = avx2 && std::is_x86_feature_detected!("avxvnni");
+        // SHOAL_KERNELS=avx2 or =portable picks a lesser set, to compare or to debug.
+        match std::env::var("SHOAL_KERNELS").as_deref() {
+            Ok("portable") => X86Level::None,
+            Ok("avx2") if avx2 => X86Level::Avx2,
+            _ if vnni => X86Level::Vnni,
+            _ if avx2 => X86Level::Avx2,
+            _ => X86Level::None,
+        }
     })
 }
 
@@ -334,189 +360,231 @@ fn scalar_products(format: QFormat, w: &[u8], xq: &QRows, r0: usize, out: &mut [
     }
 }
 
+/// The x86 kernels, stamped out once per instruction set: `$features` is the
+/// `target_feature` list and `$dot` the 32-byte unsigned x signed dot product (eight
+/// sums of four products each).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
+macro_rules! x86_kernels {
+    ($name:ident, $features:literal, $dot:item) => {
+        mod $name {
+            use std::arch::x86_64::*;
 
-    use super::{QFormat, QRows, QK};
+            use super::super::{QFormat, QRows, QK};
 
-    /// Dot products of the weight rows in `w` (`row_bytes` each) with every row of
-    /// `xq`, into `out` (`[rows, m]`), in tiles of up to 4 weight rows by 4 activation
-    /// rows, so each block loaded serves several products.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C; `w` must hold whole rows of `xq.kb`
-    /// blocks of `format`, and `out` one value per weight row and activation row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn products(
-        format: QFormat,
-        w: &[u8],
-        row_bytes: usize,
-        xq: &QRows,
-        out: &mut [f32],
-    ) {
-        let m = xq.m;
-        let rows = w.len() / row_bytes;
-        assert!(out.len() >= rows * m && row_bytes >= xq.kb * format.block_bytes());
-        macro_rules! tile {
-            ($w:literal, $r:literal, $row:expr, $r0:expr) => {
-                // SAFETY: rows $row..$row + $w of `w` and activation rows
-                // $r0..$r0 + $r exist (loop bounds below); the CPU check is the caller's.
-                unsafe {
-                    let wp = w.as_ptr().add($row * row_bytes);
-                    let op = out.as_mut_ptr().add($row * m + $r0);
-                    match format {
-                        QFormat::Q4_0 => kernel::<0, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                        QFormat::Q4_1 => kernel::<1, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                        QFormat::Q8_0 => kernel::<2, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                    }
-                }
-            };
-        }
-        let mut row = 0;
-        while row < rows {
-            let left = rows - row;
-            if m == 1 {
-                if left >= 4 {
-                    tile!(4, 1, row, 0);
-                    row += 4;
-                } else {
-                    tile!(1, 1, row, 0);
-                    row += 1;
-                }
-                continue;
-            }
-            let wide = left >= 2;
-            let mut r0 = 0;
-            while r0 < m {
-                match (wide, m - r0) {
-                    (true, 1) => tile!(2, 1, row, r0),
-                    (true, 2) => tile!(2, 2, row, r0),
-                    (true, 3) => tile!(2, 3, row, r0),
-                    (true, _) => tile!(2, 4, row, r0),
-                    (false, 1) => tile!(1, 1, row, r0),
-                    (false, 2) => tile!(1, 2, row, r0),
-                    (false, 3) => tile!(1, 3, row, r0),
-                    (false, _) => tile!(1, 4, row, r0),
-                }
-                r0 += 4;
-            }
-            row += if wide { 2 } else { 1 };
-        }
-    }
+            $dot
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        // SAFETY: the caller guarantees two readable bytes at `p`.
-        let bits = unsafe { p.cast::<u16>().read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
 
-    /// 16 bytes of nibbles as 32 bytes: low nibbles are values 0..16, high ones 16..32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 16 readable bytes at `p`.
-        let b = unsafe { _mm_loadu_si128(p.cast()) };
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(b, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. `W` weight rows (from `w`, `row_bytes`
-    /// apart) times `R` activation rows (from `r0`); results go to `out[i * m + r]`.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `W` rows of `xq.kb` blocks at `w`; rows `r0..r0 + R` in `xq`;
-    /// `out[i * m + r]` writable for every `i < W`, `r < R`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn kernel<const F: u8, const W: usize, const R: usize>(
-        w: *const u8,
-        row_bytes: usize,
-        xq: &QRows,
-        r0: usize,
-        out: *mut f32,
-        m: usize,
-    ) {
-        let format = match F {
-            0 => QFormat::Q4_0,
-            1 => QFormat::Q4_1,
-            _ => QFormat::Q8_0,
-        };
-        let bb = format.block_bytes();
-        let kb = xq.kb;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); R]; W];
-        let mut offset = [[0f32; R]; W];
-        let qp = xq.qs.as_ptr();
-        // SAFETY: every pointer below stays inside the W rows at `w` or inside rows
-        // r0..r0 + R of `xq`, as the caller promised.
-        unsafe {
-            for b in 0..kb {
-                // Weights as unsigned bytes, their scales, offsets and (Q8_0) signs.
-                let mut u = [_mm256_setzero_si256(); W];
-                let mut signs = [_mm256_setzero_si256(); W];
-                let mut dw = [0f32; W];
-                let mut wo = [0f32; W];
-                for i in 0..W {
-                    let blk = w.add(i * row_bytes + b * bb);
-                    dw[i] = f16_at(blk);
-                    match F {
-                        0 => {
-                            u[i] = nibbles(blk.add(2));
-                            wo[i] = -8.0 * dw[i];
+            /// Dot products of the weight rows in `w` (`row_bytes` each) with every row of
+            /// `xq`, into `out` (`[rows, m]`), in tiles of up to 4 weight rows by 4 activation
+            /// rows, so each block loaded serves several products.
+            ///
+            /// # Safety
+            /// The CPU must support AVX2, FMA and F16C; `w` must hold whole rows of `xq.kb`
+            /// blocks of `format`, and `out` one value per weight row and activation row.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn products(
+                format: QFormat,
+                w: &[u8],
+                row_bytes: usize,
+                xq: &QRows,
+                out: &mut [f32],
+            ) {
+                let m = xq.m;
+                let rows = w.len() / row_bytes;
+                assert!(out.len() >= rows * m && row_bytes >= xq.kb * format.block_bytes());
+                macro_rules! tile {
+                    ($w:literal, $r:literal, $row:expr, $r0:expr) => {
+                        // SAFETY: rows $row..$row + $w of `w` and activation rows
+                        // $r0..$r0 + $r exist (loop bounds below); the CPU check is the caller's.
+                        unsafe {
+                            let wp = w.as_ptr().add($row * row_bytes);
+                            let op = out.as_mut_ptr().add($row * m + $r0);
+                            match format {
+                                QFormat::Q4_0 => kernel::<0, $w, $r>(wp, row_bytes, xq, $r0, op, m),
+                                QFormat::Q4_1 => kernel::<1, $w, $r>(wp, row_bytes, xq, $r0, op, m),
+                                QFormat::Q8_0 => kernel::<2, $w, $r>(wp, row_bytes, xq, $r0, op, m),
+                            }
                         }
-                        1 => {
-                            u[i] = nibbles(blk.add(4));
-                            wo[i] = f16_at(blk.add(2));
-                        }
-                        _ => {
-                            let q = _mm256_loadu_si256(blk.add(2).cast());
-                            u[i] = _mm256_sign_epi8(q, q);
-                            signs[i] = q;
-                        }
-                    }
+                    };
                 }
-                for r in 0..R {
-                    let at = (r0 + r) * kb + b;
-                    let x = _mm256_loadu_si256(qp.add(at * QK).cast());
-                    let dx = *xq.d.get_unchecked(at);
-                    let sx = *xq.s.get_unchecked(at);
-                    for i in 0..W {
-                        // maddubs wants unsigned × signed: move Q8_0's signs onto x.
-                        let x = if F == 2 {
-                            _mm256_sign_epi8(x, signs[i])
+                let mut row = 0;
+                while row < rows {
+                    let left = rows - row;
+                    if m == 1 {
+                        if left >= 4 {
+                            tile!(4, 1, row, 0);
+                            row += 4;
                         } else {
-                            x
-                        };
-                        let pairs = _mm256_maddubs_epi16(u[i], x);
-                        let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                        acc[i][r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw[i] * dx), acc[i][r]);
-                        if F != 2 {
-                            offset[i][r] += wo[i] * sx;
+                            tile!(1, 1, row, 0);
+                            row += 1;
+                        }
+                        continue;
+                    }
+                    let wide = left >= 2;
+                    let mut r0 = 0;
+                    while r0 < m {
+                        match (wide, m - r0) {
+                            (true, 1) => tile!(2, 1, row, r0),
+                            (true, 2) => tile!(2, 2, row, r0),
+                            (true, 3) => tile!(2, 3, row, r0),
+                            (true, _) => tile!(2, 4, row, r0),
+                            (false, 1) => tile!(1, 1, row, r0),
+                            (false, 2) => tile!(1, 2, row, r0),
+                            (false, 3) => tile!(1, 3, row, r0),
+                            (false, _) => tile!(1, 4, row, r0),
+                        }
+                        r0 += 4;
+                    }
+                    row += if wide { 2 } else { 1 };
+                }
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn f16_at(p: *const u8) -> f32 {
+                // SAFETY: the caller guarantees two readable bytes at `p`.
+                let bits = unsafe { p.cast::<u16>().read_unaligned() };
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+            }
+
+            /// 16 bytes of nibbles as 32 bytes: low nibbles are values 0..16, high ones 16..32.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn nibbles(p: *const u8) -> __m256i {
+                // SAFETY: the caller guarantees 16 readable bytes at `p`.
+                let b = unsafe { _mm_loadu_si128(p.cast()) };
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(b, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                _mm256_set_m128i(hi, lo)
+            }
+
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn hsum(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+
+            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. `W` weight rows (from `w`, `row_bytes`
+            /// apart) times `R` activation rows (from `r0`); results go to `out[i * m + r]`.
+            ///
+            /// # Safety
+            /// AVX2, FMA and F16C; `W` rows of `xq.kb` blocks at `w`; rows `r0..r0 + R` in `xq`;
+            /// `out[i * m + r]` writable for every `i < W`, `r < R`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn kernel<const F: u8, const W: usize, const R: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                xq: &QRows,
+                r0: usize,
+                out: *mut f32,
+                m: usize,
+            ) {
+                let format = match F {
+                    0 => QFormat::Q4_0,
+                    1 => QFormat::Q4_1,
+                    _ => QFormat::Q8_0,
+                };
+                let bb = format.block_bytes();
+                let kb = xq.kb;
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let mut offset = [[0f32; R]; W];
+                let qp = xq.qs.as_ptr();
+                // SAFETY: every pointer below stays inside the W rows at `w` or inside rows
+                // r0..r0 + R of `xq`, as the caller promised.
+                unsafe {
+                    for b in 0..kb {
+                        // Weights as unsigned bytes, their scales, offsets and (Q8_0) signs.
+                        let mut u = [_mm256_setzero_si256(); W];
+                        let mut signs = [_mm256_setzero_si256(); W];
+                        let mut dw = [0f32; W];
+                        let mut wo = [0f32; W];
+                        for i in 0..W {
+                            let blk = w.add(i * row_bytes + b * bb);
+                            dw[i] = f16_at(blk);
+                            match F {
+                                0 => {
+                                    u[i] = nibbles(blk.add(2));
+                                    wo[i] = -8.0 * dw[i];
+                                }
+                                1 => {
+                                    u[i] = nibbles(blk.add(4));
+                                    wo[i] = f16_at(blk.add(2));
+                                }
+                                _ => {
+                                    let q = _mm256_loadu_si256(blk.add(2).cast());
+                                    u[i] = _mm256_sign_epi8(q, q);
+                                    signs[i] = q;
+                                }
+                            }
+                        }
+                        for r in 0..R {
+                            let at = (r0 + r) * kb + b;
+                            let x = _mm256_loadu_si256(qp.add(at * QK).cast());
+                            let dx = *xq.d.get_unchecked(at);
+                            let sx = *xq.s.get_unchecked(at);
+                            for i in 0..W {
+                                // maddubs wants unsigned × signed: move Q8_0's signs onto x.
+                                let x = if F == 2 {
+                                    _mm256_sign_epi8(x, signs[i])
+                                } else {
+                                    x
+                                };
+                                let dot = _mm256_cvtepi32_ps(dot_u8_i8(u[i], x));
+                                acc[i][r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw[i] * dx), acc[i][r]);
+                                if F != 2 {
+                                    offset[i][r] += wo[i] * sx;
+                                }
+                            }
+                        }
+                    }
+                    for i in 0..W {
+                        for r in 0..R {
+                            *out.add(i * m + r) = hsum(acc[i][r]) + offset[i][r];
                         }
                     }
                 }
             }
-            for i in 0..W {
-                for r in 0..R {
-                    *out.add(i * m + r) = hsum(acc[i][r]) + offset[i][r];
-                }
-            }
+
         }
-    }
+    };
+}
+
+/// AVX2 + FMA + F16C: `maddubs` (pairs into i16) then `madd` (into i32). Pair sums stay
+/// below i16's limit: a weight byte is at most 15 (4-bit) or 128 (|Q8_0|), an
+/// activation byte at most 127 in magnitude.
+#[cfg(target_arch = "x86_64")]
+mod avx2_kernels {
+    x86_kernels!(
+        k,
+        "avx2,fma,f16c",
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+        }
+    );
+    pub(super) use k::products;
+}
+
+/// AVX-VNNI (Zen 4 and later, Alder Lake and later): one `vpdpbusd` per 32-byte dot
+/// product instead of two instructions, with no 16-bit intermediate.
+#[cfg(target_arch = "x86_64")]
+mod vnni_kernels {
+    x86_kernels!(
+        k,
+        "avx2,fma,f16c,avxvnni",
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x)
+        }
+    );
+    pub(super) use k::products;
 }
 
 #[cfg(test)]
@@ -560,6 +628,17 @@ mod tests {
             let first = row.min(rows - 4);
             mat.row_products(first, &xq, &mut four);
             assert_eq!(&four[(row - first) * m..][..m], &fast[..], "tiles agree");
+            // The AVX2 kernel (which the VNNI one replaces where the CPU has it) gives
+            // the same integer dots, so the same floats.
+            #[cfg(target_arch = "x86_64")]
+            if x86_level() != X86Level::None {
+                let row_bytes = kb * bb;
+                let w = &mat.data[row * row_bytes..(row + 1) * row_bytes];
+                let mut avx2 = vec![0f32; m];
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked); one row, m outputs.
+                unsafe { avx2_kernels::products(mat.format, w, row_bytes, &xq, &mut avx2) };
+                assert_eq!(avx2, fast, "AVX2 and {:?} kernels differ", x86_level());
+            }
             let mut slow = vec![0f32; m];
             scalar_products(
                 mat.format,

@@ -36,7 +36,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
+        // SHOAL_KEEP_TEST_LOGS=1 keeps the servers' logs in the temp dir, to debug a
+        // failure that shows only now and then.
+        if std::env::var_os("SHOAL_KEEP_TEST_LOGS").is_none() {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
