@@ -446,6 +446,50 @@ struct ConcurrencyRow {
     sessions: usize,
     /// Tokens of all sessions over the wall time from the first start to the last end.
     aggregate_tokens_per_second: f64,
+    /// The same number of sessions decoded in lock step as one batch in this process,
+    /// with no network: what this machine's cores can compute, the ceiling of any swarm
+    /// running on it.
+    local_batch_tokens_per_second: f64,
+}
+
+/// Tokens/s of `sessions` greedy generations decoded in lock step as one batch in this
+/// process (blocks and LM head each one product for all sessions).
+fn local_batch_rate(
+    head: &shard::Head,
+    span: &Span,
+    prompt: &[u32],
+    sessions: usize,
+    tokens: usize,
+) -> anyhow::Result<f64> {
+    let argmax = |row: &Vec<f32>| -> u32 {
+        let best = row
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
+        best as u32
+    };
+    let mut caches: Vec<shard::KvCache> = (0..sessions)
+        .map(|_| span.new_cache(prompt.len() + tokens + 1))
+        .collect();
+    let x = head.embed(prompt)?;
+    let mut next = Vec::with_capacity(sessions);
+    for cache in caches.iter_mut() {
+        let h = span.forward(&x, cache)?;
+        next.push(argmax(&head.last_logits(&h)?));
+    }
+    let started = Instant::now();
+    for _ in 0..tokens {
+        let xs: Vec<_> = next
+            .iter()
+            .map(|&t| head.embed(&[t]))
+            .collect::<Result<_, _>>()?;
+        let ys = span.forward_batch(xs.iter().zip(caches.iter_mut()).collect())?;
+        let rows = shard::candle_core::Tensor::cat(&ys, 0)?;
+        let logits = head.logits(&rows)?.to_vec2::<f32>()?;
+        next = logits.iter().map(argmax).collect();
+    }
+    Ok((sessions * tokens) as f64 / started.elapsed().as_secs_f64())
 }
 
 /// `shoal bench`: decode and prefill speed, in one process and through a loopback swarm,
@@ -517,9 +561,21 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             prefill_tokens_per_second: prefill,
         });
     }
-    // Aggregate speed of N generations at once on the swarm (each its own session).
+    // Aggregate speed of N generations at once on the swarm (each its own session), and
+    // the same N batched in this process: the ceiling.
+    let span = Span::load(&side.file, 0, n, &Device::Cpu, |_, _| {})?;
+    let decode_prompt = prompt_tokens(&side.text, &decode_req)?;
     let mut concurrency = Vec::new();
     for &n in &args.sessions {
+        let local_batch = tokio::task::block_in_place(|| {
+            local_batch_rate(
+                side.head.head(),
+                &span,
+                &decode_prompt,
+                n.max(1),
+                args.tokens,
+            )
+        })?;
         let started = Instant::now();
         let runs = (0..n.max(1)).map(|_| {
             run_generation(
@@ -539,6 +595,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         concurrency.push(ConcurrencyRow {
             sessions: n.max(1),
             aggregate_tokens_per_second: tokens as f64 / started.elapsed().as_secs_f64(),
+            local_batch_tokens_per_second: local_batch,
         });
     }
     swarm.stop().await;
@@ -569,9 +626,15 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 local.decode_tokens_per_second / swarm.decode_tokens_per_second.max(1e-9)
             );
         }
-        println!("{:<10} {:>22}", "sessions", "aggregate tok/s (swarm)");
+        println!(
+            "{:<10} {:>22} {:>28}",
+            "sessions", "aggregate tok/s (swarm)", "one local batch (ceiling)"
+        );
         for c in &concurrency {
-            println!("{:<10} {:>22.1}", c.sessions, c.aggregate_tokens_per_second);
+            println!(
+                "{:<10} {:>22.1} {:>28.1}",
+                c.sessions, c.aggregate_tokens_per_second, c.local_batch_tokens_per_second
+            );
         }
     }
     Ok(())
