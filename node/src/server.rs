@@ -486,6 +486,14 @@ impl Server {
                 }
             }
         }
+        // A batch must not change any session's numbers (a failover replays sessions
+        // alone and expects the same bits): where it would, every step runs alone.
+        if !self.span.batches_exactly() {
+            groups = groups
+                .into_iter()
+                .flat_map(|(b, g)| g.into_iter().map(move |one| (b, vec![one])))
+                .collect();
+        }
         for (_, group) in groups {
             // The sessions leave the map while the batch borrows their caches.
             let mut taken: Vec<(Step, Tensor, Session)> = Vec::new();

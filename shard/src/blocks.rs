@@ -51,6 +51,13 @@ impl Projection {
         })
     }
 
+    fn is_row_exact(&self) -> bool {
+        match self {
+            Projection::Stacked { linear, .. } => linear.is_row_exact(),
+            Projection::Separate(layers) => layers.iter().all(Linear::is_row_exact),
+        }
+    }
+
     /// One output per layer, in order.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         match self {
@@ -252,10 +259,24 @@ impl Span {
             .ok_or_else(|| ShardError::BadInput("no output".into()))
     }
 
+    /// True when [`Span::forward_batch`] gives each session bit for bit what
+    /// [`Span::forward`] gives it alone: every weight runs on our kernels. Otherwise
+    /// (dense safetensors weights on candle's matmul) a batch changes the rounding, and a
+    /// server that must replay a session exactly after a failover should not batch.
+    pub fn batches_exactly(&self) -> bool {
+        self.blocks.iter().all(|b| {
+            b.qkv.is_row_exact()
+                && b.wo.is_row_exact()
+                && b.gate_up.is_row_exact()
+                && b.down.is_row_exact()
+        })
+    }
+
     /// Runs several sessions' inputs through the span as one batch: the rows of all of
     /// them go through each weight matrix together (each weight block is read once for
     /// all), and each session attends over its own cache. Outputs come in input order
-    /// and equal what [`Span::forward`] gives each alone. Every cache must cover the same
+    /// and equal what [`Span::forward`] gives each alone (exactly when
+    /// [`Span::batches_exactly`], to rounding otherwise). Every cache must cover the same
     /// blocks.
     pub fn forward_batch(&self, items: Vec<(&Tensor, &mut KvCache)>) -> Result<Vec<Tensor>> {
         crate::kernels::on_pool(|| self.forward_batch_on_pool(items))

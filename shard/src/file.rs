@@ -96,6 +96,12 @@ impl Linear {
         })
     }
 
+    /// True when each row of a product comes out the same whatever other rows share the
+    /// product (our kernels); candle's dense matmul blocks many rows differently.
+    pub(crate) fn is_row_exact(&self) -> bool {
+        matches!(self.weight, Weight::Packed(_))
+    }
+
     /// Output width.
     pub(crate) fn out_features(&self) -> candle_core::Result<usize> {
         match &self.weight {
