@@ -83,8 +83,8 @@ impl Projection {
 pub struct KvCache {
     /// First block this cache covers (a session may use a sub-span of a server's span).
     start: usize,
-    /// Per block: keys and values, `[kv_heads, tokens, head_dim]`.
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per block: keys and values.
+    layers: Vec<Option<LayerKv>>,
     /// Tokens held (the position of the next token).
     len: usize,
     /// Longest sequence this cache may grow to.
@@ -113,8 +113,56 @@ impl KvCache {
         self.layers
             .iter()
             .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+/// One block's keys and values for one session: `[kv_heads, capacity, head_dim]`
+/// buffers whose first `len` positions are filled. They grow by doubling (up to the
+/// session's length), so appending a token copies that token only, where concatenating
+/// would copy the whole cache at every step of every block.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Appends `k` and `v` (`[kv_heads, seq, head_dim]`) to the cache in `slot` (made or
+    /// grown as needed, to at most `max_len` positions unless more are needed) and
+    /// returns views of everything held, `[kv_heads, len, head_dim]`.
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        max_len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (nkv, seq, hd) = k.dims3()?;
+        let (len, cap) = match slot {
+            Some(l) => (l.len, l.k.dim(1)?),
+            None => (0, 0),
+        };
+        if len + seq > cap {
+            let new_cap = (cap * 2).max(64).min(max_len).max(len + seq);
+            let nk = Tensor::zeros((nkv, new_cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((nkv, new_cap, hd), v.dtype(), v.device())?;
+            if let Some(old) = slot.take() {
+                if old.len > 0 {
+                    nk.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let Some(l) = slot.as_mut() else {
+            candle_core::bail!("key/value cache missing");
+        };
+        l.k.slice_set(&k.contiguous()?, 1, l.len)?;
+        l.v.slice_set(&v.contiguous()?, 1, l.len)?;
+        l.len += seq;
+        Ok((l.k.narrow(1, 0, l.len)?, l.v.narrow(1, 0, l.len)?))
     }
 }
 
@@ -325,6 +373,7 @@ impl Span {
             };
             segments.push(Segment {
                 seq,
+                max_len: cache.max_len,
                 cos,
                 sin,
                 mask,
@@ -338,7 +387,7 @@ impl Span {
             Tensor::cat(&xs, 0)?
         };
         for (j, block) in blocks.iter().enumerate() {
-            let mut kvs: Vec<&mut Option<(Tensor, Tensor)>> =
+            let mut kvs: Vec<&mut Option<LayerKv>> =
                 items.iter_mut().map(|(_, c)| &mut c.layers[j]).collect();
             x = self.block_forward(block, &x, &segments, &mut kvs)?;
         }
@@ -387,7 +436,7 @@ impl Span {
         b: &Block,
         x: &Tensor,
         segments: &[Segment],
-        kvs: &mut [&mut Option<(Tensor, Tensor)>],
+        kvs: &mut [&mut Option<LayerKv>],
     ) -> Result<Tensor> {
         let eps = self.config.rms_eps as f32;
 
@@ -431,7 +480,7 @@ impl Span {
         k: Tensor,
         v: Tensor,
         seg: &Segment,
-        kv: &mut Option<(Tensor, Tensor)>,
+        kv: &mut Option<LayerKv>,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let seq = seg.seq;
@@ -448,11 +497,7 @@ impl Span {
         let v = heads(v, nkv)?.squeeze(0)?;
         let q = self.rope(&q, &seg.cos, &seg.sin)?;
         let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
-        let (k, v) = match kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            None => (k, v),
-        };
-        *kv = Some((k.clone(), v.clone()));
+        let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
         let total = k.dim(1)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share
         // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
@@ -479,6 +524,8 @@ impl Span {
 /// One session's rows in a batch: how many, and their rope tables and causal mask.
 struct Segment {
     seq: usize,
+    /// The session's longest sequence, which caps its cache's growth.
+    max_len: usize,
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,

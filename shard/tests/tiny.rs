@@ -335,6 +335,33 @@ fn gguf_agrees_with_candle_quantized_llama() -> Result<()> {
     Ok(())
 }
 
+/// A long session: the cache grows (64, 128, then the session's 160 positions) while
+/// stepping token by token, and every position still agrees with candle's reference.
+#[test]
+fn growing_caches_agree_with_candle_quantized_llama() -> Result<()> {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("long.gguf");
+    write_gguf(&path, GgmlDType::F32, true)?;
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
+    let mut f = std::fs::File::open(&path)?;
+    let ct = gguf_file::Content::read(&mut f)?;
+    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu)?;
+    let file = ModelFile::open(&path)?;
+    let head = Head::load(&file, &Device::Cpu)?;
+    let span = Span::load(&file, 0, LAYERS, &Device::Cpu, |_, _| {})?;
+    let mut cache = span.new_cache(160);
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        let want = reference.forward(&x, pos)?;
+        let got = head.logits(&span.forward(&head.embed(&[id])?, &mut cache)?)?;
+        let d = max_diff(&got, &want)?;
+        assert!(d <= 1e-3, "position {pos}: max abs diff {d}");
+    }
+    assert_eq!(cache.len(), 150);
+    Ok(())
+}
+
 #[test]
 fn safetensors_agrees_with_candle_llama() -> Result<()> {
     use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
