@@ -498,12 +498,17 @@ impl Span {
         let q = self.rope(&q, &seg.cos, &seg.sin)?;
         let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
         let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            if let Some(l) = kv.as_ref() {
+                return decode_attention(&q, l, nh / nkv, scale as f32);
+            }
+        }
         let total = k.dim(1)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share
         // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
         let n_rep = nh / nkv;
         let q = q.reshape((nkv, n_rep * seq, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let att = (q.matmul(&k.t()?)? * scale)?;
         let att = match &seg.mask {
             Some(m) => att
@@ -519,6 +524,79 @@ impl Span {
             .transpose(0, 1)?
             .reshape((seq, nh * hd))?)
     }
+}
+
+/// Attention of one token (`q`: `[1, heads, 1, head_dim]`, rope applied) over a cache,
+/// in plain Rust: scores, softmax and the weighted sum straight over the cache's
+/// buffers, heads in parallel once the cache is long. For a single token this replaces
+/// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
+fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (nkv, cap, hd) = l.k.dims3()?;
+    let nh = nkv * n_rep;
+    let total = l.len;
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = l.k.storage_and_layout();
+    let (vs, vl) = l.v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Err(ShardError::BadInput(
+            "decode attention runs on the CPU".into(),
+        ));
+    };
+    let keys = &kc.as_slice::<f32>()?[kl.start_offset()..][..nkv * cap * hd];
+    let values = &vc.as_slice::<f32>()?[vl.start_offset()..][..nkv * cap * hd];
+    let mut out = vec![0f32; nh * hd];
+    let head = |h: usize, o: &mut [f32]| {
+        let base = (h / n_rep) * cap * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut scores: Vec<f32> = (0..total)
+            .map(|t| dot(qh, &keys[base + t * hd..base + (t + 1) * hd]) * scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for (t, p) in scores.iter().enumerate() {
+            let p = p * inv;
+            let row = &values[base + t * hd..base + (t + 1) * hd];
+            for (o, v) in o.iter_mut().zip(row) {
+                *o += p * v;
+            }
+        }
+    };
+    // Splitting pays only once the heads have enough positions to go through.
+    if total * nh >= 4096 {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(h, o)| head(h, o));
+    } else {
+        for (h, o) in out.chunks_mut(hd).enumerate() {
+            head(h, o);
+        }
+    }
+    drop((ks, vs));
+    Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?)
+}
+
+/// Dot product in eight independent lanes (which the compiler turns into vector code).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// One session's rows in a batch: how many, and their rope tables and causal mask.
