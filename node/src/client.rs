@@ -181,7 +181,11 @@ impl Client {
                 *known = if attempt == 0 {
                     self.net.find_servers(&spec.model_id).await?
                 } else {
-                    self.net.find_servers_patiently(&spec.model_id).await?
+                    let mut found = self.net.find_servers_patiently(&spec.model_id).await?;
+                    // Records can be lost with the peers that held them (under churn,
+                    // until their owners announce again): ask the DHT servers we know.
+                    self.ask_dht_peers(&spec.model_id, &mut found).await;
+                    found
                 };
                 attempt += 1;
             }
@@ -224,6 +228,36 @@ impl Client {
     /// that answer and have room for `max_len` tokens. Stops waiting once the answers
     /// cover blocks `[from, n_blocks)` and a short while has passed for more (a dead
     /// server must not hold up a failover for the whole [`PROBE_TIMEOUT`]).
+    /// Asks every DHT server in the routing table that `known` lacks for its
+    /// announcement, and adds those serving `model_id`.
+    async fn ask_dht_peers(&self, model_id: &str, known: &mut Vec<Announcement>) {
+        let Ok(peers) = self.net.dht_peers().await else {
+            return;
+        };
+        let asks = peers
+            .into_iter()
+            .filter(|(p, _)| !known.iter().any(|a| a.peer_id == p.to_string()))
+            .map(|(peer, addrs)| {
+                let net = self.net.clone();
+                async move {
+                    match tokio::time::timeout(
+                        PROBE_TIMEOUT,
+                        net.request(peer, addrs, Request::Info),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Response::Info(a))) if a.peer_id == peer.to_string() => Some(a),
+                        _ => None,
+                    }
+                }
+            });
+        for a in futures::future::join_all(asks).await.into_iter().flatten() {
+            if a.model_id == model_id {
+                known.push(a);
+            }
+        }
+    }
+
     async fn probe(
         &self,
         candidates: &[&Announcement],

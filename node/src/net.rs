@@ -125,6 +125,9 @@ enum Command {
     Rtts {
         reply: oneshot::Sender<HashMap<PeerId, Duration>>,
     },
+    DhtPeers {
+        reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
+    },
     AddAddresses {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
@@ -141,6 +144,8 @@ pub struct Network {
     /// Peers whose last connection closed: a client watching its chain learns at once
     /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
+    /// The subset of those that were DHT servers (they may have held our records).
+    dht_departures: tokio::sync::broadcast::Sender<PeerId>,
     data: Arc<DataStreams>,
 }
 
@@ -303,6 +308,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(1024);
     let (disconnects, _) = tokio::sync::broadcast::channel(256);
+    let (dht_departures, _) = tokio::sync::broadcast::channel(256);
     let (inbound_tx, inbound_rx) = mpsc::channel(1024);
     let mut control = swarm.behaviour().stream.new_control();
     let incoming = control
@@ -327,6 +333,8 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         next_lookup: 0,
         rtts: HashMap::new(),
         disconnects: disconnects.clone(),
+        dht_departures: dht_departures.clone(),
+        dht_peers: HashSet::new(),
         all_server_queries: HashMap::new(),
         finish_soon: Vec::new(),
     };
@@ -337,6 +345,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             peer_id,
             shaping: config.shaping,
             disconnects,
+            dht_departures,
             data: Arc::new(DataStreams {
                 sink,
                 control: std::sync::Mutex::new(control),
@@ -528,6 +537,18 @@ impl Network {
         self.disconnects.subscribe()
     }
 
+    /// DHT servers whose last connection closes, from now on: peers that may have held
+    /// this node's records.
+    pub fn dht_departures(&self) -> tokio::sync::broadcast::Receiver<PeerId> {
+        self.dht_departures.subscribe()
+    }
+
+    /// The DHT servers in this node's routing table, with their known addresses: whom
+    /// to ask directly when lookups come back short.
+    pub async fn dht_peers(&self) -> anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+        self.call(|reply| Command::DhtPeers { reply }).await
+    }
+
     /// Latest measured round-trip time to each connected peer.
     pub async fn rtts(&self) -> anyhow::Result<HashMap<PeerId, Duration>> {
         self.call(|reply| Command::Rtts { reply }).await
@@ -558,6 +579,9 @@ struct EventLoop {
     next_lookup: u64,
     rtts: HashMap<PeerId, Duration>,
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
+    dht_departures: tokio::sync::broadcast::Sender<PeerId>,
+    /// Connected peers that identified as DHT servers.
+    dht_peers: HashSet<PeerId>,
     all_server_queries: HashMap<QueryId, ProviderQuery>,
     /// Queries to finish at a given time (see [`PROVIDER_SETTLE`]).
     finish_soon: Vec<(Instant, QueryId)>,
@@ -715,6 +739,16 @@ impl EventLoop {
             Command::Rtts { reply } => {
                 let _ = reply.send(self.rtts.clone());
             }
+            Command::DhtPeers { reply } => {
+                let mut peers = Vec::new();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    for entry in bucket.iter() {
+                        let addrs = entry.node.value.iter().cloned().collect();
+                        peers.push((*entry.node.key.preimage(), addrs));
+                    }
+                }
+                let _ = reply.send(peers);
+            }
         }
     }
 
@@ -749,6 +783,9 @@ impl EventLoop {
                 ..
             } => {
                 let _ = self.disconnects.send(peer_id);
+                if self.dht_peers.remove(&peer_id) {
+                    let _ = self.dht_departures.send(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -766,6 +803,7 @@ impl EventLoop {
             })) => {
                 let kad_proto = StreamProtocol::new("/shoal/kad/1.0.0");
                 if info.protocols.contains(&kad_proto) {
+                    self.dht_peers.insert(peer_id);
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }

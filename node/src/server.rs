@@ -79,6 +79,8 @@ pub enum Job {
         /// Its measured throughput.
         throughput: f32,
     },
+    /// Announce again now (a peer that held our records may have left).
+    Announce,
 }
 
 /// Sends work to the compute thread.
@@ -96,6 +98,11 @@ impl ServerHandle {
     /// Swaps in a new span; false if the thread has stopped.
     pub fn replace(&self, span: Span, throughput: f32) -> bool {
         self.tx.send(Job::Replace { span, throughput }).is_ok()
+    }
+
+    /// Puts the announcement in the DHT again now; false if the thread has stopped.
+    pub fn announce(&self) -> bool {
+        self.tx.send(Job::Announce).is_ok()
     }
 }
 
@@ -210,6 +217,7 @@ impl Server {
                                 replace = Some((span, throughput));
                                 break;
                             }
+                            Job::Announce => next_announce = Instant::now(),
                         }
                     }
                     self.handle_all(queued);
@@ -218,6 +226,7 @@ impl Server {
                     }
                 }
                 Ok(Job::Replace { span, throughput }) => self.replace_span(span, throughput),
+                Ok(Job::Announce) => next_announce = Instant::now(),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }

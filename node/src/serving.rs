@@ -244,6 +244,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Steps go from the task reading their stream straight to the compute thread.
     let direct = handle.clone();
     net.on_data(Arc::new(move |m| direct.submit(m)));
+    // A peer that leaves may have held our provider record and announcement: put them
+    // again soon, or lookups may miss this server until the next regular announcement
+    // (seen under churn: a span's servers all unfindable for up to REANNOUNCE_EVERY).
+    tokio::spawn(reannounce_on_departures(net.clone(), handle.clone()));
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {
@@ -264,6 +268,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::info!("interrupted; shutting down");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// Wait after a peer leaves before announcing again (departures come in bursts).
+const REANNOUNCE_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// Announces again whenever DHT servers have left (clients coming and going do not
+/// count), at most once per [`REANNOUNCE_DEBOUNCE`].
+async fn reannounce_on_departures(net: Network, handle: ServerHandle) {
+    let mut departures = net.dht_departures();
+    loop {
+        match departures.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+        // Let a burst of departures settle, then announce once for all of them.
+        tokio::time::sleep(REANNOUNCE_DEBOUNCE).await;
+        while departures.try_recv().is_ok() {}
+        if !handle.announce() {
+            return;
         }
     }
 }

@@ -5,15 +5,18 @@
 //! each product, which steals the cores from the other servers of a swarm sharing a
 //! machine (measured in issue 5: 70% of a local decode went to candle's scalar
 //! `vec_dot_unopt`). These kernels take over for the GGUF formats we meet most (Q4_0,
-//! Q4_1, Q8_0): weights stay in GGUF's own block layout, activations are quantised to
-//! 8 bits per 32-value block (as ggml's Q8_0/Q8_1), and each block
-//! product runs in integer arithmetic with AVX2 (`maddubs`) where the CPU has it, in
-//! plain Rust elsewhere.
+//! Q4_1, Q8_0). Activations are quantised to 8 bits per 32-value block (as ggml's
+//! Q8_0/Q8_1) and each block product runs in integer arithmetic: AVX-VNNI (`vpdpbusd`)
+//! or AVX2 (`maddubs`) where the CPU has them, plain Rust elsewhere.
 //!
-//! Several activation rows (a prefill chunk, or the steps of concurrent sessions batched
-//! together) share each weight block loaded: a weight row is read from memory once for up
-//! to four activation rows, which is what makes batching pay on a memory-bound decode.
-//! Work is split over output rows on a [rayon] pool whose idle workers sleep instead of
+//! Weights are repacked at load into *octets*: for each group of 8 rows and each block,
+//! the 8 rows' quants side by side, then their 8 f16 scales (and, for Q4_1, 8 mins). A
+//! product then unpacks two rows' nibbles per instruction, reduces the 8 rows' integer
+//! dot products into one vector, and applies 8 scales with one vector multiply, where
+//! GGUF's row-major layout needs a scalar conversion, broadcast and multiply per row and
+//! block. Every row is computed the same way whatever the other rows of the product
+//! are, so a session's numbers do not depend on whom it is batched with.
+//! Work is split over octets on a [rayon] pool whose idle workers sleep instead of
 //! spinning (`SHOAL_THREADS` sets its size; default: every core).
 
 use std::sync::OnceLock;
@@ -24,6 +27,9 @@ use rayon::prelude::*;
 
 /// Values per quantisation block, in every format here.
 const QK: usize = 32;
+
+/// Rows packed together.
+const OCTET: usize = 8;
 
 /// A GGUF block format these kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,13 +52,31 @@ impl QFormat {
         }
     }
 
-    /// Bytes of one block of 32 values.
+    /// Bytes of one GGUF block of 32 values.
     const fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 2 + QK / 2,
             Self::Q4_1 => 4 + QK / 2,
             Self::Q8_0 => 2 + QK,
         }
+    }
+
+    /// Bytes of one block's quants.
+    const fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 => QK / 2,
+            Self::Q8_0 => QK,
+        }
+    }
+
+    /// Where the quants start in a GGUF block (after the scale, and Q4_1's min).
+    const fn quant_offset(self) -> usize {
+        self.block_bytes() - self.quant_bytes()
+    }
+
+    /// Bytes of one block of an octet: 8 rows' quants, 8 scales, (Q4_1) 8 mins.
+    const fn octet_bytes(self) -> usize {
+        OCTET * self.block_bytes()
     }
 }
 
@@ -94,7 +118,8 @@ pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// A weight matrix `[rows, cols]` in a GGUF block format, row-major, as in the file.
+/// A weight matrix `[rows, cols]` in a GGUF block format, repacked into octets (see the
+/// module documentation); rows past `rows` in the last octet are zero.
 #[derive(Clone)]
 pub(crate) struct QMatrix {
     format: QFormat,
@@ -109,16 +134,49 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
+/// One row's block in an octet: its scale, its offset term per unit of activation sum
+/// (`-8 d` for Q4_0, the min for Q4_1, 0 for Q8_0) and its quants.
+struct RowBlock<'a> {
+    d: f32,
+    offset: f32,
+    qs: &'a [u8],
+}
+
 impl QMatrix {
     /// Takes a 2-d quantised tensor in a format these kernels run; `None` otherwise.
     pub(crate) fn from_qtensor(q: &QTensor) -> Option<Self> {
         let format = QFormat::from_ggml(q.dtype())?;
         let (rows, cols) = q.shape().dims2().ok()?;
-        if cols % QK != 0 {
+        if cols % QK != 0 || rows == 0 {
             return None;
         }
-        let data = q.data().ok()?.into_owned();
-        (data.len() == rows * cols / QK * format.block_bytes()).then_some(Self {
+        let raw = q.data().ok()?;
+        let kb = cols / QK;
+        let bb = format.block_bytes();
+        if raw.len() != rows * kb * bb {
+            return None;
+        }
+        let (qb, qo, ob) = (
+            format.quant_bytes(),
+            format.quant_offset(),
+            format.octet_bytes(),
+        );
+        let mut data = vec![0u8; rows.div_ceil(OCTET) * kb * ob];
+        for row in 0..rows {
+            let (o, i) = (row / OCTET, row % OCTET);
+            for b in 0..kb {
+                let src = &raw[(row * kb + b) * bb..][..bb];
+                let dst = &mut data[(o * kb + b) * ob..][..ob];
+                dst[i * qb..(i + 1) * qb].copy_from_slice(&src[qo..]);
+                let scales = OCTET * qb;
+                dst[scales + 2 * i..scales + 2 * i + 2].copy_from_slice(&src[..2]);
+                if format == QFormat::Q4_1 {
+                    let mins = scales + 2 * OCTET;
+                    dst[mins + 2 * i..mins + 2 * i + 2].copy_from_slice(&src[2..4]);
+                }
+            }
+        }
+        Some(Self {
             format,
             rows,
             cols,
@@ -127,12 +185,15 @@ impl QMatrix {
     }
 
     /// Stacks matrices that read the same input (q, k and v; gate and up) into one, so
-    /// one product serves them all. `None` when their formats or widths differ.
+    /// one product serves them all. `None` when their formats or widths differ, or when
+    /// a part other than the last does not fill its octets.
     pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
-        let first = parts.first()?;
-        if parts
+        let (first, rest) = parts.split_first()?;
+        let n = parts.len();
+        if rest
             .iter()
             .any(|p| p.format != first.format || p.cols != first.cols)
+            || parts[..n - 1].iter().any(|p| p.rows % OCTET != 0)
         {
             return None;
         }
@@ -154,26 +215,39 @@ impl QMatrix {
         self.cols
     }
 
+    /// Row `row`'s block `b`.
+    fn row_block(&self, row: usize, b: usize) -> RowBlock<'_> {
+        let f = self.format;
+        let (qb, ob, kb) = (f.quant_bytes(), f.octet_bytes(), self.cols / QK);
+        let (o, i) = (row / OCTET, row % OCTET);
+        let chunk = &self.data[(o * kb + b) * ob..][..ob];
+        let scales = OCTET * qb;
+        let d = f16_le(chunk, scales + 2 * i);
+        let offset = match f {
+            QFormat::Q4_0 => -8.0 * d,
+            QFormat::Q4_1 => f16_le(chunk, scales + 2 * OCTET + 2 * i),
+            QFormat::Q8_0 => 0.0,
+        };
+        RowBlock {
+            d,
+            offset,
+            qs: &chunk[i * qb..(i + 1) * qb],
+        }
+    }
+
     /// Row `i` as f32 values (an embedding lookup).
     pub(crate) fn dequantize_row(&self, i: usize, out: &mut [f32]) {
-        let bb = self.format.block_bytes();
-        let kb = self.cols / QK;
-        let row = &self.data[i * kb * bb..(i + 1) * kb * bb];
-        for (blk, out) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
-            let d = f16_le(blk, 0);
+        for (b, out) in out.chunks_exact_mut(QK).enumerate() {
+            let RowBlock { d, offset, qs } = self.row_block(i, b);
             match self.format {
                 QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let (min, qs) = match self.format {
-                        QFormat::Q4_0 => (-8.0 * d, &blk[2..]),
-                        _ => (f16_le(blk, 2), &blk[4..]),
-                    };
                     for (j, &q) in qs.iter().enumerate() {
-                        out[j] = d * f32::from(q & 0x0F) + min;
-                        out[j + QK / 2] = d * f32::from(q >> 4) + min;
+                        out[j] = d * f32::from(q & 0x0F) + offset;
+                        out[j + QK / 2] = d * f32::from(q >> 4) + offset;
                     }
                 }
                 QFormat::Q8_0 => {
-                    for (o, &q) in out.iter_mut().zip(&blk[2..]) {
+                    for (o, &q) in out.iter_mut().zip(qs) {
                         *o = d * f32::from(q as i8);
                     }
                 }
@@ -185,30 +259,30 @@ impl QMatrix {
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let xq = QRows::quantise(x, m, self.cols);
-        // Output transposed, [rows, m], so each task owns one contiguous stretch.
-        let mut out_t = vec![0f32; self.rows * m];
+        let octets = self.rows.div_ceil(OCTET);
+        // Output transposed and padded to whole octets, [octets * 8, m], so each task
+        // owns one contiguous stretch.
+        let mut out_t = vec![0f32; octets * OCTET * m];
         let threads = pool().current_num_threads();
         // A few tasks per thread balance the load; tiny tasks would cost more to hand out.
-        let tile = self.rows.div_ceil(threads * 4).max(16);
+        let per_task = octets.div_ceil(threads * 4).max(2);
         let run = |out_t: &mut [f32]| {
             out_t
-                .par_chunks_mut(tile * m)
+                .par_chunks_mut(per_task * OCTET * m)
                 .enumerate()
                 .for_each(|(t, chunk)| {
-                    // One token: four weight rows at once, four independent sums in
-                    // flight; several tokens: two rows, each block shared by up to 8.
-                    let group = if m == 1 { 4 } else { 2 };
-                    for (j, out) in chunk.chunks_mut(group * m).enumerate() {
-                        self.row_products(t * tile + j * group, &xq, out);
+                    for (j, out) in chunk.chunks_mut(OCTET * m).enumerate() {
+                        self.octet_products(t * per_task + j, &xq, out);
                     }
                 });
         };
         on_pool(|| run(&mut out_t));
-        if m == 1 {
-            return out_t;
-        }
         let mut out = vec![0f32; m * self.rows];
-        for (i, col) in out_t.chunks_exact(m).enumerate() {
+        if m == 1 {
+            out.copy_from_slice(&out_t[..self.rows]);
+            return out;
+        }
+        for (i, col) in out_t.chunks_exact(m).take(self.rows).enumerate() {
             for (r, &v) in col.iter().enumerate() {
                 out[r * self.rows + i] = v;
             }
@@ -216,31 +290,64 @@ impl QMatrix {
         out
     }
 
-    /// Dot products of weight rows `first..first + out.len() / m` with every row of
-    /// `xq`, into `out` (`[rows, m]`).
-    fn row_products(&self, first: usize, xq: &QRows, out: &mut [f32]) {
-        let m = xq.m;
-        let n_rows = out.len() / m;
-        let row_bytes = self.cols / QK * self.format.block_bytes();
-        let w = &self.data[first * row_bytes..(first + n_rows) * row_bytes];
+    /// Dot products of octet `o`'s 8 rows with every row of `xq`, into `out`
+    /// (`[8, m]`).
+    fn octet_products(&self, o: usize, xq: &QRows, out: &mut [f32]) {
+        let ob = self.format.octet_bytes();
+        let octet = &self.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
         #[cfg(target_arch = "x86_64")]
         match x86_level() {
             // SAFETY (both): the CPU has the features the kernel is compiled for (checked
-            // by `x86_level`); `w` holds `n_rows` rows and `out` `n_rows * m` values
-            // (both checked by the slicing).
+            // by `x86_level`); `octet` holds `kb` octet blocks and `out` 8 * m values
+            // (both checked by the slicing above and by `products`).
             X86Level::Vnni => {
-                unsafe { vnni_kernels::products(self.format, w, row_bytes, xq, out) };
+                unsafe { vnni_kernels::products(self.format, octet, xq, out) };
                 return;
             }
             X86Level::Avx2 => {
-                unsafe { avx2_kernels::products(self.format, w, row_bytes, xq, out) };
+                unsafe { avx2_kernels::products(self.format, octet, xq, out) };
                 return;
             }
             X86Level::None => {}
         }
-        for (row, out) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
-            scalar_products(self.format, row, xq, 0, out);
+        for i in 0..OCTET {
+            let row = o * OCTET + i;
+            for r in 0..xq.m {
+                out[i * xq.m + r] = if row < self.rows {
+                    self.scalar_product(row, xq, r)
+                } else {
+                    0.0
+                };
+            }
         }
+    }
+
+    /// The portable kernel: one row by one activation row, the same arithmetic as the
+    /// vector kernels (integer dot per block, then scale and offset), one value at a time.
+    fn scalar_product(&self, row: usize, xq: &QRows, r: usize) -> f32 {
+        let mut acc = 0f32;
+        for b in 0..xq.kb {
+            let RowBlock { d, offset, qs } = self.row_block(row, b);
+            let at = r * xq.kb + b;
+            let xb = &xq.qs[at * QK..][..QK];
+            let dot: i32 = match self.format {
+                QFormat::Q4_0 | QFormat::Q4_1 => qs
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &q)| {
+                        i32::from(q & 0x0F) * i32::from(xb[j])
+                            + i32::from(q >> 4) * i32::from(xb[j + QK / 2])
+                    })
+                    .sum(),
+                QFormat::Q8_0 => qs
+                    .iter()
+                    .zip(xb)
+                    .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
+                    .sum(),
+            };
+            acc += dot as f32 * (d * xq.d[at]) + offset * xq.s[at];
+        }
+        acc
     }
 }
 
@@ -316,50 +423,6 @@ impl QRows {
     }
 }
 
-/// The portable kernel: the same arithmetic as the AVX2 one, one value at a time.
-fn scalar_products(format: QFormat, w: &[u8], xq: &QRows, r0: usize, out: &mut [f32]) {
-    let bb = format.block_bytes();
-    for (i, o) in out.iter_mut().enumerate() {
-        let r = r0 + i;
-        let mut acc = 0f32;
-        for (b, blk) in w.chunks_exact(bb).enumerate() {
-            let xb = &xq.qs[(r * xq.kb + b) * QK..][..QK];
-            let (dx, sx) = (xq.d[r * xq.kb + b], xq.s[r * xq.kb + b]);
-            let dw = f16_le(blk, 0);
-            let (dot, offset) = match format {
-                QFormat::Q4_0 | QFormat::Q4_1 => {
-                    let qs = if format == QFormat::Q4_0 {
-                        &blk[2..]
-                    } else {
-                        &blk[4..]
-                    };
-                    let mut dot = 0i32;
-                    for (j, &q) in qs.iter().enumerate() {
-                        dot += i32::from(q & 0x0F) * i32::from(xb[j]);
-                        dot += i32::from(q >> 4) * i32::from(xb[j + QK / 2]);
-                    }
-                    let offset = if format == QFormat::Q4_0 {
-                        -8.0 * dw * sx
-                    } else {
-                        f16_le(blk, 2) * sx
-                    };
-                    (dot, offset)
-                }
-                QFormat::Q8_0 => {
-                    let dot = blk[2..]
-                        .iter()
-                        .zip(xb)
-                        .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
-                        .sum();
-                    (dot, 0.0)
-                }
-            };
-            acc += dw * dx * dot as f32 + offset;
-        }
-        *o = acc;
-    }
-}
-
 /// The x86 kernels, stamped out once per instruction set: `$features` is the
 /// `target_feature` list and `$dot` the 32-byte unsigned x signed dot product (eight
 /// sums of four products each).
@@ -369,187 +432,117 @@ macro_rules! x86_kernels {
         mod $name {
             use std::arch::x86_64::*;
 
-            use super::super::{QFormat, QRows, QK};
+            use super::super::{QFormat, QRows, OCTET, QK};
 
             $dot
 
-
-            /// Dot products of the weight rows in `w` (`row_bytes` each) with every row of
-            /// `xq`, into `out` (`[rows, m]`), in tiles of up to 4 weight rows by 4 activation
-            /// rows, so each block loaded serves several products.
+            /// Dot products of one octet (`kb` octet blocks) with every row of `xq`, into
+            /// `out` (`[8, m]`).
             ///
             /// # Safety
-            /// The CPU must support AVX2, FMA and F16C; `w` must hold whole rows of `xq.kb`
-            /// blocks of `format`, and `out` one value per weight row and activation row.
+            /// The CPU must support the features this module is compiled for.
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn products(
-                format: QFormat,
-                w: &[u8],
-                row_bytes: usize,
-                xq: &QRows,
-                out: &mut [f32],
-            ) {
+            pub(crate) unsafe fn products(format: QFormat, octet: &[u8], xq: &QRows, out: &mut [f32]) {
                 let m = xq.m;
-                let rows = w.len() / row_bytes;
-                assert!(out.len() >= rows * m && row_bytes >= xq.kb * format.block_bytes());
-                macro_rules! tile {
-                    ($w:literal, $r:literal, $row:expr, $r0:expr) => {
-                        // SAFETY: rows $row..$row + $w of `w` and activation rows
-                        // $r0..$r0 + $r exist (loop bounds below); the CPU check is the caller's.
-                        unsafe {
-                            let wp = w.as_ptr().add($row * row_bytes);
-                            let op = out.as_mut_ptr().add($row * m + $r0);
-                            match format {
-                                QFormat::Q4_0 => kernel::<0, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                                QFormat::Q4_1 => kernel::<1, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                                QFormat::Q8_0 => kernel::<2, $w, $r>(wp, row_bytes, xq, $r0, op, m),
-                            }
+                assert!(octet.len() >= xq.kb * format.octet_bytes());
+                assert!(out.len() >= OCTET * m && xq.qs.len() >= m * xq.kb * QK);
+                for r in 0..m {
+                    // SAFETY: the bounds were checked above; the CPU check is the
+                    // caller's.
+                    let sums = unsafe {
+                        match format {
+                            QFormat::Q4_0 => kernel::<0>(octet.as_ptr(), xq, r),
+                            QFormat::Q4_1 => kernel::<1>(octet.as_ptr(), xq, r),
+                            QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r),
                         }
                     };
-                }
-                let mut row = 0;
-                while row < rows {
-                    let left = rows - row;
-                    if m == 1 {
-                        if left >= 4 {
-                            tile!(4, 1, row, 0);
-                            row += 4;
-                        } else {
-                            tile!(1, 1, row, 0);
-                            row += 1;
-                        }
-                        continue;
+                    for (i, v) in sums.iter().enumerate() {
+                        out[i * m + r] = *v;
                     }
-                    let wide = left >= 2;
-                    let mut r0 = 0;
-                    while r0 < m {
-                        match (wide, m - r0) {
-                            (true, 1) => tile!(2, 1, row, r0),
-                            (true, 2) => tile!(2, 2, row, r0),
-                            (true, 3) => tile!(2, 3, row, r0),
-                            (true, _) => tile!(2, 4, row, r0),
-                            (false, 1) => tile!(1, 1, row, r0),
-                            (false, 2) => tile!(1, 2, row, r0),
-                            (false, 3) => tile!(1, 3, row, r0),
-                            (false, _) => tile!(1, 4, row, r0),
-                        }
-                        r0 += 4;
-                    }
-                    row += if wide { 2 } else { 1 };
                 }
             }
 
+            /// Sums of the 8 lanes of each of 8 vectors, as one vector (lane i = sum of
+            /// `v[i]`).
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn f16_at(p: *const u8) -> f32 {
-                // SAFETY: the caller guarantees two readable bytes at `p`.
-                let bits = unsafe { p.cast::<u16>().read_unaligned() };
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+            fn reduce8(v: [__m256i; 8]) -> __m256i {
+                let a = _mm256_hadd_epi32(v[0], v[1]);
+                let b = _mm256_hadd_epi32(v[2], v[3]);
+                let c = _mm256_hadd_epi32(v[4], v[5]);
+                let d = _mm256_hadd_epi32(v[6], v[7]);
+                // Lane-halves: [0..3 of rows 0-3 | 4..7 of rows 0-3], and rows 4-7.
+                let lo = _mm256_hadd_epi32(a, b);
+                let hi = _mm256_hadd_epi32(c, d);
+                let first = _mm256_permute2x128_si256(lo, hi, 0x20);
+                let second = _mm256_permute2x128_si256(lo, hi, 0x31);
+                _mm256_add_epi32(first, second)
             }
 
-            /// 16 bytes of nibbles as 32 bytes: low nibbles are values 0..16, high ones 16..32.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn nibbles(p: *const u8) -> __m256i {
-                // SAFETY: the caller guarantees 16 readable bytes at `p`.
-                let b = unsafe { _mm_loadu_si128(p.cast()) };
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(b, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
-                _mm256_set_m128i(hi, lo)
-            }
-
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
-            }
-
-            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. `W` weight rows (from `w`, `row_bytes`
-            /// apart) times `R` activation rows (from `r0`); results go to `out[i * m + r]`.
+            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. One octet by activation row `r`: the
+            /// 8 rows' results.
             ///
             /// # Safety
-            /// AVX2, FMA and F16C; `W` rows of `xq.kb` blocks at `w`; rows `r0..r0 + R` in `xq`;
-            /// `out[i * m + r]` writable for every `i < W`, `r < R`.
+            /// The features of this module; `octet` points at `xq.kb` octet blocks of the format; row `r`
+            /// exists in `xq`.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn kernel<const F: u8, const W: usize, const R: usize>(
-                w: *const u8,
-                row_bytes: usize,
-                xq: &QRows,
-                r0: usize,
-                out: *mut f32,
-                m: usize,
-            ) {
+            unsafe fn kernel<const F: u8>(octet: *const u8, xq: &QRows, r: usize) -> [f32; 8] {
                 let format = match F {
                     0 => QFormat::Q4_0,
                     1 => QFormat::Q4_1,
                     _ => QFormat::Q8_0,
                 };
-                let bb = format.block_bytes();
-                let kb = xq.kb;
-                let mut acc = [[_mm256_setzero_ps(); R]; W];
-                let mut offset = [[0f32; R]; W];
-                let qp = xq.qs.as_ptr();
-                // SAFETY: every pointer below stays inside the W rows at `w` or inside rows
-                // r0..r0 + R of `xq`, as the caller promised.
+                let (qb, ob) = (format.quant_bytes(), format.octet_bytes());
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = _mm256_setzero_ps();
+                // SAFETY: every pointer stays inside the octet's `kb` blocks or inside
+                // row `r` of `xq`, as the caller promised.
                 unsafe {
-                    for b in 0..kb {
-                        // Weights as unsigned bytes, their scales, offsets and (Q8_0) signs.
-                        let mut u = [_mm256_setzero_si256(); W];
-                        let mut signs = [_mm256_setzero_si256(); W];
-                        let mut dw = [0f32; W];
-                        let mut wo = [0f32; W];
-                        for i in 0..W {
-                            let blk = w.add(i * row_bytes + b * bb);
-                            dw[i] = f16_at(blk);
-                            match F {
-                                0 => {
-                                    u[i] = nibbles(blk.add(2));
-                                    wo[i] = -8.0 * dw[i];
+                    for b in 0..xq.kb {
+                        let c = octet.add(b * ob);
+                        let at = r * xq.kb + b;
+                        let x = _mm256_loadu_si256(xq.qs.as_ptr().add(at * QK).cast());
+                        let mut dots = [_mm256_setzero_si256(); 8];
+                        for p in 0..4 {
+                            if F == 2 {
+                                for j in 0..2 {
+                                    let w = _mm256_loadu_si256(c.add((2 * p + j) * qb).cast());
+                                    // unsigned × signed: |w| and x with w's signs.
+                                    let u = _mm256_sign_epi8(w, w);
+                                    dots[2 * p + j] = dot_u8_i8(u, _mm256_sign_epi8(x, w));
                                 }
-                                1 => {
-                                    u[i] = nibbles(blk.add(4));
-                                    wo[i] = f16_at(blk.add(2));
-                                }
-                                _ => {
-                                    let q = _mm256_loadu_si256(blk.add(2).cast());
-                                    u[i] = _mm256_sign_epi8(q, q);
-                                    signs[i] = q;
-                                }
+                            } else {
+                                // Rows 2p and 2p+1: their 16 bytes of nibbles each.
+                                let v = _mm256_loadu_si256(c.add(2 * p * qb).cast());
+                                let lo = _mm256_and_si256(v, mask);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                                let u0 = _mm256_permute2x128_si256(lo, hi, 0x20);
+                                let u1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+                                dots[2 * p] = dot_u8_i8(u0, x);
+                                dots[2 * p + 1] = dot_u8_i8(u1, x);
                             }
                         }
-                        for r in 0..R {
-                            let at = (r0 + r) * kb + b;
-                            let x = _mm256_loadu_si256(qp.add(at * QK).cast());
-                            let dx = *xq.d.get_unchecked(at);
-                            let sx = *xq.s.get_unchecked(at);
-                            for i in 0..W {
-                                // maddubs wants unsigned × signed: move Q8_0's signs onto x.
-                                let x = if F == 2 {
-                                    _mm256_sign_epi8(x, signs[i])
-                                } else {
-                                    x
-                                };
-                                let dot = _mm256_cvtepi32_ps(dot_u8_i8(u[i], x));
-                                acc[i][r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw[i] * dx), acc[i][r]);
-                                if F != 2 {
-                                    offset[i][r] += wo[i] * sx;
-                                }
-                            }
+                        let sums = _mm256_cvtepi32_ps(reduce8(dots));
+                        let scales = c.add(OCTET * qb);
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
+                        let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
+                        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
+                        if F != 2 {
+                            let offset = if F == 0 {
+                                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+                            } else {
+                                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()))
+                            };
+                            let sx = _mm256_set1_ps(*xq.s.get_unchecked(at));
+                            acc = _mm256_fmadd_ps(offset, sx, acc);
                         }
                     }
-                    for i in 0..W {
-                        for r in 0..R {
-                            *out.add(i * m + r) = hsum(acc[i][r]) + offset[i][r];
-                        }
-                    }
+                    let mut out = [0f32; 8];
+                    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+                    out
                 }
             }
-
         }
     };
 }
@@ -597,7 +590,8 @@ mod tests {
     }
 
     /// Random weights quantised by candle, and our product against candle's dequantised
-    /// f32 product (the exact answer for the quantised weights).
+    /// f32 product (the exact answer for the quantised weights); then the portable, AVX2
+    /// and best kernels against each other.
     fn check(dtype: GgmlDType, rows: usize, cols: usize, m: usize) -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
@@ -617,39 +611,40 @@ mod tests {
                 "{dtype:?} {rows}x{cols} m={m}: element {i}: {a} vs {b} (scale {scale})"
             );
         }
-        // The portable kernel computes the same thing, to rounding.
         let xq = QRows::quantise(&xs, m, cols);
-        let kb = cols / QK;
-        let bb = mat.format.block_bytes();
-        for row in [0, rows / 2, rows - 1] {
-            let mut fast = vec![0f32; m];
-            mat.row_products(row, &xq, &mut fast);
-            let mut four = vec![0f32; 4 * m];
-            let first = row.min(rows - 4);
-            mat.row_products(first, &xq, &mut four);
-            assert_eq!(&four[(row - first) * m..][..m], &fast[..], "tiles agree");
+        for o in [0, rows.div_ceil(OCTET) - 1] {
+            let mut fast = vec![0f32; OCTET * m];
+            mat.octet_products(o, &xq, &mut fast);
             // The AVX2 kernel (which the VNNI one replaces where the CPU has it) gives
             // the same integer dots, so the same floats.
             #[cfg(target_arch = "x86_64")]
             if x86_level() != X86Level::None {
-                let row_bytes = kb * bb;
-                let w = &mat.data[row * row_bytes..(row + 1) * row_bytes];
-                let mut avx2 = vec![0f32; m];
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked); one row, m outputs.
-                unsafe { avx2_kernels::products(mat.format, w, row_bytes, &xq, &mut avx2) };
+                let ob = mat.format.octet_bytes();
+                let octet = &mat.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
+                let mut avx2 = vec![0f32; OCTET * m];
+                // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+                unsafe { avx2_kernels::products(mat.format, octet, &xq, &mut avx2) };
                 assert_eq!(avx2, fast, "AVX2 and {:?} kernels differ", x86_level());
             }
-            let mut slow = vec![0f32; m];
-            scalar_products(
-                mat.format,
-                &mat.data[row * kb * bb..(row + 1) * kb * bb],
-                &xq,
-                0,
-                &mut slow,
-            );
-            for (a, b) in fast.iter().zip(&slow) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            for i in 0..OCTET {
+                let row = o * OCTET + i;
+                for r in 0..m {
+                    let (a, b) = (
+                        fast[i * m + r],
+                        if row < rows {
+                            mat.scalar_product(row, &xq, r)
+                        } else {
+                            0.0
+                        },
+                    );
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+                }
             }
+        }
+        // A row comes out the same alone as in a batch.
+        if m > 1 {
+            let alone = mat.matmul(&xs[..cols], 1);
+            assert_eq!(&alone[..], &got[..rows], "row 0 alone vs batched");
         }
         Ok(())
     }
@@ -668,7 +663,7 @@ mod tests {
     #[test]
     fn rows_dequantise_like_candle() -> candle_core::Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (5, 64), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (13, 64), &dev)?;
         for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&w, dtype)?;
             let want: Vec<Vec<f32>> = q.dequantize(&dev)?.to_vec2()?;
@@ -686,7 +681,7 @@ mod tests {
     fn stacked_matrices_give_the_concatenated_product() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let a = Tensor::randn(0f32, 1.0, (40, 64), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, (24, 64), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (20, 64), &dev)?;
         let qa = packed(&QTensor::quantize(&a, GgmlDType::Q4_1)?);
         let qb = packed(&QTensor::quantize(&b, GgmlDType::Q4_1)?);
         let both = QMatrix::stack(&[&qa, &qb]).expect("same format and width");
@@ -694,11 +689,15 @@ mod tests {
         let got = both.matmul(&x, 2);
         let (ya, yb) = (qa.matmul(&x, 2), qb.matmul(&x, 2));
         for r in 0..2 {
-            assert_eq!(&got[r * 64..r * 64 + 40], &ya[r * 40..(r + 1) * 40]);
-            assert_eq!(&got[r * 64 + 40..(r + 1) * 64], &yb[r * 24..(r + 1) * 24]);
+            assert_eq!(&got[r * 60..r * 60 + 40], &ya[r * 40..(r + 1) * 40]);
+            assert_eq!(&got[r * 60 + 40..(r + 1) * 60], &yb[r * 20..(r + 1) * 20]);
         }
         let q8 = packed(&QTensor::quantize(&b, GgmlDType::Q8_0)?);
         assert!(QMatrix::stack(&[&qa, &q8]).is_none(), "formats differ");
+        assert!(
+            QMatrix::stack(&[&qb, &qa]).is_none(),
+            "a first part of 20 rows does not fill its octets"
+        );
         Ok(())
     }
 }
