@@ -499,7 +499,9 @@ fn local_batch_rate(
 /// whose workers spin 25,000 rounds after every op, and its scalar Q4_1 kernel held a
 /// local decode to 35 tok/s and 4 concurrent sessions to 6.3 tok/s in aggregate; our own
 /// kernels on a pool that sleeps when idle (`shard::kernels`) took them to 141.5 and
-/// 100.3. `bench/llama-cpp.sh` runs this beside llama.cpp on the same file.
+/// 100.3, and weights repacked into 8-row octets to 273.5 and 193.4 (swarm decode 198.9,
+/// llama.cpp ~140-150 on the same file and threads). `bench/llama-cpp.sh` runs this
+/// beside llama.cpp.
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let path = model_path(&args.model)?;
     let side = ClientSide::load(ModelFile::open(&path)?)?;
