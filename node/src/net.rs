@@ -417,7 +417,7 @@ impl Network {
         }
         let frame = protocol::encode_frame(&message)?;
         let slot = {
-            let mut open = self.data.open.lock().expect("data streams lock");
+            let mut open = self.data.open.lock().unwrap_or_else(|p| p.into_inner());
             open.entry(peer).or_default().clone()
         };
         let mut stream = slot.lock().await;
