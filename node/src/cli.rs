@@ -41,6 +41,12 @@ pub enum Commands {
     Demo(DemoArgs),
     /// Measure decode and prefill speed: in one process, and through a loopback swarm.
     Bench(BenchArgs),
+    /// Serve an OpenAI-compatible HTTP API backed by the swarm.
+    ///
+    /// Point any OpenAI client at http://LISTEN/v1: /v1/models, /v1/chat/completions
+    /// (streaming or not) and /v1/completions. Prints one line to stdout once ready,
+    /// `listening http://ADDR`.
+    Api(ApiArgs),
     /// Show the swarm: every server, its span, speed and free cache, and how many
     /// servers cover each block.
     Status(StatusArgs),
@@ -219,6 +225,31 @@ pub struct DemoArgs {
     /// Use this model instead of the default one.
     #[arg(long, value_name = "PATH")]
     pub model: Option<PathBuf>,
+}
+
+/// `shoal api`.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub model: ModelArg,
+    /// A node of the swarm (any `listening` line); repeat for several.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Address and port to serve HTTP on (port 0: any free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Run every block in this process, without a swarm.
+    #[arg(long)]
+    pub local: bool,
+    /// Element type of hidden states on the wire: f32 (exact), f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub wire_dtype: WireDType,
+    /// Seconds to wait for a bootstrap node to answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Seconds to keep looking for servers that cover every block, per request.
+    #[arg(long, default_value_t = 20.0)]
+    pub route_timeout: f64,
 }
 
 /// `shoal bench`.

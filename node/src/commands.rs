@@ -89,6 +89,16 @@ impl ClientSide {
         let text = TextCodec::from_model(&file)?;
         Ok(ClientSide { file, head, text })
     }
+
+    /// The model file.
+    pub fn file(&self) -> &ModelFile {
+        &self.file
+    }
+
+    /// Tokenizer and chat template.
+    pub fn text(&self) -> &TextCodec {
+        &self.text
+    }
 }
 
 /// Starts a client node, connected to `bootstrap`, with its inbound dispatcher.
@@ -179,7 +189,7 @@ pub async fn run_generation(
                 &mut blocks,
                 prompt,
                 max_new,
-                req.sampling.clone(),
+                req,
                 on_text,
             )
             .await?;
@@ -217,7 +227,7 @@ pub async fn run_generation(
                 &mut blocks,
                 prompt,
                 max_new,
-                req.sampling.clone(),
+                req,
                 on_text,
             )
             .await;
@@ -247,6 +257,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         chat: args.chat,
         max_tokens: args.sampling.max_tokens,
         sampling: sampling_params(&args.sampling),
+        ..Default::default()
     };
     let client = if args.local {
         None
@@ -401,6 +412,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         chat: true,
         max_tokens: args.max_tokens,
         sampling: SamplingParams::default(),
+        ..Default::default()
     };
     eprintln!("\n> {}\n", args.prompt);
     let mut stdout = std::io::stdout();
@@ -512,6 +524,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         chat: true,
         max_tokens: args.tokens,
         sampling: SamplingParams::default(),
+        ..Default::default()
     };
     let words: String = (0..args.prompt_tokens * 2)
         .map(|i| format!("w{i} "))
@@ -525,6 +538,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         chat: false,
         max_tokens: 1,
         sampling: SamplingParams::default(),
+        ..Default::default()
     };
     let swarm = LocalSwarm::start(&path, n, args.nodes).await?;
     let client = start_client(
@@ -840,5 +854,43 @@ pub fn simulate(args: SimArgs) -> anyhow::Result<()> {
         "  blocks uncovered: at most {worst}; in {minutes} of {} one-minute samples",
         r.uncovered_blocks.len()
     );
+    Ok(())
+}
+
+/// `shoal api`: the OpenAI-compatible gateway.
+pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
+    let side = ClientSide::load(open_model(&args.model)?)?;
+    let client = if args.local {
+        None
+    } else {
+        Some(
+            start_client(
+                &args.bootstrap,
+                Duration::from_secs_f64(args.connect_timeout),
+                None,
+            )
+            .await?,
+        )
+    };
+    let state = Arc::new(crate::api::ApiState {
+        side,
+        client,
+        wire: args.wire_dtype,
+        route_timeout: Duration::from_secs_f64(args.route_timeout),
+    });
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening http://{addr}")?;
+        out.flush()?;
+    }
+    axum::serve(listener, crate::api::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
     Ok(())
 }

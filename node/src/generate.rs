@@ -129,16 +129,22 @@ impl Blocks<'_> {
 }
 
 /// What to generate.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenerateRequest {
     /// The user's text.
     pub prompt: String,
     /// Apply the chat template to the prompt as a user message.
     pub chat: bool,
+    /// A whole conversation for the chat template; when not empty it is the prompt and
+    /// `prompt` / `chat` are ignored.
+    pub messages: Vec<ChatMessage>,
     /// Most new tokens.
     pub max_tokens: usize,
     /// Sampling.
     pub sampling: SamplingParams,
+    /// Texts that end the generation where they appear (they are not part of the
+    /// completion).
+    pub stop: Vec<String>,
 }
 
 /// The result of a generation.
@@ -160,7 +166,9 @@ pub struct Generation {
 
 /// Tokenises a request; the prompt must leave room for at least one new token.
 pub fn prompt_tokens(text: &TextCodec, req: &GenerateRequest) -> anyhow::Result<Vec<u32>> {
-    let rendered = if req.chat {
+    let rendered = if !req.messages.is_empty() {
+        text.render_chat(&req.messages)?
+    } else if req.chat {
         text.render_chat(&[ChatMessage::new("user", &req.prompt)])?
     } else {
         req.prompt.clone()
@@ -190,13 +198,14 @@ pub async fn generate(
     blocks: &mut Blocks<'_>,
     prompt: Vec<u32>,
     max_tokens: usize,
-    sampling: SamplingParams,
+    req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
 ) -> anyhow::Result<Generation> {
+    let stop = &req.stop[..];
     let device = Device::Cpu;
     let head = client_head.head();
     let hidden = head.config().hidden;
-    let mut sampler = Sampler::new(sampling);
+    let mut sampler = Sampler::new(req.sampling.clone());
     let mut stream = text.stream();
     let started = Instant::now();
     let mut last = None;
@@ -208,6 +217,9 @@ pub async fn generate(
     let mut history = prompt.clone();
     let mut completion = Vec::new();
     let mut out_text = String::new();
+    // Decoded text not yet passed on: it may be the start of a stop sequence.
+    let mut held = String::new();
+    let mut stopped_by_text = false;
     let mut finish = "length";
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
@@ -225,8 +237,22 @@ pub async fn generate(
         completion.push(tok);
         history.push(tok);
         if let Some(piece) = stream.push(tok)? {
-            on_text(&piece);
-            out_text.push_str(&piece);
+            held.push_str(&piece);
+            if let Some(at) = find_stop(&out_text, &held, stop) {
+                held.truncate(at);
+                on_text(&held);
+                out_text.push_str(&held);
+                stopped_by_text = true;
+                finish = "stop";
+                break;
+            }
+            // Text that could still become a stop sequence waits for the next piece.
+            let safe = held.len() - stop_prefix_len(&held, stop);
+            if safe > 0 {
+                on_text(&held[..safe]);
+                out_text.push_str(&held[..safe]);
+                held.drain(..safe);
+            }
         }
         if completion.len() == max_tokens {
             break;
@@ -234,11 +260,20 @@ pub async fn generate(
         let x = head.embed(&[tok])?;
         h = blocks.forward(&x, &device, hidden).await?;
     }
+    if !stopped_by_text && !held.is_empty() {
+        on_text(&held);
+        out_text.push_str(&held);
+    }
     let decoded = completion.len().saturating_sub(1);
     let secs = decode_started.elapsed().as_secs_f64();
     Ok(Generation {
-        // The stream holds back incomplete characters; the full decode is authoritative.
-        text: text.decode(&completion).unwrap_or(out_text),
+        // The stream holds back incomplete characters; the full decode is authoritative,
+        // unless a stop sequence cut the text short.
+        text: if stopped_by_text {
+            out_text
+        } else {
+            text.decode(&completion).unwrap_or(out_text)
+        },
         prompt_tokens: prompt,
         completion_tokens: completion,
         tokens_per_second: if secs > 0.0 {
@@ -249,4 +284,46 @@ pub async fn generate(
         prefill_seconds,
         finish_reason: finish.to_string(),
     })
+}
+
+/// Where the first stop sequence begins in `held`, counting one that starts in the text
+/// already passed on (`before`) and ends in `held` (then at 0).
+fn find_stop(before: &str, held: &str, stop: &[String]) -> Option<usize> {
+    let joined = format!("{before}{held}");
+    stop.iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| joined.find(s.as_str()))
+        .min()
+        .map(|at| at.saturating_sub(before.len()))
+}
+
+/// Length of the longest end of `held` that is the beginning of a stop sequence.
+fn stop_prefix_len(held: &str, stop: &[String]) -> usize {
+    stop.iter()
+        .filter(|s| !s.is_empty())
+        .flat_map(|s| {
+            (1..s.len().min(held.len() + 1))
+                .rev()
+                .filter(move |&n| s.is_char_boundary(n) && held.ends_with(&s[..n]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_sequences_are_found_and_held_back() {
+        let stop = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(find_stop("", "abc END x", &stop), Some(4));
+        assert_eq!(find_stop("ab\n", "\ncd", &stop), Some(0));
+        assert_eq!(find_stop("abc", "def", &stop), None);
+        assert_eq!(stop_prefix_len("hello E", &stop), 1);
+        assert_eq!(stop_prefix_len("hello EN", &stop), 2);
+        assert_eq!(stop_prefix_len("hello\n", &stop), 1);
+        assert_eq!(stop_prefix_len("hello", &stop), 0);
+        assert_eq!(stop_prefix_len("x", &[]), 0);
+    }
 }

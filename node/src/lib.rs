@@ -5,11 +5,13 @@
 //!   step's output straight to the next server of the chain.
 //! - [`client`] finds servers in the DHT, plans a chain with `coordinator`, and runs a
 //!   session's steps through it; [`generate`] is the generation loop on top.
+//! - [`api`] is the OpenAI-compatible HTTP gateway (`shoal api`).
 //! - [`commands`] wires these into the subcommands defined in [`cli`].
 //!
 //! Model math lives in `shard`, wire types in `protocol`, decisions in `coordinator`;
 //! this crate only connects them.
 
+pub mod api;
 pub mod cli;
 pub mod client;
 pub mod codec;

@@ -39,6 +39,7 @@ fn main() -> std::process::ExitCode {
             Commands::Generate(a) => commands::generate_cmd(a).await,
             Commands::Demo(a) => commands::demo(a).await,
             Commands::Bench(a) => commands::bench(a).await,
+            Commands::Api(a) => commands::api(a).await,
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
             Commands::Sim(a) => commands::simulate(a),

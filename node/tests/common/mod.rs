@@ -56,6 +56,28 @@ pub fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> 
     serve_with(model, &["--blocks", blocks], bootstrap)
 }
 
+/// The first line `child` prints on stdout (at most 120 s); the rest is drained so it
+/// never blocks on a full pipe. Kills it and shows its log if the line does not come.
+pub fn first_line(child: &mut Child, log: &std::path::Path, what: &str) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let log_text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{what} printed no listening line within 120 s; log:\n{log_text}");
+        }
+    }
+}
+
 /// Starts `shoal serve` with extra arguments on loopback and waits (at most 120 s) for
 /// its `listening` line.
 pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
@@ -81,26 +103,7 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
         cmd.args(["--bootstrap", b]);
     }
     let mut child = cmd.spawn().expect("spawn shoal serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        // Drain the rest so the server never blocks on a full pipe.
-        for _ in lines {}
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!(
-                "shoal serve {extra:?} printed no listening line within 120 s; log:\n{log_text}"
-            );
-        }
-    };
+    let line = first_line(&mut child, &log, &format!("shoal serve {extra:?}"));
     let addr = line
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
