@@ -320,15 +320,20 @@ async fn complete(
     tokio::spawn(async move {
         let piece_tx = tx.clone();
         let piece_chunk = chunk.clone();
-        let result = generate(&state, &req, move |piece| {
+        let generation = generate(&state, &req, move |piece| {
             let choice = if chat {
                 json!({"index": 0, "delta": {"content": piece}, "finish_reason": null})
             } else {
                 json!({"index": 0, "text": piece, "finish_reason": null})
             };
             let _ = piece_tx.send(piece_chunk(choice));
-        })
-        .await;
+        });
+        // A client that hangs up cancels its generation; dropping it closes its
+        // sessions on the servers (RemoteSession's Drop).
+        let result = tokio::select! {
+            r = generation => r,
+            () = tx.closed() => return,
+        };
         match result {
             Ok(g) => {
                 let last = if chat {

@@ -870,7 +870,23 @@ impl RemoteSession {
     }
 
     /// Closes the session on every server (best effort) and forgets it.
-    pub async fn close(self) {
-        self.client.close_hops(&self.hops).await;
+    pub async fn close(mut self) {
+        let hops = std::mem::take(&mut self.hops);
+        self.client.close_hops(&hops).await;
+    }
+}
+
+impl Drop for RemoteSession {
+    /// A session dropped without [`RemoteSession::close`] (its generation was cancelled:
+    /// an API client that hung up mid-stream) still frees its servers' caches.
+    fn drop(&mut self) {
+        if self.hops.is_empty() {
+            return;
+        }
+        let hops = std::mem::take(&mut self.hops);
+        let client = self.client.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { client.close_hops(&hops).await });
+        }
     }
 }

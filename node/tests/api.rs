@@ -196,3 +196,53 @@ fn no_route_is_a_503() {
         "{body}"
     );
 }
+
+/// Sessions on the swarm's servers, by `shoal status`.
+fn sessions(bootstrap: &str) -> Vec<u64> {
+    status(bootstrap)["servers"]
+        .as_array()
+        .expect("servers")
+        .iter()
+        .map(|s| s["sessions"].as_u64().expect("sessions"))
+        .collect()
+}
+
+#[test]
+fn a_client_that_hangs_up_frees_its_sessions() {
+    let m = model();
+    let a = serve(&m, "0..30", None);
+    let api = start_api(&a.addr, &[]);
+    let addr = api.url.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    // Counting goes on and on: without the hang-up this would run for most of a minute.
+    let body = r#"{"prompt":"1, 2, 3, 4, 5, 6,","max_tokens":7000,"temperature":0,"stream":true}"#;
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("data:").count() < 5 {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(sessions(&a.addr), vec![1], "the generation holds a session");
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = sessions(&a.addr);
+        if now == vec![0] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions still open 15 s after the client hung up: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
