@@ -176,9 +176,6 @@ pub struct SamplingArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// A node of the swarm (any `listening` line); repeat for several.
-    #[arg(long, value_name = "MULTIADDR")]
-    pub bootstrap: Vec<Multiaddr>,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -190,6 +187,18 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token ids, tokens/s, route) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub swarm: SwarmClientArgs,
+    #[command(flatten)]
+    pub emulate: EmulateArgs,
+}
+
+/// How a client reaches the swarm (`generate`, `api`).
+#[derive(Args, Debug)]
+pub struct SwarmClientArgs {
+    /// A node of the swarm (any `listening` line); repeat for several.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
     /// Run every block in this process, without a swarm: the reference path.
     #[arg(long)]
     pub local: bool,
@@ -200,11 +209,9 @@ pub struct GenerateArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
-    /// Seconds to keep looking for servers that cover every block.
+    /// Seconds to keep looking for servers that cover every block (per generation).
     #[arg(long, default_value_t = 20.0)]
     pub route_timeout: f64,
-    #[command(flatten)]
-    pub emulate: EmulateArgs,
 }
 
 /// `shoal demo`.
@@ -232,24 +239,11 @@ pub struct DemoArgs {
 pub struct ApiArgs {
     #[command(flatten)]
     pub model: ModelArg,
-    /// A node of the swarm (any `listening` line); repeat for several.
-    #[arg(long, value_name = "MULTIADDR")]
-    pub bootstrap: Vec<Multiaddr>,
     /// Address and port to serve HTTP on (port 0: any free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Run every block in this process, without a swarm.
-    #[arg(long)]
-    pub local: bool,
-    /// Element type of hidden states on the wire: f32 (exact), f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub wire_dtype: WireDType,
-    /// Seconds to wait for a bootstrap node to answer.
-    #[arg(long, default_value_t = 10.0)]
-    pub connect_timeout: f64,
-    /// Seconds to keep looking for servers that cover every block, per request.
-    #[arg(long, default_value_t = 20.0)]
-    pub route_timeout: f64,
+    #[command(flatten)]
+    pub swarm: SwarmClientArgs,
 }
 
 /// `shoal bench`.

@@ -259,13 +259,13 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         sampling: sampling_params(&args.sampling),
         ..Default::default()
     };
-    let client = if args.local {
+    let client = if args.swarm.local {
         None
     } else {
         Some(
             start_client(
-                &args.bootstrap,
-                Duration::from_secs_f64(args.connect_timeout),
+                &args.swarm.bootstrap,
+                Duration::from_secs_f64(args.swarm.connect_timeout),
                 args.emulate.shaping(),
             )
             .await?,
@@ -277,8 +277,8 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         &side,
         client.as_ref(),
         &req,
-        args.wire_dtype,
-        Duration::from_secs_f64(args.route_timeout),
+        args.swarm.wire_dtype,
+        Duration::from_secs_f64(args.swarm.route_timeout),
         |piece| {
             if !json {
                 let _ = stdout.write_all(piece.as_bytes());
@@ -860,13 +860,13 @@ pub fn simulate(args: SimArgs) -> anyhow::Result<()> {
 /// `shoal api`: the OpenAI-compatible gateway.
 pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
     let side = ClientSide::load(open_model(&args.model)?)?;
-    let client = if args.local {
+    let client = if args.swarm.local {
         None
     } else {
         Some(
             start_client(
-                &args.bootstrap,
-                Duration::from_secs_f64(args.connect_timeout),
+                &args.swarm.bootstrap,
+                Duration::from_secs_f64(args.swarm.connect_timeout),
                 None,
             )
             .await?,
@@ -875,8 +875,8 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
     let state = Arc::new(crate::api::ApiState {
         side,
         client,
-        wire: args.wire_dtype,
-        route_timeout: Duration::from_secs_f64(args.route_timeout),
+        wire: args.swarm.wire_dtype,
+        route_timeout: Duration::from_secs_f64(args.swarm.route_timeout),
     });
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

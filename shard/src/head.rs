@@ -92,7 +92,7 @@ impl Head {
                 self.config.vocab
             )));
         }
-        let t = Tensor::new(ids, &self.device)?;
+        let t = || Tensor::new(ids, &self.device);
         Ok(match &self.embedding {
             Embedding::Packed(q) => {
                 let hidden = q.cols();
@@ -102,8 +102,8 @@ impl Head {
                 }
                 Tensor::from_vec(rows, (ids.len(), hidden), &self.device)?
             }
-            Embedding::Quantized(q) => q.embedding(&t)?,
-            Embedding::Dense(e) => e.index_select(&t, 0)?,
+            Embedding::Quantized(q) => q.embedding(&t()?)?,
+            Embedding::Dense(e) => e.index_select(&t()?, 0)?,
         })
     }
 
