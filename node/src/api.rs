@@ -9,30 +9,48 @@
 //! prompt longer than the context, 404 for an unknown model, 503 when the swarm has no
 //! route over every block. Requests are served concurrently; the client process batches
 //! their LM heads and the servers batch their steps.
+//!
+//! The same server has a live dashboard at `/` (a page built into the binary that polls
+//! `/api/swarm`: every server found, its span against the model's blocks, throughput,
+//! free cache and health, coverage per block, the recent requests) and Prometheus
+//! metrics at `/metrics` ([`GatewayMetrics`]).
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use protocol::WireDType;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use shard::{ChatMessage, SamplingParams};
 
 use crate::client::Client;
-use crate::commands::{run_generation, ClientSide};
+use crate::commands::{run_generation, ClientSide, RouteEntry, Trip};
 use crate::generate::{prompt_tokens, GenerateRequest, Generation};
+use crate::metrics::GatewayMetrics;
 use crate::serving::DEFAULT_MAX_SEQ_LEN;
+use crate::survey::{coverage, survey, Seen};
 
 /// Tokens generated when a request names no limit.
 const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Requests the dashboard lists.
+const RECENT_REQUESTS: usize = 20;
+/// The dashboard's tokens/s counts the tokens of generations that ended this recently.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// A survey of the swarm is reused this long (several dashboards poll at once).
+const SURVEY_TTL: Duration = Duration::from_secs(1);
+/// How long a server may take to answer the survey before it is shown as silent.
+const SURVEY_ASK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the handlers share.
 pub struct ApiState {
@@ -44,9 +62,69 @@ pub struct ApiState {
     pub wire: WireDType,
     /// How long to look for a route over every block.
     pub route_timeout: Duration,
+    /// What the gateway counts (exported at `/metrics`).
+    pub metrics: GatewayMetrics,
+    board: Board,
+}
+
+/// What the dashboard shows besides the swarm itself.
+struct Board {
+    started: Instant,
+    /// Newest first.
+    recent: Mutex<VecDeque<RequestRecord>>,
+    /// When generations ended and how many tokens each made, within [`RATE_WINDOW`].
+    ended: Mutex<VecDeque<(Instant, usize)>>,
+    /// Requests that reached the model (answered, failed or cancelled).
+    requests: AtomicU64,
+    survey: tokio::sync::Mutex<Option<(Instant, Vec<Seen>)>>,
+}
+
+/// One request, as the dashboard lists it.
+#[derive(Serialize, Clone, Debug)]
+struct RequestRecord {
+    id: String,
+    endpoint: &'static str,
+    started_unix_ms: u64,
+    /// "running", "done", "failed" or "cancelled" (the client hung up).
+    state: &'static str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    seconds: f64,
+    tokens_per_second: Option<f64>,
+    finish_reason: Option<String>,
+    error: Option<String>,
+    route: Vec<RouteEntry>,
+    reroutes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ApiState {
+    /// A gateway over `client` (or local blocks when `None`).
+    pub fn new(
+        side: ClientSide,
+        client: Option<Client>,
+        wire: WireDType,
+        route_timeout: Duration,
+    ) -> Self {
+        ApiState {
+            side,
+            client,
+            wire,
+            route_timeout,
+            metrics: GatewayMetrics::default(),
+            board: Board {
+                started: Instant::now(),
+                recent: Mutex::new(VecDeque::new()),
+                ended: Mutex::new(VecDeque::new()),
+                requests: AtomicU64::new(0),
+                survey: tokio::sync::Mutex::new(None),
+            },
+        }
+    }
+
     /// The id clients name the model by: the file's name without its extension (the
     /// directory's name for a Hugging Face directory).
     fn model_name(&self) -> String {
@@ -71,11 +149,176 @@ impl ApiState {
 
 /// The gateway's routes.
 pub fn router(state: Arc<ApiState>) -> Router {
+    let mut registry = crate::metrics::registry();
+    state.metrics.register(&mut registry);
+    let registry = Arc::new(registry);
     Router::new()
+        .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
+        .route("/api/swarm", get(swarm))
+        .route(
+            "/metrics",
+            get(move || crate::metrics::scrape(registry.clone())),
+        )
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .with_state(state)
+}
+
+/// What the dashboard draws: the model, every server found, coverage per block, the
+/// gateway's own numbers and its recent requests.
+async fn swarm(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    let file = state.side.file();
+    let n_blocks = file.config().n_layers;
+    let (mode, servers, per_block) = match &state.client {
+        None => ("local", Vec::new(), vec![1; n_blocks]),
+        Some(client) => {
+            let servers = {
+                let mut cached = state.board.survey.lock().await;
+                match &*cached {
+                    Some((at, seen)) if at.elapsed() < SURVEY_TTL => seen.clone(),
+                    _ => {
+                        let seen = survey(client.net(), Some(file.id()), SURVEY_ASK_TIMEOUT).await;
+                        *cached = Some((Instant::now(), seen.clone()));
+                        seen
+                    }
+                }
+            };
+            let per_block = coverage(&servers)
+                .remove(file.id())
+                .map_or_else(|| vec![0; n_blocks], |(_, c)| c);
+            ("swarm", servers, per_block)
+        }
+    };
+    let board = &state.board;
+    let tokens_per_second = {
+        let mut ended = lock(&board.ended);
+        while ended
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > RATE_WINDOW)
+        {
+            ended.pop_front();
+        }
+        let tokens: usize = ended.iter().map(|(_, n)| n).sum();
+        tokens as f64 / board.started.elapsed().min(RATE_WINDOW).as_secs_f64()
+    };
+    let recent: Vec<RequestRecord> = lock(&board.recent).iter().cloned().collect();
+    Json(json!({
+        "model": {"name": state.model_name(), "id": file.id(), "blocks": n_blocks},
+        "mode": mode,
+        "servers": servers,
+        "coverage": per_block,
+        "gateway": {
+            "uptime_seconds": board.started.elapsed().as_secs_f64(),
+            "requests": board.requests.load(Ordering::Relaxed),
+            "tokens_generated": state.metrics.tokens_generated.get(),
+            "tokens_per_second": tokens_per_second,
+            "sessions_open": state.metrics.sessions.get(),
+        },
+        "requests": recent,
+    }))
+}
+
+/// Follows one generation for the dashboard and the metrics. Dropped before
+/// [`Tracker::finish`] (the client hung up, cancelling the generation), it counts the
+/// request as cancelled.
+struct Tracker {
+    state: Arc<ApiState>,
+    id: String,
+    endpoint: &'static str,
+    started: Instant,
+    finished: bool,
+}
+
+impl Tracker {
+    fn start(state: &Arc<ApiState>, id: &str, endpoint: &'static str, prompt: usize) -> Self {
+        state.metrics.sessions.inc();
+        state.board.requests.fetch_add(1, Ordering::Relaxed);
+        let record = RequestRecord {
+            id: id.to_string(),
+            endpoint,
+            started_unix_ms: crate::net::unix_ms(),
+            state: "running",
+            prompt_tokens: prompt,
+            completion_tokens: 0,
+            seconds: 0.0,
+            tokens_per_second: None,
+            finish_reason: None,
+            error: None,
+            route: Vec::new(),
+            reroutes: 0,
+        };
+        let mut recent = lock(&state.board.recent);
+        recent.push_front(record);
+        recent.truncate(RECENT_REQUESTS);
+        drop(recent);
+        Tracker {
+            state: state.clone(),
+            id: id.to_string(),
+            endpoint,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RequestRecord)) {
+        let mut recent = lock(&self.state.board.recent);
+        if let Some(r) = recent.iter_mut().find(|r| r.id == self.id) {
+            r.seconds = self.started.elapsed().as_secs_f64();
+            f(r);
+        }
+    }
+
+    fn outcome(&self, outcome: &'static str) {
+        self.state
+            .metrics
+            .requests
+            .get_or_create(&[("endpoint", self.endpoint), ("outcome", outcome)])
+            .inc();
+    }
+
+    fn finish(mut self, result: &Result<(Generation, Trip), ApiError>) {
+        self.finished = true;
+        let m = &self.state.metrics;
+        match result {
+            Ok((g, trip)) => {
+                let made = g.completion_tokens.len();
+                m.tokens_generated.inc_by(made as u64);
+                m.prompt_tokens.inc_by(g.prompt_tokens.len() as u64);
+                m.reroutes.inc_by(trip.reroutes.len() as u64);
+                lock(&self.state.board.ended).push_back((Instant::now(), made));
+                self.outcome("ok");
+                self.update(|r| {
+                    r.state = "done";
+                    r.completion_tokens = made;
+                    r.tokens_per_second = Some(g.tokens_per_second);
+                    r.finish_reason = Some(g.finish_reason.clone());
+                    r.route = trip.route.clone();
+                    r.reroutes = trip.reroutes.len();
+                });
+            }
+            Err(e) => {
+                m.failures
+                    .get_or_create(&[("kind", e.code.unwrap_or("internal"))])
+                    .inc();
+                self.outcome("error");
+                self.update(|r| {
+                    r.state = "failed";
+                    r.error = Some(e.message.clone());
+                });
+            }
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.state.metrics.sessions.dec();
+        if !self.finished {
+            self.outcome("cancelled");
+            self.update(|r| r.state = "cancelled");
+        }
+    }
 }
 
 /// An error in OpenAI's shape.
@@ -167,8 +410,45 @@ async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
     }))
 }
 
+/// Counts a request refused before it reached the model.
+fn rejected(state: &ApiState, endpoint: &'static str, r: Result<Response, ApiError>) -> Response {
+    match r {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_client_error() {
+                state
+                    .metrics
+                    .requests
+                    .get_or_create(&[("endpoint", endpoint), ("outcome", "rejected")])
+                    .inc();
+            }
+            e.into_response()
+        }
+    }
+}
+
 async fn chat_completions(
     State(state): State<Arc<ApiState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
+    let r = chat_completions_inner(state.clone(), body).await;
+    rejected(&state, CHAT, r)
+}
+
+async fn completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<TextRequest>, JsonRejection>,
+) -> Response {
+    let r = completions_inner(state.clone(), body).await;
+    rejected(&state, TEXT, r)
+}
+
+/// Endpoint names in metrics and on the dashboard.
+const CHAT: &str = "chat.completions";
+const TEXT: &str = "completions";
+
+async fn chat_completions_inner(
+    state: Arc<ApiState>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
@@ -187,8 +467,8 @@ async fn chat_completions(
     complete(state, generate, req.params, true).await
 }
 
-async fn completions(
-    State(state): State<Arc<ApiState>>,
+async fn completions_inner(
+    state: Arc<ApiState>,
     body: Result<Json<TextRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
@@ -242,6 +522,7 @@ fn request(state: &ApiState, p: &CompletionParams) -> Result<GenerateRequest, Ap
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         },
+        step_latency: Some(state.metrics.step_seconds.clone()),
         ..GenerateRequest::default()
     })
 }
@@ -281,8 +562,11 @@ async fn complete(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let model = state.model_name();
+    let tracker = Tracker::start(&state, &id, if chat { CHAT } else { TEXT }, prompt.len());
     if !params.stream {
-        let g = generate(&state, &req, |_| {}).await?;
+        let result = generate(&state, &req, |_| {}).await;
+        tracker.finish(&result);
+        let (g, _) = result?;
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": g.text},
                    "finish_reason": g.finish_reason, "logprobs": null})
@@ -334,8 +618,9 @@ async fn complete(
             r = generation => r,
             () = tx.closed() => return,
         };
+        tracker.finish(&result);
         match result {
-            Ok(g) => {
+            Ok((g, _)) => {
                 let last = if chat {
                     json!({"index": 0, "delta": {}, "finish_reason": g.finish_reason})
                 } else {
@@ -378,7 +663,7 @@ async fn generate(
     state: &ApiState,
     req: &GenerateRequest,
     on_text: impl FnMut(&str),
-) -> Result<Generation, ApiError> {
+) -> Result<(Generation, Trip), ApiError> {
     match run_generation(
         &state.side,
         state.client.as_ref(),
@@ -389,7 +674,7 @@ async fn generate(
     )
     .await
     {
-        Ok((g, _)) => Ok(g),
+        Ok(done) => Ok(done),
         Err(e) => {
             let message = format!("{e:#}");
             let no_route = message.contains("no chain of servers");

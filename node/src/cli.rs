@@ -146,6 +146,11 @@ pub struct ServeArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (steps served, step latency,
+    /// sessions open, cache use, failures), e.g. 127.0.0.1:9100. Port 0 picks a free
+    /// port; the address is printed on a `metrics` line after the `listening` line.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// Options shared by everything that generates.

@@ -657,13 +657,6 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// One server in `shoal status`.
-#[derive(Serialize, Debug)]
-struct StatusRow {
-    #[serde(flatten)]
-    announcement: protocol::Announcement,
-    rtt_ms: Option<f64>,
-}
-
 /// `shoal status`: asks every server the DHT knows for its announcement.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (net, _inbound) = net::start(NetConfig {
@@ -677,59 +670,18 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.connect_timeout),
     )
     .await?;
-    let peers = net.find_all_servers().await?;
-    let asks = peers.iter().map(|p| {
-        let net = net.clone();
-        let p = *p;
-        async move {
-            let t = Instant::now();
-            let r = tokio::time::timeout(
-                Duration::from_secs(5),
-                net.request(p, vec![], Request::Info),
-            )
-            .await;
-            match r {
-                Ok(Ok(Response::Info(a))) => Some(StatusRow {
-                    announcement: a,
-                    rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
-                }),
-                _ => None,
-            }
-        }
-    });
-    let mut rows: Vec<StatusRow> = futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    rows.sort_by(|a, b| {
-        (
-            &a.announcement.model_id,
-            a.announcement.span.start,
-            &a.announcement.peer_id,
-        )
-            .cmp(&(
-                &b.announcement.model_id,
-                b.announcement.span.start,
-                &b.announcement.peer_id,
-            ))
-    });
-    let mut coverage: std::collections::BTreeMap<String, (u32, Vec<u32>)> = Default::default();
-    for r in &rows {
-        let a = &r.announcement;
-        let entry = coverage
-            .entry(a.model_id.clone())
-            .or_insert_with(|| (a.n_blocks, vec![0; a.n_blocks as usize]));
-        for b in a.span.start..a.span.end.min(entry.0) {
-            entry.1[b as usize] += 1;
-        }
-    }
+    let seen = crate::survey::survey(&net, None, Duration::from_secs(5)).await;
+    let coverage = crate::survey::coverage(&seen);
+    let (rows, silent): (Vec<_>, Vec<_>) = seen.into_iter().partition(|s| s.answering());
     if args.json {
         let cov: serde_json::Map<String, serde_json::Value> = coverage
             .iter()
             .map(|(m, (_, c))| (m.clone(), serde_json::json!(c)))
             .collect();
-        println!("{}", serde_json::json!({"servers": rows, "coverage": cov}));
+        println!(
+            "{}",
+            serde_json::json!({"servers": rows, "silent": silent, "coverage": cov})
+        );
         return Ok(());
     }
     println!(
@@ -745,6 +697,15 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             a.throughput,
             a.free_cache_tokens,
             r.rtt_ms.unwrap_or(f64::NAN),
+            a.public_name
+        );
+    }
+    for s in &silent {
+        let a = &s.announcement;
+        println!(
+            "{:<54} {:>9}  not answering (announced {})",
+            a.peer_id,
+            a.span.to_string(),
             a.public_name
         );
     }
@@ -872,12 +833,12 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
             .await?,
         )
     };
-    let state = Arc::new(crate::api::ApiState {
+    let state = Arc::new(crate::api::ApiState::new(
         side,
         client,
-        wire: args.swarm.wire_dtype,
-        route_timeout: Duration::from_secs_f64(args.swarm.route_timeout),
-    });
+        args.swarm.wire_dtype,
+        Duration::from_secs_f64(args.swarm.route_timeout),
+    ));
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
+use prometheus_client::metrics::histogram::Histogram;
 use protocol::WireDType;
 use serde::Serialize;
 use shard::candle_core::{Device, Tensor};
@@ -145,6 +146,9 @@ pub struct GenerateRequest {
     /// Texts that end the generation where they appear (they are not part of the
     /// completion).
     pub stop: Vec<String>,
+    /// Where to record the seconds of each step through the blocks (a prefill chunk or
+    /// one token), for metrics.
+    pub step_latency: Option<Histogram>,
 }
 
 /// The result of a generation.
@@ -209,9 +213,16 @@ pub async fn generate(
     let mut stream = text.stream();
     let started = Instant::now();
     let mut last = None;
+    let timed = |t: Instant| {
+        if let Some(h) = &req.step_latency {
+            h.observe(t.elapsed().as_secs_f64());
+        }
+    };
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         let x = head.embed(chunk)?;
+        let t = Instant::now();
         last = Some(blocks.forward(&x, &device, hidden).await?);
+        timed(t);
     }
     let mut h = last.context("empty prompt")?;
     let mut history = prompt.clone();
@@ -258,7 +269,9 @@ pub async fn generate(
             break;
         }
         let x = head.embed(&[tok])?;
+        let t = Instant::now();
         h = blocks.forward(&x, &device, hidden).await?;
+        timed(t);
     }
     if !stopped_by_text && !held.is_empty() {
         on_text(&held);

@@ -5,7 +5,8 @@
 //!   step's output straight to the next server of the chain.
 //! - [`client`] finds servers in the DHT, plans a chain with `coordinator`, and runs a
 //!   session's steps through it; [`generate`] is the generation loop on top.
-//! - [`api`] is the OpenAI-compatible HTTP gateway (`shoal api`).
+//! - [`api`] is the OpenAI-compatible HTTP gateway (`shoal api`) with its dashboard;
+//!   [`metrics`] holds what servers and the gateway export to Prometheus.
 //! - [`commands`] wires these into the subcommands defined in [`cli`].
 //!
 //! Model math lives in `shard`, wire types in `protocol`, decisions in `coordinator`;
@@ -18,7 +19,9 @@ pub mod codec;
 pub mod commands;
 pub mod generate;
 pub mod hidden;
+pub mod metrics;
 pub mod model_cache;
 pub mod net;
 pub mod server;
 pub mod serving;
+pub mod survey;

@@ -22,6 +22,7 @@ use shard::candle_core::Tensor;
 use shard::{KvCache, Span};
 
 use crate::hidden::{from_wire, to_wire};
+use crate::metrics::ServerMetrics;
 use crate::net::{unix_ms, Inbound, Network, ANNOUNCE_TTL};
 
 /// A session unused this long is dropped and its cache freed: a client that vanished
@@ -62,6 +63,7 @@ pub struct Server {
     /// The current announcement, shared with the network side so `Info` requests (a
     /// client's liveness probe) are answered at once, even while a long step computes.
     public: Arc<Mutex<Announcement>>,
+    metrics: ServerMetrics,
 }
 
 /// Blocks `[start, end)` a session's cache covers.
@@ -139,7 +141,12 @@ impl Server {
                 addrs: Vec::new(),
                 expires_unix_ms: 0,
             })),
+            metrics: ServerMetrics::default(),
         };
+        server
+            .metrics
+            .cache_tokens_limit
+            .set(server.limits.max_cache_tokens as i64);
         server.refresh_public();
         server
     }
@@ -149,9 +156,25 @@ impl Server {
         self.public.clone()
     }
 
+    /// This server's metrics (register them to export them).
+    pub fn metrics(&self) -> ServerMetrics {
+        self.metrics.clone()
+    }
+
     fn refresh_public(&mut self) {
         let a = self.announcement();
         *self.public.lock().unwrap_or_else(|p| p.into_inner()) = a;
+        self.update_cache_gauges();
+    }
+
+    /// Sessions and cache use, for the metrics.
+    fn update_cache_gauges(&self) {
+        let m = &self.metrics;
+        m.sessions.set(self.sessions.len() as i64);
+        let used: usize = self.sessions.values().map(|s| s.cache.len()).sum();
+        let reserved: usize = self.sessions.values().map(|s| s.cache.max_len()).sum();
+        m.cache_tokens_used.set(used as i64);
+        m.cache_tokens_reserved.set(reserved as i64);
     }
 
     /// This server's current announcement.
@@ -312,7 +335,13 @@ impl Server {
             Request::Open(open) => {
                 let r = match self.open(open) {
                     Ok(r) => r,
-                    Err(e) => Response::Error(e),
+                    Err(e) => {
+                        self.metrics
+                            .refused_sessions
+                            .get_or_create(&[("kind", e.kind.name())])
+                            .inc();
+                        Response::Error(e)
+                    }
                 };
                 self.net.respond_blocking(channel, r);
                 self.refresh_public();
@@ -515,7 +544,10 @@ impl Server {
                 .iter_mut()
                 .map(|(_, x, session)| (&*x, &mut session.cache))
                 .collect();
+            let started = Instant::now();
+            let tokens: usize = items.iter().map(|(x, _)| x.dims()[0]).sum();
             let outputs = self.span.forward_batch(items);
+            let took = started.elapsed().as_secs_f64();
             let mut done = Vec::with_capacity(taken.len());
             for (step, _, mut session) in taken {
                 session.last_step = Some(step.step);
@@ -526,11 +558,19 @@ impl Server {
             }
             match outputs {
                 Ok(ys) => {
+                    let m = &self.metrics;
+                    m.steps.inc_by(ys.len() as u64);
+                    m.tokens.inc_by(tokens as u64);
+                    m.batch_sessions.observe(ys.len() as f64);
+                    for _ in &ys {
+                        m.step_seconds.observe(took);
+                    }
                     for ((step, wire), y) in done.into_iter().zip(ys) {
                         let (session, index) = (step.session, step.step);
                         let reply_to = step.reply_to.clone();
                         if let Err(e) = self.send_output(step, &y, wire) {
                             tracing::warn!(session, "step failed: {e}");
+                            self.count_failure(&e);
                             let me = self.net.peer_id();
                             self.report_failure(&reply_to, session, index, me, e);
                         }
@@ -544,6 +584,7 @@ impl Server {
                 }
             }
         }
+        self.update_cache_gauges();
     }
 
     /// A step that cannot be taken: the error goes back as the answer to a request, or,
@@ -555,13 +596,24 @@ impl Server {
         e: ErrorInfo,
     ) {
         match channel {
-            Some(channel) => self.net.respond_blocking(Some(channel), Response::Error(e)),
+            Some(channel) => {
+                self.count_failure(&e);
+                self.net.respond_blocking(Some(channel), Response::Error(e))
+            }
             None => self.step_failed(step, e),
         }
     }
 
+    fn count_failure(&self, e: &ErrorInfo) {
+        self.metrics
+            .failures
+            .get_or_create(&[("kind", e.kind.name())])
+            .inc();
+    }
+
     fn step_failed(&self, step: &Step, e: ErrorInfo) {
         tracing::warn!(session = step.session, "step failed: {e}");
+        self.count_failure(&e);
         let me = self.net.peer_id();
         self.report_failure(&step.reply_to, step.session, step.step, me, e);
     }
@@ -582,6 +634,7 @@ impl Server {
         let client: PeerId = reply_to
             .parse()
             .map_err(|_| ErrorInfo::new(ErrorKind::BadRequest, "reply_to is not a peer id"))?;
+        let failures = self.metrics.failures.clone();
         self.rt.spawn(async move {
             // Every server reports its output to the client: from the last one it is
             // the result, from the others a copy the client keeps for replays.
@@ -627,6 +680,7 @@ impl Server {
             let forwarded = forward.await;
             report.await;
             if let Err(error) = forwarded {
+                failures.get_or_create(&[("kind", error.kind.name())]).inc();
                 let msg = Request::Failed(StepFailed {
                     session,
                     step: index,

@@ -148,6 +148,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or(cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN))
         .min(cfg.max_seq_len);
     let max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
+    // Bound before anything slow, so a bad address fails at once.
+    let metrics_listener = match &args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics {addr}: cannot listen there"))?,
+        ),
+        None => None,
+    };
     let listen = if args.listen.is_empty() {
         vec![
             "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
@@ -220,10 +229,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         addrs,
     );
     let public = server.public_view();
+    let metrics = server.metrics();
     let handle = server.spawn(REANNOUNCE_EVERY)?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "listening {shown}")?;
+        out.flush()?;
+    }
+    if let Some(listener) = metrics_listener {
+        let mut registry = crate::metrics::registry();
+        metrics.register(&mut registry);
+        let at = listener.local_addr()?;
+        let app = crate::metrics::router(Arc::new(registry));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::warn!("the metrics endpoint stopped: {e}");
+            }
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "metrics http://{at}/metrics")?;
         out.flush()?;
     }
     if args.blocks.is_none() && args.rebalance_interval > 0.0 {

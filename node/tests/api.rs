@@ -1,5 +1,6 @@
 //! `shoal api` driven by the official `openai` Python package (from PyPI) against a
-//! 3-node loopback swarm, and its error responses checked raw.
+//! 3-node loopback swarm, and its error responses checked raw; its dashboard opened in
+//! headless Chromium; its metrics and the servers' read by Prometheus' own parser.
 
 mod common;
 
@@ -13,8 +14,14 @@ use serde_json::Value;
 
 /// The `openai` package, installed with pip into the cache on first use.
 fn openai_package() -> PathBuf {
-    let dir = shoal_node::model_cache::cache_dir().join("openai-py-3.57.0");
-    if !dir.join("openai").exists() {
+    python_package("openai", "3.57.0")
+}
+
+/// A package from PyPI, installed with pip into the cache on first use; the directory
+/// to put on `PYTHONPATH`.
+fn python_package(name: &str, version: &str) -> PathBuf {
+    let dir = shoal_node::model_cache::cache_dir().join(format!("{name}-py-{version}"));
+    if !dir.join(name.replace('-', "_")).exists() {
         let status = std::process::Command::new("python3")
             .args([
                 "-m",
@@ -25,10 +32,10 @@ fn openai_package() -> PathBuf {
                 "--target",
             ])
             .arg(&dir)
-            .arg("openai==3.57.0")
+            .arg(format!("{name}=={version}"))
             .status()
             .expect("python3 -m pip");
-        assert!(status.success(), "pip could not install openai");
+        assert!(status.success(), "pip could not install {name}");
     }
     dir
 }
@@ -71,15 +78,21 @@ fn start_api(bootstrap: &str, extra: &[&str]) -> Api {
     Api { child, url }
 }
 
-/// One raw HTTP request; the status and the JSON body.
+/// One raw HTTP POST of a JSON body; the status and the JSON answer.
 fn http(url: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, text) = raw_http(url, "POST", path, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One raw HTTP request; the status and the body.
+fn raw_http(url: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let addr = url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .expect("write");
@@ -90,8 +103,8 @@ fn http(url: &str, path: &str, body: &str) -> (u16, Value) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {reply:?}"));
-    let json = reply.split("\r\n\r\n").nth(1).unwrap_or("");
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
 }
 
 #[test]
@@ -244,5 +257,348 @@ fn a_client_that_hangs_up_frees_its_sessions() {
             "sessions still open 15 s after the client hung up: {now:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Debian's Chromium. Missing, the browser test is skipped with a note, unless
+/// `SHOAL_REQUIRE_BROWSER` is set (`.ci/run` installs Chromium and sets it, so CI
+/// cannot skip it).
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SHOAL_REQUIRE_BROWSER").is_none(),
+            "SHOAL_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium; .ci/run does)");
+    }
+    found
+}
+
+/// Headless Chromium on `url` with `args` (e.g. `--dump-dom`), given 5 s of page time
+/// to run its scripts (time waiting on the network does not count).
+fn headless(chromium: &std::path::Path, args: &[&str], url: &str) -> std::process::Output {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut cmd = std::process::Command::new(chromium);
+    // Without the background-networking flags Chromium tries hosts this sandbox
+    // cannot reach; --no-sandbox because tests may run as root.
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1400,900",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(args)
+    .arg(url);
+    let (out, _) = run(cmd, Duration::from_secs(90));
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `GET /api/swarm`, parsed.
+fn swarm_view(api: &Api) -> Value {
+    let (status, body) = raw_http(&api.url, "GET", "/api/swarm", "");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+#[test]
+fn the_dashboard_shows_every_server_in_a_browser() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let m = model();
+    let a = serve_with(&m, &["--blocks", "0..10", "--name", "alpha"], None);
+    let b = serve(&m, "10..30", Some(&a.addr));
+    // A name is the operator's free text: it must show as text, never as markup.
+    let c = serve_with(
+        &m,
+        &["--blocks", "0..30", "--name", "<i>gamma</i>"],
+        Some(&a.addr),
+    );
+    let api = start_api(&a.addr, &[]);
+    let (status, done) = http(
+        &api.url,
+        "/v1/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":4,"temperature":0}"#,
+    );
+    assert_eq!(status, 200, "{done}");
+    let expected = [(&a, "0..10"), (&b, "10..30"), (&c, "0..30")];
+    // The page shows what /api/swarm says: wait until it has found every server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = swarm_view(&api);
+        let answering: Vec<&str> = view["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .filter(|s| !s["rtt_ms"].is_null())
+            .filter_map(|s| s["peer_id"].as_str())
+            .collect();
+        if expected
+            .iter()
+            .all(|(s, _)| answering.contains(&s.peer.as_str()))
+        {
+            // 0..10 by alpha and gamma, 10..30 by the second and gamma.
+            assert_eq!(view["coverage"], serde_json::json!(vec![2; 30]), "{view}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not find every server within 30 s: {view}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let dom = String::from_utf8(headless(&chromium, &["--dump-dom"], &api.url).stdout)
+        .expect("UTF-8 DOM");
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "the page never rendered:\n{dom}"
+    );
+    for (server, span) in expected {
+        let at = dom
+            .find(&format!(r#"data-peer="{}""#, server.peer))
+            .unwrap_or_else(|| panic!("peer {} missing from the dashboard:\n{dom}", server.peer));
+        let row = &dom[at..at + dom[at..].find("</tr>").expect("row end")];
+        assert!(row.contains(&format!(r#"data-span="{span}""#)), "{row}");
+        assert!(row.contains(&format!(">{span}<")), "span not shown: {row}");
+        assert!(row.contains(">ok<"), "not shown healthy: {row}");
+    }
+    assert!(dom.contains(">alpha<"), "names are shown");
+    assert!(
+        dom.contains("&lt;i&gt;gamma&lt;/i&gt;") && !dom.contains("<i>gamma</i>"),
+        "a server's name must be escaped"
+    );
+    let id = done["id"].as_str().expect("id");
+    assert!(dom.contains(id), "the request {id} is not listed");
+
+    // The screenshot, kept as an artifact of the test run.
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifact dir");
+    let shot = dir.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(
+        &chromium,
+        &[&format!("--screenshot={}", shot.display())],
+        &api.url,
+    );
+    let png = std::fs::read(&shot).expect("the screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// Every sample of a family parsed by `parse_metrics.py`: (sample name, labels, value).
+fn samples<'a>(scrape: &'a Value, family: &str) -> Vec<(&'a str, &'a Value, f64)> {
+    scrape["families"][family]["samples"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no family {family} in {scrape}"))
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_str().expect("name"),
+                &s[1],
+                s[2].as_f64().expect("value"),
+            )
+        })
+        .collect()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(scrape: &Value, family: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(scrape, family)
+        .into_iter()
+        .find(|(n, l, _)| *n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+        .map(|(_, _, v)| v)
+        .unwrap_or_else(|| panic!("no {name}{labels:?} in {}", scrape["families"][family]))
+}
+
+#[test]
+fn metrics_are_openmetrics_and_count_the_work() {
+    let m = model();
+    let a = serve_with(&m, &["--blocks", "0..15", "--metrics", "127.0.0.1:0"], None);
+    let b = serve_with(
+        &m,
+        &["--blocks", "15..30", "--metrics", "127.0.0.1:0"],
+        Some(&a.addr),
+    );
+    let api = start_api(&a.addr, &[]);
+    // Two generations and one refusal.
+    let (s1, text) = http(
+        &api.url,
+        "/v1/completions",
+        r#"{"prompt":"The capital of France is","max_tokens":6,"temperature":0}"#,
+    );
+    let (s2, chat) = http(
+        &api.url,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"Say hi"}],"max_tokens":5,"temperature":0}"#,
+    );
+    let (s3, _) = http(&api.url, "/v1/chat/completions", "{not json");
+    assert_eq!((s1, s2, s3), (200, 200, 400), "{text} {chat}");
+    // Steps through the blocks: one prefill chunk, then one per token fed back (the
+    // last token is fed back only when the model ended the answer itself).
+    let mut steps = 0.0;
+    let mut positions = 0.0;
+    let (mut prompt, mut completion) = (0.0, 0.0);
+    for r in [&text, &chat] {
+        let p = r["usage"]["prompt_tokens"].as_f64().expect("usage");
+        let c = r["usage"]["completion_tokens"].as_f64().expect("usage");
+        let fed = if r["choices"][0]["finish_reason"] == "length" {
+            c - 1.0
+        } else {
+            c
+        };
+        steps += 1.0 + fed;
+        positions += p + fed;
+        prompt += p;
+        completion += c;
+    }
+
+    let package = python_package("prometheus-client", "0.26.0");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/api/parse_metrics.py");
+    let urls = [
+        format!("{}/metrics", api.url),
+        a.metrics.clone().expect("metrics url"),
+        b.metrics.clone().expect("metrics url"),
+    ];
+    // Sessions close just after the answer: give the servers a moment to count them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let scrapes = loop {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(&script).args(&urls).env("PYTHONPATH", &package);
+        let (out, _) = run(cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "the Prometheus parser refused the metrics: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let scrapes: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let open: f64 = urls[1..]
+            .iter()
+            .map(|u| {
+                sample(
+                    &scrapes[u],
+                    "shoal_sessions_open",
+                    "shoal_sessions_open",
+                    &[],
+                )
+            })
+            .sum();
+        if open == 0.0 || std::time::Instant::now() > deadline {
+            break scrapes;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{scrapes:#}");
+
+    let gw = &scrapes[&urls[0]];
+    assert!(
+        gw["content_type"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{}",
+        gw["content_type"]
+    );
+    let value =
+        |family: &str, name: &str, labels: &[(&str, &str)]| sample(gw, family, name, labels);
+    assert_eq!(
+        value(
+            "shoal_tokens_generated",
+            "shoal_tokens_generated_total",
+            &[]
+        ),
+        completion
+    );
+    assert_eq!(
+        value("shoal_prompt_tokens", "shoal_prompt_tokens_total", &[]),
+        prompt
+    );
+    let requests = |endpoint, outcome| {
+        value(
+            "shoal_requests",
+            "shoal_requests_total",
+            &[("endpoint", endpoint), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(requests("completions", "ok"), 1.0);
+    assert_eq!(requests("chat.completions", "ok"), 1.0);
+    assert_eq!(requests("chat.completions", "rejected"), 1.0);
+    assert_eq!(
+        gw["families"]["shoal_step_latency_seconds"]["type"],
+        "histogram"
+    );
+    assert_eq!(
+        value(
+            "shoal_step_latency_seconds",
+            "shoal_step_latency_seconds_count",
+            &[]
+        ),
+        steps
+    );
+    assert_eq!(
+        value("shoal_sessions_open", "shoal_sessions_open", &[]),
+        0.0
+    );
+    assert_eq!(value("shoal_reroutes", "shoal_reroutes_total", &[]), 0.0);
+
+    // Every step crossed both servers, each over its half of the blocks.
+    for url in &urls[1..] {
+        let s = &scrapes[url];
+        let value = |family: &str, name: &str| sample(s, family, name, &[]);
+        assert_eq!(
+            value("shoal_steps_served", "shoal_steps_served_total"),
+            steps,
+            "{url}"
+        );
+        assert_eq!(
+            value("shoal_tokens_processed", "shoal_tokens_processed_total"),
+            positions,
+            "{url}"
+        );
+        assert_eq!(
+            value(
+                "shoal_step_latency_seconds",
+                "shoal_step_latency_seconds_count"
+            ),
+            steps,
+            "{url}"
+        );
+        let buckets: Vec<f64> = samples(s, "shoal_step_latency_seconds")
+            .into_iter()
+            .filter(|(n, _, _)| n.ends_with("_bucket"))
+            .map(|(_, _, v)| v)
+            .collect();
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+        assert_eq!(buckets.last().copied(), Some(steps), "+Inf bucket");
+        assert_eq!(
+            value("shoal_sessions_open", "shoal_sessions_open"),
+            0.0,
+            "{url}"
+        );
+        assert_eq!(
+            value("shoal_cache_tokens_used", "shoal_cache_tokens_used"),
+            0.0
+        );
+        assert!(value("shoal_cache_tokens_limit", "shoal_cache_tokens_limit") > 0.0);
     }
 }

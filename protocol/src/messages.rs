@@ -217,6 +217,22 @@ pub enum ErrorKind {
     Internal,
 }
 
+impl ErrorKind {
+    /// A short snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::UnknownSession => "unknown_session",
+            ErrorKind::WrongModel => "wrong_model",
+            ErrorKind::SpanNotServed => "span_not_served",
+            ErrorKind::TooLong => "too_long",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
 /// A refusal: a kind for programs and a message for people.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ErrorInfo {

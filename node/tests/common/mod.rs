@@ -30,6 +30,8 @@ pub struct Server {
     pub peer: String,
     /// Where its stderr (logs) goes.
     pub log: PathBuf,
+    /// Its metrics URL, when started with `--metrics`.
+    pub metrics: Option<String>,
 }
 
 impl Drop for Server {
@@ -59,21 +61,25 @@ pub fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> 
 /// The first line `child` prints on stdout (at most 120 s); the rest is drained so it
 /// never blocks on a full pipe. Kills it and shows its log if the line does not come.
 pub fn first_line(child: &mut Child, log: &std::path::Path, what: &str) -> String {
+    first_lines(child, log, what, 1).remove(0)
+}
+
+/// The first `n` lines `child` prints on stdout (at most 120 s), as [`first_line`].
+pub fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usize) -> Vec<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
+        let first: Vec<String> = lines.by_ref().take(n).map_while(Result::ok).collect();
+        let _ = tx.send(first);
         for _ in lines {}
     });
     match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(l) => l,
-        Err(_) => {
+        Ok(l) if l.len() == n => l,
+        got => {
             let _ = child.kill();
             let log_text = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("{what} printed no listening line within 120 s; log:\n{log_text}");
+            panic!("{what} printed {got:?}, not {n} lines, within 120 s; log:\n{log_text}");
         }
     }
 }
@@ -103,7 +109,20 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
         cmd.args(["--bootstrap", b]);
     }
     let mut child = cmd.spawn().expect("spawn shoal serve");
-    let line = first_line(&mut child, &log, &format!("shoal serve {extra:?}"));
+    let with_metrics = extra.contains(&"--metrics");
+    let mut lines = first_lines(
+        &mut child,
+        &log,
+        &format!("shoal serve {extra:?}"),
+        1 + usize::from(with_metrics),
+    );
+    let metrics = with_metrics.then(|| {
+        let l = lines.pop().expect("metrics line");
+        l.strip_prefix("metrics ")
+            .unwrap_or_else(|| panic!("unexpected second line {l:?}"))
+            .to_string()
+    });
+    let line = lines.remove(0);
     let addr = line
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
@@ -117,6 +136,7 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
         addr,
         peer,
         log,
+        metrics,
     }
 }
 

@@ -1,0 +1,107 @@
+//! A look at the whole swarm: every server the DHT knows, asked for its current state.
+//!
+//! Used by `shoal status` and by the gateway's dashboard. Servers come from three
+//! places, so that one lost record does not hide a server: the DHT's list of all
+//! servers, the model's announcements, and the DHT servers in this node's routing table.
+//! Each is asked for its announcement ([`Request::Info`], answered by servers without
+//! waiting for queued steps); one that does not answer in time is listed as silent with
+//! what it last announced.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use protocol::{Announcement, Request, Response};
+use serde::Serialize;
+
+use crate::net::Network;
+
+/// One server as seen now.
+#[derive(Serialize, Debug, Clone)]
+pub struct Seen {
+    /// Its announcement: fresh from the server when it answered, else from the DHT.
+    #[serde(flatten)]
+    pub announcement: Announcement,
+    /// Round trip of the `Info` request; `None` when it did not answer.
+    pub rtt_ms: Option<f64>,
+}
+
+impl Seen {
+    /// Whether the server answered.
+    pub fn answering(&self) -> bool {
+        self.rtt_ms.is_some()
+    }
+}
+
+/// Every server found, answering or not, optionally of one model only, sorted by model,
+/// first block and peer id.
+pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration) -> Vec<Seen> {
+    let mut known: HashMap<PeerId, (Vec<Multiaddr>, Option<Announcement>)> = HashMap::new();
+    for p in net.find_all_servers().await.unwrap_or_default() {
+        known.entry(p).or_default();
+    }
+    if let Some(model) = model_id {
+        for a in net.find_servers(model).await.unwrap_or_default() {
+            if let Ok(p) = a.peer_id.parse::<PeerId>() {
+                let addrs = a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
+                known.insert(p, (addrs, Some(a)));
+            }
+        }
+    }
+    for (p, addrs) in net.dht_peers().await.unwrap_or_default() {
+        let entry = known.entry(p).or_default();
+        if entry.0.is_empty() {
+            entry.0 = addrs;
+        }
+    }
+    let asks = known.into_iter().map(|(peer, (addrs, recorded))| {
+        let net = net.clone();
+        async move {
+            let t = Instant::now();
+            let r =
+                tokio::time::timeout(ask_timeout, net.request(peer, addrs, Request::Info)).await;
+            match r {
+                Ok(Ok(Response::Info(a))) => Some(Seen {
+                    announcement: a,
+                    rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
+                }),
+                _ => recorded.map(|a| Seen {
+                    announcement: a,
+                    rtt_ms: None,
+                }),
+            }
+        }
+    });
+    let mut seen: Vec<Seen> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|s| model_id.is_none_or(|m| s.announcement.model_id == m))
+        .collect();
+    seen.sort_by(|a, b| {
+        let key = |s: &Seen| {
+            (
+                s.announcement.model_id.clone(),
+                s.announcement.span.start,
+                s.announcement.peer_id.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    seen
+}
+
+/// Per model: its number of blocks and how many answering servers serve each block.
+pub fn coverage(seen: &[Seen]) -> BTreeMap<String, (u32, Vec<u32>)> {
+    let mut coverage: BTreeMap<String, (u32, Vec<u32>)> = BTreeMap::new();
+    for s in seen.iter().filter(|s| s.answering()) {
+        let a = &s.announcement;
+        let entry = coverage
+            .entry(a.model_id.clone())
+            .or_insert_with(|| (a.n_blocks, vec![0; a.n_blocks as usize]));
+        for b in a.span.start..a.span.end.min(entry.0) {
+            entry.1[b as usize] += 1;
+        }
+    }
+    coverage
+}
