@@ -156,6 +156,16 @@ fn openai_client_gets_completions_from_the_swarm() {
     assert_eq!(stream["usage"], plain["usage"]);
     assert!(stream["chunks"].as_u64().expect("chunks") > 3);
 
+    // Concurrent requests are served together (each started before any ended), and
+    // batching with each other changes no answer.
+    assert_eq!(
+        r["concurrent"]["overlap"], true,
+        "four concurrent requests were served one after another"
+    );
+    for t in r["concurrent"]["texts"].as_array().expect("texts") {
+        assert_eq!(t, &plain["text"]);
+    }
+
     // max_tokens cuts the answer: finish_reason "length".
     assert_eq!(r["short"]["finish_reason"], "length");
     assert_eq!(r["short"]["completion_tokens"], 3);

@@ -1,6 +1,8 @@
 """Drives `shoal api` with the official openai package; prints one JSON object."""
 import json
 import sys
+import threading
+import time
 
 import openai
 
@@ -49,6 +51,31 @@ out["short"] = {"finish_reason": short.choices[0].finish_reason,
 text = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
 out["completion"] = {"text": text.choices[0].text, "finish_reason": text.choices[0].finish_reason,
                      "completion_tokens": text.usage.completion_tokens}
+
+# Four streamed requests at once: each must start answering before any of them ends.
+def one(i, results, start):
+    start.wait()
+    first, pieces = None, []
+    for chunk in client.chat.completions.create(
+        model=model, messages=question, max_tokens=24, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            if c.delta.content:
+                first = first or time.monotonic()
+                pieces.append(c.delta.content)
+    results[i] = {"first": first, "end": time.monotonic(), "text": "".join(pieces)}
+
+
+results, start = [None] * 4, threading.Barrier(4)
+threads = [threading.Thread(target=one, args=(i, results, start)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+out["concurrent"] = {
+    "texts": [r["text"] for r in results],
+    "overlap": max(r["first"] for r in results) < min(r["end"] for r in results),
+}
 
 try:
     client.chat.completions.create(model="no-such-model", messages=question, max_tokens=4)
