@@ -21,8 +21,8 @@ use anyhow::{anyhow, bail, Context};
 use coordinator::Bans;
 use libp2p::{Multiaddr, PeerId};
 use protocol::{
-    Announcement, BlockSpan, HiddenState, Hop, OpenSession, Request, Response, SessionId, Step,
-    WireDType,
+    Announcement, BlockSpan, ErrorKind, HiddenState, Hop, OpenSession, Request, Response,
+    SessionId, Step, WireDType,
 };
 use tokio::sync::mpsc;
 
@@ -721,6 +721,13 @@ impl RemoteSession {
                                 reported.insert(h);
                             }
                             self.keep_copy(h, o.position, o.hidden);
+                        }
+                        // A server leaving the swarm tells its sessions' clients at once,
+                        // whatever step they are at: move now rather than time out later.
+                        Delivery::Failed(f) if f.error.kind == ErrorKind::Leaving => {
+                            if let Some(suspect) = self.hops.iter().position(|h| h.hop.peer.to_string() == f.peer) {
+                                return Err(Failure { suspect, reason: format!("{}", f.error), after: started.elapsed() });
+                            }
                         }
                         Delivery::Failed(f) if f.step == index => {
                             let suspect = self

@@ -43,6 +43,8 @@ pub struct ServerLimits {
 }
 
 struct Session {
+    /// The client that opened it (told when this server leaves).
+    client: PeerId,
     cache: KvCache,
     wire: WireDType,
     /// Index of the last step applied: a step must carry a larger one.
@@ -64,6 +66,20 @@ pub struct Server {
     /// client's liveness probe) are answered at once, even while a long step computes.
     public: Arc<Mutex<Announcement>>,
     metrics: ServerMetrics,
+    /// Shutting down: no new sessions, no more announcements, steps refused as
+    /// [`ErrorKind::Leaving`].
+    draining: bool,
+}
+
+/// An open session whose client must move elsewhere: this server is leaving.
+#[derive(Debug, Clone, Copy)]
+pub struct Handover {
+    /// Who opened it.
+    pub client: PeerId,
+    /// Its id here.
+    pub session: SessionId,
+    /// The step it would take next.
+    pub next_step: u64,
 }
 
 /// Blocks `[start, end)` a session's cache covers.
@@ -83,6 +99,9 @@ pub enum Job {
     },
     /// Announce again now (a peer that held our records may have left).
     Announce,
+    /// Shut down gracefully: finish what is queued before this, then stop taking
+    /// sessions and steps and answer with the sessions to hand over.
+    Drain(tokio::sync::oneshot::Sender<Vec<Handover>>),
 }
 
 /// Sends work to the compute thread.
@@ -105,6 +124,13 @@ impl ServerHandle {
     /// Puts the announcement in the DHT again now; false if the thread has stopped.
     pub fn announce(&self) -> bool {
         self.tx.send(Job::Announce).is_ok()
+    }
+
+    /// Starts a graceful shutdown (see [`Job::Drain`]); `None` if the thread has
+    /// stopped.
+    pub fn drain(&self) -> Option<tokio::sync::oneshot::Receiver<Vec<Handover>>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Job::Drain(tx)).ok().map(|_| rx)
     }
 }
 
@@ -142,6 +168,7 @@ impl Server {
                 expires_unix_ms: 0,
             })),
             metrics: ServerMetrics::default(),
+            draining: false,
         };
         server
             .metrics
@@ -202,6 +229,9 @@ impl Server {
 
     fn announce_now(&mut self) {
         self.refresh_public();
+        if self.draining {
+            return;
+        }
         let a = self.announcement();
         let net = self.net.clone();
         self.rt.spawn(async move { net.announce(a).await });
@@ -232,29 +262,51 @@ impl Server {
                     // Everything queued behind it too: steps of different sessions that
                     // wait together are computed as one batch.
                     let mut queued = vec![inbound];
-                    let mut replace = None;
+                    let mut after = None;
                     while let Ok(job) = rx.try_recv() {
                         match job {
                             Job::Request(i) => queued.push(i),
-                            Job::Replace { span, throughput } => {
-                                replace = Some((span, throughput));
+                            Job::Announce => next_announce = Instant::now(),
+                            other => {
+                                after = Some(other);
                                 break;
                             }
-                            Job::Announce => next_announce = Instant::now(),
                         }
                     }
                     self.handle_all(queued);
-                    if let Some((span, throughput)) = replace {
-                        self.replace_span(span, throughput);
+                    match after {
+                        Some(Job::Replace { span, throughput }) => {
+                            self.replace_span(span, throughput)
+                        }
+                        Some(Job::Drain(done)) => self.drain(done),
+                        _ => {}
                     }
                 }
                 Ok(Job::Replace { span, throughput }) => self.replace_span(span, throughput),
+                Ok(Job::Drain(done)) => self.drain(done),
                 Ok(Job::Announce) => next_announce = Instant::now(),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
             self.expire_idle();
         }
+    }
+
+    /// Stops taking work and gives up every session (their clients are told by the
+    /// caller, from the async side).
+    fn drain(&mut self, done: tokio::sync::oneshot::Sender<Vec<Handover>>) {
+        self.draining = true;
+        let handovers = self
+            .sessions
+            .drain()
+            .map(|(session, s)| Handover {
+                client: s.client,
+                session,
+                next_step: s.last_step.map_or(0, |l| l + 1),
+            })
+            .collect();
+        self.refresh_public();
+        let _ = done.send(handovers);
     }
 
     fn replace_span(&mut self, span: Span, throughput: f32) {
@@ -324,7 +376,7 @@ impl Server {
 
     fn handle(&mut self, inbound: Inbound) {
         let Inbound {
-            peer: _,
+            peer,
             request,
             channel,
         } = inbound;
@@ -333,7 +385,7 @@ impl Server {
                 .net
                 .respond_blocking(channel, Response::Info(self.announcement())),
             Request::Open(open) => {
-                let r = match self.open(open) {
+                let r = match self.open(open, peer) {
                     Ok(r) => r,
                     Err(e) => {
                         self.metrics
@@ -368,7 +420,13 @@ impl Server {
         }
     }
 
-    fn open(&mut self, open: OpenSession) -> Result<Response, ErrorInfo> {
+    fn open(&mut self, open: OpenSession, client: PeerId) -> Result<Response, ErrorInfo> {
+        if self.draining {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                "this server is shutting down",
+            ));
+        }
         if open.model_id != self.model_id {
             return Err(ErrorInfo::new(
                 ErrorKind::WrongModel,
@@ -424,6 +482,7 @@ impl Server {
         self.sessions.insert(
             open.session,
             Session {
+                client,
                 cache,
                 wire: open.wire_dtype,
                 last_step: None,
@@ -437,6 +496,12 @@ impl Server {
     }
 
     fn check_step(&self, step: &Step) -> Result<(), ErrorInfo> {
+        if self.draining {
+            return Err(ErrorInfo::new(
+                ErrorKind::Leaving,
+                "this server is shutting down",
+            ));
+        }
         let s = self.sessions.get(&step.session).ok_or_else(|| {
             ErrorInfo::new(
                 ErrorKind::UnknownSession,

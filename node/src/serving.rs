@@ -157,18 +157,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let listen = if args.listen.is_empty() {
-        vec![
+    let swarm_key = args.swarm_key.load()?;
+    let listen = match (args.listen.is_empty(), &swarm_key) {
+        (false, _) => args.listen.clone(),
+        (true, None) => vec![
             "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
             "/ip4/0.0.0.0/tcp/0".parse()?,
-        ]
-    } else {
-        args.listen.clone()
+        ],
+        // A private swarm runs over TCP only.
+        (true, Some(_)) => vec!["/ip4/0.0.0.0/tcp/0".parse()?],
     };
     let (net, mut inbound) = net::start(NetConfig {
         listen,
         dht_server: true,
         shaping: args.emulate.shaping(),
+        swarm_key,
     })?;
     connect_any(
         &net,
@@ -289,11 +292,71 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 None => bail!("the network stopped"),
             },
             _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; shutting down");
-                return Ok(());
+                return shutdown(&net, &handle, &public).await;
             }
         }
     }
+}
+
+/// Longest wait for the steps queued before a shutdown to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for the clients' notices and the departure record to go out.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Leaves the swarm without losing anyone's generation: the compute thread finishes the
+/// steps already queued and stops taking sessions and steps; every open session's
+/// client is told to move (an [`protocol::ErrorKind::Leaving`] report, on which it
+/// re-routes at once and replays what the replacement missed); the announcement is
+/// replaced by an expired one, so lookups stop finding this server. A second Ctrl-C
+/// quits at once.
+async fn shutdown(
+    net: &Network,
+    handle: &ServerHandle,
+    public: &Mutex<protocol::Announcement>,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        "interrupted: finishing queued steps and handing sessions over (Ctrl-C again to quit now)"
+    );
+    let Some(drained) = handle.drain() else {
+        return Ok(());
+    };
+    let handovers = tokio::select! {
+        h = drained => h.unwrap_or_default(),
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("queued steps did not finish within {DRAIN_TIMEOUT:?}");
+            Vec::new()
+        }
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    };
+    let me = net.peer_id().to_string();
+    let notices = handovers.iter().map(|h| {
+        let notice = protocol::Request::Failed(protocol::StepFailed {
+            session: h.session,
+            step: h.next_step,
+            peer: me.clone(),
+            error: protocol::ErrorInfo::new(
+                protocol::ErrorKind::Leaving,
+                "the server is shutting down",
+            ),
+        });
+        net.send(h.client, vec![], notice)
+    });
+    let mut departure = public.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    departure.expires_unix_ms = net::unix_ms();
+    departure.free_cache_tokens = 0;
+    let farewell = async {
+        futures::future::join_all(notices).await;
+        let _ = net.announce(departure).await;
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell) => {}
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    tracing::info!(
+        "left the swarm; {} session(s) handed over to other servers",
+        handovers.len()
+    );
+    Ok(())
 }
 
 /// Wait after a peer leaves before announcing again (departures come in bursts).

@@ -34,27 +34,90 @@ impl Seen {
 }
 
 /// Every server found, answering or not, optionally of one model only, sorted by model,
-/// first block and peer id.
+/// first block and peer id. Servers that announced themselves for a model (this one, or
+/// any model an answering server serves) but do not answer are listed as silent.
 pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration) -> Vec<Seen> {
-    let mut known: HashMap<PeerId, (Vec<Multiaddr>, Option<Announcement>)> = HashMap::new();
+    let mut first: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
     for p in net.find_all_servers().await.unwrap_or_default() {
-        known.entry(p).or_default();
+        first.entry(p).or_default();
     }
-    if let Some(model) = model_id {
+    for (p, addrs) in net.dht_peers().await.unwrap_or_default() {
+        first.insert(p, addrs);
+    }
+    let asked: Vec<PeerId> = first.keys().copied().collect();
+    let answered = ask_all(
+        net,
+        first.into_iter().map(|(p, a)| (p, a, None)),
+        ask_timeout,
+    )
+    .await;
+    let mut seen: Vec<Seen> = answered.into_iter().flatten().collect();
+    let mut silent = Vec::new();
+    // The models' announcements: servers the first pass missed, or that do not answer.
+    let mut models: Vec<String> = match model_id {
+        Some(m) => vec![m.to_string()],
+        None => seen
+            .iter()
+            .map(|s| s.announcement.model_id.clone())
+            .collect(),
+    };
+    models.sort();
+    models.dedup();
+    let mut second = Vec::new();
+    for model in &models {
         for a in net.find_servers(model).await.unwrap_or_default() {
-            if let Ok(p) = a.peer_id.parse::<PeerId>() {
+            let Ok(p) = a.peer_id.parse::<PeerId>() else {
+                continue;
+            };
+            let known = seen.iter().any(|s| s.announcement.peer_id == a.peer_id)
+                || second.iter().any(|(q, _, _)| *q == p)
+                || silent
+                    .iter()
+                    .any(|s: &Seen| s.announcement.peer_id == a.peer_id);
+            if known {
+                continue;
+            }
+            if asked.contains(&p) {
+                // Asked already, and it did not answer.
+                silent.push(Seen {
+                    announcement: a,
+                    rtt_ms: None,
+                });
+            } else {
                 let addrs = a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
-                known.insert(p, (addrs, Some(a)));
+                second.push((p, addrs, Some(a)));
             }
         }
     }
-    for (p, addrs) in net.dht_peers().await.unwrap_or_default() {
-        let entry = known.entry(p).or_default();
-        if entry.0.is_empty() {
-            entry.0 = addrs;
-        }
-    }
-    let asks = known.into_iter().map(|(peer, (addrs, recorded))| {
+    seen.extend(
+        ask_all(net, second, ask_timeout)
+            .await
+            .into_iter()
+            .flatten(),
+    );
+    seen.extend(silent);
+    seen.retain(|s| model_id.is_none_or(|m| s.announcement.model_id == m));
+    seen.sort_by(|a, b| {
+        let key = |s: &Seen| {
+            (
+                s.announcement.model_id.clone(),
+                s.announcement.span.start,
+                s.announcement.peer_id.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    seen
+}
+
+/// Asks each peer for its announcement at once; one that does not answer is listed
+/// silent with what it recorded in the DHT, or left out if it recorded nothing.
+async fn ask_all(
+    net: &Network,
+    peers: impl IntoIterator<Item = (PeerId, Vec<Multiaddr>, Option<Announcement>)>,
+    ask_timeout: Duration,
+) -> Vec<Option<Seen>> {
+    let asks = peers.into_iter().map(|(peer, addrs, recorded)| {
         let net = net.clone();
         async move {
             let t = Instant::now();
@@ -72,23 +135,7 @@ pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration
             }
         }
     });
-    let mut seen: Vec<Seen> = futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .filter(|s| model_id.is_none_or(|m| s.announcement.model_id == m))
-        .collect();
-    seen.sort_by(|a, b| {
-        let key = |s: &Seen| {
-            (
-                s.announcement.model_id.clone(),
-                s.announcement.span.start,
-                s.announcement.peer_id.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
-    seen
+    futures::future::join_all(asks).await
 }
 
 /// Per model: its number of blocks and how many answering servers serve each block.

@@ -38,15 +38,31 @@ fn text_len_of_first(m: &std::path::Path, reference: &Value, n: usize) -> usize 
     text.decode(&ids).expect("decode").len()
 }
 
-/// Runs a streaming generation through `bootstrap`; once `kill_after` bytes of text
-/// have arrived, kills the server at position `hop` of the route. Returns the text, the
-/// route lines seen on stderr, and the time from the kill to the next text.
-fn generate_and_kill(
+/// Kills a server at once (SIGKILL): it has no chance to tell anyone.
+fn kill(s: &mut Server) {
+    s.child.kill().expect("kill");
+}
+
+/// Stops a server as Ctrl-C does (SIGINT).
+fn interrupt(s: &mut Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &s.child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success(), "kill -INT failed");
+}
+
+/// Runs a streaming generation through `bootstrap`; once `stop_after` bytes of text
+/// have arrived, stops the server at position `hop` of the route with `stop`. Returns
+/// the text, the route lines seen on stderr, the time from the stop to the next text,
+/// the stopped server's peer id and the client's log.
+fn generate_and_stop(
     m: &std::path::Path,
     bootstrap: &str,
     servers: &mut [Server],
     hop: usize,
-    kill_after: usize,
+    stop_after: usize,
+    stop: fn(&mut Server),
 ) -> (String, Vec<String>, Duration, String, String) {
     let mut child = shoal()
         .args([
@@ -107,12 +123,12 @@ fn generate_and_kill(
         text.extend_from_slice(&chunk);
         if let Some(k) = killed_at {
             next_after_kill.get_or_insert(at.duration_since(k));
-        } else if text.len() >= kill_after {
+        } else if text.len() >= stop_after {
             let victim = servers
                 .iter_mut()
                 .find(|s| s.peer == victim_peer)
                 .expect("victim is one of ours");
-            victim.child.kill().expect("kill");
+            stop(victim);
             killed_at = Some(Instant::now());
         }
     }
@@ -169,7 +185,7 @@ fn a_server_dying_mid_generation_changes_nothing() {
             })
             .expect("a live server");
         let (text, routes, gap, victim, log) =
-            generate_and_kill(&m, &bootstrap, &mut servers, hop, kill_after);
+            generate_and_stop(&m, &bootstrap, &mut servers, hop, kill_after, kill);
         eprintln!(
             "killed the {name} server {victim}: next text {:.0} ms later; routes: {routes:#?}",
             gap.as_secs_f64() * 1e3
@@ -192,4 +208,64 @@ fn a_server_dying_mid_generation_changes_nothing() {
             "still routed through the dead server: {last}"
         );
     }
+}
+
+/// Ctrl-C on a server mid-generation: it finishes its running step, tells the client to
+/// move, leaves the DHT and exits by itself; the client re-routes at once and the
+/// output is exactly the undisturbed one.
+#[test]
+fn a_server_stopped_with_ctrl_c_hands_its_session_over() {
+    let m = model();
+    let reference = local_reference();
+    let expected = reference["text"].as_str().expect("text").to_string();
+    let stop_after = text_len_of_first(&m, &reference, 8);
+    let first = serve(&m, "0..15", None);
+    let boot = first.addr.clone();
+    let mut servers = vec![first];
+    for blocks in ["15..30", "15..30"] {
+        servers.push(serve(&m, blocks, Some(&boot)));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (text, routes, gap, victim, log) =
+        generate_and_stop(&m, &boot, &mut servers, 1, stop_after, interrupt);
+    eprintln!(
+        "interrupted {victim}: next text {:.0} ms later; routes: {routes:#?}\n{log}",
+        gap.as_secs_f64() * 1e3
+    );
+    assert_eq!(text.trim_end_matches('\n'), expected, "output changed");
+    assert!(routes.len() >= 2, "no re-route: {routes:?}");
+    assert!(
+        !routes.last().expect("route").contains(&victim),
+        "still routed through the stopped server"
+    );
+    // The client moved because it was told, not because a step timed out.
+    assert!(
+        log.contains("the server is shutting down"),
+        "the client was not told: {log}"
+    );
+    // The server exits by itself, cleanly, having handed its session over.
+    let stopped = servers.iter_mut().find(|s| s.peer == victim).expect("ours");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = stopped.child.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within 20 s of Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let server_log = stopped.log_text();
+    assert!(exit.success(), "exit {exit:?}; log:\n{server_log}");
+    assert!(
+        server_log.contains("1 session(s) handed over"),
+        "log:\n{server_log}"
+    );
+    // Its departure replaced its announcement: not even listed as silent.
+    let listed = status(&boot);
+    assert!(
+        !listed.to_string().contains(&victim),
+        "still announced: {listed}"
+    );
 }

@@ -215,6 +215,9 @@ pub enum ErrorKind {
     Unreachable,
     /// The model computation failed.
     Internal,
+    /// The server is shutting down: its sessions must move to other servers. Sent to
+    /// each open session's client, whatever step it is at.
+    Leaving,
 }
 
 impl ErrorKind {
@@ -229,6 +232,7 @@ impl ErrorKind {
             ErrorKind::Busy => "busy",
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Internal => "internal",
+            ErrorKind::Leaving => "leaving",
         }
     }
 }
