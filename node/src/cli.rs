@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use protocol::WireDType;
@@ -52,6 +53,9 @@ pub enum Commands {
     Status(StatusArgs),
     /// Describe a model file: its id, shape, and the memory a block needs.
     Inspect(InspectArgs),
+    /// Write a new swarm key: a private swarm admits only nodes given the same file
+    /// with --swarm-key.
+    Keygen(KeygenArgs),
     /// Simulate a swarm described by a topology file, in virtual time.
     ///
     /// Nodes with hardware profiles in regions with round trips, clients, churn and
@@ -59,6 +63,45 @@ pub enum Commands {
     /// Topologies live in configs/topologies/ (the schema is documented in
     /// sim/src/topology.rs).
     Sim(SimArgs),
+}
+
+/// A private swarm's key.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SwarmKeyArg {
+    /// Join a private swarm: only nodes holding this key file (from `shoal keygen`) can
+    /// connect, and everything they send is encrypted with it as well. A private
+    /// swarm runs over TCP only: listen on and bootstrap from /tcp/ addresses.
+    #[arg(long, value_name = "FILE", env = "SHOAL_SWARM_KEY")]
+    pub swarm_key: Option<PathBuf>,
+}
+
+impl SwarmKeyArg {
+    /// The key, if one was given.
+    pub fn load(&self) -> anyhow::Result<Option<libp2p::pnet::PreSharedKey>> {
+        let Some(path) = &self.swarm_key else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--swarm-key {}: cannot read it", path.display()))?;
+        let key = text.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "--swarm-key {}: not a swarm key ({e}); `shoal keygen` writes one",
+                path.display()
+            )
+        })?;
+        Ok(Some(key))
+    }
+}
+
+/// `shoal keygen`.
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Where to write the key (readable by its owner only).
+    #[arg(long, default_value = "swarm.key")]
+    pub out: PathBuf,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Where the model comes from.
@@ -146,6 +189,8 @@ pub struct ServeArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    #[command(flatten)]
+    pub swarm_key: SwarmKeyArg,
     /// Serve Prometheus metrics at http://ADDR/metrics (steps served, step latency,
     /// sessions open, cache use, failures), e.g. 127.0.0.1:9100. Port 0 picks a free
     /// port; the address is printed on a `metrics` line after the `listening` line.
@@ -217,6 +262,8 @@ pub struct SwarmClientArgs {
     /// Seconds to keep looking for servers that cover every block (per generation).
     #[arg(long, default_value_t = 20.0)]
     pub route_timeout: f64,
+    #[command(flatten)]
+    pub swarm_key: SwarmKeyArg,
 }
 
 /// `shoal demo`.
@@ -288,6 +335,8 @@ pub struct StatusArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    #[command(flatten)]
+    pub swarm_key: SwarmKeyArg,
 }
 
 /// `shoal sim`.

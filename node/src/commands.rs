@@ -106,6 +106,7 @@ pub async fn start_client(
     bootstrap: &[Multiaddr],
     connect_timeout: Duration,
     shaping: Option<net::Shaping>,
+    swarm_key: Option<libp2p::pnet::PreSharedKey>,
 ) -> anyhow::Result<Client> {
     if bootstrap.is_empty() {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
@@ -114,6 +115,7 @@ pub async fn start_client(
         listen: vec![],
         dht_server: false,
         shaping,
+        swarm_key,
     })?;
     let client = Client::new(net.clone());
     // Outputs and failure reports go from the task reading their stream straight to
@@ -267,6 +269,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
                 &args.swarm.bootstrap,
                 Duration::from_secs_f64(args.swarm.connect_timeout),
                 args.emulate.shaping(),
+                args.swarm.swarm_key.load()?,
             )
             .await?,
         )
@@ -404,6 +407,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
+        None,
         None,
     )
     .await?;
@@ -545,6 +549,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
         None,
+        None,
     )
     .await?;
     let mut rows = Vec::new();
@@ -663,6 +668,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         listen: vec![],
         dht_server: false,
         shaping: None,
+        swarm_key: args.swarm_key.load()?,
     })?;
     connect_any(
         &net,
@@ -729,6 +735,35 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     if rows.is_empty() {
         println!("(no servers found)");
     }
+    Ok(())
+}
+
+/// `shoal keygen`: a new random swarm key, in the usual `swarm.key` format.
+pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<()> {
+    use std::io::ErrorKind;
+    let key = libp2p::pnet::PreSharedKey::new(rand::random());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if args.force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&args.out).map_err(|e| match e.kind() {
+        ErrorKind::AlreadyExists => anyhow::anyhow!(
+            "{} exists; --force replaces it (nodes holding the old key will no longer connect)",
+            args.out.display()
+        ),
+        _ => anyhow::Error::new(e).context(format!("cannot write {}", args.out.display())),
+    })?;
+    writeln!(file, "{key}")?;
+    println!(
+        "wrote {} (fingerprint {}): give it to every node of the swarm with --swarm-key",
+        args.out.display(),
+        key.fingerprint()
+    );
     Ok(())
 }
 
@@ -829,6 +864,7 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
                 &args.swarm.bootstrap,
                 Duration::from_secs_f64(args.swarm.connect_timeout),
                 None,
+                args.swarm.swarm_key.load()?,
             )
             .await?,
         )

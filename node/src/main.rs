@@ -42,6 +42,7 @@ fn main() -> std::process::ExitCode {
             Commands::Api(a) => commands::api(a).await,
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
+            Commands::Keygen(a) => commands::keygen(a),
             Commands::Sim(a) => commands::simulate(a),
         }
     });

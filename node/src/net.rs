@@ -7,7 +7,9 @@
 //! code ever runs on this task.
 //!
 //! Transports: QUIC (libp2p's quinn-based transport) first, TCP + Noise + Yamux as
-//! fallback. Kademlia holds announcements: each server *provides* the key
+//! fallback. A private swarm (`--swarm-key`) uses TCP alone, each connection first
+//! passing libp2p's pre-shared-key handshake (pnet), which wraps a byte stream and so
+//! cannot wrap QUIC. Kademlia holds announcements: each server *provides* the key
 //! `/shoal/<model>` and puts its [`Announcement`] under `/shoal/<model>/<peer>`, both with
 //! an expiry, and re-announces before they lapse. Identify feeds peers' listen addresses
 //! to Kademlia; ping measures round trips for routing.
@@ -32,7 +34,9 @@ use libp2p::kad::{
     RecordKey,
 };
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::core::Transport as _;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -140,6 +144,8 @@ enum Command {
 pub struct Network {
     cmd: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// In a private swarm (TCP only).
+    private: bool,
     shaping: Option<Shaping>,
     /// Peers whose last connection closed: a client watching its chain learns at once
     /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
@@ -180,6 +186,8 @@ pub struct NetConfig {
     /// Emulated link for every request this node sends (checking the simulator on
     /// loopback); `None` in normal use.
     pub shaping: Option<Shaping>,
+    /// A private swarm's pre-shared key: only nodes holding it can connect (TCP only).
+    pub swarm_key: Option<PreSharedKey>,
 }
 
 /// An emulated network link, applied by the sender to each request it sends: a one-way
@@ -226,73 +234,115 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether `addr` is a TCP address (the only kind a private swarm can use).
+pub fn is_tcp(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::Tcp(_)))
+        && !addr
+            .iter()
+            .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic | Protocol::Udp(_)))
+}
+
+/// The node's protocols: Kademlia, identify, ping, request-response and the data plane.
+fn behaviour(key: &identity::Keypair) -> Behaviour {
+    let id = key.public().to_peer_id();
+    let mut kcfg = kad::Config::new(StreamProtocol::new("/shoal/kad/1.0.0"));
+    kcfg.set_query_timeout(QUERY_TIMEOUT);
+    kcfg.set_record_ttl(Some(ANNOUNCE_TTL));
+    kcfg.set_provider_record_ttl(Some(ANNOUNCE_TTL));
+    // Servers re-announce themselves on their own schedule (fresh numbers each
+    // time); Kademlia's own republication would only repeat stale ones.
+    kcfg.set_publication_interval(None);
+    kcfg.set_provider_publication_interval(None);
+    kcfg.set_replication_interval(None);
+    // Routing tables are filled by dialling bootstrap nodes and by identify;
+    // a timer that warns "no known peers" on a swarm's first node helps no one.
+    kcfg.set_periodic_bootstrap_interval(None);
+    let store = MemoryStore::with_config(
+        id,
+        MemoryStoreConfig {
+            // Sized for a swarm of ~10k servers of a handful of models.
+            max_records: 65_536,
+            // An announcement is a few hundred bytes.
+            max_value_bytes: 16 * 1024,
+            max_providers_per_key: 10_000,
+            max_provided_keys: 64,
+        },
+    );
+    let kad = kad::Behaviour::with_config(id, store, kcfg);
+    let identify =
+        identify::Behaviour::new(identify::Config::new("/shoal/id/1".into(), key.public()));
+    let rr = request_response::Behaviour::with_codec(
+        ShoalCodec,
+        [(
+            StreamProtocol::new(protocol::INFERENCE_PROTOCOL),
+            ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(4096),
+    );
+    Behaviour {
+        kad,
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new()),
+        rr,
+        stream: libp2p_stream::Behaviour::new(),
+    }
+}
+
 /// Starts the swarm and its event loop; returns the handle and the inbound requests.
 pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbound>)> {
     let keypair = identity::Keypair::generate_ed25519();
     let peer_id = keypair.public().to_peer_id();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .context("setting up TCP")?
-        .with_quic()
-        .with_behaviour(|key| {
-            let id = key.public().to_peer_id();
-            let mut kcfg = kad::Config::new(StreamProtocol::new("/shoal/kad/1.0.0"));
-            kcfg.set_query_timeout(QUERY_TIMEOUT);
-            kcfg.set_record_ttl(Some(ANNOUNCE_TTL));
-            kcfg.set_provider_record_ttl(Some(ANNOUNCE_TTL));
-            // Servers re-announce themselves on their own schedule (fresh numbers each
-            // time); Kademlia's own republication would only repeat stale ones.
-            kcfg.set_publication_interval(None);
-            kcfg.set_provider_publication_interval(None);
-            kcfg.set_replication_interval(None);
-            // Routing tables are filled by dialling bootstrap nodes and by identify;
-            // a timer that warns "no known peers" on a swarm's first node helps no one.
-            kcfg.set_periodic_bootstrap_interval(None);
-            let store = MemoryStore::with_config(
-                id,
-                MemoryStoreConfig {
-                    // Sized for a swarm of ~10k servers of a handful of models.
-                    max_records: 65_536,
-                    // An announcement is a few hundred bytes.
-                    max_value_bytes: 16 * 1024,
-                    max_providers_per_key: 10_000,
-                    max_provided_keys: 64,
-                },
-            );
-            let kad = kad::Behaviour::with_config(id, store, kcfg);
-            let identify =
-                identify::Behaviour::new(identify::Config::new("/shoal/id/1".into(), key.public()));
-            let rr = request_response::Behaviour::with_codec(
-                ShoalCodec,
-                [(
-                    StreamProtocol::new(protocol::INFERENCE_PROTOCOL),
-                    ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(4096),
-            );
-            Behaviour {
-                kad,
-                identify,
-                ping: ping::Behaviour::new(ping::Config::new()),
-                rr,
-                stream: libp2p_stream::Behaviour::new(),
+    // V1Lazy: a request's first bytes go out with the protocol name instead of waiting
+    // a round trip for the other side to confirm it (one per hop per token).
+    let swarm_config = |c: libp2p::swarm::Config| {
+        c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
+            .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+    };
+    let private = config.swarm_key.is_some();
+    let mut swarm = match config.swarm_key {
+        None => libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .context("setting up TCP")?
+            .with_quic()
+            .with_behaviour(behaviour)
+            .context("setting up behaviours")?
+            .with_swarm_config(swarm_config)
+            .build(),
+        Some(psk) => {
+            // A private swarm: every connection starts with the pre-shared-key
+            // handshake, which wraps a byte stream; QUIC has none to wrap, so a private
+            // node speaks TCP only.
+            if let Some(a) = config.listen.iter().find(|a| !is_tcp(a)) {
+                anyhow::bail!(
+                    "a private swarm (--swarm-key) runs over TCP only: listen on a /tcp/ address, not {a}"
+                );
             }
-        })
-        .context("setting up behaviours")?
-        // V1Lazy: a request's first bytes go out with the protocol name instead of
-        // waiting a round trip for the other side to confirm it (one per hop per token).
-        .with_swarm_config(|c| {
-            c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
-                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-        })
-        .build();
+            libp2p::SwarmBuilder::with_existing_identity(keypair)
+                .with_tokio()
+                .with_other_transport(|key| {
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default()),
+                    )
+                })
+                .context("setting up the private transport")?
+                .with_behaviour(behaviour)
+                .context("setting up behaviours")?
+                .with_swarm_config(swarm_config)
+                .build()
+        }
+    };
     swarm
         .behaviour_mut()
         .kad
@@ -343,6 +393,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         Network {
             cmd: cmd_tx,
             peer_id,
+            private,
             shaping: config.shaping,
             disconnects,
             dht_departures,
@@ -375,10 +426,20 @@ impl Network {
     /// Dials `addr` and waits for the connection, at most `timeout`.
     pub async fn dial(&self, addr: Multiaddr, timeout: Duration) -> anyhow::Result<PeerId> {
         let shown = addr.to_string();
+        if self.private && !is_tcp(&addr) {
+            anyhow::bail!(
+                "a private swarm (--swarm-key) runs over TCP only: {shown} is not a TCP address"
+            );
+        }
+        let hint = if self.private {
+            "this node uses --swarm-key: the other must hold the same key"
+        } else {
+            "if that swarm is private, join it with its --swarm-key"
+        };
         match tokio::time::timeout(timeout, self.call(|reply| Command::Dial { addr, reply })).await {
-            Ok(r) => r?,
+            Ok(r) => r?.with_context(|| format!("cannot connect to {shown} ({hint})")),
             Err(_) => Err(anyhow!(
-                "no answer from {shown} within {timeout:?}: is a shoal node running there, and is the address right?"
+                "no answer from {shown} within {timeout:?}: is a shoal node running there, and is the address right? ({hint})"
             )),
         }
     }

@@ -84,27 +84,26 @@ pub fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usiz
     }
 }
 
-/// Starts `shoal serve` with extra arguments on loopback and waits (at most 120 s) for
-/// its `listening` line.
+/// Starts `shoal serve` with extra arguments on loopback (QUIC, unless `extra` has a
+/// `--listen`) and waits (at most 120 s) for its `listening` line.
 pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
     let mut cmd = shoal();
-    cmd.args([
-        "serve",
-        "--listen",
-        "/ip4/127.0.0.1/udp/0/quic-v1",
-        "--model",
-    ])
-    .arg(model)
-    .args(extra)
-    .env(
-        "RUST_LOG",
-        std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
-    )
-    .stdout(Stdio::piped())
-    .stderr(std::fs::File::create(&log).expect("log file"));
+    cmd.arg("serve");
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
+    }
+    cmd.arg("--model")
+        .arg(model)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"));
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
