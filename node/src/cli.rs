@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// Most generation sessions served at once.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
+    /// Most sessions one client may hold at once (a client opens one per generation;
+    /// a gateway serving many users is one client).
+    #[arg(long, default_value_t = 32)]
+    pub max_sessions_per_peer: usize,
     /// Longest sequence (prompt + completion) a session may reach; default: the
     /// model's context length, capped at 8192.
     #[arg(long)]

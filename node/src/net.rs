@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use futures::{AsyncWriteExt, StreamExt};
+use libp2p::core::Transport as _;
 use libp2p::kad::{
     self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record,
     RecordKey,
@@ -36,11 +37,11 @@ use libp2p::kad::{
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
-use libp2p::core::Transport as _;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+    allow_block_list, identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm,
 };
 use protocol::{Announcement, Request, Response};
 use tokio::sync::{mpsc, oneshot};
@@ -79,6 +80,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// Peers banned for sending garbage: their connections are refused both ways.
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -137,6 +140,15 @@ enum Command {
         addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<()>,
     },
+    /// `peer` sent something undecodable: a strike against it.
+    Misbehaved {
+        peer: PeerId,
+        reason: String,
+    },
+    /// A ban has run its time.
+    Unban {
+        peer: PeerId,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -175,6 +187,17 @@ const DATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest wait to open a data stream, dialling included.
 const OPEN_DATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A peer that sent this many undecodable frames or requests is banned...
+const BAN_AFTER_STRIKES: u32 = 3;
+/// ... for this long. Each strike also closes its connections at once.
+const BAN_FOR: Duration = Duration::from_secs(600);
+
+/// Requests (sessions, probes, lookups: the control plane) a peer may send per second
+/// on average, and in a burst; past that they are refused as busy without reaching the
+/// server. Steps travel on the data plane and are bounded by sessions instead.
+const REQUESTS_PER_SECOND: f64 = 200.0;
+const REQUEST_BURST: f64 = 400.0;
 
 /// How to start a node's network.
 pub struct NetConfig {
@@ -282,6 +305,7 @@ fn behaviour(key: &identity::Keypair) -> Behaviour {
             .with_max_concurrent_streams(4096),
     );
     Behaviour {
+        blocked: allow_block_list::Behaviour::default(),
         kad,
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
@@ -369,6 +393,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         incoming,
         inbound_tx.clone(),
         sink.clone(),
+        cmd_tx.downgrade(),
     ));
     let event_loop = EventLoop {
         swarm,
@@ -387,6 +412,9 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         dht_peers: HashSet::new(),
         all_server_queries: HashMap::new(),
         finish_soon: Vec::new(),
+        strikes: HashMap::new(),
+        budgets: HashMap::new(),
+        to_self: cmd_tx.downgrade(),
     };
     tokio::spawn(event_loop.run());
     Ok((
@@ -476,7 +504,18 @@ impl Network {
         if let Some(shaping) = self.shaping {
             tokio::time::sleep(shaping.delay(&message)).await;
         }
-        let frame = protocol::encode_frame(&message)?;
+        self.send_raw(peer, addrs, protocol::encode_frame(&message)?)
+            .await
+    }
+
+    /// Writes `frame` as it is to the data stream to `peer`: [`Network::send`] without
+    /// the encoding, for tools and tests that probe how a peer takes malformed input.
+    pub async fn send_raw(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        frame: Vec<u8>,
+    ) -> anyhow::Result<()> {
         let slot = {
             let mut open = self.data.open.lock().unwrap_or_else(|p| p.into_inner());
             open.entry(peer).or_default().clone()
@@ -646,6 +685,12 @@ struct EventLoop {
     all_server_queries: HashMap<QueryId, ProviderQuery>,
     /// Queries to finish at a given time (see [`PROVIDER_SETTLE`]).
     finish_soon: Vec<(Instant, QueryId)>,
+    /// Garbage received per peer (see [`BAN_AFTER_STRIKES`]).
+    strikes: HashMap<PeerId, u32>,
+    /// Request budget per peer: tokens left and when they were counted.
+    budgets: HashMap<PeerId, (f64, Instant)>,
+    /// To schedule commands to itself (an unban) without keeping the loop alive.
+    to_self: mpsc::WeakSender<Command>,
 }
 
 /// Providers found so far, and where the answer goes.
@@ -722,6 +767,29 @@ impl EventLoop {
                     self.swarm.add_peer_address(peer, a);
                 }
                 let _ = reply.send(());
+            }
+            Command::Misbehaved { peer, reason } => {
+                let strikes = self.strikes.entry(peer).or_default();
+                *strikes += 1;
+                let strikes = *strikes;
+                let _ = self.swarm.disconnect_peer_id(peer);
+                if strikes >= BAN_AFTER_STRIKES {
+                    tracing::warn!(%peer, "banned for {BAN_FOR:?} after {strikes} strikes; the last: {reason}");
+                    self.swarm.behaviour_mut().blocked.block_peer(peer);
+                    self.strikes.remove(&peer);
+                    let to_self = self.to_self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(BAN_FOR).await;
+                        if let Some(cmd) = to_self.upgrade() {
+                            let _ = cmd.send(Command::Unban { peer }).await;
+                        }
+                    });
+                } else {
+                    tracing::warn!(%peer, "disconnected (strike {strikes} of {BAN_AFTER_STRIKES}): {reason}");
+                }
+            }
+            Command::Unban { peer } => {
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -883,12 +951,42 @@ impl EventLoop {
         }
     }
 
+    /// Takes one request from `peer`'s budget; false if it has none left.
+    fn within_budget(&mut self, peer: PeerId) -> bool {
+        let now = Instant::now();
+        if self.budgets.len() > 10_000 {
+            // Forget peers whose budget has refilled: they are as good as new.
+            self.budgets.retain(|_, (_, at)| {
+                now.duration_since(*at).as_secs_f64() * REQUESTS_PER_SECOND < REQUEST_BURST
+            });
+        }
+        let (tokens, at) = self.budgets.entry(peer).or_insert((REQUEST_BURST, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * REQUESTS_PER_SECOND)
+            .min(REQUEST_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+
     async fn on_rr(&mut self, event: request_response::Event<Request, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    if !self.within_budget(peer) {
+                        let busy = Response::Error(protocol::ErrorInfo::new(
+                            protocol::ErrorKind::Busy,
+                            format!(
+                                "more than {REQUESTS_PER_SECOND} requests per second from {peer}"
+                            ),
+                        ));
+                        let _ = self.swarm.behaviour_mut().rr.send_response(channel, busy);
+                        return;
+                    }
                     let inbound = Inbound {
                         peer,
                         request,
@@ -917,9 +1015,17 @@ impl EventLoop {
                     let _ = reply.send(Err(anyhow!("request to {peer} failed: {error}")));
                 }
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound request failed: {error}");
-            }
+            request_response::Event::InboundFailure { peer, error, .. } => match error {
+                request_response::InboundFailure::Io(e)
+                    if e.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    self.on_command(Command::Misbehaved {
+                        peer,
+                        reason: format!("undecodable request: {e}"),
+                    });
+                }
+                error => tracing::debug!(%peer, "inbound request failed: {error}"),
+            },
             _ => {}
         }
     }
@@ -1076,16 +1182,25 @@ async fn accept_data_streams(
     mut incoming: libp2p_stream::IncomingStreams,
     inbound: mpsc::Sender<Inbound>,
     sink: Arc<std::sync::RwLock<Option<DataSink>>>,
+    report: mpsc::WeakSender<Command>,
 ) {
     while let Some((peer, mut stream)) = incoming.next().await {
         let inbound = inbound.clone();
         let sink = sink.clone();
+        let report = report.clone();
         tokio::spawn(async move {
+            let misbehaved = |reason: String| async move {
+                if let Some(cmd) = report.upgrade() {
+                    let _ = cmd.send(Command::Misbehaved { peer, reason }).await;
+                }
+            };
             loop {
                 let request: Request = match crate::codec::read_frame(&mut stream).await {
                     Ok(r) => r,
                     Err(e) => {
-                        if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                        if e.kind() == std::io::ErrorKind::InvalidData {
+                            misbehaved(format!("undecodable frame on the data plane: {e}")).await;
+                        } else if e.kind() != std::io::ErrorKind::UnexpectedEof {
                             tracing::debug!(%peer, "data stream closed: {e}");
                         }
                         return;
@@ -1095,7 +1210,7 @@ async fn accept_data_streams(
                     request,
                     Request::Step(_) | Request::Output(_) | Request::Failed(_)
                 ) {
-                    tracing::debug!(%peer, "request-response message on the data plane");
+                    misbehaved("a request-response message on the data plane".into()).await;
                     return;
                 }
                 let message = Inbound {

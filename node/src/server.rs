@@ -38,6 +38,8 @@ pub struct ServerLimits {
     pub max_seq_len: usize,
     /// KV-cache tokens all sessions together may reserve (each reserves its `max_len`).
     pub max_cache_tokens: usize,
+    /// Most sessions one client may hold here at once.
+    pub max_sessions_per_peer: usize,
     /// Name shown by status tools.
     pub public_name: String,
 }
@@ -459,6 +461,19 @@ impl Server {
             return Err(ErrorInfo::new(
                 ErrorKind::Busy,
                 format!("{} sessions open, the limit", self.sessions.len()),
+            ));
+        }
+        let mine = self
+            .sessions
+            .values()
+            .filter(|s| s.client == client)
+            .count();
+        if mine >= self.limits.max_sessions_per_peer {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "{mine} sessions open for this client, the limit per client (--max-sessions-per-peer)"
+                ),
             ));
         }
         let free = self.free_cache_tokens();

@@ -219,6 +219,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shown = best_addr(&addrs).context("no listen address")?;
     let limits = ServerLimits {
         max_sessions: args.max_sessions,
+        max_sessions_per_peer: args.max_sessions_per_peer,
         max_seq_len,
         max_cache_tokens,
         public_name: args.name.clone(),
