@@ -195,6 +195,10 @@ pub struct ServeArgs {
     pub connect_timeout: f64,
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    /// Testing only: announce ten times the measured speed and corrupt every output (a
+    /// lying server, to exercise clients' --verify-rate).
+    #[arg(long, hide = true)]
+    pub debug_lie: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (steps served, step latency,
     /// sessions open, cache use, failures), e.g. 127.0.0.1:9100. Port 0 picks a free
     /// port; the address is printed on a `metrics` line after the `listening` line.
@@ -266,6 +270,13 @@ pub struct SwarmClientArgs {
     /// Seconds to keep looking for servers that cover every block (per generation).
     #[arg(long, default_value_t = 20.0)]
     pub route_timeout: f64,
+    /// Check servers against replicas: the chance, per server and step, that its output
+    /// is recomputed by another server holding the same blocks and compared (1 = every
+    /// step). A server caught lying is banned and the step redone elsewhere before its
+    /// output is used. Each check replays the generation so far on the replica, so
+    /// keep it small for long generations; 0 = off.
+    #[arg(long, default_value_t = 0.0, value_name = "RATE")]
+    pub verify_rate: f64,
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
 }

@@ -26,7 +26,7 @@ use protocol::{
 };
 use tokio::sync::mpsc;
 
-use crate::hidden::{concat, rows};
+use crate::hidden::{concat, relative_rms, rows};
 use crate::net::Network;
 
 /// What a server sends a session.
@@ -47,6 +47,9 @@ pub struct Client {
     sessions: SessionTable,
     bans: Arc<Mutex<Bans>>,
     epoch: Instant,
+    /// Chance, per server and step, of checking the server's output against a replica
+    /// (see [`RemoteSession::verify`]); 0 = never.
+    verify_rate: f64,
 }
 
 /// One server of a planned chain.
@@ -100,6 +103,13 @@ const MAX_RECOVERIES: usize = 8;
 /// which servers finished the step.
 const GRACE: Duration = Duration::from_millis(60);
 
+/// A server's output and a replica's for the same inputs may differ by rounding (the
+/// replica runs the history as one prefill, on other hardware); past this RMS distance,
+/// relative to the replica's output, the server is taken to lie.
+const VERIFY_TOLERANCE: f64 = 0.02;
+/// Rows of history sent to a replica in one step when verifying.
+const VERIFY_CHUNK: usize = 256;
+
 impl Client {
     /// A client over `net`.
     pub fn new(net: Network) -> Self {
@@ -108,7 +118,15 @@ impl Client {
             sessions: Arc::new(Mutex::new(HashMap::new())),
             bans: Arc::new(Mutex::new(Bans::default())),
             epoch: Instant::now(),
+            verify_rate: 0.0,
         }
+    }
+
+    /// Checks each server's output against a replica with chance `rate` per step (1 =
+    /// every step of every server; 0 = never).
+    pub fn with_verify_rate(mut self, rate: f64) -> Self {
+        self.verify_rate = rate.clamp(0.0, 1.0);
+        self
     }
 
     /// The network handle.
@@ -770,10 +788,13 @@ impl RemoteSession {
             .or_default()
             .insert(position, hidden.clone());
         let mut failure = match self.run_step(0, position, hidden).await {
-            Ok(out) => {
-                self.position += tokens;
-                return Ok(out);
-            }
+            Ok(out) => match self.verify(position, tokens, &out).await {
+                None => {
+                    self.position += tokens;
+                    return Ok(out);
+                }
+                Some(f) => f,
+            },
             Err(f) => f,
         };
         for _ in 0..MAX_RECOVERIES {
@@ -786,6 +807,183 @@ impl RemoteSession {
             }
         }
         bail!("gave up on step at position {position} after {MAX_RECOVERIES} failovers")
+    }
+
+    /// Checks the servers' outputs for the step at `position` (`tokens` rows; `out` is
+    /// the last server's): each server, with the client's verify rate as its chance, has
+    /// its output compared with a replica's, computed by another server that serves its
+    /// blocks from the inputs the client holds (all positions so far, in chunks). A
+    /// difference beyond [`VERIFY_TOLERANCE`] is a failure of that server: it is banned
+    /// and the step redone on another chain, before its output is used. Servers without
+    /// a replica in the swarm go unchecked.
+    async fn verify(&mut self, position: u32, tokens: u32, out: &HiddenState) -> Option<Failure> {
+        let rate = self.client.verify_rate;
+        if rate <= 0.0 {
+            return None;
+        }
+        let started = Instant::now();
+        let upto = position + tokens;
+        let last = self.hops.len() - 1;
+        for h in 0..self.hops.len() {
+            if rand::random::<f64>() >= rate {
+                continue;
+            }
+            let span = self.hops[h].hop.span;
+            let claimed = if h == last {
+                out.clone()
+            } else {
+                match self.await_copy(span.end, position).await {
+                    Some(c) => c,
+                    None => continue,
+                }
+            };
+            let Some(history) = self.history(span.start, upto) else {
+                continue;
+            };
+            let suspect = self.hops[h].hop.peer;
+            let Some(replica) = self.replica_for(span, suspect, upto) else {
+                tracing::debug!(peer = %suspect, "no replica serves {span}: not verified");
+                continue;
+            };
+            let checked = replica.peer;
+            let computed = match self.run_on_replica(replica, upto, history).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(peer = %checked, "replica could not verify: {e:#}");
+                    continue;
+                }
+            };
+            let theirs = rows(&computed, (upto - tokens) as usize, upto as usize);
+            let distance = match (claimed.to_f32(), theirs.to_f32()) {
+                (Ok(a), Ok(b)) if a.len() == b.len() => relative_rms(&a, &b),
+                _ => f64::INFINITY,
+            };
+            tracing::debug!(peer = %suspect, replica = %checked, distance, "verified a step in {:?}", started.elapsed());
+            // NaN (garbage) counts as a mismatch.
+            if distance.is_nan() || distance > VERIFY_TOLERANCE {
+                return Some(Failure {
+                    suspect: h,
+                    reason: format!(
+                        "verification: its output for blocks {span} differs from {checked}'s by {distance:.3} (relative RMS)"
+                    ),
+                    after: started.elapsed(),
+                });
+            }
+        }
+        None
+    }
+
+    /// The copy of the output that crossed block boundary `block` at `position`, waiting
+    /// a little for it (copies are sent after the output goes on).
+    async fn await_copy(&mut self, block: u32, position: u32) -> Option<HiddenState> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(c) = self.inputs.get(&block).and_then(|m| m.get(&position)) {
+                return Some(c.clone());
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(Delivery::Output(o))) => {
+                    if let Some(h) = self.hop_index(o.session) {
+                        self.keep_copy(h, o.position, o.hidden);
+                    }
+                }
+                Ok(Some(Delivery::Failed(_))) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Another server that serves all of `span`, is not `not` and is not banned.
+    fn replica_for(&self, span: BlockSpan, not: PeerId, upto: u32) -> Option<PlannedHop> {
+        let not = not.to_string();
+        self.known
+            .iter()
+            .filter(|a| a.peer_id != not && !self.client.is_banned(&a.peer_id))
+            .filter(|a| a.span.contains(&span) && a.free_cache_tokens >= upto as u64)
+            .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
+            .and_then(|a| {
+                Some(PlannedHop {
+                    peer: a.peer_id.parse().ok()?,
+                    addrs: a.addrs.iter().filter_map(|x| x.parse().ok()).collect(),
+                    span,
+                    throughput: a.throughput,
+                })
+            })
+    }
+
+    /// Opens a session on `replica` alone, runs `history` through it in chunks, closes
+    /// it, and returns all its output rows.
+    async fn run_on_replica(
+        &mut self,
+        replica: PlannedHop,
+        upto: u32,
+        history: Vec<HiddenState>,
+    ) -> anyhow::Result<HiddenState> {
+        let opened = self
+            .client
+            .open_hops(
+                vec![replica],
+                &self.spec.model_id,
+                upto,
+                self.spec.wire,
+                &self.tx,
+            )
+            .await?;
+        let hop = opened[0].clone();
+        let result = self.replay_alone(&hop, history).await;
+        self.client.close_hops(&opened).await;
+        result
+    }
+
+    async fn replay_alone(
+        &mut self,
+        hop: &ActiveHop,
+        history: Vec<HiddenState>,
+    ) -> anyhow::Result<HiddenState> {
+        let all = concat(&history)?;
+        let n = all.shape.first().copied().unwrap_or(0) as usize;
+        let mut outs = Vec::new();
+        let mut at = 0usize;
+        while at < n {
+            let take = VERIFY_CHUNK.min(n - at);
+            let index = self.next_index;
+            self.next_index += 1;
+            let step = Step {
+                session: hop.session,
+                step: index,
+                position: at as u32,
+                hidden: rows(&all, at, at + take),
+                next: Vec::new(),
+                reply_to: self.client.net.peer_id().to_string(),
+            };
+            self.client
+                .net
+                .send(hop.hop.peer, hop.hop.addrs.clone(), Request::Step(step))
+                .await?;
+            let deadline = tokio::time::Instant::now() + FIRST_STEP_TIMEOUT;
+            loop {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(Delivery::Output(o)))
+                        if o.session == hop.session && o.step == index =>
+                    {
+                        outs.push(o.hidden);
+                        break;
+                    }
+                    Ok(Some(Delivery::Output(o))) => {
+                        if let Some(h) = self.hop_index(o.session) {
+                            self.keep_copy(h, o.position, o.hidden);
+                        }
+                    }
+                    Ok(Some(Delivery::Failed(f))) if f.session == hop.session => {
+                        bail!("the replica failed: {}", f.error)
+                    }
+                    Ok(Some(Delivery::Failed(_))) => {}
+                    Ok(None) | Err(_) => bail!("no output from the replica"),
+                }
+            }
+            at += take;
+        }
+        concat(&outs)
     }
 
     /// Replaces the chain from the failed server on, replays the inputs the new servers

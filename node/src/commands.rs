@@ -271,7 +271,8 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
                 args.emulate.shaping(),
                 args.swarm.swarm_key.load()?,
             )
-            .await?,
+            .await?
+            .with_verify_rate(args.swarm.verify_rate),
         )
     };
     let json = args.json;
@@ -866,7 +867,8 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
                 None,
                 args.swarm.swarm_key.load()?,
             )
-            .await?,
+            .await?
+            .with_verify_rate(args.swarm.verify_rate),
         )
     };
     let state = Arc::new(crate::api::ApiState::new(

@@ -69,6 +69,17 @@ pub fn concat(parts: &[HiddenState]) -> anyhow::Result<HiddenState> {
     Ok(out)
 }
 
+/// RMS of `a - b` relative to the RMS of `b` (same lengths): how far a server's output
+/// is from a reference. NaN anywhere gives NaN.
+pub fn relative_rms(a: &[f32], b: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        diff += (*x as f64 - *y as f64).powi(2);
+        norm += (*y as f64).powi(2);
+    }
+    (diff / norm.max(1e-30)).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

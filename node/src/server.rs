@@ -40,6 +40,8 @@ pub struct ServerLimits {
     pub max_cache_tokens: usize,
     /// Most sessions one client may hold here at once.
     pub max_sessions_per_peer: usize,
+    /// Testing only: announce ten times the measured speed and corrupt every output.
+    pub lie: bool,
     /// Name shown by status tools.
     pub public_name: String,
 }
@@ -213,7 +215,11 @@ impl Server {
             model_id: self.model_id.clone(),
             span: BlockSpan::new(self.span.start() as u32, self.span.end() as u32),
             n_blocks: self.span.config().n_layers as u32,
-            throughput: self.throughput,
+            throughput: if self.limits.lie {
+                self.throughput * 10.0
+            } else {
+                self.throughput
+            },
             free_cache_tokens: self.free_cache_tokens() as u64,
             sessions: self.sessions.len() as u32,
             max_seq_len: self.limits.max_seq_len as u32,
@@ -645,7 +651,10 @@ impl Server {
                     for _ in &ys {
                         m.step_seconds.observe(took);
                     }
-                    for ((step, wire), y) in done.into_iter().zip(ys) {
+                    for ((step, wire), mut y) in done.into_iter().zip(ys) {
+                        if self.limits.lie {
+                            y = y.affine(-1.0, 0.5).unwrap_or(y);
+                        }
                         let (session, index) = (step.session, step.step);
                         let reply_to = step.reply_to.clone();
                         if let Err(e) = self.send_output(step, &y, wire) {

@@ -220,6 +220,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = ServerLimits {
         max_sessions: args.max_sessions,
         max_sessions_per_peer: args.max_sessions_per_peer,
+        lie: args.debug_lie,
         max_seq_len,
         max_cache_tokens,
         public_name: args.name.clone(),

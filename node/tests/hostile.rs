@@ -241,3 +241,51 @@ fn hostile_input_is_refused_and_a_concurrent_generation_is_unchanged() {
         "the hostile client changed a concurrent generation"
     );
 }
+
+/// A server that corrupts its outputs (and claims ten times its speed, to attract
+/// clients): a client that does not verify is fooled; one with `--verify-rate 1` catches
+/// it on its first step, bans it, redoes the step elsewhere and answers exactly as one
+/// process alone would, with no false alarm against the honest servers it goes on to
+/// check.
+#[test]
+fn a_lying_server_is_caught_and_banned_and_the_answer_is_right() {
+    let m = model();
+    let a = serve(&m, "0..15", None);
+    let liar = serve_with(&m, &["--blocks", "15..30", "--debug-lie"], Some(&a.addr));
+    let _honest = serve(&m, "15..30", Some(&a.addr));
+    let _honest2 = serve(&m, "15..30", Some(&a.addr));
+    std::thread::sleep(Duration::from_millis(500));
+    let args = ["--prompt", "The capital of France is", "--max-tokens", "12"];
+    let reference = generate_json(&[&["--local"][..], &args[..]].concat());
+
+    let fooled = generate_json(&[&["--bootstrap", a.addr.as_str()][..], &args[..]].concat());
+    assert!(
+        fooled["route"].to_string().contains(&liar.peer),
+        "the liar was not chosen: {}",
+        fooled["route"]
+    );
+    assert_ne!(
+        fooled["text"], reference["text"],
+        "the liar's corruption did not show"
+    );
+
+    let checked = generate_json(
+        &[
+            &["--bootstrap", a.addr.as_str(), "--verify-rate", "1"][..],
+            &args[..],
+        ]
+        .concat(),
+    );
+    eprintln!("{checked:#}");
+    assert_eq!(checked["text"], reference["text"]);
+    let reroutes = checked["reroutes"].as_array().expect("reroutes");
+    assert_eq!(reroutes.len(), 1, "exactly one failover: {reroutes:?}");
+    assert_eq!(reroutes[0]["failed_peer"], liar.peer.as_str());
+    assert!(
+        reroutes[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("verification")),
+        "{reroutes:?}"
+    );
+    assert!(!checked["route"].to_string().contains(&liar.peer));
+}
