@@ -93,12 +93,69 @@ impl SwarmKeyArg {
     }
 }
 
+/// A node's identity.
+#[derive(Args, Debug, Clone, Default)]
+pub struct IdentityArg {
+    /// Keep this node's peer id across restarts: the key pair in FILE (from `shoal
+    /// keygen --identity`). Without it each run gets a new random peer id.
+    #[arg(long, value_name = "FILE", env = "SHOAL_IDENTITY")]
+    pub identity: Option<PathBuf>,
+}
+
+impl IdentityArg {
+    /// The key pair, if one was given.
+    pub fn load(&self) -> anyhow::Result<Option<libp2p::identity::Keypair>> {
+        let Some(path) = &self.identity else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("--identity {}: cannot read it", path.display()))?;
+        let key = libp2p::identity::Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "--identity {}: not a node identity ({e}); `shoal keygen --identity` writes one",
+                path.display()
+            )
+        })?;
+        Ok(Some(key))
+    }
+}
+
+/// Reads an `--allow-peers` file: one peer id per line; blank lines and `#` comments are
+/// skipped.
+pub fn load_allowed_peers(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::HashSet<libp2p::PeerId>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--allow-peers {}: cannot read it", path.display()))?;
+    let mut peers = std::collections::HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let peer = line.parse().map_err(|e| {
+            anyhow::anyhow!(
+                "--allow-peers {} line {}: `{line}` is not a peer id ({e})",
+                path.display(),
+                n + 1
+            )
+        })?;
+        peers.insert(peer);
+    }
+    Ok(peers)
+}
+
 /// `shoal keygen`.
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
-    /// Where to write the key (readable by its owner only).
-    #[arg(long, default_value = "swarm.key")]
-    pub out: PathBuf,
+    /// Where to write the key (readable by its owner only); default: swarm.key, or
+    /// node.key with --identity.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write a node identity (an ed25519 key pair, for --identity) instead of a swarm
+    /// key, and print its peer id (for other servers' --allow-peers lists).
+    #[arg(long)]
+    pub identity: bool,
     /// Replace the file if it exists.
     #[arg(long)]
     pub force: bool,
@@ -195,6 +252,13 @@ pub struct ServeArgs {
     pub connect_timeout: f64,
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    #[command(flatten)]
+    pub identity: IdentityArg,
+    /// Open sessions only for the clients listed in FILE (one peer id per line; see
+    /// `shoal keygen --identity` and --identity). Other servers still reach this one to
+    /// pass steps along and to share the DHT.
+    #[arg(long, value_name = "FILE")]
+    pub allow_peers: Option<PathBuf>,
     /// Testing only: announce ten times the measured speed and corrupt every output (a
     /// lying server, to exercise clients' --verify-rate).
     #[arg(long, hide = true)]
@@ -279,6 +343,8 @@ pub struct SwarmClientArgs {
     pub verify_rate: f64,
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    #[command(flatten)]
+    pub identity: IdentityArg,
 }
 
 /// `shoal demo`.

@@ -107,6 +107,7 @@ pub async fn start_client(
     connect_timeout: Duration,
     shaping: Option<net::Shaping>,
     swarm_key: Option<libp2p::pnet::PreSharedKey>,
+    identity: Option<libp2p::identity::Keypair>,
 ) -> anyhow::Result<Client> {
     if bootstrap.is_empty() {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
@@ -116,6 +117,7 @@ pub async fn start_client(
         dht_server: false,
         shaping,
         swarm_key,
+        identity,
     })?;
     let client = Client::new(net.clone());
     // Outputs and failure reports go from the task reading their stream straight to
@@ -270,6 +272,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
                 Duration::from_secs_f64(args.swarm.connect_timeout),
                 args.emulate.shaping(),
                 args.swarm.swarm_key.load()?,
+                args.swarm.identity.load()?,
             )
             .await?
             .with_verify_rate(args.swarm.verify_rate),
@@ -408,6 +411,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
+        None,
         None,
         None,
     )
@@ -551,6 +555,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Duration::from_secs(10),
         None,
         None,
+        None,
     )
     .await?;
     let mut rows = Vec::new();
@@ -670,6 +675,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         dht_server: false,
         shaping: None,
         swarm_key: args.swarm_key.load()?,
+        identity: None,
     })?;
     connect_any(
         &net,
@@ -742,7 +748,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 /// `shoal keygen`: a new random swarm key, in the usual `swarm.key` format.
 pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<()> {
     use std::io::ErrorKind;
+    let identity = libp2p::identity::Keypair::generate_ed25519();
     let key = libp2p::pnet::PreSharedKey::new(rand::random());
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.identity {
+            "node.key"
+        } else {
+            "swarm.key"
+        }
+        .into()
+    });
     let mut options = std::fs::OpenOptions::new();
     options.write(true);
     if args.force {
@@ -752,17 +767,26 @@ pub fn keygen(args: crate::cli::KeygenArgs) -> anyhow::Result<()> {
     }
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&args.out).map_err(|e| match e.kind() {
+    let mut file = options.open(&out).map_err(|e| match e.kind() {
         ErrorKind::AlreadyExists => anyhow::anyhow!(
             "{} exists; --force replaces it (nodes holding the old key will no longer connect)",
-            args.out.display()
+            out.display()
         ),
-        _ => anyhow::Error::new(e).context(format!("cannot write {}", args.out.display())),
+        _ => anyhow::Error::new(e).context(format!("cannot write {}", out.display())),
     })?;
+    if args.identity {
+        file.write_all(&identity.to_protobuf_encoding()?)?;
+        println!(
+            "wrote {}: peer id {} (give the file to --identity, the peer id to servers' --allow-peers)",
+            out.display(),
+            identity.public().to_peer_id()
+        );
+        return Ok(());
+    }
     writeln!(file, "{key}")?;
     println!(
         "wrote {} (fingerprint {}): give it to every node of the swarm with --swarm-key",
-        args.out.display(),
+        out.display(),
         key.fingerprint()
     );
     Ok(())
@@ -866,6 +890,7 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
                 Duration::from_secs_f64(args.swarm.connect_timeout),
                 None,
                 args.swarm.swarm_key.load()?,
+                args.swarm.identity.load()?,
             )
             .await?
             .with_verify_rate(args.swarm.verify_rate),

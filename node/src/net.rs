@@ -211,6 +211,8 @@ pub struct NetConfig {
     pub shaping: Option<Shaping>,
     /// A private swarm's pre-shared key: only nodes holding it can connect (TCP only).
     pub swarm_key: Option<PreSharedKey>,
+    /// The node's key pair (its peer id); `None` = a new random one.
+    pub identity: Option<identity::Keypair>,
 }
 
 /// An emulated network link, applied by the sender to each request it sends: a one-way
@@ -316,7 +318,10 @@ fn behaviour(key: &identity::Keypair) -> Behaviour {
 
 /// Starts the swarm and its event loop; returns the handle and the inbound requests.
 pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbound>)> {
-    let keypair = identity::Keypair::generate_ed25519();
+    let keypair = config
+        .identity
+        .clone()
+        .unwrap_or_else(identity::Keypair::generate_ed25519);
     let peer_id = keypair.public().to_peer_id();
     // V1Lazy: a request's first bytes go out with the protocol name instead of waiting
     // a round trip for the other side to confirm it (one per hop per token).

@@ -42,6 +42,8 @@ pub struct ServerLimits {
     pub max_sessions_per_peer: usize,
     /// Testing only: announce ten times the measured speed and corrupt every output.
     pub lie: bool,
+    /// The only clients sessions are opened for; `None` = anyone.
+    pub allowed: Option<std::collections::HashSet<PeerId>>,
     /// Name shown by status tools.
     pub public_name: String,
 }
@@ -433,6 +435,17 @@ impl Server {
             return Err(ErrorInfo::new(
                 ErrorKind::Busy,
                 "this server is shutting down",
+            ));
+        }
+        if self
+            .limits
+            .allowed
+            .as_ref()
+            .is_some_and(|a| !a.contains(&client))
+        {
+            return Err(ErrorInfo::new(
+                ErrorKind::Forbidden,
+                format!("{client} is not on this server's --allow-peers list"),
             ));
         }
         if open.model_id != self.model_id {

@@ -172,6 +172,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         dht_server: true,
         shaping: args.emulate.shaping(),
         swarm_key,
+        identity: args.identity.load()?,
     })?;
     connect_any(
         &net,
@@ -221,6 +222,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_sessions: args.max_sessions,
         max_sessions_per_peer: args.max_sessions_per_peer,
         lie: args.debug_lie,
+        allowed: match &args.allow_peers {
+            Some(path) => Some(crate::cli::load_allowed_peers(path)?),
+            None => None,
+        },
         max_seq_len,
         max_cache_tokens,
         public_name: args.name.clone(),

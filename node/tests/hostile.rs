@@ -23,6 +23,7 @@ fn client_net() -> Network {
         dht_server: false,
         shaping: None,
         swarm_key: None,
+        identity: None,
     })
     .expect("network");
     net

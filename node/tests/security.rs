@@ -23,6 +23,16 @@ fn fails(args: &[&str]) -> String {
     stderr
 }
 
+/// A generation with `args` (a way to reach the swarm), checked against the same
+/// generation in one process; its JSON.
+fn answers_as_one_process(args: &[&str]) -> serde_json::Value {
+    let prompt = ["--prompt", "The capital of France is", "--max-tokens", "6"];
+    let local = generate_json(&[&["--local"][..], &prompt[..]].concat());
+    let swarm = generate_json(&[args, &prompt[..]].concat());
+    assert_eq!(swarm["text"], local["text"], "{args:?}");
+    swarm
+}
+
 #[test]
 fn only_holders_of_the_swarm_key_can_join_or_reach_a_private_swarm() {
     let m = model();
@@ -61,16 +71,7 @@ fn only_holders_of_the_swarm_key_can_join_or_reach_a_private_swarm() {
         Some(&a.addr),
     );
     // With the key, a client gets the same answer as one process alone.
-    let prompt = ["--prompt", "The capital of France is", "--max-tokens", "6"];
-    let local = generate_json(&[&["--local"][..], &prompt[..]].concat());
-    let private = generate_json(
-        &[
-            &["--bootstrap", &a.addr, "--swarm-key", key_s][..],
-            &prompt[..],
-        ]
-        .concat(),
-    );
-    assert_eq!(private["text"], local["text"]);
+    let private = answers_as_one_process(&["--bootstrap", &a.addr, "--swarm-key", key_s]);
     assert_eq!(private["route"].as_array().map(Vec::len), Some(2));
 
     // Without the key, or with another one, nothing gets in.
@@ -133,4 +134,64 @@ fn only_holders_of_the_swarm_key_can_join_or_reach_a_private_swarm() {
         "/ip4/127.0.0.1/udp/0/quic-v1",
     ]);
     assert!(e.contains("TCP only"), "{e}");
+}
+
+#[test]
+fn a_server_with_an_allow_list_serves_only_those_clients() {
+    let m = model();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let identity = dir.path().join("client.key");
+    let mut cmd = shoal();
+    cmd.args(["keygen", "--identity", "--out"]).arg(&identity);
+    let (out, _) = run(cmd, Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let peer = said
+        .split("peer id ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no peer id in {said:?}"))
+        .to_string();
+    let allow = dir.path().join("allow.txt");
+    std::fs::write(
+        &allow,
+        format!("# who may use this server\n\n{peer}  # the test\n"),
+    )
+    .expect("allow list");
+    let identity_s = identity.to_str().expect("path");
+    let allow_s = allow.to_str().expect("path");
+    let a = serve_with(&m, &["--blocks", "0..30", "--allow-peers", allow_s], None);
+
+    // The listed client, with its identity: served.
+    answers_as_one_process(&["--bootstrap", &a.addr, "--identity", identity_s]);
+    // Anyone else: refused, and told why.
+    let e = fails(&[
+        "generate",
+        "--model",
+        m.to_str().expect("path"),
+        "--bootstrap",
+        &a.addr,
+        "--prompt",
+        "hi",
+        "--route-timeout",
+        "3",
+    ]);
+    assert!(e.contains("--allow-peers"), "{e}");
+    // A swarm key is not an identity: a clear error.
+    let key = dir.path().join("swarm.key");
+    let mut cmd = shoal();
+    cmd.args(["keygen", "--out"]).arg(&key);
+    assert!(run(cmd, Duration::from_secs(30)).0.status.success());
+    let e = fails(&[
+        "generate",
+        "--model",
+        m.to_str().expect("path"),
+        "--bootstrap",
+        &a.addr,
+        "--prompt",
+        "hi",
+        "--identity",
+        key.to_str().expect("path"),
+    ]);
+    assert!(e.contains("not a node identity"), "{e}");
 }

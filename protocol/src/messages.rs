@@ -218,6 +218,8 @@ pub enum ErrorKind {
     /// The server is shutting down: its sessions must move to other servers. Sent to
     /// each open session's client, whatever step it is at.
     Leaving,
+    /// The server serves only the clients on its allow list.
+    Forbidden,
 }
 
 impl ErrorKind {
@@ -233,6 +235,7 @@ impl ErrorKind {
             ErrorKind::Unreachable => "unreachable",
             ErrorKind::Internal => "internal",
             ErrorKind::Leaving => "leaving",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 }
