@@ -533,7 +533,7 @@ impl Server {
         if self.draining {
             return Err(ErrorInfo::new(
                 ErrorKind::Leaving,
-                "this server is shutting down",
+                "the server is shutting down",
             ));
         }
         let s = self.sessions.get(&step.session).ok_or_else(|| {

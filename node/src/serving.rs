@@ -346,7 +346,15 @@ async fn shutdown(
                 "the server is shutting down",
             ),
         });
-        net.send(h.client, vec![], notice)
+        // A request, not a one-way frame: its answer says the client has the notice.
+        // A frame written just before the process exits may never leave the machine.
+        let net = net.clone();
+        let client = h.client;
+        async move {
+            if let Err(e) = net.request(client, vec![], notice).await {
+                tracing::debug!(%client, "could not tell the client to move: {e:#}");
+            }
+        }
     });
     let mut departure = public.lock().unwrap_or_else(|p| p.into_inner()).clone();
     departure.expires_unix_ms = net::unix_ms();

@@ -229,6 +229,29 @@ fn hostile_input_is_refused_and_a_concurrent_generation_is_unchanged() {
         );
         // The well-behaved probe is not affected.
         assert!(matches!(p.ask(Request::Info).await, Response::Info(_)));
+
+        // A flood of requests: past the per-peer budget they are refused as busy, and
+        // once the flood stops the peer is served again.
+        let flood = (0..1000).map(|_| p.ask(Request::Info));
+        let answers = futures::future::join_all(flood).await;
+        let refused = answers
+            .iter()
+            .filter(|r| {
+                matches!(r, Response::Error(e) if e.kind == ErrorKind::Busy
+                    && e.message.contains("requests per second"))
+            })
+            .count();
+        let served = answers
+            .iter()
+            .filter(|r| matches!(r, Response::Info(_)))
+            .count();
+        assert_eq!(refused + served, 1000);
+        assert!(
+            refused > 0 && served >= 400,
+            "{served} served, {refused} refused"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(p.ask(Request::Info).await, Response::Info(_)));
     });
     let log = a.log_text();
     assert!(log.contains("banned"), "no ban in the server's log:\n{log}");
