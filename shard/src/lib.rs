@@ -7,6 +7,8 @@
 //!   with its span, and runs them over a session's [`KvCache`].
 //! - [`Head`] is the client side: token embeddings, final norm and LM head.
 //! - [`TextCodec`] is the tokenizer and chat template; [`Sampler`] picks tokens.
+//! - [`device`] picks where blocks run: the CPU, or a GPU in builds with the `cuda` or
+//!   `metal` feature.
 //!
 //! The blocks are written here from candle-core / candle-nn primitives because
 //! candle-transformers keeps its decoder blocks private (DESIGN.md). This crate knows
@@ -15,11 +17,13 @@
 
 mod blocks;
 mod config;
+pub mod device;
 mod error;
 mod file;
 mod head;
 pub mod kernels;
 mod sampling;
+pub mod synth;
 mod text;
 
 pub use blocks::{KvCache, Span};

@@ -158,7 +158,13 @@ impl TextCodec {
         .map_err(text_err)
     }
 
-    /// Number of tokens in the vocabulary (with added tokens).
+    /// The tokenizer as a Hugging Face `tokenizer.json` (for a directory made from a GGUF
+    /// model's tokenizer; BOS is not added by its pipeline).
+    pub fn tokenizer_json(&self) -> Result<String> {
+        self.tokenizer.to_string(false).map_err(text_err)
+    }
+
+    /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

@@ -551,3 +551,34 @@ fn gguf_sentencepiece_tokenizer() -> Result<()> {
     assert!(text.is_stop(2));
     Ok(())
 }
+
+/// What a GPU runs for a 16-bit checkpoint (the blocks compute in bf16, see
+/// `shard::device::compute_dtype`), checked on the CPU: every step of a chain stays
+/// within bf16 rounding of the f32 result, and the output comes back as f32.
+#[test]
+fn sixteen_bit_compute_stays_within_rounding_of_f32() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_hf(dir.path(), DType::BF16, false)?;
+    let file = ModelFile::open(dir.path())?;
+    let half = ModelFile::open(dir.path())?.with_compute_dtype(DType::BF16);
+    let head = Head::load(&file, &Device::Cpu)?;
+    let whole32 = Span::load(&file, 0, LAYERS, &Device::Cpu, |_, _| {})?;
+    let halves16 = [
+        Span::load(&half, 0, 2, &Device::Cpu, |_, _| {})?,
+        Span::load(&half, 2, LAYERS, &Device::Cpu, |_, _| {})?,
+    ];
+    assert_eq!(whole32.dtype(), DType::F32);
+    assert!(halves16.iter().all(|s| s.dtype() == DType::BF16));
+    let exact = run_chain(&head, std::slice::from_ref(&whole32))?;
+    let bf16 = run_chain(&head, &halves16)?;
+    assert_eq!(bf16.dtype(), DType::F32);
+    let rel = (bf16.sub(&exact)?.sqr()?.mean_all()?.to_scalar::<f32>()?
+        / exact.sqr()?.mean_all()?.to_scalar::<f32>()?)
+    .sqrt();
+    // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per value); a few layers of
+    // it stay within a few percent, while a wrong cast or a missing conversion would be
+    // off by far more (or fail).
+    eprintln!("bf16 vs f32: relative RMS {rel}");
+    assert!(rel > 0.0 && rel < 0.05, "relative RMS {rel}");
+    Ok(())
+}

@@ -139,15 +139,15 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
     }
 }
 
-/// `shoal generate --model <default> --json ARGS`, which must succeed; its JSON.
+/// `shoal generate --model <default> --json ARGS` (ARGS may name another --model), which
+/// must succeed; its JSON.
 pub fn generate_json(args: &[&str]) -> serde_json::Value {
     let mut cmd = shoal();
-    cmd.arg("generate")
-        .arg("--model")
-        .arg(model())
-        .args(args)
-        .arg("--json")
-        .env("RUST_LOG", "warn");
+    cmd.arg("generate");
+    if !args.contains(&"--model") {
+        cmd.arg("--model").arg(model());
+    }
+    cmd.args(args).arg("--json").env("RUST_LOG", "warn");
     let (out, _) = run(cmd, Duration::from_secs(300));
     assert!(
         out.status.success(),
