@@ -437,6 +437,10 @@ pub struct BenchArgs {
     /// Concurrent sessions on the swarm for the aggregate measurement, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     pub sessions: Vec<usize>,
+    /// Where the blocks run, in this process and on the swarm's servers (see `shoal
+    /// serve --device`). The client's embeddings and LM head stay on the CPU.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: shard::device::DeviceChoice,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -80,6 +80,8 @@ pub struct ClientSide {
     file: ModelFile,
     head: ClientHead,
     text: TextCodec,
+    /// Where the blocks run when a generation runs them all here (`--local`).
+    local_device: Device,
 }
 
 impl ClientSide {
@@ -87,7 +89,18 @@ impl ClientSide {
     pub fn load(file: ModelFile) -> anyhow::Result<Self> {
         let head = ClientHead::start(Head::load(&file, &Device::Cpu)?)?;
         let text = TextCodec::from_model(&file)?;
-        Ok(ClientSide { file, head, text })
+        Ok(ClientSide {
+            file,
+            head,
+            text,
+            local_device: Device::Cpu,
+        })
+    }
+
+    /// Runs local generations' blocks on `device` (the head stays on the CPU).
+    pub fn with_local_device(mut self, device: Device) -> Self {
+        self.local_device = device;
+        self
     }
 
     /// The model file.
@@ -179,7 +192,7 @@ pub async fn run_generation(
     match client {
         None => {
             let span = tokio::task::block_in_place(|| {
-                let s = Span::load(&side.file, 0, cfg.n_layers, &Device::Cpu, |_, _| {})?;
+                let s = Span::load(&side.file, 0, cfg.n_layers, &side.local_device, |_, _| {})?;
                 s.warm_up()?;
                 Ok::<_, shard::ShardError>(s)
             })?;
@@ -336,6 +349,7 @@ impl LocalSwarm {
         model: &std::path::Path,
         n_blocks: usize,
         nodes: usize,
+        extra: &[String],
     ) -> anyhow::Result<Self> {
         if nodes == 0 || nodes > n_blocks {
             bail!("--nodes must be between 1 and the model's {n_blocks} blocks");
@@ -355,6 +369,7 @@ impl LocalSwarm {
                 .arg("/ip4/127.0.0.1/udp/0/quic-v1")
                 .arg("--name")
                 .arg(format!("local-{i}"))
+                .args(extra)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::inherit())
                 .kill_on_drop(true);
@@ -406,7 +421,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         file.config().name,
         n
     );
-    let swarm = LocalSwarm::start(&path, n, args.nodes).await?;
+    let swarm = LocalSwarm::start(&path, n, args.nodes, &[]).await?;
     let side = ClientSide::load(file)?;
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
@@ -473,6 +488,54 @@ struct ConcurrencyRow {
     local_batch_tokens_per_second: f64,
 }
 
+/// How fast one node could decode with every block on `device`, against the bound of
+/// reading each block's weights once per token at the device's measured bandwidth.
+#[derive(Serialize, Debug)]
+struct Bound {
+    device: String,
+    read_bytes_per_second: f64,
+    block_bytes_per_token: u64,
+    bound_tokens_per_second: f64,
+    /// One token at a time through all blocks (a growing cache, 64 positions), no
+    /// network, no LM head: what a server holding the whole model does per step.
+    blocks_tokens_per_second: f64,
+    fraction_of_bound: f64,
+}
+
+fn blocks_bound(file: &ModelFile, device: &Device) -> anyhow::Result<Bound> {
+    let read = shard::device::read_bandwidth(device)?;
+    let n = file.config().n_layers;
+    let bytes: u64 = (0..n).map(|i| file.block_bytes(i)).sum();
+    let span = Span::load(file, 0, n, device, |_, _| {})?;
+    span.warm_up()?;
+    let x = shard::candle_core::Tensor::zeros(
+        (1, file.config().hidden),
+        shard::candle_core::DType::F32,
+        device,
+    )?;
+    let steps = 64;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let mut cache = span.new_cache(steps);
+        device.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..steps {
+            span.forward(&x, &mut cache)?;
+        }
+        device.synchronize()?;
+        best = best.max(steps as f64 / t.elapsed().as_secs_f64());
+    }
+    let bound = read / bytes.max(1) as f64;
+    Ok(Bound {
+        device: shard::device::describe(device),
+        read_bytes_per_second: read,
+        block_bytes_per_token: bytes,
+        bound_tokens_per_second: bound,
+        blocks_tokens_per_second: best,
+        fraction_of_bound: best / bound,
+    })
+}
+
 /// Tokens/s of `sessions` greedy generations decoded in lock step as one batch in this
 /// process (blocks and LM head each one product for all sessions).
 fn local_batch_rate(
@@ -496,7 +559,7 @@ fn local_batch_rate(
     let x = head.embed(prompt)?;
     let mut next = Vec::with_capacity(sessions);
     for cache in caches.iter_mut() {
-        let h = span.forward(&x, cache)?;
+        let h = span.forward(&x, cache)?.to_device(&Device::Cpu)?;
         next.push(argmax(&head.last_logits(&h)?));
     }
     let started = Instant::now();
@@ -506,7 +569,7 @@ fn local_batch_rate(
             .map(|&t| head.embed(&[t]))
             .collect::<Result<_, _>>()?;
         let ys = span.forward_batch(xs.iter().zip(caches.iter_mut()).collect())?;
-        let rows = shard::candle_core::Tensor::cat(&ys, 0)?;
+        let rows = shard::candle_core::Tensor::cat(&ys, 0)?.to_device(&Device::Cpu)?;
         let logits = head.logits(&rows)?.to_vec2::<f32>()?;
         next = logits.iter().map(argmax).collect();
     }
@@ -525,8 +588,11 @@ fn local_batch_rate(
 /// beside llama.cpp.
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let path = model_path(&args.model)?;
-    let side = ClientSide::load(ModelFile::open(&path)?)?;
+    let device = shard::device::open(args.device)?;
+    let device_args = vec!["--device".to_string(), args.device.to_string()];
+    let side = ClientSide::load(ModelFile::open(&path)?)?.with_local_device(device.clone());
     let n = side.file.config().n_layers;
+    let bound = tokio::task::block_in_place(|| blocks_bound(&side.file, &device))?;
     // A decode prompt, and a prefill prompt of exactly --prompt-tokens tokens.
     let decode_req = GenerateRequest {
         prompt: "Write a long story about a lighthouse keeper.".into(),
@@ -549,7 +615,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         sampling: SamplingParams::default(),
         ..Default::default()
     };
-    let swarm = LocalSwarm::start(&path, n, args.nodes).await?;
+    let swarm = LocalSwarm::start(&path, n, args.nodes, &device_args).await?;
     let client = start_client(
         std::slice::from_ref(&swarm.bootstrap),
         Duration::from_secs(10),
@@ -590,7 +656,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Aggregate speed of N generations at once on the swarm (each its own session), and
     // the same N batched in this process: the ceiling.
-    let span = Span::load(&side.file, 0, n, &Device::Cpu, |_, _| {})?;
+    let span = Span::load(&side.file, 0, n, &device, |_, _| {})?;
     let decode_prompt = prompt_tokens(&side.text, &decode_req)?;
     let mut concurrency = Vec::new();
     for &n in &args.sessions {
@@ -632,11 +698,22 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "model": path,
                 "threads": shard::kernels::threads(),
+                "bound": bound,
                 "runs": rows,
                 "concurrency": concurrency,
             })
         );
     } else {
+        println!(
+            "{}: reads {:.1} GB/s; the blocks are {:.1} MB per token, so at most {:.1} tok/s; \
+             one token at a time through all blocks: {:.1} tok/s ({:.0}% of that bound)",
+            bound.device,
+            bound.read_bytes_per_second / 1e9,
+            bound.block_bytes_per_token as f64 / 1e6,
+            bound.bound_tokens_per_second,
+            bound.blocks_tokens_per_second,
+            100.0 * bound.fraction_of_bound
+        );
         println!(
             "{:<10} {:>14} {:>16}",
             "setup", "decode tok/s", "prefill tok/s"

@@ -140,6 +140,47 @@ pub fn gpu_memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// Bytes per second `device` reads from its own memory, measured: the bound on decode
+/// speed is this divided by the weight bytes a token reads. On the CPU, a sum over
+/// 512 MiB by every thread of the math pool; on a GPU, a reduction over 1 GiB. Best of
+/// three.
+pub fn read_bandwidth(device: &Device) -> Result<f64> {
+    let mut best = 0.0f64;
+    match device {
+        Device::Cpu => {
+            use rayon::prelude::*;
+            // Integer sums vectorise (a float sum is one dependent add at a time and
+            // would measure the adder, not the memory).
+            let data = vec![1u64; 64 << 20];
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                let total: u64 = crate::kernels::on_pool(|| {
+                    data.par_chunks(1 << 16)
+                        .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                        .reduce(|| 0, u64::wrapping_add)
+                });
+                let secs = t.elapsed().as_secs_f64();
+                std::hint::black_box(total);
+                best = best.max((data.len() * 8) as f64 / secs.max(1e-9));
+            }
+        }
+        _ => {
+            let n = 256usize << 20;
+            let t = candle_core::Tensor::ones(n, DType::F32, device)?;
+            device.synchronize()?;
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                let s = t.sum_all()?;
+                device.synchronize()?;
+                let secs = started.elapsed().as_secs_f64();
+                std::hint::black_box(s);
+                best = best.max((n * 4) as f64 / secs.max(1e-9));
+            }
+        }
+    }
+    Ok(best)
+}
+
 /// The type blocks compute in on `device` for weights stored as `stored`: f32 on the CPU
 /// (candle has no fast 16-bit CPU kernels, and f32 keeps a span equal to the
 /// one-process result); on a GPU a 16-bit checkpoint keeps its type (half the memory and
@@ -186,6 +227,14 @@ mod tests {
         }
         assert_eq!(describe(&Device::Cpu), "cpu");
         assert_eq!(gpu_memory(&Device::Cpu), None);
+    }
+
+    #[test]
+    fn the_cpu_reads_at_a_plausible_speed() {
+        let bw = read_bandwidth(&Device::Cpu).expect("measured");
+        eprintln!("CPU reads {:.1} GB/s", bw / 1e9);
+        // Anything from an old laptop (a few GB/s) to a big server (hundreds).
+        assert!(bw > 5e8 && bw < 2e12, "{bw} bytes/s");
     }
 
     #[test]
