@@ -266,9 +266,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MULTIADDR")]
     pub listen: Vec<Multiaddr>,
     /// A node of the swarm to join through (its `listening` line); repeat for several.
-    /// Without it, this node starts a new swarm.
+    /// Without it, this node starts a new swarm, joined by the nodes it finds on its LAN
+    /// (mDNS).
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
+    /// Do not look for (or answer) other nodes on the LAN by multicast DNS. A private
+    /// swarm (--swarm-key) never does.
+    #[arg(long)]
+    pub no_mdns: bool,
     /// Most generation sessions served at once.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,

@@ -131,6 +131,7 @@ pub async fn start_client(
         shaping,
         swarm_key,
         identity,
+        mdns: false,
     })?;
     let client = Client::new(net.clone());
     // Outputs and failure reports go from the task reading their stream straight to
@@ -369,6 +370,8 @@ impl LocalSwarm {
                 .arg("/ip4/127.0.0.1/udp/0/quic-v1")
                 .arg("--name")
                 .arg(format!("local-{i}"))
+                // A demo or a benchmark stays its own swarm, whatever runs on the LAN.
+                .arg("--no-mdns")
                 .args(extra)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::inherit())
@@ -753,6 +756,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         shaping: None,
         swarm_key: args.swarm_key.load()?,
         identity: None,
+        mdns: false,
     })?;
     connect_any(
         &net,

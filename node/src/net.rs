@@ -37,10 +37,11 @@ use libp2p::kad::{
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, identify, identity, noise, ping, tcp, yamux, Multiaddr, PeerId,
+    allow_block_list, identify, identity, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId,
     StreamProtocol, Swarm,
 };
 use protocol::{Announcement, Request, Response};
@@ -82,6 +83,8 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 struct Behaviour {
     /// Peers banned for sending garbage: their connections are refused both ways.
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Nodes on the same LAN, found by multicast DNS (off with `--no-mdns`).
+    mdns: Toggle<mdns::tokio::Behaviour>,
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -213,6 +216,9 @@ pub struct NetConfig {
     pub swarm_key: Option<PreSharedKey>,
     /// The node's key pair (its peer id); `None` = a new random one.
     pub identity: Option<identity::Keypair>,
+    /// Find and join nodes on the same LAN by multicast DNS, without a bootstrap
+    /// address.
+    pub mdns: bool,
 }
 
 /// An emulated network link, applied by the sender to each request it sends: a one-way
@@ -267,8 +273,9 @@ pub fn is_tcp(addr: &Multiaddr) -> bool {
             .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic | Protocol::Udp(_)))
 }
 
-/// The node's protocols: Kademlia, identify, ping, request-response and the data plane.
-fn behaviour(key: &identity::Keypair) -> Behaviour {
+/// The node's protocols: Kademlia, identify, ping, request-response, the data plane,
+/// and mDNS when `lan` is set.
+fn behaviour(key: &identity::Keypair, lan: bool) -> Behaviour {
     let id = key.public().to_peer_id();
     let mut kcfg = kad::Config::new(StreamProtocol::new("/shoal/kad/1.0.0"));
     kcfg.set_query_timeout(QUERY_TIMEOUT);
@@ -306,8 +313,20 @@ fn behaviour(key: &identity::Keypair) -> Behaviour {
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(4096),
     );
+    let mdns = if lan {
+        match mdns::tokio::Behaviour::new(mdns::Config::default(), key.public().to_peer_id()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("LAN discovery (mDNS) is off: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Behaviour {
         blocked: allow_block_list::Behaviour::default(),
+        mdns: Toggle::from(mdns),
         kad,
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
@@ -330,6 +349,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
     };
     let private = config.swarm_key.is_some();
+    let lan = config.mdns;
     let mut swarm = match config.swarm_key {
         None => libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
@@ -340,7 +360,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             )
             .context("setting up TCP")?
             .with_quic()
-            .with_behaviour(behaviour)
+            .with_behaviour(|key| behaviour(key, lan))
             .context("setting up behaviours")?
             .with_swarm_config(swarm_config)
             .build(),
@@ -366,7 +386,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                     )
                 })
                 .context("setting up the private transport")?
-                .with_behaviour(behaviour)
+                .with_behaviour(|key| behaviour(key, lan))
                 .context("setting up behaviours")?
                 .with_swarm_config(swarm_config)
                 .build()
@@ -951,6 +971,22 @@ impl EventLoop {
                 self.rtts.insert(peer, rtt);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.on_rr(event).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                // A node on the LAN: into the DHT's routing table, and a connection so
+                // identify tells whether it is a DHT server.
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "found on the LAN");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self
+                            .swarm
+                            .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             _ => {}
         }

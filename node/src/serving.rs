@@ -178,6 +178,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let swarm_key = args.swarm_key.load()?;
+    let swarm_key_is_none = swarm_key.is_none();
     let listen = match (args.listen.is_empty(), &swarm_key) {
         (false, _) => args.listen.clone(),
         (true, None) => vec![
@@ -193,6 +194,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shaping: args.emulate.shaping(),
         swarm_key,
         identity: args.identity.load()?,
+        mdns: !args.no_mdns && swarm_key_is_none,
     })?;
     connect_any(
         &net,

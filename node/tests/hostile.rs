@@ -24,6 +24,7 @@ fn client_net() -> Network {
         shaping: None,
         swarm_key: None,
         identity: None,
+        mdns: false,
     })
     .expect("network");
     net

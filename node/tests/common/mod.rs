@@ -91,7 +91,8 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
     let mut cmd = shoal();
-    cmd.arg("serve");
+    // Tests' swarms must not find each other on the LAN.
+    cmd.args(["serve", "--no-mdns"]);
     if !extra.contains(&"--listen") {
         cmd.args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
     }
