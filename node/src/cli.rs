@@ -361,7 +361,8 @@ pub struct GenerateArgs {
 /// How a client reaches the swarm (`generate`, `api`).
 #[derive(Args, Debug)]
 pub struct SwarmClientArgs {
-    /// A node of the swarm (any `listening` line); repeat for several.
+    /// A node of the swarm (any `listening` line); repeat for several. Without it, the
+    /// nodes that answer on the LAN (mDNS) are used.
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
     /// Run every block in this process, without a swarm: the reference path.

@@ -122,7 +122,9 @@ pub async fn start_client(
     swarm_key: Option<libp2p::pnet::PreSharedKey>,
     identity: Option<libp2p::identity::Keypair>,
 ) -> anyhow::Result<Client> {
-    if bootstrap.is_empty() {
+    // Without a bootstrap address, look for a node on the LAN (not in a private swarm).
+    let lan = bootstrap.is_empty() && swarm_key.is_none();
+    if bootstrap.is_empty() && !lan {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
     }
     let (net, mut inbound) = net::start(NetConfig {
@@ -131,8 +133,13 @@ pub async fn start_client(
         shaping,
         swarm_key,
         identity,
-        mdns: false,
+        mdns: lan,
     })?;
+    let mut bootstrap = bootstrap.to_vec();
+    if lan {
+        bootstrap = find_on_lan(&net, connect_timeout.min(LAN_SEARCH)).await?;
+    }
+    let bootstrap = &bootstrap[..];
     let client = Client::new(net.clone());
     // Outputs and failure reports go from the task reading their stream straight to
     // the session waiting for them.
@@ -171,6 +178,37 @@ pub async fn start_client(
     });
     client.connect(bootstrap, connect_timeout).await?;
     Ok(client)
+}
+
+/// Longest wait for a node on the LAN to answer mDNS (they answer in milliseconds).
+const LAN_SEARCH: Duration = Duration::from_secs(3);
+
+/// Addresses of the nodes mDNS finds on the LAN within `timeout` (it keeps looking a
+/// moment after the first answer, for the others).
+async fn find_on_lan(net: &net::Network, timeout: Duration) -> anyhow::Result<Vec<Multiaddr>> {
+    let deadline = Instant::now() + timeout;
+    let mut first_seen: Option<Instant> = None;
+    loop {
+        let found = net.lan_peers().await?;
+        if !found.is_empty() {
+            let t = *first_seen.get_or_insert_with(Instant::now);
+            if t.elapsed() >= Duration::from_millis(300) || Instant::now() >= deadline {
+                return Ok(found
+                    .into_iter()
+                    .flat_map(|(peer, addrs)| {
+                        addrs
+                            .into_iter()
+                            .map(move |a| a.with_p2p(peer).unwrap_or_else(|a| a))
+                    })
+                    .collect());
+            }
+        } else if Instant::now() >= deadline {
+            bail!(
+                "no --bootstrap address, and no shoal node answered on the LAN (mDNS) within {timeout:?}: give the `listening` address of any node of the swarm, or use --local"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs one generation through the swarm (or locally when `client` is `None`).

@@ -152,6 +152,9 @@ enum Command {
     Unban {
         peer: PeerId,
     },
+    LanPeers {
+        reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -438,6 +441,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         all_server_queries: HashMap::new(),
         finish_soon: Vec::new(),
         strikes: HashMap::new(),
+        lan: HashMap::new(),
         budgets: HashMap::new(),
         to_self: cmd_tx.downgrade(),
     };
@@ -674,6 +678,11 @@ impl Network {
         self.call(|reply| Command::DhtPeers { reply }).await
     }
 
+    /// Nodes found on the LAN by mDNS (only with [`NetConfig::mdns`]), with addresses.
+    pub async fn lan_peers(&self) -> anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+        self.call(|reply| Command::LanPeers { reply }).await
+    }
+
     /// Latest measured round-trip time to each connected peer.
     pub async fn rtts(&self) -> anyhow::Result<HashMap<PeerId, Duration>> {
         self.call(|reply| Command::Rtts { reply }).await
@@ -712,6 +721,8 @@ struct EventLoop {
     finish_soon: Vec<(Instant, QueryId)>,
     /// Garbage received per peer (see [`BAN_AFTER_STRIKES`]).
     strikes: HashMap<PeerId, u32>,
+    /// Nodes found on the LAN by mDNS and not expired, with their addresses.
+    lan: HashMap<PeerId, Vec<Multiaddr>>,
     /// Request budget per peer: tokens left and when they were counted.
     budgets: HashMap<PeerId, (f64, Instant)>,
     /// To schedule commands to itself (an unban) without keeping the loop alive.
@@ -815,6 +826,9 @@ impl EventLoop {
             }
             Command::Unban { peer } => {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
+            Command::LanPeers { reply } => {
+                let _ = reply.send(self.lan.iter().map(|(p, a)| (*p, a.clone())).collect());
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -976,6 +990,10 @@ impl EventLoop {
                 // identify tells whether it is a DHT server.
                 for (peer, addr) in found {
                     tracing::debug!(%peer, %addr, "found on the LAN");
+                    let known = self.lan.entry(peer).or_default();
+                    if !known.contains(&addr) {
+                        known.push(addr.clone());
+                    }
                     self.swarm
                         .behaviour_mut()
                         .kad

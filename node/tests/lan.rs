@@ -197,5 +197,14 @@ fn servers_on_one_lan_find_each_other_without_a_bootstrap() {
         "{}",
         swarm["route"]
     );
+    // A client on the LAN needs no bootstrap address either.
+    let out = shoal_in(a_ns, &[&["generate"][..], &args[..]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(found["completion_tokens"], local["completion_tokens"]);
     drop((a, b, hermit));
 }
