@@ -272,7 +272,7 @@ pub struct ServeArgs {
     pub bootstrap: Vec<Multiaddr>,
     /// Do not look for (or answer) other nodes on the LAN by multicast DNS. A private
     /// swarm (--swarm-key) never does.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_NO_MDNS")]
     pub no_mdns: bool,
     /// Most generation sessions served at once.
     #[arg(long, default_value_t = 64)]
@@ -378,6 +378,9 @@ pub struct SwarmClientArgs {
     /// Seconds to keep looking for servers that cover every block (per generation).
     #[arg(long, default_value_t = 20.0)]
     pub route_timeout: f64,
+    /// Without --bootstrap, do not look for the swarm on the LAN (mDNS).
+    #[arg(long, env = "SHOAL_NO_MDNS")]
+    pub no_mdns: bool,
     /// Check servers against replicas: the chance, per server and step, that its output
     /// is recomputed by another server holding the same blocks and compared (1 = every
     /// step). A server caught lying is banned and the step redone elsewhere before its

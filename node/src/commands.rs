@@ -121,9 +121,10 @@ pub async fn start_client(
     shaping: Option<net::Shaping>,
     swarm_key: Option<libp2p::pnet::PreSharedKey>,
     identity: Option<libp2p::identity::Keypair>,
+    mdns: bool,
 ) -> anyhow::Result<Client> {
     // Without a bootstrap address, look for a node on the LAN (not in a private swarm).
-    let lan = bootstrap.is_empty() && swarm_key.is_none();
+    let lan = bootstrap.is_empty() && swarm_key.is_none() && mdns;
     if bootstrap.is_empty() && !lan {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
     }
@@ -325,6 +326,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
                 args.emulate.shaping(),
                 args.swarm.swarm_key.load()?,
                 args.swarm.identity.load()?,
+                !args.swarm.no_mdns,
             )
             .await?
             .with_verify_rate(args.swarm.verify_rate),
@@ -470,6 +472,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         None,
         None,
         None,
+        false,
     )
     .await?;
     let req = GenerateRequest {
@@ -663,6 +666,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         None,
         None,
         None,
+        false,
     )
     .await?;
     let mut rows = Vec::new();
@@ -1062,6 +1066,7 @@ pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
                 None,
                 args.swarm.swarm_key.load()?,
                 args.swarm.identity.load()?,
+                !args.swarm.no_mdns,
             )
             .await?
             .with_verify_rate(args.swarm.verify_rate),

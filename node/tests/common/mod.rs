@@ -16,9 +16,12 @@ pub fn model() -> PathBuf {
         .expect("the default model is needed for this test (fetched with pip)")
 }
 
-/// The binary under test.
+/// The binary under test, with LAN discovery off: concurrent tests' swarms must not
+/// find each other (node/tests/lan.rs turns it on in its own namespaces).
 pub fn shoal() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_shoal"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    cmd.env("SHOAL_NO_MDNS", "true");
+    cmd
 }
 
 /// A `shoal serve` process, killed when dropped.
