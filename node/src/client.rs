@@ -546,6 +546,20 @@ pub async fn connect_any(
     ))
 }
 
+/// Relative RMS distance between two outputs of the same rows (infinite if they cannot
+/// be compared).
+fn distance(a: &HiddenState, b: &HiddenState) -> f64 {
+    match (a.to_f32(), b.to_f32()) {
+        (Ok(a), Ok(b)) if a.len() == b.len() => relative_rms(&a, &b),
+        _ => f64::INFINITY,
+    }
+}
+
+/// Beyond rounding; NaN (garbage) counts as a mismatch.
+fn is_mismatch(distance: f64) -> bool {
+    distance.is_nan() || distance > VERIFY_TOLERANCE
+}
+
 /// A failover that happened during a session.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Reroute {
@@ -841,30 +855,38 @@ impl RemoteSession {
                 continue;
             };
             let suspect = self.hops[h].hop.peer;
-            let Some(replica) = self.replica_for(span, suspect, upto) else {
+            // Replicas in random order: a liar that claims to be fastest must not be
+            // everyone's reference.
+            let mut replicas = self.replicas_for(span, suspect, upto);
+            rand::seq::SliceRandom::shuffle(&mut replicas[..], &mut rand::rng());
+            let mut replicas = replicas.into_iter();
+            let Some((checked, theirs)) = self
+                .replica_output(&mut replicas, upto, tokens, &history)
+                .await
+            else {
                 tracing::debug!(peer = %suspect, "no replica serves {span}: not verified");
                 continue;
             };
-            let checked = replica.peer;
-            let computed = match self.run_on_replica(replica, upto, history).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(peer = %checked, "replica could not verify: {e:#}");
-                    continue;
+            let gap = distance(&claimed, &theirs);
+            tracing::debug!(peer = %suspect, replica = %checked, gap, "verified a step in {:?}", started.elapsed());
+            if is_mismatch(gap) {
+                // Two disagree: a third decides which one lies, if there is one.
+                if let Some((third, judge)) = self
+                    .replica_output(&mut replicas, upto, tokens, &history)
+                    .await
+                {
+                    if !is_mismatch(distance(&claimed, &judge)) {
+                        tracing::warn!(replica = %checked, agreeing = %third, "a replica's output differs from two others': banned");
+                        self.client.ban(&checked);
+                        continue;
+                    }
+                    // The third agrees with the replica (or with nobody): the server
+                    // is the one to leave.
                 }
-            };
-            let theirs = rows(&computed, (upto - tokens) as usize, upto as usize);
-            let distance = match (claimed.to_f32(), theirs.to_f32()) {
-                (Ok(a), Ok(b)) if a.len() == b.len() => relative_rms(&a, &b),
-                _ => f64::INFINITY,
-            };
-            tracing::debug!(peer = %suspect, replica = %checked, distance, "verified a step in {:?}", started.elapsed());
-            // NaN (garbage) counts as a mismatch.
-            if distance.is_nan() || distance > VERIFY_TOLERANCE {
                 return Some(Failure {
                     suspect: h,
                     reason: format!(
-                        "verification: its output for blocks {span} differs from {checked}'s by {distance:.3} (relative RMS)"
+                        "verification: its output for blocks {span} differs from {checked}'s by {gap:.3} (relative RMS)"
                     ),
                     after: started.elapsed(),
                 });
@@ -893,15 +915,14 @@ impl RemoteSession {
         }
     }
 
-    /// Another server that serves all of `span`, is not `not` and is not banned.
-    fn replica_for(&self, span: BlockSpan, not: PeerId, upto: u32) -> Option<PlannedHop> {
+    /// The other servers that serve all of `span`, are not `not` and are not banned.
+    fn replicas_for(&self, span: BlockSpan, not: PeerId, upto: u32) -> Vec<PlannedHop> {
         let not = not.to_string();
         self.known
             .iter()
             .filter(|a| a.peer_id != not && !self.client.is_banned(&a.peer_id))
             .filter(|a| a.span.contains(&span) && a.free_cache_tokens >= upto as u64)
-            .max_by(|a, b| a.throughput.total_cmp(&b.throughput))
-            .and_then(|a| {
+            .filter_map(|a| {
                 Some(PlannedHop {
                     peer: a.peer_id.parse().ok()?,
                     addrs: a.addrs.iter().filter_map(|x| x.parse().ok()).collect(),
@@ -909,6 +930,28 @@ impl RemoteSession {
                     throughput: a.throughput,
                 })
             })
+            .collect()
+    }
+
+    /// The rows of the step (the last `tokens` of `upto`) as the next replica that can
+    /// compute them does, with its peer id; `None` when none can.
+    async fn replica_output(
+        &mut self,
+        replicas: &mut impl Iterator<Item = PlannedHop>,
+        upto: u32,
+        tokens: u32,
+        history: &[HiddenState],
+    ) -> Option<(PeerId, HiddenState)> {
+        for replica in replicas.by_ref() {
+            let peer = replica.peer;
+            match self.run_on_replica(replica, upto, history.to_vec()).await {
+                Ok(all) => {
+                    return Some((peer, rows(&all, (upto - tokens) as usize, upto as usize)))
+                }
+                Err(e) => tracing::debug!(%peer, "replica could not verify: {e:#}"),
+            }
+        }
+        None
     }
 
     /// Opens a session on `replica` alone, runs `history` through it in chunks, closes

@@ -283,34 +283,56 @@ fn a_lying_server_is_caught_and_banned_and_the_answer_is_right() {
     let args = ["--prompt", "The capital of France is", "--max-tokens", "12"];
     let reference = generate_json(&[&["--local"][..], &args[..]].concat());
 
-    let fooled = generate_json(&[&["--bootstrap", a.addr.as_str()][..], &args[..]].concat());
-    assert!(
-        fooled["route"].to_string().contains(&liar.peer),
-        "the liar was not chosen: {}",
-        fooled["route"]
-    );
+    // Without verification a client that routes through the liar (it claims to be the
+    // fastest, so most do) gets a wrong answer.
+    let fooled = (0..5)
+        .map(|_| generate_json(&[&["--bootstrap", a.addr.as_str()][..], &args[..]].concat()))
+        .find(|g| g["route"].to_string().contains(&liar.peer))
+        .expect("no client chose the liar in 5 tries");
     assert_ne!(
         fooled["text"], reference["text"],
         "the liar's corruption did not show"
     );
 
-    let checked = generate_json(
-        &[
-            &["--bootstrap", a.addr.as_str(), "--verify-rate", "1"][..],
-            &args[..],
-        ]
-        .concat(),
-    );
-    eprintln!("{checked:#}");
-    assert_eq!(checked["text"], reference["text"]);
-    let reroutes = checked["reroutes"].as_array().expect("reroutes");
-    assert_eq!(reroutes.len(), 1, "exactly one failover: {reroutes:?}");
-    assert_eq!(reroutes[0]["failed_peer"], liar.peer.as_str());
-    assert!(
-        reroutes[0]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("verification")),
-        "{reroutes:?}"
-    );
-    assert!(!checked["route"].to_string().contains(&liar.peer));
+    // With verification the liar is caught wherever it stands: on the chain (compared
+    // with a replica, and a third server when they disagree: a failover away from it) or
+    // as a replica itself (two others agree against it: banned, no failover). Either way
+    // the answer is the honest one and no honest server is accused.
+    for _ in 0..3 {
+        let mut cmd = shoal();
+        cmd.args(["generate", "--model"])
+            .arg(model())
+            .args([
+                "--bootstrap",
+                a.addr.as_str(),
+                "--verify-rate",
+                "1",
+                "--json",
+            ])
+            .args(args)
+            .env("RUST_LOG", "warn");
+        let (out, _) = run(cmd, Duration::from_secs(120));
+        let log = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{log}");
+        let checked: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        assert_eq!(checked["text"], reference["text"], "{log}");
+        let reroutes = checked["reroutes"].as_array().expect("reroutes");
+        for r in reroutes {
+            assert_eq!(
+                r["failed_peer"],
+                liar.peer.as_str(),
+                "an honest server accused: {r}"
+            );
+            let reason = r["reason"].as_str().unwrap_or("");
+            assert!(reason.contains("verification"), "{r}");
+        }
+        let banned_as_replica = log
+            .lines()
+            .any(|l| l.contains("a replica's output differs") && l.contains(&liar.peer));
+        assert!(
+            !reroutes.is_empty() || banned_as_replica,
+            "the liar was never caught:\n{log}"
+        );
+        assert!(!checked["route"].to_string().contains(&liar.peer));
+    }
 }
