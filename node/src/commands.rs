@@ -212,6 +212,27 @@ async fn find_on_lan(net: &net::Network, timeout: Duration) -> anyhow::Result<Ve
     }
 }
 
+/// The client `generate` and `api` talk to the swarm through, as their shared options
+/// ask; `None` with `--local`.
+async fn swarm_client(
+    s: &crate::cli::SwarmClientArgs,
+    shaping: Option<net::Shaping>,
+) -> anyhow::Result<Option<Client>> {
+    if s.local {
+        return Ok(None);
+    }
+    let client = start_client(
+        &s.bootstrap,
+        Duration::from_secs_f64(s.connect_timeout),
+        shaping,
+        s.swarm_key.load()?,
+        s.identity.load()?,
+        !s.no_mdns,
+    )
+    .await?;
+    Ok(Some(client.with_verify_rate(s.verify_rate)))
+}
+
 /// Runs one generation through the swarm (or locally when `client` is `None`).
 pub async fn run_generation(
     side: &ClientSide,
@@ -316,22 +337,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         sampling: sampling_params(&args.sampling),
         ..Default::default()
     };
-    let client = if args.swarm.local {
-        None
-    } else {
-        Some(
-            start_client(
-                &args.swarm.bootstrap,
-                Duration::from_secs_f64(args.swarm.connect_timeout),
-                args.emulate.shaping(),
-                args.swarm.swarm_key.load()?,
-                args.swarm.identity.load()?,
-                !args.swarm.no_mdns,
-            )
-            .await?
-            .with_verify_rate(args.swarm.verify_rate),
-        )
-    };
+    let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;
     let json = args.json;
     let mut stdout = std::io::stdout();
     let (generation, trip) = run_generation(
@@ -1056,22 +1062,7 @@ pub fn simulate(args: SimArgs) -> anyhow::Result<()> {
 /// `shoal api`: the OpenAI-compatible gateway.
 pub async fn api(args: crate::cli::ApiArgs) -> anyhow::Result<()> {
     let side = ClientSide::load(open_model(&args.model)?)?;
-    let client = if args.swarm.local {
-        None
-    } else {
-        Some(
-            start_client(
-                &args.swarm.bootstrap,
-                Duration::from_secs_f64(args.swarm.connect_timeout),
-                None,
-                args.swarm.swarm_key.load()?,
-                args.swarm.identity.load()?,
-                !args.swarm.no_mdns,
-            )
-            .await?
-            .with_verify_rate(args.swarm.verify_rate),
-        )
-    };
+    let client = swarm_client(&args.swarm, None).await?;
     let state = Arc::new(crate::api::ApiState::new(
         side,
         client,
