@@ -11,12 +11,16 @@
 #    bandwidth, the bound it sets (block bytes per token), and decode tok/s against it.
 #
 # DEVICE=cpu runs the same on the CPU (to check this script anywhere); BLOCKS=N makes
-# the 8B-shaped model N blocks long instead of 32. Results go to $OUT (default
-# /tmp/gpu-check). Bounded: every step has a timeout.
+# the 8B-shaped model N blocks long instead of 32; CHECKS=speed or CHECKS=tokens runs
+# one part; DONOR=FILE takes the 8B model's tokenizer from another GGUF of the default
+# model's vocabulary (e.g. a 1-block `make-model --shape smollm2-135m`, small enough to
+# carry where the default model is not). Where PyTorch is installed, its reading of the
+# GPU's bandwidth is printed beside ours, as a second opinion on the bound. Results go
+# to $OUT (default /tmp/gpu-check). Bounded: every step has a timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shoal=${SHOAL:-target/cuda/release/shoal}
-model=${MODEL:?set MODEL to the default model GGUF (SmolLM2-135M-Instruct Q4_1)}
+checks=${CHECKS:-tokens,speed}
 device=${DEVICE:-cuda}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
@@ -24,6 +28,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
+if [[ $checks == *tokens* ]]; then
+model=${MODEL:?set MODEL to the default model GGUF (SmolLM2-135M-Instruct Q4_1)}
 echo "== 1. greedy tokens: 3 nodes on $device vs one CPU process" >&2
 first=""
 for blocks in 0..10 10..20 20..30; do
@@ -45,7 +51,7 @@ prompts=("What is the capital of France? Answer in one sentence."
          "Write a haiku about the sea."
          "Explain photosynthesis to a child.")
 for i in 0 1 2; do
-  common=(--model "$model" --chat --prompt "${prompts[$i]}" --max-tokens 64 --json)
+  common=(--model "$model" --chat --prompt "${prompts[$i]}" --max-tokens 64 --json --top-logits 3)
   timeout 300 "$shoal" generate --local "${common[@]}" > "$out/cpu-$i.json"
   timeout 300 "$shoal" generate --bootstrap "$first" "${common[@]}" > "$out/swarm-$i.json" 2> "$out/swarm-$i.log"
   python3 - "$out/cpu-$i.json" "$out/swarm-$i.json" "${prompts[$i]}" <<'PY'
@@ -58,16 +64,34 @@ if same is None and len(a) == len(b):
 else:
     at = same if same is not None else min(len(a), len(b))
     print(f"DIVERGE at token {at} of {sys.argv[3]!r}: cpu {a[at:at+5]} swarm {b[at:at+5]}")
+    # The three highest logits before the diverging choice, each side: a near tie
+    # flipped by rounding shows as two candidates within a few hundredths.
+    for name, side in (("cpu", cpu), ("swarm", swarm)):
+        top = side["top_logits"][at]
+        print(f"  {name} top logits: " + ", ".join(f"{t}: {l:.4f}" for t, l in top))
     print(f"  cpu:   {cpu['text']!r}\n  swarm: {swarm['text']!r}")
 PY
 done
 cleanup
 pids=()
+fi
+[[ $checks == *speed* ]] || exit 0
 
 echo "== 2. speed of a Llama-3-8B-shaped Q4_0 model on $device" >&2
 l8="$out/llama3-8b-q4_0.gguf"
 [ -e "$l8" ] || timeout 900 "$shoal" make-model --shape llama3-8b --format gguf-q4_0 \
-  ${BLOCKS:+--blocks "$BLOCKS"} --out "$l8" --tokenizer-from "$model"
+  ${BLOCKS:+--blocks "$BLOCKS"} --out "$l8" --tokenizer-from "${DONOR:-${MODEL:?set MODEL or DONOR}}"
+if [ "$device" = cuda ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  python3 - <<'PY' | tee "$out/torch-bandwidth.txt"
+import torch, time
+x = torch.ones(1 << 28, device="cuda")  # 1 GiB of f32
+best = 0.0
+for _ in range(5):
+    torch.cuda.synchronize(); t = time.perf_counter(); x.sum(); torch.cuda.synchronize()
+    best = max(best, x.numel() * 4 / (time.perf_counter() - t))
+print(f"PyTorch reads {best / 1e9:.1f} GB/s (sum of 1 GiB, best of 5)")
+PY
+fi
 for nodes in 1 3; do
   timeout 900 "$shoal" bench --model "$l8" --device "$device" --nodes "$nodes" \
     --tokens 64 --repeats 2 --sessions 1 2>&1 | grep -v '^route \|^server ' | tee "$out/bench-$nodes.txt"

@@ -352,6 +352,10 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token ids, tokens/s, route) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// With --json: add `top_logits`, the K highest logits before each token was
+    /// chosen, to see how close a choice was where two devices or swarms disagree.
+    #[arg(long, default_value_t = 0, value_name = "K", requires = "json")]
+    pub top_logits: usize,
     #[command(flatten)]
     pub swarm: SwarmClientArgs,
     #[command(flatten)]

@@ -335,6 +335,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         chat: args.chat,
         max_tokens: args.sampling.max_tokens,
         sampling: sampling_params(&args.sampling),
+        top_logits: args.top_logits,
         ..Default::default()
     };
     let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;

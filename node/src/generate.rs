@@ -149,6 +149,9 @@ pub struct GenerateRequest {
     /// Where to record the seconds of each step through the blocks (a prefill chunk or
     /// one token), for metrics.
     pub step_latency: Option<Histogram>,
+    /// Record the K highest logits before each token is chosen (0 = none): to see how
+    /// close a choice was when two devices or chains disagree.
+    pub top_logits: usize,
 }
 
 /// The result of a generation.
@@ -166,6 +169,11 @@ pub struct Generation {
     pub prefill_seconds: f64,
     /// Why it stopped: "stop" (end of turn) or "length".
     pub finish_reason: String,
+    /// Per token chosen (the end-of-turn token included), the highest logits as
+    /// (token id, logit), highest first; empty unless asked for
+    /// ([`GenerateRequest::top_logits`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logits: Vec<Vec<(u32, f32)>>,
 }
 
 /// Tokenises a request; the prompt must leave room for at least one new token.
@@ -234,8 +242,12 @@ pub async fn generate(
     let mut finish = "length";
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
+    let mut top_logits = Vec::new();
     while completion.len() < max_tokens {
         let logits = client_head.last_logits(&h).await?;
+        if req.top_logits > 0 {
+            top_logits.push(highest(&logits, req.top_logits));
+        }
         let tok = sampler.sample(&logits, &history);
         if completion.is_empty() {
             prefill_seconds = started.elapsed().as_secs_f64();
@@ -296,7 +308,25 @@ pub async fn generate(
         },
         prefill_seconds,
         finish_reason: finish.to_string(),
+        top_logits,
     })
+}
+
+/// The `k` highest of `logits` as (token id, logit), highest first.
+fn highest(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut ranked: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let k = k.min(ranked.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    ranked.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+    ranked.truncate(k);
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked
 }
 
 /// Where the first stop sequence begins in `held`, counting one that starts in the text
@@ -338,5 +368,14 @@ mod tests {
         assert_eq!(stop_prefix_len("hello\n", &stop), 1);
         assert_eq!(stop_prefix_len("hello", &stop), 0);
         assert_eq!(stop_prefix_len("x", &[]), 0);
+    }
+
+    #[test]
+    fn highest_logits_come_first() {
+        let logits = [0.5, 3.0, -1.0, 2.5, 3.0];
+        assert_eq!(highest(&logits, 2), vec![(1, 3.0), (4, 3.0)]);
+        assert_eq!(highest(&logits, 3)[2], (3, 2.5));
+        assert_eq!(highest(&logits, 9).len(), 5);
+        assert!(highest(&logits, 0).is_empty());
     }
 }

@@ -61,7 +61,16 @@ fn random_models_of_real_shapes_serve_and_answer_as_one_process() {
 
         let a = serve_with(&out, &["--blocks", "0..2"], None);
         let _b = serve_with(&out, &["--blocks", "2..4"], Some(&a.addr));
-        let prompt = ["--model", out_s, "--prompt", "Hello", "--max-tokens", "6"];
+        let prompt = [
+            "--model",
+            out_s,
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "6",
+            "--top-logits",
+            "2",
+        ];
         let local = generate_json(&[&["--local"][..], &prompt[..]].concat());
         let swarm = generate_json(&[&["--bootstrap", a.addr.as_str()][..], &prompt[..]].concat());
         assert_eq!(
@@ -73,5 +82,30 @@ fn random_models_of_real_shapes_serve_and_answer_as_one_process() {
             Some(6),
             "{format}: {local}"
         );
+        // --top-logits: greedy picks the first of each step's two highest, and the
+        // swarm's logits are the process's (the same CPU math, split in two).
+        for g in [&local, &swarm] {
+            let top = g["top_logits"].as_array().expect("top_logits");
+            assert_eq!(top.len(), 6, "{format}: {g}");
+            for (step, tok) in top
+                .iter()
+                .zip(g["completion_tokens"].as_array().expect("ids"))
+            {
+                assert_eq!(&step[0][0], tok, "{format}: {g}");
+                let (l0, l1) = (step[0][1].as_f64(), step[1][1].as_f64());
+                assert!(l0 >= l1, "{format}: not highest first: {step}");
+            }
+        }
+        let logit = |g: &serde_json::Value, i: usize| g["top_logits"][i][0][1].as_f64();
+        for i in 0..6 {
+            let (a, b) = (
+                logit(&local, i).expect("logit"),
+                logit(&swarm, i).expect("logit"),
+            );
+            assert!(
+                (a - b).abs() < 1e-3 * a.abs().max(1.0),
+                "{format}: step {i}: {a} vs {b}"
+            );
+        }
     }
 }

@@ -109,8 +109,11 @@ impl Head {
 
     /// Logits `[tokens, vocab]` for every row of `hidden` (`[tokens, hidden]`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        // Hidden states from a span on a GPU (a local generation there) come to the
+        // head's device first; on the same device this is a cheap clone.
+        let hidden = hidden.to_device(&self.device)?;
         crate::kernels::on_pool(|| {
-            let h = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_eps as f32)?;
+            let h = candle_nn::ops::rms_norm(&hidden, &self.norm, self.config.rms_eps as f32)?;
             Ok(self.lm_head.forward(&h)?)
         })
     }
