@@ -56,6 +56,14 @@ pub enum Commands {
     /// Write a new swarm key: a private swarm admits only nodes given the same file
     /// with --swarm-key.
     Keygen(KeygenArgs),
+    /// Run a relay and bootstrap node: no model, just the swarm's DHT, reachability
+    /// checks (AutoNAT) for others, and relay slots for servers behind NATs.
+    ///
+    /// Run it on a machine others can dial (a public address, or a forwarded port).
+    /// Prints `listening <multiaddr>` once ready: give it to servers and clients as
+    /// --bootstrap. Servers relay too by default; a dedicated relay keeps working when
+    /// servers come and go.
+    Relay(RelayArgs),
     /// Write a model with random weights in the shape of a real one (Llama 3 8B, ...),
     /// for speed tests of models too large to ship.
     ///
@@ -232,6 +240,52 @@ impl EmulateArgs {
     }
 }
 
+/// How much a relay gives away.
+#[derive(Args, Debug, Clone)]
+pub struct RelayLimitArgs {
+    /// Nodes behind NATs that may hold a slot on this relay (be reachable through it)
+    /// at once.
+    #[arg(long, default_value_t = 32)]
+    pub relay_slots: usize,
+    /// Most mebibytes one relayed connection may carry; past it the relay closes the
+    /// connection and its ends connect again (through a relay, or directly).
+    #[arg(long, default_value_t = 256)]
+    pub relay_circuit_mib: u64,
+}
+
+impl RelayLimitArgs {
+    /// The limits, in the network's terms.
+    pub fn limits(&self) -> crate::net::RelayLimits {
+        crate::net::RelayLimits {
+            slots: self.relay_slots.max(1),
+            circuit_bytes: self.relay_circuit_mib.max(1) << 20,
+            always: false,
+        }
+    }
+}
+
+/// `shoal relay`.
+#[derive(Args, Debug)]
+pub struct RelayArgs {
+    /// Address to listen on; repeat for several. Default: QUIC and TCP on every
+    /// interface, port 4001.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+    /// Another node of the swarm to join through; repeat for several. Without it this
+    /// relay starts the swarm.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+    #[command(flatten)]
+    pub relay: RelayLimitArgs,
+    /// Seconds to wait for a bootstrap node to answer.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    #[command(flatten)]
+    pub swarm_key: SwarmKeyArg,
+    #[command(flatten)]
+    pub identity: IdentityArg,
+}
+
 /// `shoal serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -274,6 +328,13 @@ pub struct ServeArgs {
     /// swarm (--swarm-key) never does.
     #[arg(long, env = "SHOAL_NO_MDNS")]
     pub no_mdns: bool,
+    /// Do not relay for nodes behind NATs. By default a server relays (circuit relay
+    /// v2) for nodes that cannot be dialled, within --relay-slots and
+    /// --relay-circuit-mib; only nodes that reached this one directly ask it to.
+    #[arg(long)]
+    pub no_relay: bool,
+    #[command(flatten)]
+    pub relay: RelayLimitArgs,
     /// Most generation sessions served at once.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,

@@ -27,7 +27,7 @@ use protocol::{
 use tokio::sync::mpsc;
 
 use crate::hidden::{concat, relative_rms, rows};
-use crate::net::Network;
+use crate::net::{Link, Network};
 
 /// What a server sends a session.
 #[derive(Debug)]
@@ -206,6 +206,11 @@ impl Client {
                     found
                 };
                 attempt += 1;
+                tracing::debug!(
+                    attempt,
+                    found = ?known.iter().map(|a| (a.peer_id.as_str(), a.span.to_string(), &a.addrs)).collect::<Vec<_>>(),
+                    "looked up servers"
+                );
             }
             // Ask the candidates directly: the DHT still lists servers that died within
             // its record lifetime, and their free cache there is stale.
@@ -493,7 +498,8 @@ impl Client {
         let hops = self
             .plan_and_open(&spec, 0, &tx, deadline, &mut known)
             .await?;
-        on_route(&route_line(&hops));
+        let links = self.net.links().await.unwrap_or_default();
+        on_route(&route_line(&hops, &links));
         Ok(RemoteSession {
             client: self.clone(),
             spec,
@@ -513,11 +519,22 @@ impl Client {
     }
 }
 
-/// `route <peer>[A..B] <peer>[B..C] ...`, as printed on stderr.
-pub fn route_line(hops: &[ActiveHop]) -> String {
+/// `route <peer>[A..B] <peer>[B..C] ...`, as printed on stderr; a hop this client
+/// reaches only through a relay is marked `(relayed:<relay>)`, one reached by hole
+/// punching `(hole-punched)`.
+pub fn route_line(hops: &[ActiveHop], links: &HashMap<PeerId, Link>) -> String {
     let parts: Vec<String> = hops
         .iter()
-        .map(|h| format!("{}[{}..{}]", h.hop.peer, h.hop.span.start, h.hop.span.end))
+        .map(|h| {
+            let how = match links.get(&h.hop.peer) {
+                Some(l @ (Link::Relayed(_) | Link::HolePunched)) => format!("({l})"),
+                _ => String::new(),
+            };
+            format!(
+                "{}[{}..{}]{how}",
+                h.hop.peer, h.hop.span.start, h.hop.span.end
+            )
+        })
         .collect();
     format!("route {}", parts.join(" "))
 }
@@ -625,6 +642,13 @@ impl RemoteSession {
     /// The chain in use.
     pub fn route(&self) -> &[ActiveHop] {
         &self.hops
+    }
+
+    /// How this client reaches each server it is connected to now. (The future holds
+    /// no borrow of the session, which is not `Sync`.)
+    pub fn links(&self) -> impl std::future::Future<Output = HashMap<PeerId, Link>> + Send {
+        let net = self.client.net.clone();
+        async move { net.links().await.unwrap_or_default() }
     }
 
     fn hop_index(&self, session: SessionId) -> Option<usize> {
@@ -1078,7 +1102,8 @@ impl RemoteSession {
             .await
             .context("failover found no replacement")?;
         self.hops.extend(new);
-        (self.on_route)(&route_line(&self.hops));
+        let links = self.client.net.links().await.unwrap_or_default();
+        (self.on_route)(&route_line(&self.hops, &links));
         let replay_started = Instant::now();
         // Replay positions 0..upto into the new part of the chain, step by step as they
         // first ran: a different grouping of tokens changes the float rounding (candle

@@ -1,4 +1,4 @@
-//! The libp2p request-response codec of `/shoal/inference/1`: one frame per request
+//! The libp2p request-response codec of `/shoal/inference/2`: one frame per request
 //! and one per response, framed and bounded by `protocol` (`MAX_FRAME_BYTES`).
 
 use std::io;

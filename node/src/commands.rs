@@ -46,6 +46,10 @@ pub struct RouteEntry {
     pub start: u32,
     /// One past the last block.
     pub end: u32,
+    /// How the client reached it at the end: "direct", "hole-punched" or
+    /// "relayed:<relay peer id>" (absent for a local generation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -128,13 +132,21 @@ pub async fn start_client(
     if bootstrap.is_empty() && !lan {
         bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
     }
+    // A client listens (on QUIC, any port) only so that a server behind a NAT can
+    // punch a hole to it: both ends of a relayed connection dial each other from their
+    // listening sockets. Nothing else ever dials a client.
+    let listen = match swarm_key {
+        None => vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?],
+        Some(_) => vec![],
+    };
     let (net, mut inbound) = net::start(NetConfig {
-        listen: vec![],
+        listen,
         dht_server: false,
         shaping,
         swarm_key,
         identity,
         mdns: lan,
+        relay: None,
     })?;
     let mut bootstrap = bootstrap.to_vec();
     if lan {
@@ -275,6 +287,7 @@ pub async fn run_generation(
                 peer: "local".into(),
                 start: 0,
                 end: cfg.n_layers as u32,
+                link: None,
             }];
             Ok((
                 g,
@@ -309,6 +322,7 @@ pub async fn run_generation(
                 on_text,
             )
             .await;
+            let links = session.links().await;
             let trip = Trip {
                 route: session
                     .route()
@@ -317,6 +331,7 @@ pub async fn run_generation(
                         peer: h.hop.peer.to_string(),
                         start: h.hop.span.start,
                         end: h.hop.span.end,
+                        link: links.get(&h.hop.peer).map(|l| l.to_string()),
                     })
                     .collect(),
                 reroutes: session.reroutes.clone(),
@@ -372,12 +387,40 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
             generation.tokens_per_second,
             trip.route
                 .iter()
-                .map(|r| format!("{}..{}@{}", r.start, r.end, short(&r.peer)))
+                .map(|r| {
+                    let how = match r.link.as_deref() {
+                        Some(l) if l != "direct" => format!(" ({})", short_link(l)),
+                        _ => String::new(),
+                    };
+                    format!("{}..{}@{}{how}", r.start, r.end, short(&r.peer))
+                })
                 .collect::<Vec<_>>()
                 .join(" -> ")
         );
     }
     Ok(())
+}
+
+/// A server's reachability as `shoal status` shows it: what the server found out
+/// (public, relayed, ...) and, where it differs, how this node reached it (a server
+/// behind a NAT reached directly after a hole punch shows `relayed, hole-punched`).
+fn reach(r: protocol::Reachability, link: Option<&str>) -> String {
+    match link {
+        Some("hole-punched") => format!("{r}, hole-punched"),
+        Some(l) if l.starts_with("relayed:") && r != protocol::Reachability::Relayed => {
+            format!("{r}, {}", short_link(l))
+        }
+        Some(l) if l.starts_with("relayed:") => format!("{r} via {}", short(&l[8..])),
+        _ => r.to_string(),
+    }
+}
+
+/// A link as shown to people: `relayed via <relay, short>` or `hole-punched`.
+fn short_link(link: &str) -> String {
+    match link.strip_prefix("relayed:") {
+        Some(relay) => format!("relayed via {}", short(relay)),
+        None => link.to_string(),
+    }
 }
 
 fn short(peer: &str) -> &str {
@@ -806,6 +849,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         swarm_key: args.swarm_key.load()?,
         identity: None,
         mdns: false,
+        relay: None,
     })?;
     connect_any(
         &net,
@@ -828,18 +872,19 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<54} {:>9} {:>10} {:>11} {:>8}  name",
-        "peer", "blocks", "tokens/s", "free cache", "rtt ms"
+        "{:<54} {:>9} {:>10} {:>11} {:>8}  {:<28} name",
+        "peer", "blocks", "tokens/s", "free cache", "rtt ms", "reachability"
     );
     for r in &rows {
         let a = &r.announcement;
         println!(
-            "{:<54} {:>9} {:>10.1} {:>11} {:>8.1}  {}",
+            "{:<54} {:>9} {:>10.1} {:>11} {:>8.1}  {:<28} {}",
             a.peer_id,
             a.span.to_string(),
             a.throughput,
             a.free_cache_tokens,
             r.rtt_ms.unwrap_or(f64::NAN),
+            reach(a.reachability, r.link.as_deref()),
             a.public_name
         );
     }

@@ -22,6 +22,7 @@ pub mod hidden;
 pub mod metrics;
 pub mod model_cache;
 pub mod net;
+pub mod relay_server;
 pub mod server;
 pub mod serving;
 pub mod survey;

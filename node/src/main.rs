@@ -43,6 +43,7 @@ fn main() -> std::process::ExitCode {
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
             Commands::Keygen(a) => commands::keygen(a),
+            Commands::Relay(a) => shoal_node::serving::relay(a).await,
             Commands::MakeModel(a) => commands::make_model(a),
             Commands::Sim(a) => commands::simulate(a),
         }

@@ -14,6 +14,16 @@
 //! an expiry, and re-announces before they lapse. Identify feeds peers' listen addresses
 //! to Kademlia; ping measures round trips for routing.
 //!
+//! Behind a NAT. Servers (and relays) run AutoNAT: connected peers are asked to dial
+//! them back. A server found to be private asks up to [`WANT_RELAYS`] peers that it
+//! reached directly and that offer circuit relay v2 for a slot, listens (and announces)
+//! at `<relay>/p2p-circuit`, and gets a new slot elsewhere when one is lost. Every node
+//! runs DCUtR: over a relayed connection both ends dial each other at once (QUIC reuses
+//! the listening socket, which is what lets the packets through the NATs); once a direct
+//! connection stands, the relayed one is closed so every stream moves to it, and the
+//! round trip measured through the relay is forgotten. Servers relay for others by
+//! default, within [`RelayLimits`].
+//!
 //! Two planes. Control (sessions, probes, lookups) is request-response on
 //! [`protocol::INFERENCE_PROTOCOL`], through the event loop. Data (steps, outputs,
 //! failure reports) goes on [`protocol::DATA_PROTOCOL`]: one long-lived libp2p stream per
@@ -29,6 +39,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context};
 use futures::{AsyncWriteExt, StreamExt};
+use libp2p::core::transport::ListenerId;
+use libp2p::core::ConnectedPoint;
 use libp2p::core::Transport as _;
 use libp2p::kad::{
     self, store::MemoryStore, store::MemoryStoreConfig, Mode, QueryId, QueryResult, Quorum, Record,
@@ -41,11 +53,11 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, identify, identity, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId,
-    StreamProtocol, Swarm,
+    allow_block_list, autonat, dcutr, identify, identity, mdns, noise, ping, relay, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
 };
-use protocol::{Announcement, Request, Response};
-use tokio::sync::{mpsc, oneshot};
+use protocol::{Announcement, Reachability, Request, Response};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::ShoalCodec;
 
@@ -79,6 +91,64 @@ const PATIENT_SETTLE: Duration = Duration::from_secs(2);
 /// connection is reused across steps and sessions.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Relays a server behind a NAT keeps a slot on: two, so losing one relay leaves it
+/// reachable while it finds another.
+pub const WANT_RELAYS: usize = 2;
+
+/// A relay that refused or lost a slot is not asked again for this long.
+const RELAY_RETRY: Duration = Duration::from_secs(30);
+
+/// After a hole punch, the relayed connection stays this long, so frames already in
+/// flight on it arrive, then closes (every stream moves to the direct connection).
+const RELAYED_GRACE: Duration = Duration::from_secs(1);
+
+/// What a node serving as a relay allows (`shoal serve --relay-slots`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Nodes that may hold a slot (be reachable through this one) at once.
+    pub slots: usize,
+    /// Bytes one relayed connection may carry before the relay closes it (its ends
+    /// then reconnect, through a relay again or directly).
+    pub circuit_bytes: u64,
+    /// Offer slots from the start: the operator says others can dial this node (a
+    /// dedicated relay). Otherwise slots are offered only once AutoNAT has confirmed
+    /// an outside address (libp2p's relay advertises itself only then).
+    pub always: bool,
+}
+
+/// How one connected peer is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Link {
+    /// A direct connection.
+    Direct,
+    /// A direct connection made by hole punching (DCUtR) after a relayed one.
+    HolePunched,
+    /// Only through this relay.
+    Relayed(PeerId),
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::Direct => f.write_str("direct"),
+            Link::HolePunched => f.write_str("hole-punched"),
+            Link::Relayed(r) => write!(f, "relayed:{r}"),
+        }
+    }
+}
+
+/// What a node knows of its own reachability.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NetStatus {
+    /// Whether others can dial it (see [`Reachability`]).
+    pub reachability: Reachability,
+    /// The relays it holds a slot on.
+    pub relays: Vec<PeerId>,
+    /// Where it can be reached: its listen addresses and its relayed ones, each ending
+    /// in `/p2p/<its peer id>`.
+    pub addrs: Vec<Multiaddr>,
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     /// Peers banned for sending garbage: their connections are refused both ways.
@@ -90,6 +160,15 @@ struct Behaviour {
     ping: ping::Behaviour,
     rr: request_response::Behaviour<ShoalCodec>,
     stream: libp2p_stream::Behaviour,
+    /// Reaching nodes behind NATs through relays (every node).
+    relay_client: relay::client::Behaviour,
+    /// Relaying for others (servers and relays, unless turned off).
+    relay: Toggle<crate::relay_server::RelayServer>,
+    /// Hole punching over relayed connections (every node).
+    dcutr: dcutr::Behaviour,
+    /// Finding out whether this node can be dialled, and telling others (servers and
+    /// relays).
+    autonat: Toggle<autonat::Behaviour>,
 }
 
 /// An inbound request, to be answered through [`Network::respond`].
@@ -120,6 +199,8 @@ enum Command {
     },
     Announce {
         announcement: Announcement,
+        /// Told when the records have been stored with peers (or failed to be).
+        stored: Option<oneshot::Sender<()>>,
     },
     FindServers {
         model_id: String,
@@ -155,6 +236,17 @@ enum Command {
     LanPeers {
         reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
     },
+    Links {
+        reply: oneshot::Sender<HashMap<PeerId, Link>>,
+    },
+    ServerRecord {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<Announcement>>,
+    },
+    /// A hole punch to `peer` succeeded a moment ago: close its relayed connections.
+    CloseRelayed {
+        peer: PeerId,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -171,6 +263,7 @@ pub struct Network {
     /// The subset of those that were DHT servers (they may have held our records).
     dht_departures: tokio::sync::broadcast::Sender<PeerId>,
     data: Arc<DataStreams>,
+    status: watch::Receiver<NetStatus>,
 }
 
 /// The outbound half of the data plane: one stream per peer, opened on first use and
@@ -222,6 +315,8 @@ pub struct NetConfig {
     /// Find and join nodes on the same LAN by multicast DNS, without a bootstrap
     /// address.
     pub mdns: bool,
+    /// Relay for nodes behind NATs, within these limits; `None` = never.
+    pub relay: Option<RelayLimits>,
 }
 
 /// An emulated network link, applied by the sender to each request it sends: a one-way
@@ -256,6 +351,13 @@ fn all_servers_key() -> RecordKey {
     RecordKey::new(&"/shoal/servers")
 }
 
+/// A server's announcement under its peer id alone, whatever its model: how `shoal
+/// status` finds the addresses of a server it knows only as a provider of
+/// [`all_servers_key`] (one behind a NAT is in nobody's routing table).
+fn server_key(peer: &str) -> RecordKey {
+    RecordKey::new(&format!("/shoal/server/{peer}"))
+}
+
 fn announcement_key(model_id: &str, peer: &str) -> RecordKey {
     RecordKey::new(&format!("/shoal/{model_id}/{peer}"))
 }
@@ -276,9 +378,25 @@ pub fn is_tcp(addr: &Multiaddr) -> bool {
             .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic | Protocol::Udp(_)))
 }
 
+/// What [`behaviour`] includes beyond what every node runs.
+#[derive(Clone, Copy)]
+struct Extras {
+    /// mDNS.
+    lan: bool,
+    /// Relay for others.
+    relay: Option<RelayLimits>,
+    /// AutoNAT (servers and relays; a pure client dials out and need not know).
+    autonat: bool,
+}
+
 /// The node's protocols: Kademlia, identify, ping, request-response, the data plane,
-/// and mDNS when `lan` is set.
-fn behaviour(key: &identity::Keypair, lan: bool) -> Behaviour {
+/// relay client and hole punching; mDNS, relay server and AutoNAT as `extras` say.
+fn behaviour(
+    key: &identity::Keypair,
+    relay_client: relay::client::Behaviour,
+    extras: Extras,
+) -> Behaviour {
+    let lan = extras.lan;
     let id = key.public().to_peer_id();
     let mut kcfg = kad::Config::new(StreamProtocol::new("/shoal/kad/1.0.0"));
     kcfg.set_query_timeout(QUERY_TIMEOUT);
@@ -327,6 +445,45 @@ fn behaviour(key: &identity::Keypair, lan: bool) -> Behaviour {
     } else {
         None
     };
+    let relay = extras.relay.map(|limits| {
+        let config = relay::Config {
+            max_reservations: limits.slots,
+            max_reservations_per_peer: 2,
+            max_circuits: limits.slots * 8,
+            max_circuits_per_peer: 32,
+            // A generation's connection lives as long as the generation; the byte limit
+            // is the one that bounds what a relay gives away.
+            max_circuit_duration: Duration::from_secs(3600),
+            max_circuit_bytes: limits.circuit_bytes,
+            ..relay::Config::default()
+        };
+        let mut server = relay::Behaviour::new(id, config);
+        // Offered from the start by a dedicated relay; by a server only while AutoNAT
+        // says it is public (see the event loop). Left to itself, libp2p's relay offers
+        // slots as soon as the node has any confirmed external address, and a relayed
+        // address counts: servers behind NATs would offer to relay for each other.
+        server.set_status(Some(if limits.always {
+            relay::Status::Enable
+        } else {
+            relay::Status::Disable
+        }));
+        crate::relay_server::RelayServer::new(server)
+    });
+    let autonat = extras.autonat.then(|| {
+        autonat::Behaviour::new(
+            id,
+            autonat::Config {
+                // Probe soon after joining (the default waits 15 s), again every 20 s
+                // until sure, and every 5 minutes after that.
+                boot_delay: Duration::from_secs(2),
+                retry_interval: Duration::from_secs(20),
+                refresh_interval: Duration::from_secs(300),
+                throttle_server_period: Duration::from_secs(10),
+                timeout: Duration::from_secs(15),
+                ..autonat::Config::default()
+            },
+        )
+    });
     Behaviour {
         blocked: allow_block_list::Behaviour::default(),
         mdns: Toggle::from(mdns),
@@ -335,6 +492,10 @@ fn behaviour(key: &identity::Keypair, lan: bool) -> Behaviour {
         ping: ping::Behaviour::new(ping::Config::new()),
         rr,
         stream: libp2p_stream::Behaviour::new(),
+        relay_client,
+        relay: Toggle::from(relay),
+        dcutr: dcutr::Behaviour::new(id),
+        autonat: Toggle::from(autonat),
     }
 }
 
@@ -345,14 +506,20 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         .clone()
         .unwrap_or_else(identity::Keypair::generate_ed25519);
     let peer_id = keypair.public().to_peer_id();
-    // V1Lazy: a request's first bytes go out with the protocol name instead of waiting
-    // a round trip for the other side to confirm it (one per hop per token).
-    let swarm_config = |c: libp2p::swarm::Config| {
-        c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT)
-            .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
-    };
+    // Substreams negotiate their protocol the usual way (V1). V1Lazy (the first bytes
+    // go out with the protocol name, saving a round trip) silently lost Kademlia's
+    // ADD_PROVIDER messages, which are written and closed without an answer: provider
+    // records never reached other nodes, and lookups found servers only through the
+    // routing-table fallback (seen once servers behind NATs left the routing tables).
+    // Steps do not pay for it: they travel on long-lived data streams.
+    let swarm_config =
+        |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT);
     let private = config.swarm_key.is_some();
-    let lan = config.mdns;
+    let extras = Extras {
+        lan: config.mdns,
+        relay: config.relay,
+        autonat: config.dht_server,
+    };
     let mut swarm = match config.swarm_key {
         None => libp2p::SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
@@ -363,7 +530,9 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             )
             .context("setting up TCP")?
             .with_quic()
-            .with_behaviour(|key| behaviour(key, lan))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .context("setting up the relay client")?
+            .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras))
             .context("setting up behaviours")?
             .with_swarm_config(swarm_config)
             .build(),
@@ -389,7 +558,11 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                     )
                 })
                 .context("setting up the private transport")?
-                .with_behaviour(|key| behaviour(key, lan))
+                // Relayed connections run inside a connection to the relay, which
+                // passed the key's handshake: only key holders reach the relay at all.
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .context("setting up the relay client")?
+                .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras))
                 .context("setting up behaviours")?
                 .with_swarm_config(swarm_config)
                 .build()
@@ -417,6 +590,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         .accept(StreamProtocol::new(protocol::DATA_PROTOCOL))
         .map_err(|e| anyhow!("data plane: {e}"))?;
     let sink = Arc::new(std::sync::RwLock::new(None));
+    let (status_tx, status) = watch::channel(NetStatus::default());
     tokio::spawn(accept_data_streams(
         incoming,
         inbound_tx.clone(),
@@ -439,11 +613,22 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         dht_departures: dht_departures.clone(),
         dht_peers: HashSet::new(),
         all_server_queries: HashMap::new(),
+        server_record_queries: HashMap::new(),
+        put_waits: Vec::new(),
         finish_soon: Vec::new(),
         strikes: HashMap::new(),
         lan: HashMap::new(),
         budgets: HashMap::new(),
         to_self: cmd_tx.downgrade(),
+        conns: HashMap::new(),
+        relay_capable: HashSet::new(),
+        reservations: HashMap::new(),
+        relay_failures: HashMap::new(),
+        punched: HashSet::new(),
+        nat: autonat::NatStatus::Unknown,
+        dht_server: config.dht_server,
+        relay_when_public: config.relay.is_some_and(|l| !l.always),
+        status_tx,
     };
     tokio::spawn(event_loop.run());
     Ok((
@@ -459,6 +644,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                 control: std::sync::Mutex::new(control),
                 open: std::sync::Mutex::new(HashMap::new()),
             }),
+            status,
         },
         inbound_rx,
     ))
@@ -617,9 +803,22 @@ impl Network {
     /// Puts (or refreshes) this server's announcement in the DHT.
     pub async fn announce(&self, announcement: Announcement) -> anyhow::Result<()> {
         self.cmd
-            .send(Command::Announce { announcement })
+            .send(Command::Announce {
+                announcement,
+                stored: None,
+            })
             .await
             .map_err(|_| anyhow!("network event loop has stopped"))
+    }
+
+    /// [`Network::announce`], returning once the records have reached the peers that
+    /// keep them (or failed to): for a last announcement before the process exits.
+    pub async fn announce_and_wait(&self, announcement: Announcement) -> anyhow::Result<()> {
+        self.call(|reply| Command::Announce {
+            announcement,
+            stored: Some(reply),
+        })
+        .await
     }
 
     /// Finds the servers of a model: their announcements from the DHT, unexpired.
@@ -656,6 +855,16 @@ impl Network {
         self.call(|reply| Command::FindAllServers { reply }).await
     }
 
+    /// One server's current announcement from the DHT, whatever its model.
+    pub async fn server_record(&self, peer: PeerId) -> anyhow::Result<Option<Announcement>> {
+        let lookup = self.call(|reply| Command::ServerRecord { peer, reply });
+        Ok(tokio::time::timeout(QUERY_TIMEOUT, lookup)
+            .await
+            .ok()
+            .transpose()?
+            .flatten())
+    }
+
     /// Addresses this node listens on, as `.../p2p/<peer id>`.
     pub async fn listen_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
         self.call(|reply| Command::ListenAddrs { reply }).await
@@ -683,9 +892,32 @@ impl Network {
         self.call(|reply| Command::LanPeers { reply }).await
     }
 
-    /// Latest measured round-trip time to each connected peer.
+    /// Latest measured round-trip time to each connected peer (over its direct
+    /// connection where it has one).
     pub async fn rtts(&self) -> anyhow::Result<HashMap<PeerId, Duration>> {
         self.call(|reply| Command::Rtts { reply }).await
+    }
+
+    /// How each connected peer is reached: directly, by hole punching, or through a
+    /// relay.
+    pub async fn links(&self) -> anyhow::Result<HashMap<PeerId, Link>> {
+        self.call(|reply| Command::Links { reply }).await
+    }
+
+    /// This node's reachability, as it knows it now.
+    pub fn status(&self) -> NetStatus {
+        self.status.borrow().clone()
+    }
+
+    /// [`Network::listen_addrs`] without waiting for the event loop (relayed addresses
+    /// included).
+    pub fn listen_addrs_now(&self) -> Vec<Multiaddr> {
+        self.status.borrow().addrs.clone()
+    }
+
+    /// Watches [`Network::status`] for changes.
+    pub fn status_changes(&self) -> watch::Receiver<NetStatus> {
+        self.status.clone()
     }
 }
 
@@ -717,6 +949,11 @@ struct EventLoop {
     /// Connected peers that identified as DHT servers.
     dht_peers: HashSet<PeerId>,
     all_server_queries: HashMap<QueryId, ProviderQuery>,
+    /// Announcements whose storing someone waits for: the put queries left, and whom
+    /// to tell when none is left.
+    put_waits: Vec<(HashSet<QueryId>, oneshot::Sender<()>)>,
+    /// Lookups of one server's announcement under [`server_key`].
+    server_record_queries: HashMap<QueryId, (PeerId, oneshot::Sender<Option<Announcement>>)>,
     /// Queries to finish at a given time (see [`PROVIDER_SETTLE`]).
     finish_soon: Vec<(Instant, QueryId)>,
     /// Garbage received per peer (see [`BAN_AFTER_STRIKES`]).
@@ -727,6 +964,62 @@ struct EventLoop {
     budgets: HashMap<PeerId, (f64, Instant)>,
     /// To schedule commands to itself (an unban) without keeping the loop alive.
     to_self: mpsc::WeakSender<Command>,
+    /// Open connections per peer.
+    conns: HashMap<PeerId, Vec<Conn>>,
+    /// Peers that offer circuit relay v2 (they said so through identify).
+    relay_capable: HashSet<PeerId>,
+    /// Relays asked for a slot or holding one, with the listener of that slot.
+    reservations: HashMap<PeerId, ListenerId>,
+    /// When a relay last refused or lost a slot.
+    relay_failures: HashMap<PeerId, Instant>,
+    /// Peers reached directly by hole punching.
+    punched: HashSet<PeerId>,
+    /// What AutoNAT found.
+    nat: autonat::NatStatus,
+    /// Configured to keep DHT records (a server or relay).
+    dht_server: bool,
+    /// Relays for others whenever AutoNAT finds it public (a server, unless
+    /// `--no-relay`); a dedicated relay always does.
+    relay_when_public: bool,
+    status_tx: watch::Sender<NetStatus>,
+}
+
+/// One open connection.
+struct Conn {
+    id: ConnectionId,
+    /// The relay it runs through; `None` for a direct connection.
+    relay: Option<PeerId>,
+    /// The peer's address on it.
+    remote: Multiaddr,
+    /// This node dialled it (the peer is reachable at `remote`).
+    dialer: bool,
+}
+
+/// The relay a `/p2p/<relay>/p2p-circuit` address goes through.
+fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `addr` ending in `/p2p/<peer>` (relayed listen addresses already do).
+fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
+    without_peer(addr).with(Protocol::P2p(peer))
+}
+
+/// `addr` without a trailing `/p2p/<peer>`.
+fn without_peer(addr: &Multiaddr) -> Multiaddr {
+    let mut a = addr.clone();
+    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+        a.pop();
+    }
+    a
 }
 
 /// Providers found so far, and where the answer goes.
@@ -830,6 +1123,37 @@ impl EventLoop {
             Command::LanPeers { reply } => {
                 let _ = reply.send(self.lan.iter().map(|(p, a)| (*p, a.clone())).collect());
             }
+            Command::Links { reply } => {
+                let links = self
+                    .conns
+                    .keys()
+                    .filter_map(|p| Some((*p, self.link_of(p)?)))
+                    .collect();
+                let _ = reply.send(links);
+            }
+            Command::ServerRecord { peer, reply } => {
+                let qid = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(server_key(&peer.to_string()));
+                self.server_record_queries.insert(qid, (peer, reply));
+            }
+            Command::CloseRelayed { peer } => {
+                let Some(conns) = self.conns.get(&peer) else {
+                    return;
+                };
+                if conns.iter().any(|c| c.relay.is_none()) {
+                    let relayed: Vec<ConnectionId> = conns
+                        .iter()
+                        .filter(|c| c.relay.is_some())
+                        .map(|c| c.id)
+                        .collect();
+                    for id in relayed {
+                        self.swarm.close_connection(id);
+                    }
+                }
+            }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
                 let _ = self
@@ -838,26 +1162,50 @@ impl EventLoop {
                     .rr
                     .send_response(channel, response);
             }
-            Command::Announce { announcement } => {
+            Command::Announce {
+                announcement,
+                stored,
+            } => {
+                let mut puts = Vec::new();
                 let kad = &mut self.swarm.behaviour_mut().kad;
                 let Ok(value) = protocol::encode(&announcement) else {
                     tracing::error!("announcement does not encode");
                     return;
                 };
-                let record = Record {
-                    key: announcement_key(&announcement.model_id, &announcement.peer_id),
-                    value,
-                    publisher: None,
-                    expires: Some(Instant::now() + ANNOUNCE_TTL),
-                };
                 // Stored locally first; the query spreads it to the closest peers, and a
                 // quorum failure on a tiny swarm is harmless.
-                if let Err(e) = kad.put_record(record, Quorum::One) {
-                    tracing::warn!("cannot store announcement: {e}");
+                for key in [
+                    announcement_key(&announcement.model_id, &announcement.peer_id),
+                    server_key(&announcement.peer_id),
+                ] {
+                    let record = Record {
+                        key,
+                        value: value.clone(),
+                        publisher: None,
+                        expires: Some(Instant::now() + ANNOUNCE_TTL),
+                    };
+                    // Whoever waits (a departing server) needs every copy replaced, not
+                    // just one.
+                    let quorum = if stored.is_some() {
+                        Quorum::All
+                    } else {
+                        Quorum::One
+                    };
+                    match kad.put_record(record, quorum) {
+                        Ok(q) => puts.push(q),
+                        Err(e) => tracing::warn!("cannot store announcement: {e}"),
+                    }
                 }
                 for key in [provider_key(&announcement.model_id), all_servers_key()] {
                     if let Err(e) = kad.start_providing(key) {
                         tracing::warn!("cannot provide a key: {e}");
+                    }
+                }
+                if let Some(reply) = stored {
+                    if puts.is_empty() {
+                        let _ = reply.send(());
+                    } else {
+                        self.put_waits.push((puts.into_iter().collect(), reply));
                     }
                 }
             }
@@ -897,11 +1245,7 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let me = self.swarm.local_peer_id().to_owned();
-                let addrs = self
-                    .listen_addrs
-                    .iter()
-                    .map(|a| a.clone().with(Protocol::P2p(me)))
-                    .collect();
+                let addrs = self.listen_addrs.iter().map(|a| with_peer(a, me)).collect();
                 let _ = reply.send(addrs);
             }
             Command::Rtts { reply } => {
@@ -924,10 +1268,39 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::debug!(%address, "listening");
+                if let Some(relay) = relay_of(&address) {
+                    tracing::info!(%relay, "reachable through a relay at {address}");
+                }
                 self.listen_addrs.push(address);
+                self.publish_status();
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.publish_status();
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                addresses,
+                ..
+            } => {
+                self.listen_addrs.retain(|a| !addresses.contains(a));
+                let lost = self
+                    .reservations
+                    .iter()
+                    .find(|(_, l)| **l == listener_id)
+                    .map(|(p, _)| *p);
+                if let Some(relay) = lost {
+                    let why = match &reason {
+                        Ok(()) => "closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::info!(%relay, "lost the relay slot ({why}); looking for another");
+                    self.reservations.remove(&relay);
+                    self.relay_failures.insert(relay, Instant::now());
+                    self.reserve_relays();
+                }
+                self.publish_status();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -935,6 +1308,38 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
+                let (remote, dialer) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    ConnectedPoint::Listener { send_back_addr, .. } => {
+                        (send_back_addr.clone(), false)
+                    }
+                };
+                let relay = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => relay_of(address),
+                    ConnectedPoint::Listener { local_addr, .. } => relay_of(local_addr),
+                };
+                self.conns.entry(peer_id).or_default().push(Conn {
+                    id: connection_id,
+                    relay,
+                    remote,
+                    dialer,
+                });
+                if let Some(relay) = relay {
+                    tracing::info!(peer = %peer_id, %relay, "connected through a relay");
+                } else if self
+                    .conns
+                    .get(&peer_id)
+                    .is_some_and(|cs| cs.iter().any(|c| c.relay.is_some()))
+                {
+                    // A direct connection to a peer reached so far only through a relay:
+                    // the other side's hole punch (DCUtR reports it on one side only).
+                    tracing::info!(peer = %peer_id, "direct connection by hole punching");
+                    self.punched.insert(peer_id);
+                    self.rtts.remove(&peer_id);
+                }
+                if dialer && relay.is_none() && self.relay_capable.contains(&peer_id) {
+                    self.reserve_relays();
+                }
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     // A dialled bootstrap node: it is a DHT server, so teach Kademlia
                     // where it is and ask it about the rest of the swarm.
@@ -947,9 +1352,18 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
+                if let Some(conns) = self.conns.get_mut(&peer_id) {
+                    conns.retain(|c| c.id != connection_id);
+                }
+                if num_established > 0 {
+                    return;
+                }
+                self.conns.remove(&peer_id);
+                self.punched.remove(&peer_id);
                 let _ = self.disconnects.send(peer_id);
                 if self.dht_peers.remove(&peer_id) {
                     let _ = self.dht_departures.send(peer_id);
@@ -969,6 +1383,11 @@ impl EventLoop {
                 info,
                 ..
             })) => {
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                    && self.relay_capable.insert(peer_id)
+                {
+                    self.reserve_relays();
+                }
                 let kad_proto = StreamProtocol::new("/shoal/kad/1.0.0");
                 if info.protocols.contains(&kad_proto) {
                     self.dht_peers.insert(peer_id);
@@ -979,11 +1398,108 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,
+                connection,
                 result: Ok(rtt),
+            })) => {
+                // Where a direct connection stands beside a relayed one, only the direct
+                // one's round trip counts: one slow relay measurement must not keep a
+                // hole-punched peer looking far away.
+                let conns = self.conns.get(&peer);
+                let relayed = conns
+                    .and_then(|cs| cs.iter().find(|c| c.id == connection))
+                    .is_some_and(|c| c.relay.is_some());
+                let has_direct = conns.is_some_and(|cs| cs.iter().any(|c| c.relay.is_none()));
+                if !(relayed && has_direct) {
+                    self.rtts.insert(peer, rtt);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
                 ..
             })) => {
-                self.rtts.insert(peer, rtt);
+                match &new {
+                    autonat::NatStatus::Public(addr) => {
+                        tracing::info!("reachable from outside at {addr}");
+                        // Relay slots are for nodes that cannot be dialled.
+                        for (_, listener) in self.reservations.drain() {
+                            self.swarm.remove_listener(listener);
+                        }
+                    }
+                    autonat::NatStatus::Private => {
+                        tracing::info!("not reachable from outside (behind a NAT or firewall); asking relays for a slot");
+                    }
+                    autonat::NatStatus::Unknown => {}
+                }
+                // A node others cannot dial must not be in their DHT routing tables:
+                // every lookup that picked it would wait for a dial that cannot work.
+                // It keeps using the DHT as a client; its records live on public nodes.
+                if self.relay_when_public {
+                    let offer = if new.is_public() {
+                        relay::Status::Enable
+                    } else {
+                        relay::Status::Disable
+                    };
+                    if let Some(r) = self.swarm.behaviour_mut().relay.as_mut() {
+                        r.inner_mut().set_status(Some(offer));
+                    }
+                }
+                if self.dht_server {
+                    let mode = match &new {
+                        autonat::NatStatus::Private => Some(Mode::Client),
+                        autonat::NatStatus::Public(_) => Some(Mode::Server),
+                        autonat::NatStatus::Unknown => None,
+                    };
+                    if let Some(mode) = mode {
+                        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+                    }
+                }
+                self.nat = new;
+                self.reserve_relays();
+                self.publish_status();
             }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal: false,
+                    ..
+                },
+            )) => {
+                tracing::info!(relay = %relay_peer_id, "holding a slot on a relay");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(
+                relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed: false,
+                },
+            )) => {
+                tracing::info!(peer = %src_peer_id, "relaying for a node behind a NAT");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    if self.punched.insert(remote_peer_id) {
+                        tracing::info!(peer = %remote_peer_id, "direct connection by hole punching");
+                    }
+                    // Measured through the relay: forget it, the next ping is direct.
+                    self.rtts.remove(&remote_peer_id);
+                    let to_self = self.to_self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(RELAYED_GRACE).await;
+                        if let Some(cmd) = to_self.upgrade() {
+                            let _ = cmd
+                                .send(Command::CloseRelayed {
+                                    peer: remote_peer_id,
+                                })
+                                .await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punching failed ({e}); staying relayed");
+                }
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Rr(event)) => self.on_rr(event).await,
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 // A node on the LAN: into the DHT's routing table, and a connection so
@@ -1007,6 +1523,96 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             _ => {}
+        }
+    }
+
+    /// How `peer` is reached now; `None` if not connected.
+    fn link_of(&self, peer: &PeerId) -> Option<Link> {
+        let conns = self.conns.get(peer)?;
+        if conns.iter().any(|c| c.relay.is_none()) {
+            Some(if self.punched.contains(peer) {
+                Link::HolePunched
+            } else {
+                Link::Direct
+            })
+        } else {
+            conns.iter().find_map(|c| c.relay).map(Link::Relayed)
+        }
+    }
+
+    /// Updates what [`Network::status`] says.
+    fn publish_status(&mut self) {
+        let relays: Vec<PeerId> = self.listen_addrs.iter().filter_map(relay_of).collect();
+        let reachability = match &self.nat {
+            autonat::NatStatus::Public(_) => Reachability::Public,
+            _ if !relays.is_empty() => Reachability::Relayed,
+            autonat::NatStatus::Private => Reachability::Private,
+            autonat::NatStatus::Unknown => Reachability::Unknown,
+        };
+        let me = *self.swarm.local_peer_id();
+        let addrs = self.listen_addrs.iter().map(|a| with_peer(a, me)).collect();
+        let status = NetStatus {
+            reachability,
+            relays,
+            addrs,
+        };
+        self.status_tx.send_if_modified(|s| {
+            let changed = *s != status;
+            *s = status;
+            changed
+        });
+    }
+
+    /// Behind a NAT, asks relays for slots until [`WANT_RELAYS`] are held or asked:
+    /// peers offering circuit relay that this node dialled directly (so others can
+    /// too), the closest first.
+    fn reserve_relays(&mut self) {
+        if !matches!(self.nat, autonat::NatStatus::Private)
+            || self.reservations.len() >= WANT_RELAYS
+        {
+            return;
+        }
+        let me = *self.swarm.local_peer_id();
+        let mut candidates: Vec<(PeerId, Multiaddr)> = self
+            .relay_capable
+            .iter()
+            .filter(|p| **p != me && !self.reservations.contains_key(p))
+            .filter(|p| {
+                self.relay_failures
+                    .get(p)
+                    .is_none_or(|t| t.elapsed() > RELAY_RETRY)
+            })
+            .filter_map(|p| {
+                let c = self
+                    .conns
+                    .get(p)?
+                    .iter()
+                    .find(|c| c.relay.is_none() && c.dialer)?;
+                Some((*p, without_peer(&c.remote)))
+            })
+            .collect();
+        candidates.sort_by_key(|(p, _)| self.rtts.get(p).copied().unwrap_or(Duration::MAX));
+        tracing::debug!(
+            relays = self.relay_capable.len(),
+            usable = candidates.len(),
+            held = self.reservations.len(),
+            "looking for relay slots"
+        );
+        for (relay, addr) in candidates {
+            if self.reservations.len() >= WANT_RELAYS {
+                break;
+            }
+            let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(listener) => {
+                    tracing::debug!(%relay, "asking for a relay slot at {circuit}");
+                    self.reservations.insert(relay, listener);
+                }
+                Err(e) => {
+                    tracing::debug!(%relay, "cannot ask for a relay slot: {e}");
+                    self.relay_failures.insert(relay, Instant::now());
+                }
+            }
         }
     }
 
@@ -1090,6 +1696,9 @@ impl EventLoop {
     }
 
     fn on_kad(&mut self, event: kad::Event) {
+        if let kad::Event::InboundRequest { request } = &event {
+            tracing::trace!(?request, "DHT request");
+        }
         let kad::Event::OutboundQueryProgressed {
             id, result, step, ..
         } = event
@@ -1101,6 +1710,11 @@ impl EventLoop {
                 let mut done = step.last;
                 match res {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        tracing::debug!(
+                            found = providers.len(),
+                            last = step.last,
+                            "servers of every model"
+                        );
                         if let Some(q) = self.all_server_queries.get_mut(&id) {
                             q.0.extend(providers);
                         }
@@ -1120,6 +1734,7 @@ impl EventLoop {
                 let mut done = step.last;
                 match res {
                     Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                        tracing::debug!(found = providers.len(), "providers");
                         let mut settle = PROVIDER_SETTLE;
                         if let Some(l) = self.lookups.get_mut(&lookup) {
                             l.providers.extend(providers);
@@ -1139,6 +1754,36 @@ impl EventLoop {
                 if done {
                     self.provider_queries.remove(&id);
                     self.fetch_records(lookup);
+                }
+            }
+            QueryResult::PutRecord(_) if step.last => {
+                for (left, _) in &mut self.put_waits {
+                    left.remove(&id);
+                }
+                let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.put_waits)
+                    .into_iter()
+                    .partition(|(left, _)| left.is_empty());
+                self.put_waits = waiting;
+                for (_, reply) in done {
+                    let _ = reply.send(());
+                }
+            }
+            QueryResult::GetRecord(res) if self.server_record_queries.contains_key(&id) => {
+                let found = match res {
+                    Ok(kad::GetRecordOk::FoundRecord(found)) => Some(found.record.value),
+                    _ => None,
+                };
+                if found.is_some() || step.last {
+                    if let Some((peer, reply)) = self.server_record_queries.remove(&id) {
+                        let a = found.and_then(|v| {
+                            let a: Announcement = protocol::decode(&v).ok()?;
+                            valid_announcement(&v, &a.model_id, peer)
+                        });
+                        let _ = reply.send(a);
+                    }
+                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
                 }
             }
             QueryResult::GetRecord(res) => {
@@ -1161,7 +1806,10 @@ impl EventLoop {
                         }
                     }
                     Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) => done = true,
-                    Err(_) => done = true,
+                    Err(e) => {
+                        tracing::debug!(%peer, "no announcement: {e}");
+                        done = true
+                    }
                 }
                 if done {
                     self.record_queries.remove(&id);

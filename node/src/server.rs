@@ -171,6 +171,7 @@ impl Server {
                 version: String::new(),
                 public_name: String::new(),
                 addrs: Vec::new(),
+                reachability: protocol::Reachability::Unknown,
                 expires_unix_ms: 0,
             })),
             metrics: ServerMetrics::default(),
@@ -227,8 +228,21 @@ impl Server {
             max_seq_len: self.limits.max_seq_len as u32,
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_name: self.limits.public_name.clone(),
-            addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
+            addrs: self.addrs().iter().map(|a| a.to_string()).collect(),
+            reachability: self.net.status().reachability,
             expires_unix_ms: unix_ms() + ANNOUNCE_TTL.as_millis() as u64,
+        }
+    }
+
+    /// Where to reach this server now: what it listens on, relay slots included (they
+    /// come and go behind a NAT); the addresses it started with until the network has
+    /// reported any.
+    fn addrs(&self) -> Vec<Multiaddr> {
+        let now = self.net.listen_addrs_now();
+        if now.is_empty() {
+            self.addrs.clone()
+        } else {
+            now
         }
     }
 

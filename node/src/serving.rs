@@ -195,6 +195,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         swarm_key,
         identity: args.identity.load()?,
         mdns: !args.no_mdns && swarm_key_is_none,
+        relay: (!args.no_relay).then(|| args.relay.limits()),
     })?;
     connect_any(
         &net,
@@ -307,6 +308,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // again soon, or lookups may miss this server until the next regular announcement
     // (seen under churn: a span's servers all unfindable for up to REANNOUNCE_EVERY).
     tokio::spawn(reannounce_on_departures(net.clone(), handle.clone()));
+    // Behind a NAT the addresses change (relay slots come and go): announce them at once.
+    tokio::spawn(reannounce_on_reachability(net.clone(), handle.clone()));
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {
@@ -386,7 +389,9 @@ async fn shutdown(
     departure.free_cache_tokens = 0;
     let farewell = async {
         futures::future::join_all(notices).await;
-        let _ = net.announce(departure).await;
+        // Both records (under the model and under the peer id) must be replaced
+        // before the process exits, or a lookup could still find this server.
+        let _ = net.announce_and_wait(departure).await;
     };
     tokio::select! {
         _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell) => {}
@@ -416,6 +421,102 @@ async fn reannounce_on_departures(net: Network, handle: ServerHandle) {
         while departures.try_recv().is_ok() {}
         if !handle.announce() {
             return;
+        }
+    }
+}
+
+/// Announces again whenever this node's reachability or relay slots change, so clients
+/// find its relayed addresses as soon as it has them.
+async fn reannounce_on_reachability(net: Network, handle: ServerHandle) {
+    let mut changes = net.status_changes();
+    let mut last = (protocol::Reachability::Unknown, Vec::new());
+    while changes.changed().await.is_ok() {
+        // Changes come in bursts (found private, then a relay slot a moment later):
+        // announce once, when it has settled. Each announcement is a DHT query that
+        // ends at its own time; two racing would leave whichever ends last, possibly
+        // the older addresses.
+        tokio::time::sleep(REACHABILITY_SETTLE).await;
+        let status = changes.borrow_and_update().clone();
+        let now = (status.reachability, status.relays.clone());
+        if now != last {
+            tracing::info!(
+                reachability = %status.reachability,
+                relays = status.relays.len(),
+                "reachability changed; announcing again"
+            );
+            last = now;
+        }
+        // Private with no relay slot: nobody can reach it, so an announcement would
+        // only send clients to it in vain (a slot is usually a moment away).
+        if status.reachability == protocol::Reachability::Private {
+            continue;
+        }
+        if !handle.announce() {
+            return;
+        }
+    }
+}
+
+/// How long reachability changes settle before [`reannounce_on_reachability`]
+/// announces.
+const REACHABILITY_SETTLE: Duration = Duration::from_millis(300);
+
+/// `shoal relay`: a node without a model that keeps the DHT, answers reachability
+/// probes and relays for servers behind NATs, until Ctrl-C.
+pub async fn relay(args: crate::cli::RelayArgs) -> anyhow::Result<()> {
+    let swarm_key = args.swarm_key.load()?;
+    let listen = match (args.listen.is_empty(), &swarm_key) {
+        (false, _) => args.listen.clone(),
+        (true, None) => vec![
+            "/ip4/0.0.0.0/udp/4001/quic-v1".parse()?,
+            "/ip4/0.0.0.0/tcp/4001".parse()?,
+        ],
+        (true, Some(_)) => vec!["/ip4/0.0.0.0/tcp/4001".parse()?],
+    };
+    let (net, mut inbound) = net::start(NetConfig {
+        listen,
+        dht_server: true,
+        shaping: None,
+        swarm_key,
+        identity: args.identity.load()?,
+        mdns: false,
+        // A dedicated relay is run where others can dial it: slots from the start.
+        relay: Some(crate::net::RelayLimits {
+            always: true,
+            ..args.relay.limits()
+        }),
+    })?;
+    connect_any(
+        &net,
+        &args.bootstrap,
+        Duration::from_secs_f64(args.connect_timeout),
+    )
+    .await?;
+    let addrs = wait_listen_addrs(&net).await?;
+    let shown = best_addr(&addrs).context("no listen address")?;
+    tracing::info!(
+        "relaying for up to {} nodes behind NATs, {} MiB per connection",
+        args.relay.relay_slots,
+        args.relay.relay_circuit_mib
+    );
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening {shown}")?;
+        out.flush()?;
+    }
+    loop {
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(m) => {
+                    let refusal = protocol::Response::Error(protocol::ErrorInfo::new(
+                        protocol::ErrorKind::BadRequest,
+                        "this node is a relay: it serves no blocks",
+                    ));
+                    net.respond(m.channel, refusal).await;
+                }
+                None => bail!("the network stopped"),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Seen {
     pub announcement: Announcement,
     /// Round trip of the `Info` request; `None` when it did not answer.
     pub rtt_ms: Option<f64>,
+    /// How this node reached it: "direct", "hole-punched" or "relayed:<relay>".
+    pub link: Option<String>,
 }
 
 impl Seen {
@@ -43,6 +45,22 @@ pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration
     }
     for (p, addrs) in net.dht_peers().await.unwrap_or_default() {
         first.insert(p, addrs);
+    }
+    // A server known only as a provider (behind a NAT it is in nobody's routing table):
+    // its addresses, relayed ones included, come from its announcement.
+    let unknown: Vec<PeerId> = first
+        .iter()
+        .filter(|(_, a)| a.is_empty())
+        .map(|(p, _)| *p)
+        .collect();
+    // (Only the addresses: whether a server that does not answer is listed as silent
+    // is decided from its model's announcements below, as for every server; a copy of
+    // this record that a departing server could not replace in time must not list it.)
+    let records = futures::future::join_all(unknown.iter().map(|p| net.server_record(*p))).await;
+    for (p, r) in unknown.into_iter().zip(records) {
+        if let Ok(Some(a)) = r {
+            first.insert(p, a.addrs.iter().filter_map(|x| x.parse().ok()).collect());
+        }
     }
     let asked: Vec<PeerId> = first.keys().copied().collect();
     let answered = ask_all(
@@ -82,6 +100,7 @@ pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration
                 silent.push(Seen {
                     announcement: a,
                     rtt_ms: None,
+                    link: None,
                 });
             } else {
                 let addrs = a.addrs.iter().filter_map(|s| s.parse().ok()).collect();
@@ -97,6 +116,16 @@ pub async fn survey(net: &Network, model_id: Option<&str>, ask_timeout: Duration
     );
     seen.extend(silent);
     seen.retain(|s| model_id.is_none_or(|m| s.announcement.model_id == m));
+    let links = net.links().await.unwrap_or_default();
+    for s in &mut seen {
+        s.link = s
+            .announcement
+            .peer_id
+            .parse::<PeerId>()
+            .ok()
+            .and_then(|p| links.get(&p))
+            .map(|l| l.to_string());
+    }
     seen.sort_by(|a, b| {
         let key = |s: &Seen| {
             (
@@ -127,10 +156,12 @@ async fn ask_all(
                 Ok(Ok(Response::Info(a))) => Some(Seen {
                     announcement: a,
                     rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
+                    link: None,
                 }),
                 _ => recorded.map(|a| Seen {
                     announcement: a,
                     rtt_ms: None,
+                    link: None,
                 }),
             }
         }

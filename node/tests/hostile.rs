@@ -25,6 +25,7 @@ fn client_net() -> Network {
         swarm_key: None,
         identity: None,
         mdns: false,
+        relay: None,
     })
     .expect("network");
     net

@@ -1,4 +1,4 @@
-//! The messages of `/shoal/inference/1`, and the announcement record kept in the DHT.
+//! The messages of `/shoal/inference/2`, and the announcement record kept in the DHT.
 //!
 //! A generation is a *session* opened on every server of a chain. The client sends each
 //! step to the first server; every server runs its blocks and pushes the output straight
@@ -50,6 +50,35 @@ impl std::fmt::Display for BlockSpan {
     }
 }
 
+/// Whether other nodes can dial a server, as it found out itself (libp2p AutoNAT: a
+/// peer is asked to dial it back).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Not found out (yet): no peer able to tell has answered, or every address is a
+    /// private one (a LAN, loopback), which reachability is never tested for.
+    #[default]
+    Unknown,
+    /// Dialled back from outside at an address it announces.
+    Public,
+    /// Behind a NAT or firewall, with no relay slot (yet): others cannot reach it.
+    Private,
+    /// Behind a NAT or firewall, reachable through a relay (its announced
+    /// `/p2p-circuit` addresses); a direct connection may follow by hole punching.
+    Relayed,
+}
+
+impl std::fmt::Display for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Public => "public",
+            Reachability::Private => "private",
+            Reachability::Relayed => "relayed",
+        })
+    }
+}
+
 /// What a server tells the swarm about itself. Stored in the DHT under a key derived
 /// from the model id and the peer id, and also returned by [`Request::Info`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -74,8 +103,11 @@ pub struct Announcement {
     pub version: String,
     /// A name the operator chose, shown by status tools.
     pub public_name: String,
-    /// Addresses the server listens on, so a client can dial it from the record alone.
+    /// Addresses the server listens on, so a client can dial it from the record alone;
+    /// behind a NAT, its addresses through relays (`.../p2p/<relay>/p2p-circuit`).
     pub addrs: Vec<String>,
+    /// Whether it can be dialled directly.
+    pub reachability: Reachability,
     /// Unix time in milliseconds after which the record is stale.
     pub expires_unix_ms: u64,
 }
@@ -158,7 +190,7 @@ pub struct StepFailed {
     pub error: ErrorInfo,
 }
 
-/// Requests of `/shoal/inference/1`.
+/// Requests of `/shoal/inference/2`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Request {
     /// Ask a server what it serves.
@@ -178,7 +210,7 @@ pub enum Request {
     },
 }
 
-/// Replies of `/shoal/inference/1`. Every request gets exactly one.
+/// Replies of `/shoal/inference/2`. Every request gets exactly one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Response {
     /// Reply to [`Request::Info`].

@@ -199,7 +199,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         max_seq_len: 2048,
         version: "0.1.0".into(),
         public_name: "alpha".into(),
-        addrs: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+        addrs: vec![
+            "/ip4/10.0.0.1/tcp/4001".into(),
+            "/ip4/203.0.113.7/udp/4001/quic-v1/p2p/12D3KooWRelay/p2p-circuit".into(),
+        ],
+        reachability: Reachability::Relayed,
         expires_unix_ms: 1_800_000_000_000,
     };
     let requests = vec![

@@ -1,0 +1,525 @@
+//! Volunteers behind home routers: servers behind NATs are reached through relays and,
+//! where the NATs allow, by hole punching; a relayed chain survives its relay dying.
+//!
+//! Built with network namespaces: a "public" network (a bridge) holding the relays and
+//! each home router's outside, and homes behind routers that masquerade (iptables) and
+//! drop whatever comes in unasked, as home routers do. The public network uses 11.77.0.x:
+//! AutoNAT only trusts global addresses, and these namespaces reach nothing outside
+//! themselves. Needs root, `ip` and `iptables`; where namespaces cannot be made the tests
+//! say so and skip, unless `SHOAL_REQUIRE_NETNS` is set (`.ci/run` sets it).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// How a home router maps ports.
+#[derive(Clone, Copy, PartialEq)]
+enum Nat {
+    /// Keeps a socket's port where it can (Linux's usual masquerade): hole punching works.
+    Friendly,
+    /// A new random port for every destination (`--random-fully`): hole punching
+    /// cannot guess it, connections stay relayed.
+    Symmetric,
+}
+
+/// Network namespaces, removed when dropped.
+struct Namespaces {
+    id: String,
+    made: Vec<String>,
+}
+
+impl Namespaces {
+    fn name(&self, short: &str) -> String {
+        format!("sh{}{short}", self.id)
+    }
+
+    /// Runs `ip` (and `iptables`, `sysctl`) commands; false at the first that fails.
+    fn sh(&self, script: &str) -> bool {
+        Command::new("sh")
+            .args(["-ec", script])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The public network, with a host `short` on it at `ip`.
+    fn public_host(&mut self, short: &str, ip: &str) -> bool {
+        let (ns, public) = (self.name(short), self.name("pub"));
+        let (a, b) = (
+            format!("v{}{short}a", self.id),
+            format!("v{}{short}b", self.id),
+        );
+        self.made.push(ns.clone());
+        self.sh(&format!(
+            "ip netns add {ns}
+             ip link add {a} type veth peer name {b}
+             ip link set {a} netns {ns}
+             ip link set {b} netns {public}
+             ip -n {public} link set {b} master br0 up
+             ip -n {ns} addr add {ip}/24 dev {a}
+             ip -n {ns} link set {a} up
+             ip -n {ns} link set lo up"
+        ))
+    }
+
+    /// A home behind a router whose outside is `wan` on the public network; the home's
+    /// one machine is `lan_prefix.2` (`short`), the router `lan_prefix.1`. The router
+    /// drops whatever comes in unasked, to the home and to itself: a packet to itself
+    /// that it accepted would leave a connection-tracking entry that makes a later
+    /// mapping of the same ports pick another port, and hole punching fail.
+    fn home(&mut self, short: &str, wan: &str, lan_prefix: &str, nat: Nat) -> bool {
+        let router = format!("{short}r");
+        if !self.public_host(&router, wan) {
+            return false;
+        }
+        let (r, h) = (self.name(&router), self.name(short));
+        let (a, b) = (
+            format!("v{}{short}l", self.id),
+            format!("v{}{short}h", self.id),
+        );
+        let out = format!("v{}{router}a", self.id);
+        let random = if nat == Nat::Symmetric {
+            "--random-fully"
+        } else {
+            ""
+        };
+        self.made.push(h.clone());
+        self.sh(&format!(
+            "ip netns add {h}
+             ip link add {a} type veth peer name {b}
+             ip link set {a} netns {r}
+             ip link set {b} netns {h}
+             ip -n {r} addr add {lan_prefix}.1/24 dev {a}
+             ip -n {r} link set {a} up
+             ip -n {h} addr add {lan_prefix}.2/24 dev {b}
+             ip -n {h} link set {b} up
+             ip -n {h} link set lo up
+             ip -n {h} route add default via {lan_prefix}.1
+             ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1
+             ip netns exec {r} iptables -t nat -A POSTROUTING -o {out} -j MASQUERADE {random}
+             ip netns exec {r} iptables -A FORWARD -i {out} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+             ip netns exec {r} iptables -A FORWARD -i {out} -j DROP
+             ip netns exec {r} iptables -A INPUT -i {out} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+             ip netns exec {r} iptables -A INPUT -i {out} -j DROP"
+        ))
+    }
+
+    /// The public network alone; `None` where namespaces cannot be made here. `tag`
+    /// (one letter) keeps the namespaces of tests running at once apart.
+    fn new(tag: char) -> Option<Namespaces> {
+        let mut n = Namespaces {
+            id: format!("{}{tag}", std::process::id() % 1000),
+            made: Vec::new(),
+        };
+        let public = n.name("pub");
+        n.made.push(public.clone());
+        let ok = Command::new("iptables").arg("--version").output().is_ok()
+            && n.sh(&format!(
+                "ip netns add {public}
+                 ip -n {public} link add br0 type bridge
+                 ip -n {public} link set br0 up"
+            ));
+        ok.then_some(n)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in self.made.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Makes the namespaces with `build`, or explains why the test skips (fails under
+/// `SHOAL_REQUIRE_NETNS`).
+fn namespaces(tag: char, build: impl FnOnce(&mut Namespaces) -> bool) -> Option<Namespaces> {
+    let made = Namespaces::new(tag).and_then(|mut n| build(&mut n).then_some(n));
+    if made.is_none() {
+        assert!(
+            std::env::var_os("SHOAL_REQUIRE_NETNS").is_none(),
+            "SHOAL_REQUIRE_NETNS is set but the namespaces cannot be made here (needs root, iproute2, iptables)"
+        );
+        eprintln!("SKIPPED: cannot create network namespaces with NAT here (needs root, `ip` and `iptables`)");
+    }
+    made
+}
+
+/// `shoal ARGS` in namespace `ns`, logging to a file, waiting for its `listening` line.
+fn start_in(ns: &str, args: &[&str], what: &str) -> Server {
+    let log = std::env::temp_dir().join(format!("shoal-nat-{}-{what}.log", std::process::id()));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("SHOAL_NAT_SERVER_LOG").unwrap_or("info,shoal_node::net=debug".into()),
+        )
+        .env("SHOAL_NO_MDNS", "true")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut child = cmd.spawn().expect("spawn");
+    let line = first_line(&mut child, &log, what);
+    let addr = line
+        .strip_prefix("listening ")
+        .expect("listening")
+        .to_string();
+    let peer = addr.rsplit_once("/p2p/").expect("peer id").1.to_string();
+    Server {
+        child,
+        addr,
+        peer,
+        log,
+        metrics: None,
+    }
+}
+
+/// A relay on the public network.
+fn relay_in(ns: &str, ip: &str, what: &str) -> Server {
+    start_in(
+        ns,
+        &["relay", "--listen", &format!("/ip4/{ip}/udp/4001/quic-v1")],
+        what,
+    )
+}
+
+/// A server at home, serving `blocks`, joining through `bootstrap`.
+fn home_server(ns: &str, blocks: &str, bootstrap: &[&str], what: &str) -> Server {
+    let m = model();
+    let mut args = vec![
+        "serve",
+        "--model",
+        m.to_str().expect("path"),
+        "--blocks",
+        blocks,
+        "--listen",
+        "/ip4/0.0.0.0/udp/0/quic-v1",
+    ];
+    for b in bootstrap {
+        args.extend(["--bootstrap", b]);
+    }
+    start_in(ns, &args, what)
+}
+
+/// Waits until `server` has logged `needle` `times` times (at most `limit`).
+fn wait_for_log(server: &Server, needle: &str, times: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = server.log_text();
+        if log.matches(needle).count() >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} (x{times}) within {limit:?}; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const PROMPT: [&str; 5] = [
+    "--chat",
+    "--prompt",
+    "Name three colours.",
+    "--max-tokens",
+    "24",
+];
+
+/// `generate --local` with [`PROMPT`] (here, outside the namespaces).
+fn reference(max_tokens: &str) -> serde_json::Value {
+    generate_json(&[
+        "--local", PROMPT[0], PROMPT[1], PROMPT[2], PROMPT[3], max_tokens,
+    ])
+}
+
+#[test]
+fn servers_behind_nats_are_reached_through_a_relay_and_by_hole_punching() {
+    let Some(n) = namespaces('p', |n| {
+        n.public_host("rl", "11.77.0.1")
+            && n.public_host("cl", "11.77.0.30")
+            && n.home("h1", "11.77.0.11", "192.168.1", Nat::Friendly)
+            && n.home("h2", "11.77.0.12", "192.168.2", Nat::Friendly)
+    }) else {
+        return;
+    };
+    let started = Instant::now();
+    let relay = relay_in(&n.name("rl"), "11.77.0.1", "relay");
+    let h1 = home_server(&n.name("h1"), "0..15", &[&relay.addr], "home1");
+    let h2 = home_server(&n.name("h2"), "15..30", &[&relay.addr], "home2");
+    // Each home finds out it cannot be dialled and takes a slot on the relay.
+    for h in [&h1, &h2] {
+        wait_for_log(
+            h,
+            "reachable through a relay at",
+            1,
+            Duration::from_secs(60),
+        );
+    }
+    eprintln!("both homes relayed after {:?}", started.elapsed());
+    let m = model();
+    let out = {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &n.name("cl")])
+            .arg(env!("CARGO_BIN_EXE_shoal"))
+            .args(["generate", "--json", "--bootstrap", &relay.addr, "--model"])
+            .arg(&m)
+            .args(PROMPT)
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_NAT_CLIENT_LOG").unwrap_or("info".into()),
+            )
+            .env("SHOAL_NO_MDNS", "true");
+        run(cmd, Duration::from_secs(120)).0
+    };
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "generation failed:\n{log}");
+    let swarm: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        swarm["completion_tokens"],
+        reference(PROMPT[4])["completion_tokens"],
+        "{log}"
+    );
+
+    // Which hops went how.
+    let link = |peer: &str| -> String {
+        swarm["route"]
+            .as_array()
+            .expect("route")
+            .iter()
+            .find(|r| r["peer"] == peer)
+            .map(|r| r["link"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|| panic!("{peer} not in the route {}", swarm["route"]))
+    };
+    let punched = |s: &Server, other: &str| {
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("direct connection by hole punching") && l.contains(other))
+    };
+    let relayed_to = |s: &Server, other: &str| {
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("connected through a relay") && l.contains(other))
+    };
+    // The homes met through the relay when the first step went from one to the other;
+    // their hole punch runs beside the generation (24 tokens take about a second here)
+    // and may finish after it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(punched(&h1, &h2.peer) || punched(&h2, &h1.peer)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let between = if punched(&h1, &h2.peer) || punched(&h2, &h1.peer) {
+        "hole-punched"
+    } else if relayed_to(&h1, &h2.peer) {
+        "relayed"
+    } else {
+        "unknown"
+    };
+    eprintln!(
+        "hops: client -> home1: {}; home1 -> home2: {between}; home2 -> client: {}",
+        link(&h1.peer),
+        link(&h2.peer)
+    );
+    // Nobody can dial into a home: the first contact with each went through the relay
+    // (the homes' logs show it), and the public client was then reached directly by
+    // hole punching, as were the homes by each other through port-keeping NATs.
+    for (h, other) in [(&h1, &h2.peer), (&h2, &h1.peer)] {
+        assert!(
+            relayed_to(h, other),
+            "no relayed connection between the homes:\n{}",
+            h.log_text()
+        );
+    }
+    assert_eq!(link(&h1.peer), "hole-punched", "{log}");
+    assert_eq!(link(&h2.peer), "hole-punched", "{log}");
+    assert_eq!(
+        between,
+        "hole-punched",
+        "{}\n{}",
+        h1.log_text(),
+        h2.log_text()
+    );
+    // And `shoal status` tells the homes are relayed. (Asked again for a few seconds
+    // if a home is missing: a status that ran just as a server re-announced itself
+    // once came back empty.)
+    let status_once = || {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &n.name("cl")])
+            .arg(env!("CARGO_BIN_EXE_shoal"))
+            .args(["status", "--json", "--bootstrap", &relay.addr])
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_NAT_CLIENT_LOG").unwrap_or("warn".into()),
+            );
+        let out = run(cmd, Duration::from_secs(60)).0;
+        assert!(out.status.success(), "{out:?}");
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        (status, said)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, said) = loop {
+        let (status, said) = status_once();
+        let text = status["servers"].to_string();
+        if (text.contains(&h1.peer) && text.contains(&h2.peer)) || Instant::now() > deadline {
+            break (status, said);
+        }
+        eprintln!("status missed a home, asking again: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for h in [&h1, &h2] {
+        let row = status["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .find(|s| s["peer_id"] == h.peer.as_str())
+            .unwrap_or_else(|| panic!("{} not listed: {status}\n{said}", h.peer));
+        assert_eq!(row["reachability"], "relayed", "{row}");
+    }
+    drop((h1, h2, relay, n));
+}
+
+/// Reads a child's stderr lines as they come, forwarding those starting with "route ".
+fn watch_routes(child: &mut Child) -> (mpsc::Receiver<String>, std::thread::JoinHandle<String>) {
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.starts_with("route ") {
+                let _ = tx.send(line.clone());
+            }
+            all.push(line);
+        }
+        all.join("\n")
+    });
+    (rx, t)
+}
+
+#[test]
+fn a_relayed_chain_survives_its_relay_dying() {
+    // Every home (the client's too) behind a symmetric NAT: no hole punching, so the
+    // whole chain runs through relays.
+    let Some(n) = namespaces('k', |n| {
+        n.public_host("ra", "11.77.0.1")
+            && n.public_host("rb", "11.77.0.2")
+            && n.home("h1", "11.77.0.11", "192.168.1", Nat::Symmetric)
+            && n.home("h2", "11.77.0.12", "192.168.2", Nat::Symmetric)
+            && n.home("c", "11.77.0.13", "192.168.3", Nat::Symmetric)
+    }) else {
+        return;
+    };
+    let ra = relay_in(&n.name("ra"), "11.77.0.1", "relay-a");
+    let rb = start_in(
+        &n.name("rb"),
+        &[
+            "relay",
+            "--listen",
+            "/ip4/11.77.0.2/udp/4001/quic-v1",
+            "--bootstrap",
+            &ra.addr,
+        ],
+        "relay-b",
+    );
+    let boots = [ra.addr.as_str(), rb.addr.as_str()];
+    let h1 = home_server(&n.name("h1"), "0..15", &boots, "home1-sym");
+    let h2 = home_server(&n.name("h2"), "15..30", &boots, "home2-sym");
+    // A slot on each relay.
+    for h in [&h1, &h2] {
+        wait_for_log(
+            h,
+            "reachable through a relay at",
+            2,
+            Duration::from_secs(90),
+        );
+    }
+    let tokens = "160";
+    let expected = reference(tokens);
+    let m = model();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &n.name("c")])
+        .arg(env!("CARGO_BIN_EXE_shoal"))
+        .args([
+            "generate",
+            "--json",
+            "--bootstrap",
+            boots[0],
+            "--bootstrap",
+            boots[1],
+        ])
+        .arg("--model")
+        .arg(&m)
+        .args(&PROMPT[..4])
+        .arg(tokens)
+        .env("RUST_LOG", "info")
+        .env("SHOAL_NO_MDNS", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (routes, err_thread) = watch_routes(&mut child);
+    let Ok(first) = routes.recv_timeout(Duration::from_secs(60)) else {
+        let _ = child.kill();
+        panic!(
+            "no route line on stderr; the client said:\n{}",
+            err_thread.join().expect("stderr")
+        );
+    };
+    // The relay the client reaches the first server through: kill it mid-generation.
+    let used = first
+        .split("(relayed:")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap_or_else(|| panic!("the first hop is not relayed: {first}"))
+        .to_string();
+    let (mut victim, survivor) = if used == ra.peer { (ra, rb) } else { (rb, ra) };
+    assert_eq!(victim.peer, used, "{first}");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = victim.child.kill();
+    let _ = victim.child.wait();
+    let killed_at = Instant::now();
+    let stdout = child.stdout.take().expect("stdout");
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if killed_at.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the generation did not finish within 120 s of the relay's death");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = err_thread.join().expect("stderr");
+    assert!(status.success(), "generation failed:\n{log}");
+    let swarm: serde_json::Value = serde_json::from_reader(stdout).expect("JSON");
+    eprintln!(
+        "killed relay {}; routes:\n{}",
+        victim.peer,
+        log.lines()
+            .filter(|l| l.starts_with("route "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Nothing lost: the text is the one-process text, and the client moved off the dead
+    // relay.
+    assert_eq!(
+        swarm["completion_tokens"], expected["completion_tokens"],
+        "{log}"
+    );
+    assert!(
+        !swarm["reroutes"].as_array().expect("reroutes").is_empty(),
+        "no re-route after the relay died: {log}"
+    );
+    let last = swarm["route"].to_string();
+    assert!(
+        !last.contains(&victim.peer),
+        "still through the dead relay: {last}"
+    );
+    assert!(last.contains("relayed:"), "{last}");
+    drop((h1, h2, survivor, n));
+}
