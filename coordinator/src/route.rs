@@ -17,6 +17,10 @@ pub struct ServerView {
     /// about that much slower; counting them spreads clients over replicas instead of
     /// piling every client onto the single fastest server.
     pub sessions: u32,
+    /// Reachable only through a relay (behind a NAT, no hole punched yet): every step
+    /// to it crosses the relay. Its measured round trip (through the relay) is its
+    /// cost; unmeasured, it is assumed [`DEFAULT_RELAYED_RTT_S`], not the LAN guess.
+    pub relayed: bool,
 }
 
 /// One hop of a planned route: which server runs which blocks.
@@ -47,11 +51,23 @@ pub enum RouteError {
 /// enough that measured fast peers win, low enough not to rule unmeasured ones out.
 const DEFAULT_RTT_S: f32 = 0.01;
 
+/// Time assumed for an unmeasured hop through a relay: two legs and a relay that
+/// serves many, a hundred milliseconds. A measured one is used as measured, and only
+/// while it lasts: once a hole is punched the client measures the direct path, so one
+/// slow relay measurement cannot keep a server out of routes for good (Mesh LLM's
+/// 2.6 s relay round trip kept its pipeline from ever splitting).
+pub const DEFAULT_RELAYED_RTT_S: f32 = 0.1;
+
 /// Expected seconds for `server` to run `blocks` blocks of one token, plus its round trip.
 fn hop_cost(s: &ServerView, blocks: u32) -> f32 {
     let span = s.end.saturating_sub(s.start).max(1) as f32;
     let busy = 1.0 + s.sessions as f32;
-    s.rtt.unwrap_or(DEFAULT_RTT_S) + busy * blocks as f32 / (s.throughput.max(1e-6) * span)
+    let unmeasured = if s.relayed {
+        DEFAULT_RELAYED_RTT_S
+    } else {
+        DEFAULT_RTT_S
+    };
+    s.rtt.unwrap_or(unmeasured) + busy * blocks as f32 / (s.throughput.max(1e-6) * span)
 }
 
 fn ranges(blocks: impl Iterator<Item = u32>) -> String {
@@ -171,7 +187,39 @@ mod tests {
             throughput: tput,
             rtt: Some(0.001),
             sessions: 0,
+            relayed: false,
         }
+    }
+
+    #[test]
+    fn relayed_servers_pay_for_the_relay() {
+        let relayed = |id: &str, rtt: Option<f32>| ServerView {
+            relayed: true,
+            rtt,
+            ..s(id, 0, 30, 100.0)
+        };
+        let direct = |id: &str| ServerView {
+            rtt: None,
+            ..s(id, 0, 30, 100.0)
+        };
+        // Equal speed, nothing measured: the direct one.
+        let r = plan_route(&[relayed("r", None), direct("d")], 0, 30).expect("covered");
+        assert_eq!(hops(&r), vec![(1, 0, 30)]);
+        // A relay measured at 2.6 s loses even to a server four times slower...
+        let slow = ServerView {
+            throughput: 25.0,
+            ..direct("slow")
+        };
+        let r = plan_route(&[relayed("r", Some(2.6)), slow.clone()], 0, 30).expect("covered");
+        assert_eq!(hops(&r), vec![(1, 0, 30)]);
+        // ...but once a hole is punched (direct, measured 20 ms) the faster one wins.
+        let punched = ServerView {
+            relayed: false,
+            rtt: Some(0.02),
+            ..relayed("r", None)
+        };
+        let r = plan_route(&[punched, slow], 0, 30).expect("covered");
+        assert_eq!(hops(&r), vec![(0, 0, 30)]);
     }
 
     fn hops(r: &[RouteHop]) -> Vec<(usize, u32, u32)> {

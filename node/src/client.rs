@@ -346,20 +346,27 @@ impl Client {
         n_blocks: u32,
     ) -> anyhow::Result<Vec<PlannedHop>> {
         let rtts = self.net.rtts().await.unwrap_or_default();
+        let links = self.net.links().await.unwrap_or_default();
         let views: Vec<coordinator::ServerView> = found
             .iter()
-            .map(|a| coordinator::ServerView {
-                id: a.peer_id.clone(),
-                start: a.span.start,
-                end: a.span.end,
-                throughput: a.throughput.max(1e-3),
-                rtt: a
-                    .peer_id
-                    .parse::<PeerId>()
-                    .ok()
-                    .and_then(|p| rtts.get(&p))
-                    .map(|d| d.as_secs_f32()),
-                sessions: a.sessions,
+            .map(|a| {
+                let peer = a.peer_id.parse::<PeerId>().ok();
+                // Relayed: connected only through a relay, or not connected and
+                // reachable only that way by its own account.
+                let relayed = match peer.and_then(|p| links.get(&p)) {
+                    Some(Link::Relayed(_)) => true,
+                    Some(_) => false,
+                    None => a.reachability == protocol::Reachability::Relayed,
+                };
+                coordinator::ServerView {
+                    id: a.peer_id.clone(),
+                    start: a.span.start,
+                    end: a.span.end,
+                    throughput: a.throughput.max(1e-3),
+                    rtt: peer.and_then(|p| rtts.get(&p)).map(|d| d.as_secs_f32()),
+                    sessions: a.sessions,
+                    relayed,
+                }
             })
             .collect();
         let route = coordinator::plan_route(&views, from, n_blocks)?;

@@ -498,8 +498,9 @@ fn a_relayed_chain_survives_its_relay_dying() {
     assert!(status.success(), "generation failed:\n{log}");
     let swarm: serde_json::Value = serde_json::from_reader(stdout).expect("JSON");
     eprintln!(
-        "killed relay {}; routes:\n{}",
+        "killed relay {}; the generation ended {:.1} s later; routes:\n{}",
         victim.peer,
+        killed_at.elapsed().as_secs_f64(),
         log.lines()
             .filter(|l| l.starts_with("route "))
             .collect::<Vec<_>>()

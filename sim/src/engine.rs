@@ -337,6 +337,7 @@ impl<'a> Sim<'a> {
                     throughput: node.throughput,
                     rtt: Some(self.rtt(region, node.region) as f32),
                     sessions: node.sessions,
+                    relayed: false,
                 }
             })
             .collect();
