@@ -1036,7 +1036,7 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         "block_bytes": block_bytes,
         "block_memory_estimate": crate::serving::block_memory(&file, 0, 0),
         "kv_bytes_per_token_per_block": cfg.kv_bytes_per_token(1),
-        "node_overhead_bytes": crate::serving::BASE_OVERHEAD_BYTES,
+        "node_overhead_bytes": crate::serving::node_overhead(&file),
     });
     if args.json {
         println!("{info}");

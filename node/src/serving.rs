@@ -21,12 +21,26 @@ use crate::server::{Server, ServerHandle, ServerLimits};
 pub const DEFAULT_MAX_SEQ_LEN: usize = 8192;
 
 /// Memory a server needs besides its blocks: runtime, network stack, buffers. Measured
-/// on the default model: a 10-block node resident at ~74 MiB, of which ~44 MiB blocks.
+/// on the default model: a 1-block node resident at 36 MiB, of which 2 MiB block.
 pub const BASE_OVERHEAD_BYTES: u64 = 64 << 20;
 
-/// Loaded weights take more than their stored size: candle repacks quantised weights
-/// for its kernels on first use. Measured on the default model (Q4_1): ~2x.
-const WEIGHT_OVERHEAD_FACTOR: f64 = 2.0;
+/// Loaded weights against their stored size. Measured resident (VmRSS) after loading,
+/// with the file's pages released block by block: the default model (Q4_1, repacked for
+/// our kernels) 0.99x (1 -> 21 blocks: +43.8 MiB for 44.3 MiB stored); an 8B-shaped
+/// Q4_0 span of 8 blocks 1.065x. (It was 2x while the file's pages stayed resident
+/// until the whole span had loaded.)
+const WEIGHT_OVERHEAD_FACTOR: f64 = 1.1;
+
+/// Memory a server needs besides its blocks' weights and caches: [`BASE_OVERHEAD_BYTES`]
+/// and, while loading, one block's file pages and copies in flight (the 8-block 8B
+/// span peaked 117 MiB, one block, above where it settled).
+pub fn node_overhead(file: &ModelFile) -> u64 {
+    let biggest = (0..file.config().n_layers)
+        .map(|i| file.block_bytes(i))
+        .max()
+        .unwrap_or(0);
+    BASE_OVERHEAD_BYTES + biggest
+}
 
 /// Estimated resident bytes of one block of `file` with `cache_tokens` KV-cache tokens
 /// reserved for it.
@@ -38,7 +52,15 @@ pub fn block_memory(file: &ModelFile, block: usize, cache_tokens: usize) -> u64 
 /// How many blocks fit `budget` bytes.
 pub fn blocks_for_budget(file: &ModelFile, budget: u64, cache_tokens: usize) -> usize {
     let per = block_memory(file, 0, cache_tokens).max(1);
-    (budget.saturating_sub(BASE_OVERHEAD_BYTES) / per) as usize
+    (budget.saturating_sub(node_overhead(file)) / per) as usize
+}
+
+/// KV-cache tokens that fill what `budget` leaves after `blocks` blocks' weights.
+pub fn cache_tokens_for_budget(file: &ModelFile, budget: u64, blocks: usize) -> usize {
+    let weights = (file.block_bytes(0) as f64 * WEIGHT_OVERHEAD_FACTOR) as u64 * blocks as u64;
+    let left = budget.saturating_sub(node_overhead(file) + weights);
+    let per_token = file.config().kv_bytes_per_token(1) as u64 * blocks.max(1) as u64;
+    (left / per_token.max(1)) as usize
 }
 
 /// On a GPU: 90% of its free memory (the weights and caches live there). On the CPU:
@@ -167,7 +189,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .max_seq_len
         .unwrap_or(cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN))
         .min(cfg.max_seq_len);
-    let max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
+    let mut max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
     // Bound before anything slow, so a bad address fails at once.
     let metrics_listener = match &args.metrics {
         Some(addr) => Some(
@@ -211,15 +233,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let budget = args
                 .memory_budget
                 .unwrap_or_else(|| default_budget(&device));
-            let fit = blocks_for_budget(&file, budget, max_cache_tokens);
+            // Without --max-cache-tokens, the blocks come first: as many as fit beside
+            // room for one full-length session, then the cache takes what is left (up
+            // to its usual 4 sessions). The budget is kept either way: weights, cache
+            // and the node itself (tested: node/tests/spans.rs).
+            let cache_for_fit = args.max_cache_tokens.unwrap_or(max_seq_len);
+            let fit = blocks_for_budget(&file, budget, cache_for_fit);
             if fit == 0 {
                 bail!(
                     "--memory-budget {} MiB is too small: one block of this model needs about {} MiB (weights and {} cache tokens) on top of {} MiB for the node itself",
                     budget >> 20,
-                    block_memory(&file, 0, max_cache_tokens) >> 20,
-                    max_cache_tokens,
-                    BASE_OVERHEAD_BYTES >> 20
+                    block_memory(&file, 0, cache_for_fit) >> 20,
+                    cache_for_fit,
+                    node_overhead(&file) >> 20
                 );
+            }
+            let fit = fit.min(cfg.n_layers);
+            if args.max_cache_tokens.is_none() {
+                max_cache_tokens = cache_tokens_for_budget(&file, budget, fit).min(max_seq_len * 4);
             }
             let found = if args.bootstrap.is_empty() {
                 Vec::new()
@@ -228,7 +259,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             };
             let (s, e) = coordinator::choose_span(&views(&found, &me), n_blocks, fit as u32);
             tracing::info!(
-                "budget {} MiB fits {fit} blocks; the swarm ({} servers) is weakest at {s}..{e}",
+                "budget {} MiB fits {fit} blocks and {max_cache_tokens} cache tokens; the swarm ({} servers) is weakest at {s}..{e}",
                 budget >> 20,
                 found.len()
             );

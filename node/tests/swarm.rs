@@ -117,6 +117,60 @@ fn resident_memory_grows_with_the_span() {
     );
 }
 
+/// Memory that keeps its promise: two nodes given a budget of about half the model
+/// each (no --blocks) size their spans from it, cover the model between them, and
+/// after loading and serving a generation their peak resident memory (VmHWM, from
+/// /proc) is under the budget.
+#[test]
+fn nodes_stay_within_their_memory_budget() {
+    let m = model();
+    let mut cmd = shoal();
+    cmd.args(["inspect", "--json", "--model"]).arg(&m);
+    let (out, _) = run(cmd, Duration::from_secs(60));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    let n = info["blocks"].as_u64().expect("blocks");
+    let seq = 1024u64;
+    let per_block = info["block_memory_estimate"].as_u64().expect("estimate")
+        + seq * info["kv_bytes_per_token_per_block"].as_u64().expect("kv");
+    let budget =
+        info["node_overhead_bytes"].as_u64().expect("overhead") + per_block * n / 2 + per_block / 2;
+    let budget_arg = budget.to_string();
+    let args = [
+        "--memory-budget",
+        budget_arg.as_str(),
+        "--max-seq-len",
+        "1024",
+        "--rebalance-interval",
+        "0",
+    ];
+    let a = serve_with(&m, &args, None);
+    let b = serve_with(&m, &args, Some(&a.addr));
+    let g = generate_json(&[
+        "--bootstrap",
+        a.addr.as_str(),
+        "--prompt",
+        "Tell me about the sea.",
+        "--chat",
+        "--max-tokens",
+        "64",
+    ]);
+    let route = g["route"].as_array().expect("route");
+    assert_eq!(route.len(), 2, "the two nodes share the model: {route:?}");
+    let stored = info["block_bytes"].as_u64().expect("block bytes") * n / 2;
+    for s in [&a, &b] {
+        let peak = peak_rss_bytes(s.child.id());
+        let mib = |x: u64| x as f64 / (1 << 20) as f64;
+        eprintln!(
+            "budget {:.1} MiB, peak resident {:.1} MiB",
+            mib(budget),
+            mib(peak)
+        );
+        assert!(peak <= budget, "peak {peak} over the budget {budget}");
+        // It holds its weights: the measurement is of a real node.
+        assert!(peak > stored, "peak {peak} below the weights {stored}");
+    }
+}
+
 /// A server without room for a session is passed over for one that has it; with no such
 /// server, the client says what it needed.
 #[test]
