@@ -21,7 +21,7 @@ budget=${BUDGET:-1.6G}
 tokens=${TOKENS:-16}
 mkdir -p "$out"
 model=$out/llama3-8b-q4_0.gguf
-[ -e "$model" ] || timeout 900 "$shoal" make-model --shape llama3-8b --format gguf-q4_0 --out "$model"
+[ -e "$model" ] || timeout 900 "$shoal" make-model --shape llama-3-8b --dtype q4_0 --out "$model"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT

@@ -162,15 +162,21 @@ pub fn load_allowed_peers(
 /// `shoal make-model`.
 #[derive(Args, Debug)]
 pub struct MakeModelArgs {
-    /// The shape: smollm2-135m, llama2-7b, llama3-8b, llama2-13b or llama3-70b.
+    /// The shape: smollm2-135m, llama2-7b, llama3-8b, llama2-13b or llama3-70b
+    /// (hyphens optional: llama-3-8b).
     #[arg(long, default_value = "llama3-8b")]
     pub shape: String,
+    /// The weight type: q4_0, q8_0, f16 (GGUF for a .gguf --out, else safetensors) or
+    /// bf16 (safetensors); instead of --format.
+    #[arg(long, conflicts_with = "format")]
+    pub dtype: Option<String>,
     /// Fewer blocks than the shape has (same widths): a smaller file for quick checks.
     #[arg(long)]
     pub blocks: Option<usize>,
-    /// gguf-q4_0, gguf-q8_0, gguf-f16, safetensors-bf16 or safetensors-f16.
-    #[arg(long, default_value = "gguf-q4_0")]
-    pub format: shard::synth::SynthFormat,
+    /// gguf-q4_0, gguf-q8_0, gguf-f16, safetensors-bf16 or safetensors-f16 (default
+    /// gguf-q4_0).
+    #[arg(long)]
+    pub format: Option<shard::synth::SynthFormat>,
     /// Where to write: a .gguf file, or a directory for safetensors.
     #[arg(long)]
     pub out: PathBuf,

@@ -980,6 +980,13 @@ pub fn make_model(args: crate::cli::MakeModelArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
         bail!("{} exists; --force replaces it", args.out.display());
     }
+    let format = match (&args.dtype, args.format) {
+        (Some(d), _) => {
+            shard::synth::SynthFormat::for_dtype(d, &args.out).map_err(anyhow::Error::msg)?
+        }
+        (None, Some(f)) => f,
+        (None, None) => shard::synth::SynthFormat::GgufQ4_0,
+    };
     let donor_path = match &args.tokenizer_from {
         Some(p) => p.clone(),
         None => crate::model_cache::default_model()?,
@@ -990,13 +997,13 @@ pub fn make_model(args: crate::cli::MakeModelArgs) -> anyhow::Result<()> {
     eprintln!(
         "writing a random {} ({blocks} blocks, {:?}) to {}",
         shape.name,
-        args.format,
+        format,
         args.out.display()
     );
     shard::synth::write(
         &shape,
         args.blocks,
-        args.format,
+        format,
         &args.out,
         &donor,
         args.seed,

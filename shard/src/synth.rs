@@ -107,9 +107,10 @@ pub const SHAPES: &[Shape] = &[
     },
 ];
 
-/// A preset by name.
+/// A preset by name; hyphens do not matter (`llama-3-8b` is `llama3-8b`).
 pub fn shape(name: &str) -> Option<Shape> {
-    SHAPES.iter().find(|s| s.name == name).cloned()
+    let bare = |s: &str| s.replace('-', "").to_ascii_lowercase();
+    SHAPES.iter().find(|s| bare(s.name) == bare(name)).cloned()
 }
 
 /// How the weights are stored.
@@ -125,6 +126,35 @@ pub enum SynthFormat {
     SafetensorsBf16,
     /// A Hugging Face directory of f16 safetensors.
     SafetensorsF16,
+}
+
+impl SynthFormat {
+    /// The format for a weight type (`q4_0`, `q8_0`, `f16`, `bf16`), written where
+    /// `out` says: GGUF for a `.gguf` file, safetensors otherwise (bf16 has no GGUF
+    /// form here).
+    pub fn for_dtype(dtype: &str, out: &std::path::Path) -> std::result::Result<Self, String> {
+        let gguf = out.extension().is_some_and(|e| e == "gguf");
+        Ok(match (dtype.to_ascii_lowercase().as_str(), gguf) {
+            ("q4_0", true) => SynthFormat::GgufQ4_0,
+            ("q8_0", true) => SynthFormat::GgufQ8_0,
+            ("f16", true) => SynthFormat::GgufF16,
+            ("f16", false) => SynthFormat::SafetensorsF16,
+            ("bf16", false) => SynthFormat::SafetensorsBf16,
+            ("q4_0" | "q8_0", false) => {
+                return Err(format!(
+                    "--dtype {dtype} is written as GGUF: give --out a .gguf file"
+                ))
+            }
+            ("bf16", true) => {
+                return Err("--dtype bf16 is written as safetensors: give --out a directory".into())
+            }
+            _ => {
+                return Err(format!(
+                    "unknown --dtype `{dtype}`: q4_0, q8_0, f16 or bf16"
+                ))
+            }
+        })
+    }
 }
 
 impl FromStr for SynthFormat {
@@ -471,4 +501,41 @@ fn write_safetensors(
     )?;
     std::fs::write(out.join("tokenizer.json"), text.tokenizer_json()?).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_and_dtypes_have_the_names_people_type() {
+        assert_eq!(shape("llama-3-8b").map(|s| s.name), Some("llama3-8b"));
+        assert_eq!(shape("Llama-2-13b").map(|s| s.name), Some("llama2-13b"));
+        assert!(shape("llama-4-1t").is_none());
+        let gguf = std::path::Path::new("m.gguf");
+        let dir = std::path::Path::new("m");
+        assert_eq!(
+            SynthFormat::for_dtype("q4_0", gguf),
+            Ok(SynthFormat::GgufQ4_0)
+        );
+        assert_eq!(
+            SynthFormat::for_dtype("Q8_0", gguf),
+            Ok(SynthFormat::GgufQ8_0)
+        );
+        assert_eq!(
+            SynthFormat::for_dtype("f16", gguf),
+            Ok(SynthFormat::GgufF16)
+        );
+        assert_eq!(
+            SynthFormat::for_dtype("f16", dir),
+            Ok(SynthFormat::SafetensorsF16)
+        );
+        assert_eq!(
+            SynthFormat::for_dtype("bf16", dir),
+            Ok(SynthFormat::SafetensorsBf16)
+        );
+        assert!(SynthFormat::for_dtype("q4_0", dir).is_err_and(|e| e.contains(".gguf")));
+        assert!(SynthFormat::for_dtype("bf16", gguf).is_err());
+        assert!(SynthFormat::for_dtype("int3", gguf).is_err_and(|e| e.contains("q4_0")));
+    }
 }
