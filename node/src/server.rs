@@ -13,7 +13,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use protocol::{
     Announcement, BlockSpan, ErrorInfo, ErrorKind, Hop, OpenSession, Request, Response, SessionId,
     Step, StepFailed, StepOutput, WireDType,
@@ -67,7 +67,6 @@ pub struct Server {
     throughput: f32,
     net: Network,
     rt: tokio::runtime::Handle,
-    addrs: Vec<Multiaddr>,
     /// The current announcement, shared with the network side so `Info` requests (a
     /// client's liveness probe) are answered at once, even while a long step computes.
     public: Arc<Mutex<Announcement>>,
@@ -148,7 +147,6 @@ impl Server {
         limits: ServerLimits,
         throughput: f32,
         net: Network,
-        addrs: Vec<Multiaddr>,
     ) -> Self {
         let mut server = Server {
             span,
@@ -158,7 +156,6 @@ impl Server {
             throughput,
             net,
             rt: tokio::runtime::Handle::current(),
-            addrs,
             public: Arc::new(Mutex::new(Announcement {
                 peer_id: String::new(),
                 model_id: String::new(),
@@ -228,21 +225,16 @@ impl Server {
             max_seq_len: self.limits.max_seq_len as u32,
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_name: self.limits.public_name.clone(),
-            addrs: self.addrs().iter().map(|a| a.to_string()).collect(),
+            // What it listens on now, relay slots included (they come and go behind a
+            // NAT).
+            addrs: self
+                .net
+                .listen_addrs_now()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
             reachability: self.net.status().reachability,
             expires_unix_ms: unix_ms() + ANNOUNCE_TTL.as_millis() as u64,
-        }
-    }
-
-    /// Where to reach this server now: what it listens on, relay slots included (they
-    /// come and go behind a NAT); the addresses it started with until the network has
-    /// reported any.
-    fn addrs(&self) -> Vec<Multiaddr> {
-        let now = self.net.listen_addrs_now();
-        if now.is_empty() {
-            self.addrs.clone()
-        } else {
-            now
         }
     }
 

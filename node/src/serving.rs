@@ -135,6 +135,25 @@ fn best_addr(addrs: &[Multiaddr]) -> Option<Multiaddr> {
     sorted.first().map(|a| (*a).clone())
 }
 
+/// `listen`, or by default QUIC and TCP on every interface at `port` (0: any); a
+/// private swarm (`open` false) runs over TCP only.
+fn listen_or_default(listen: &[Multiaddr], open: bool, port: u16) -> Vec<Multiaddr> {
+    if !listen.is_empty() {
+        return listen.to_vec();
+    }
+    let tcp = Multiaddr::empty()
+        .with(Protocol::Ip4(std::net::Ipv4Addr::UNSPECIFIED))
+        .with(Protocol::Tcp(port));
+    if !open {
+        return vec![tcp];
+    }
+    let quic = Multiaddr::empty()
+        .with(Protocol::Ip4(std::net::Ipv4Addr::UNSPECIFIED))
+        .with(Protocol::Udp(port))
+        .with(Protocol::QuicV1);
+    vec![quic, tcp]
+}
+
 async fn wait_listen_addrs(net: &Network) -> anyhow::Result<Vec<Multiaddr>> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -201,15 +220,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let swarm_key = args.swarm_key.load()?;
     let swarm_key_is_none = swarm_key.is_none();
-    let listen = match (args.listen.is_empty(), &swarm_key) {
-        (false, _) => args.listen.clone(),
-        (true, None) => vec![
-            "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
-            "/ip4/0.0.0.0/tcp/0".parse()?,
-        ],
-        // A private swarm runs over TCP only.
-        (true, Some(_)) => vec!["/ip4/0.0.0.0/tcp/0".parse()?],
-    };
+    let listen = listen_or_default(&args.listen, swarm_key_is_none, 0);
     let (net, mut inbound) = net::start(NetConfig {
         listen,
         dht_server: true,
@@ -286,14 +297,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_cache_tokens,
         public_name: args.name.clone(),
     };
-    let server = Server::new(
-        span,
-        file.id().to_string(),
-        limits,
-        throughput,
-        net.clone(),
-        addrs,
-    );
+    let server = Server::new(span, file.id().to_string(), limits, throughput, net.clone());
     let public = server.public_view();
     let metrics = server.metrics();
     let handle = server.spawn(REANNOUNCE_EVERY)?;
@@ -496,14 +500,7 @@ const REACHABILITY_SETTLE: Duration = Duration::from_millis(300);
 /// probes and relays for servers behind NATs, until Ctrl-C.
 pub async fn relay(args: crate::cli::RelayArgs) -> anyhow::Result<()> {
     let swarm_key = args.swarm_key.load()?;
-    let listen = match (args.listen.is_empty(), &swarm_key) {
-        (false, _) => args.listen.clone(),
-        (true, None) => vec![
-            "/ip4/0.0.0.0/udp/4001/quic-v1".parse()?,
-            "/ip4/0.0.0.0/tcp/4001".parse()?,
-        ],
-        (true, Some(_)) => vec!["/ip4/0.0.0.0/tcp/4001".parse()?],
-    };
+    let listen = listen_or_default(&args.listen, swarm_key.is_none(), 4001);
     let (net, mut inbound) = net::start(NetConfig {
         listen,
         dht_server: true,

@@ -93,30 +93,19 @@ impl Drop for Lan {
 /// `shoal serve` inside namespace `ns`, listening on `ip`, with no bootstrap.
 fn serve_in(ns: &str, ip: &str, blocks: &str, extra: &[&str]) -> Server {
     let log = std::env::temp_dir().join(format!("shoal-lan-{}-{blocks}.log", std::process::id()));
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns])
-        .arg(env!("CARGO_BIN_EXE_shoal"))
-        .args(["serve", "--blocks", blocks, "--model"])
-        .arg(model())
-        .args(["--listen", &format!("/ip4/{ip}/udp/0/quic-v1")])
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log"));
-    let mut child = cmd.spawn().expect("spawn");
-    let line = first_line(&mut child, &log, "shoal serve in a namespace");
-    let addr = line
-        .strip_prefix("listening ")
-        .expect("listening")
-        .to_string();
-    let peer = addr.rsplit_once("/p2p/").expect("peer id").1.to_string();
-    Server {
-        child,
-        addr,
-        peer,
-        log,
-        metrics: None,
-    }
+    let m = model();
+    let listen = format!("/ip4/{ip}/udp/0/quic-v1");
+    let mut args = vec![
+        "serve",
+        "--blocks",
+        blocks,
+        "--model",
+        m.to_str().expect("path"),
+        "--listen",
+        &listen,
+    ];
+    args.extend(extra);
+    start_in_namespace(ns, &args, &[("RUST_LOG", "info")], log)
 }
 
 /// A `shoal` command inside namespace `ns`; its output.

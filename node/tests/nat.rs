@@ -153,31 +153,14 @@ fn namespaces(tag: char, build: impl FnOnce(&mut Namespaces) -> bool) -> Option<
 /// `shoal ARGS` in namespace `ns`, logging to a file, waiting for its `listening` line.
 fn start_in(ns: &str, args: &[&str], what: &str) -> Server {
     let log = std::env::temp_dir().join(format!("shoal-nat-{}-{what}.log", std::process::id()));
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns])
-        .arg(env!("CARGO_BIN_EXE_shoal"))
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("SHOAL_NAT_SERVER_LOG").unwrap_or("info,shoal_node::net=debug".into()),
-        )
-        .env("SHOAL_NO_MDNS", "true")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log"));
-    let mut child = cmd.spawn().expect("spawn");
-    let line = first_line(&mut child, &log, what);
-    let addr = line
-        .strip_prefix("listening ")
-        .expect("listening")
-        .to_string();
-    let peer = addr.rsplit_once("/p2p/").expect("peer id").1.to_string();
-    Server {
-        child,
-        addr,
-        peer,
+    let rust_log =
+        std::env::var("SHOAL_NAT_SERVER_LOG").unwrap_or("info,shoal_node::net=debug".into());
+    start_in_namespace(
+        ns,
+        args,
+        &[("RUST_LOG", &rust_log), ("SHOAL_NO_MDNS", "true")],
         log,
-        metrics: None,
-    }
+    )
 }
 
 /// A relay on the public network.

@@ -143,6 +143,40 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
     }
 }
 
+/// `shoal ARGS` inside network namespace `ns` (`ip netns exec`), with `env`, logging to
+/// `log`; waits (at most 120 s) for its `listening` line.
+pub fn start_in_namespace(
+    ns: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: std::path::PathBuf,
+) -> Server {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut child = cmd.spawn().expect("spawn");
+    let line = first_line(&mut child, &log, &format!("shoal {args:?} in {ns}"));
+    let addr = line
+        .strip_prefix("listening ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    let peer = addr
+        .rsplit_once("/p2p/")
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_else(|| panic!("address {addr} lacks a peer id"));
+    Server {
+        child,
+        addr,
+        peer,
+        log,
+        metrics: None,
+    }
+}
+
 /// `shoal generate --model <default> --json ARGS` (ARGS may name another --model), which
 /// must succeed; its JSON.
 pub fn generate_json(args: &[&str]) -> serde_json::Value {
