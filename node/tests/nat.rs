@@ -434,6 +434,10 @@ fn a_relayed_chain_survives_its_relay_dying() {
             boots[0],
             "--bootstrap",
             boots[1],
+            // Planning through relays right after the homes got their slots once took
+            // longer than the default 20 s here (the client gave up before any route).
+            "--route-timeout",
+            "60",
         ])
         .arg("--model")
         .arg(&m)
