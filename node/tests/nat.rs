@@ -450,7 +450,7 @@ fn a_relayed_chain_survives_its_relay_dying() {
         .spawn()
         .expect("spawn");
     let (routes, err_thread) = watch_routes(&mut child);
-    let Ok(first) = routes.recv_timeout(Duration::from_secs(60)) else {
+    let Ok(first) = routes.recv_timeout(Duration::from_secs(90)) else {
         let _ = child.kill();
         panic!(
             "no route line on stderr; the client said:\n{}",
