@@ -50,7 +50,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     allow_block_list, autonat, dcutr, identify, identity, mdns, noise, ping, relay, tcp, yamux,
@@ -1084,6 +1084,7 @@ impl EventLoop {
                 request,
                 reply,
             } => {
+                self.dial_beside(peer, &addrs);
                 let id = self
                     .swarm
                     .behaviour_mut()
@@ -1092,6 +1093,7 @@ impl EventLoop {
                 self.pending_requests.insert(id, reply);
             }
             Command::AddAddresses { peer, addrs, reply } => {
+                self.dial_beside(peer, &addrs);
                 for a in addrs {
                     self.swarm.add_peer_address(peer, a);
                 }
@@ -1394,6 +1396,21 @@ impl EventLoop {
                     for addr in info.listen_addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
+                } else if self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .remove_peer(&peer_id)
+                    .is_some()
+                {
+                    // No longer a DHT server (a server that found itself behind a NAT
+                    // switches to client mode and says so): out of the routing table,
+                    // or lookups keep handing its undialable addresses to everyone.
+                    // Records it kept are out of reach now, as if it had left.
+                    tracing::debug!(peer = %peer_id, "left the DHT's routing table");
+                    if self.dht_peers.remove(&peer_id) {
+                        let _ = self.dht_departures.send(peer_id);
+                    }
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
@@ -1523,6 +1540,24 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             _ => {}
+        }
+    }
+
+    /// Dials `peer` at `addrs` unless connected to it, even while another dial to it is
+    /// under way. Request-response and stream dials give way to a dial in flight, and
+    /// one may be Kademlia's, to addresses a lookup was told about (a NAT'd server's
+    /// private ones, which time out after seconds); the request then failed with that
+    /// dial although `addrs` (a relayed address from its announcement) would work.
+    fn dial_beside(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        if addrs.is_empty() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::Disconnected)
+            .addresses(addrs.to_vec())
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "cannot dial: {e}");
         }
     }
 

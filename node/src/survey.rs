@@ -151,18 +151,27 @@ async fn ask_all(
         async move {
             let t = Instant::now();
             let r =
-                tokio::time::timeout(ask_timeout, net.request(peer, addrs, Request::Info)).await;
+                tokio::time::timeout(ask_timeout, net.request(peer, addrs.clone(), Request::Info))
+                    .await;
             match r {
                 Ok(Ok(Response::Info(a))) => Some(Seen {
                     announcement: a,
                     rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
                     link: None,
                 }),
-                _ => recorded.map(|a| Seen {
-                    announcement: a,
-                    rtt_ms: None,
-                    link: None,
-                }),
+                r => {
+                    let why = match r {
+                        Err(_) => "no answer in time".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(other)) => format!("answered {other:?}"),
+                    };
+                    tracing::debug!(%peer, ?addrs, "not answering: {why}");
+                    recorded.map(|a| Seen {
+                        announcement: a,
+                        rtt_ms: None,
+                        link: None,
+                    })
+                }
             }
         }
     });
