@@ -793,12 +793,15 @@ impl RemoteSession {
                             }
                         }
                         Delivery::Failed(f) if f.step == index => {
-                            let suspect = self
-                                .hops
-                                .iter()
-                                .position(|h| h.hop.peer.to_string() == f.peer)
-                                .or_else(|| self.hop_index(f.session))
-                                .unwrap_or(first);
+                            let by_peer = self.hops.iter().position(|h| h.hop.peer.to_string() == f.peer);
+                            if by_peer.is_none() && f.peer.parse::<PeerId>().is_ok() {
+                                // About a server this route does not use: a late report
+                                // from a chain left behind (a server that lost its
+                                // connection to the next one tells of the last step it
+                                // passed on), not about this one.
+                                continue;
+                            }
+                            let suspect = by_peer.or_else(|| self.hop_index(f.session)).unwrap_or(first);
                             return Err(Failure { suspect, reason: format!("{}", f.error), after: started.elapsed() });
                         }
                         Delivery::Failed(_) => {}

@@ -1328,6 +1328,9 @@ impl EventLoop {
                 });
                 if let Some(relay) = relay {
                     tracing::info!(peer = %peer_id, %relay, "connected through a relay");
+                    if !dialer {
+                        self.drop_stale_relayed(peer_id, connection_id, relay);
+                    }
                 } else if self
                     .conns
                     .get(&peer_id)
@@ -1558,6 +1561,33 @@ impl EventLoop {
             .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, "cannot dial: {e}");
+        }
+    }
+
+    /// `peer` has just dialled this node afresh through `relay`: it does so only when it
+    /// holds no connection to this node (no dial of ours or libp2p's makes a second
+    /// relayed connection to a connected peer), so the connections this node still
+    /// holds with it through other relays are dead, their relay gone, and this end has
+    /// not noticed yet (QUIC's idle timeout takes 10 s or more). Closed now: frames
+    /// written to streams on them would vanish without an error (a server's output to
+    /// its client once did, and the client waited a minute for it).
+    fn drop_stale_relayed(&mut self, peer: PeerId, fresh: ConnectionId, relay: PeerId) {
+        let Some(conns) = self.conns.get(&peer) else {
+            return;
+        };
+        let stale: Vec<(ConnectionId, PeerId)> = conns
+            .iter()
+            .filter(|c| c.id != fresh)
+            .filter_map(|c| Some((c.id, c.relay?)))
+            .filter(|(_, r)| *r != relay)
+            .collect();
+        for (id, old) in stale {
+            tracing::info!(
+                %peer,
+                relay = %old,
+                "closing the connection through a relay the peer no longer uses"
+            );
+            self.swarm.close_connection(id);
         }
     }
 

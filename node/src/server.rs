@@ -74,6 +74,54 @@ pub struct Server {
     /// Shutting down: no new sessions, no more announcements, steps refused as
     /// [`ErrorKind::Leaving`].
     draining: bool,
+    /// The last step of each session passed on to each next server.
+    forwards: Arc<Forwards>,
+}
+
+/// The last step of each session this server passed on, per next server. A frame
+/// written just before a connection died is lost without an error (a relay that dies
+/// takes its connections with it, and this end notices only when QUIC's idle timeout
+/// ends them), and the client would wait for an output that never comes while both
+/// servers still answer its probes. So when the connection to a next server closes,
+/// the client of every session with a step passed to it hears at once (a client that
+/// has its output already ignores a failure of a step it is past).
+#[derive(Default)]
+struct Forwards(Mutex<HashMap<PeerId, HashMap<SessionId, Forwarded>>>);
+
+/// A step passed on: whose (the client), which, and when.
+type Forwarded = (PeerId, u64, Instant);
+
+impl Forwards {
+    /// `session` (this server's id) passed step `step` of `client` on to `next`.
+    fn record(&self, next: PeerId, session: SessionId, client: PeerId, step: u64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let sessions = map.entry(next).or_default();
+        sessions.retain(|_, (_, _, at)| at.elapsed() < SESSION_IDLE_TIMEOUT);
+        sessions.insert(session, (client, step, Instant::now()));
+    }
+
+    /// Tells the clients of the steps last passed to `next`, whose connection closed.
+    async fn connection_lost(&self, net: &Network, next: PeerId) {
+        let lost = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&next)
+            .unwrap_or_default();
+        for (session, (client, step, _)) in lost {
+            tracing::debug!(%next, session, step, "connection to the next server closed");
+            let msg = Request::Failed(StepFailed {
+                session,
+                step,
+                peer: next.to_string(),
+                error: ErrorInfo::new(
+                    ErrorKind::Unreachable,
+                    "the connection to this server closed after a step was passed to it",
+                ),
+            });
+            let _ = net.send(client, vec![], msg).await;
+        }
+    }
 }
 
 /// An open session whose client must move elsewhere: this server is leaving.
@@ -173,7 +221,19 @@ impl Server {
             })),
             metrics: ServerMetrics::default(),
             draining: false,
+            forwards: Arc::default(),
         };
+        let (forwards, net) = (server.forwards.clone(), server.net.clone());
+        let mut closed = net.disconnects();
+        server.rt.spawn(async move {
+            loop {
+                match closed.recv().await {
+                    Ok(peer) => forwards.connection_lost(&net, peer).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        });
         server
             .metrics
             .cache_tokens_limit
@@ -743,6 +803,7 @@ impl Server {
             .parse()
             .map_err(|_| ErrorInfo::new(ErrorKind::BadRequest, "reply_to is not a peer id"))?;
         let failures = self.metrics.failures.clone();
+        let forwards = self.forwards.clone();
         self.rt.spawn(async move {
             // Every server reports its output to the client: from the last one it is
             // the result, from the others a copy the client keeps for replays.
@@ -782,7 +843,9 @@ impl Server {
                 // The next server reports its own refusal to the client directly.
                 net.send(peer, addrs, fwd)
                     .await
-                    .map_err(|e| ErrorInfo::new(ErrorKind::Unreachable, e.to_string()))
+                    .map_err(|e| ErrorInfo::new(ErrorKind::Unreachable, e.to_string()))?;
+                forwards.record(peer, session, client, index);
+                Ok::<(), ErrorInfo>(())
             };
             // The next server first: the copy is only needed if something fails later.
             let forwarded = forward.await;
