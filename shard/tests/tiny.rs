@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Shape, Tensor};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use shard::{Head, ModelFile, Span};
 
 const HIDDEN: usize = 64;
@@ -21,14 +23,32 @@ const VOCAB: usize = 96;
 const EPS: f32 = 1e-5;
 const THETA: f32 = 10_000.0;
 
-/// Random weights of the tiny model, by GGUF name, row-major `[out, in]`.
+/// Normal samples drawn from `rng`. The tiny models come from a fixed seed, so every
+/// run writes the same ones and a tolerance that holds once holds every time (candle's
+/// CPU `randn` cannot be seeded: with fresh weights each run, the bf16 check below drew
+/// a model outside its bound about once in a hundred runs).
+fn randn(rng: &mut StdRng, shape: impl Into<Shape>, std: f32) -> Result<Tensor> {
+    let shape = shape.into();
+    let values: Vec<f32> = (0..shape.elem_count())
+        .map(|_| {
+            // Box-Muller: two uniforms, one normal.
+            let u: f32 = rng.random::<f32>().max(f32::MIN_POSITIVE);
+            let v: f32 = rng.random();
+            std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}
+
+/// Random weights of the tiny model (the same every run), by GGUF name, row-major
+/// `[out, in]`.
 fn weights(tied: bool) -> Result<Vec<(String, Tensor)>> {
-    let dev = Device::Cpu;
+    let rng = std::cell::RefCell::new(StdRng::seed_from_u64(1));
     let mut w = Vec::new();
-    let mat = |rows: usize, cols: usize, scale: f64| -> Result<Tensor> {
-        Ok((Tensor::randn(0f32, 1f32, (rows, cols), &dev)? * scale)?)
+    let mat = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
+        randn(&mut rng.borrow_mut(), (rows, cols), scale)
     };
-    let norm = || -> Result<Tensor> { Ok((Tensor::randn(0f32, 0.1f32, HIDDEN, &dev)? + 1.0)?) };
+    let norm = || -> Result<Tensor> { Ok((randn(&mut rng.borrow_mut(), HIDDEN, 0.1)? + 1.0)?) };
     w.push(("token_embd.weight".to_string(), mat(VOCAB, HIDDEN, 1.0)?));
     w.push(("output_norm.weight".to_string(), norm()?));
     if !tied {
@@ -105,9 +125,10 @@ fn write_hf_arch(dir: &Path, dtype: DType, tied: bool, qwen2: bool) -> Result<()
         map.insert(shard::hf_name(&name), t.to_dtype(dtype)?);
     }
     if qwen2 {
+        let mut rng = StdRng::seed_from_u64(2);
         for i in 0..LAYERS {
             for (proj, width) in [("q", HEADS), ("k", KV_HEADS), ("v", KV_HEADS)] {
-                let b = Tensor::randn(0f32, 0.5f32, width * HEAD_DIM, &Device::Cpu)?;
+                let b = randn(&mut rng, width * HEAD_DIM, 0.5)?;
                 map.insert(
                     format!("model.layers.{i}.self_attn.{proj}_proj.bias"),
                     b.to_dtype(dtype)?,
