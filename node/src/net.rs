@@ -102,6 +102,11 @@ const RELAY_RETRY: Duration = Duration::from_secs(30);
 /// flight on it arrive, then closes (every stream moves to the direct connection).
 const RELAYED_GRACE: Duration = Duration::from_secs(1);
 
+/// A relayed connection this much older than a peer's fresh one through another relay
+/// is taken for dead (see `EventLoop::drop_stale_relayed`); younger ones may come
+/// from two dials that raced.
+const STALE_RELAYED_AGE: Duration = Duration::from_secs(2);
+
 /// What a node serving as a relay allows (`shoal serve --relay-slots`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayLimits {
@@ -993,6 +998,8 @@ struct Conn {
     remote: Multiaddr,
     /// This node dialled it (the peer is reachable at `remote`).
     dialer: bool,
+    /// When it was established.
+    since: Instant,
 }
 
 /// The relay a `/p2p/<relay>/p2p-circuit` address goes through.
@@ -1325,6 +1332,7 @@ impl EventLoop {
                     relay,
                     remote,
                     dialer,
+                    since: Instant::now(),
                 });
                 if let Some(relay) = relay {
                     tracing::info!(peer = %peer_id, %relay, "connected through a relay");
@@ -1567,17 +1575,18 @@ impl EventLoop {
     /// `peer` has just dialled this node afresh through `relay`: it does so only when it
     /// holds no connection to this node (no dial of ours or libp2p's makes a second
     /// relayed connection to a connected peer), so the connections this node still
-    /// holds with it through other relays are dead, their relay gone, and this end has
-    /// not noticed yet (QUIC's idle timeout takes 10 s or more). Closed now: frames
-    /// written to streams on them would vanish without an error (a server's output to
-    /// its client once did, and the client waited a minute for it).
+    /// holds with it through other relays, established well before, are dead, their
+    /// relay gone, and this end has not noticed yet (QUIC's idle timeout takes 10 s or
+    /// more). Closed now: frames written to streams on them would vanish without an
+    /// error (a server's output to its client once did, and the client waited a minute
+    /// for it). Recent ones stay: two dials that raced may each have taken a relay.
     fn drop_stale_relayed(&mut self, peer: PeerId, fresh: ConnectionId, relay: PeerId) {
         let Some(conns) = self.conns.get(&peer) else {
             return;
         };
         let stale: Vec<(ConnectionId, PeerId)> = conns
             .iter()
-            .filter(|c| c.id != fresh)
+            .filter(|c| c.id != fresh && c.since.elapsed() > STALE_RELAYED_AGE)
             .filter_map(|c| Some((c.id, c.relay?)))
             .filter(|(_, r)| *r != relay)
             .collect();
