@@ -96,8 +96,13 @@ impl Forwards {
     fn record(&self, next: PeerId, session: SessionId, client: PeerId, step: u64) {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let sessions = map.entry(next).or_default();
-        sessions.retain(|_, (_, _, at)| at.elapsed() < SESSION_IDLE_TIMEOUT);
-        sessions.insert(session, (client, step, Instant::now()));
+        if sessions
+            .insert(session, (client, step, Instant::now()))
+            .is_none()
+        {
+            // A new session: forget those long gone (not on every step).
+            sessions.retain(|_, (_, _, at)| at.elapsed() < SESSION_IDLE_TIMEOUT);
+        }
     }
 
     /// Tells the clients of the steps last passed to `next`, whose connection closed.

@@ -57,7 +57,7 @@ pub fn blocks_for_budget(file: &ModelFile, budget: u64, cache_tokens: usize) -> 
 
 /// KV-cache tokens that fill what `budget` leaves after `blocks` blocks' weights.
 pub fn cache_tokens_for_budget(file: &ModelFile, budget: u64, blocks: usize) -> usize {
-    let weights = (file.block_bytes(0) as f64 * WEIGHT_OVERHEAD_FACTOR) as u64 * blocks as u64;
+    let weights = block_memory(file, 0, 0) * blocks as u64;
     let left = budget.saturating_sub(node_overhead(file) + weights);
     let per_token = file.config().kv_bytes_per_token(1) as u64 * blocks.max(1) as u64;
     (left / per_token.max(1)) as usize
@@ -301,11 +301,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let public = server.public_view();
     let metrics = server.metrics();
     let handle = server.spawn(REANNOUNCE_EVERY)?;
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {shown}")?;
-        out.flush()?;
-    }
+    print_listening(&shown)?;
     if let Some(listener) = metrics_listener {
         let mut registry = crate::metrics::registry();
         metrics.register(&mut registry);
@@ -492,6 +488,14 @@ async fn reannounce_on_reachability(net: Network, handle: ServerHandle) {
     }
 }
 
+/// Tells whoever started this node (a script, a test) where to reach it: the first line
+/// on stdout, `listening <address>`.
+fn print_listening(addr: &Multiaddr) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening {addr}")?;
+    out.flush()
+}
+
 /// How long reachability changes settle before [`reannounce_on_reachability`]
 /// announces.
 const REACHABILITY_SETTLE: Duration = Duration::from_millis(300);
@@ -527,11 +531,7 @@ pub async fn relay(args: crate::cli::RelayArgs) -> anyhow::Result<()> {
         args.relay.relay_slots,
         args.relay.relay_circuit_mib
     );
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "listening {shown}")?;
-        out.flush()?;
-    }
+    print_listening(&shown)?;
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {

@@ -153,26 +153,24 @@ async fn ask_all(
             let r =
                 tokio::time::timeout(ask_timeout, net.request(peer, addrs.clone(), Request::Info))
                     .await;
-            match r {
-                Ok(Ok(Response::Info(a))) => Some(Seen {
-                    announcement: a,
-                    rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
-                    link: None,
-                }),
-                r => {
-                    let why = match r {
-                        Err(_) => "no answer in time".to_string(),
-                        Ok(Err(e)) => e.to_string(),
-                        Ok(Ok(other)) => format!("answered {other:?}"),
-                    };
-                    tracing::debug!(%peer, ?addrs, "not answering: {why}");
-                    recorded.map(|a| Seen {
+            let why = match r {
+                Ok(Ok(Response::Info(a))) => {
+                    return Some(Seen {
                         announcement: a,
-                        rtt_ms: None,
+                        rtt_ms: Some(t.elapsed().as_secs_f64() * 1e3),
                         link: None,
                     })
                 }
-            }
+                Ok(Ok(other)) => format!("answered {other:?}"),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".to_string(),
+            };
+            tracing::debug!(%peer, ?addrs, "not answering: {why}");
+            recorded.map(|a| Seen {
+                announcement: a,
+                rtt_ms: None,
+                link: None,
+            })
         }
     });
     futures::future::join_all(asks).await

@@ -125,7 +125,11 @@ pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&st
             .unwrap_or_else(|| panic!("unexpected second line {l:?}"))
             .to_string()
     });
-    let line = lines.remove(0);
+    listening(child, &lines.remove(0), log, metrics)
+}
+
+/// The [`Server`] whose first line on stdout was `line` (`listening <addr>/p2p/<peer>`).
+fn listening(child: Child, line: &str, log: std::path::PathBuf, metrics: Option<String>) -> Server {
     let addr = line
         .strip_prefix("listening ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
@@ -160,21 +164,7 @@ pub fn start_in_namespace(
         .stderr(std::fs::File::create(&log).expect("log"));
     let mut child = cmd.spawn().expect("spawn");
     let line = first_line(&mut child, &log, &format!("shoal {args:?} in {ns}"));
-    let addr = line
-        .strip_prefix("listening ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    let peer = addr
-        .rsplit_once("/p2p/")
-        .map(|(_, p)| p.to_string())
-        .unwrap_or_else(|| panic!("address {addr} lacks a peer id"));
-    Server {
-        child,
-        addr,
-        peer,
-        log,
-        metrics: None,
-    }
+    listening(child, &line, log, None)
 }
 
 /// `shoal generate --model <default> --json ARGS` (ARGS may name another --model), which
