@@ -110,6 +110,30 @@ const VERIFY_TOLERANCE: f64 = 0.02;
 /// Rows of history sent to a replica in one step when verifying.
 const VERIFY_CHUNK: usize = 256;
 
+/// A client's wait that lasts this long gets a line in the log saying what it waits
+/// for (on a healthy swarm every wait is well under it)...
+const SLOW_WAIT: Duration = Duration::from_secs(3);
+/// ... and another every this long while it goes on.
+const SLOW_WAIT_REPEAT: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`; if that takes longer than [`SLOW_WAIT`], warns what it is waiting for
+/// (`what` says it), and again every [`SLOW_WAIT_REPEAT`]: a client that is slow says
+/// why, so the next slowness explains itself.
+pub async fn noting_wait<F: std::future::Future>(what: impl Fn() -> String, fut: F) -> F::Output {
+    let started = tokio::time::Instant::now();
+    let mut note_at = started + SLOW_WAIT;
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            _ = tokio::time::sleep_until(note_at) => {
+                tracing::warn!("waiting {:.0?} so far for {}", started.elapsed(), what());
+                note_at += SLOW_WAIT_REPEAT;
+            }
+        }
+    }
+}
+
 impl Client {
     /// A client over `net`.
     pub fn new(net: Network) -> Self {
@@ -422,7 +446,9 @@ impl Client {
                 (peer, r)
             }
         });
-        let results = futures::future::join_all(opens).await;
+        let peers: Vec<String> = hops.iter().map(|h| h.hop.peer.to_string()).collect();
+        let what = || format!("servers to open sessions: {}", peers.join(", "));
+        let results = noting_wait(what, futures::future::join_all(opens)).await;
         let mut failure = None;
         for (peer, r) in results {
             let problem = match r {
@@ -451,8 +477,14 @@ impl Client {
         deadline: Instant,
         known: &mut Vec<Announcement>,
     ) -> anyhow::Result<Vec<ActiveHop>> {
+        let what = || {
+            format!(
+                "a chain of servers for blocks {from}..{} of {} with room for {} tokens (the DHT's records, or probes of the servers found)",
+                spec.n_blocks, spec.model_id, spec.max_len
+            )
+        };
         loop {
-            let route = self.plan(spec, from, deadline, known).await?;
+            let route = noting_wait(what, self.plan(spec, from, deadline, known)).await?;
             match self
                 .open_hops(route, &spec.model_id, spec.max_len, spec.wire, tx)
                 .await
@@ -556,7 +588,11 @@ pub async fn connect_any(
         return Ok(());
     }
     let dials = bootstrap.iter().map(|a| net.dial(a.clone(), timeout));
-    let results = futures::future::join_all(dials).await;
+    let shown = || {
+        let addrs: Vec<String> = bootstrap.iter().map(|a| a.to_string()).collect();
+        format!("a bootstrap node to answer ({})", addrs.join(", "))
+    };
+    let results = noting_wait(shown, futures::future::join_all(dials)).await;
     if results.iter().any(|r| r.is_ok()) {
         return Ok(());
     }
@@ -764,6 +800,7 @@ impl RemoteSession {
         let last = self.hops.len() - 1;
         let mut reported: HashSet<usize> = HashSet::new();
         let mut deadline = tokio::time::Instant::from_std(started + timeout);
+        let mut note_at = tokio::time::Instant::from_std(started + SLOW_WAIT);
         loop {
             tokio::select! {
                 d = self.rx.recv() => {
@@ -813,6 +850,18 @@ impl RemoteSession {
                             return Err(Failure { suspect: first + h, reason: "connection closed".into(), after: started.elapsed() });
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(note_at) => {
+                    let missing: Vec<String> = (first..=last)
+                        .filter(|h| !reported.contains(h))
+                        .map(|h| format!("{}[{}]", self.hops[h].hop.peer, self.hops[h].hop.span))
+                        .collect();
+                    tracing::warn!(
+                        "waiting {:.0?} so far for the output of step {index} ({tokens} tokens at position {position}); not reported yet by {}; the chain's servers answer probes, so the wait goes on for up to {FIRST_STEP_TIMEOUT:?}",
+                        started.elapsed(),
+                        missing.join(" ")
+                    );
+                    note_at += SLOW_WAIT_REPEAT;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let suspect = (first..=last).find(|h| !reported.contains(h)).unwrap_or(last);
@@ -880,7 +929,8 @@ impl RemoteSession {
             let claimed = if h == last {
                 out.clone()
             } else {
-                match self.await_copy(span.end, position).await {
+                let what = || format!("the copy of blocks {span}'s output at position {position}");
+                match noting_wait(what, self.await_copy(span.end, position)).await {
                     Some(c) => c,
                     None => continue,
                 }
@@ -1007,7 +1057,13 @@ impl RemoteSession {
             )
             .await?;
         let hop = opened[0].clone();
-        let result = self.replay_alone(&hop, history).await;
+        let what = || {
+            format!(
+                "replica {} to recompute {upto} positions of blocks {}",
+                hop.hop.peer, hop.hop.span
+            )
+        };
+        let result = noting_wait(what, self.replay_alone(&hop, history)).await;
         self.client.close_hops(&opened).await;
         result
     }

@@ -342,6 +342,11 @@ pub async fn run_generation(
     }
 }
 
+/// Longest a client on its way out waits for its connections to close (they close in
+/// well under a millisecond on loopback): without the goodbye, servers keep what they
+/// hold for it until QUIC's idle timeout (10 s) tells them it has gone.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// `shoal generate`.
 pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
     let side = ClientSide::load(open_model(&args.model)?)?;
@@ -356,7 +361,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
     let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;
     let json = args.json;
     let mut stdout = std::io::stdout();
-    let (generation, trip) = run_generation(
+    let result = run_generation(
         &side,
         client.as_ref(),
         &req,
@@ -369,7 +374,11 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
             }
         },
     )
-    .await?;
+    .await;
+    if let Some(c) = &client {
+        c.net().close_all(GOODBYE_TIMEOUT).await;
+    }
+    let (generation, trip) = result?;
     if json {
         println!(
             "{}",
@@ -858,6 +867,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     )
     .await?;
     let seen = crate::survey::survey(&net, None, Duration::from_secs(5)).await;
+    net.close_all(GOODBYE_TIMEOUT).await;
     let coverage = crate::survey::coverage(&seen);
     let (rows, silent): (Vec<_>, Vec<_>) = seen.into_iter().partition(|s| s.answering());
     if args.json {

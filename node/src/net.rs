@@ -252,6 +252,10 @@ enum Command {
     CloseRelayed {
         peer: PeerId,
     },
+    /// Close every connection; answered when none is left.
+    CloseAll {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -262,14 +266,28 @@ pub struct Network {
     /// In a private swarm (TCP only).
     private: bool,
     shaping: Option<Shaping>,
-    /// Peers whose last connection closed: a client watching its chain learns at once
-    /// that a TCP peer died (QUIC peers that vanish are only noticed by timeouts).
+    /// Peers whose [`Presence`] ended: their last connection closed, or they came back
+    /// as a new process. A client watching its chain learns at once that a TCP peer
+    /// died (QUIC peers that vanish are only noticed by QUIC's idle timeout, 10 s).
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
     /// The subset of those that were DHT servers (they may have held our records).
     dht_departures: tokio::sync::broadcast::Sender<PeerId>,
     data: Arc<DataStreams>,
     status: watch::Receiver<NetStatus>,
+    /// The current presence of every connected peer, kept by the event loop.
+    presences: Presences,
 }
+
+/// One stretch of a peer's time with this node: it begins with the peer's first
+/// connection and ends when its last connection closes or when it comes back as another
+/// process under the same peer id (a client run again with its `--identity`). State
+/// this node keeps for a peer (a server's sessions, the data stream to it) belongs to
+/// one presence and ends with it; see [`Network::presence`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Presence(u64);
+
+/// Connected peers and their current [`Presence`]; written by the event loop only.
+type Presences = Arc<std::sync::RwLock<HashMap<PeerId, Presence>>>;
 
 /// The outbound half of the data plane: one stream per peer, opened on first use and
 /// kept. Frames are written from the sending task itself, not through the event loop.
@@ -280,7 +298,26 @@ struct DataStreams {
     /// Cloned for each stream opened: one shared control opens one stream at a time, and
     /// an open that hangs (a peer that died) must not hold up the others.
     control: std::sync::Mutex<libp2p_stream::Control>,
-    open: std::sync::Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<libp2p::Stream>>>>>,
+    /// The stream to each peer. An entry lives from the first send to the peer until
+    /// the peer's presence ends (the event loop calls [`DataStreams::forget`]: a stream
+    /// holds its connection's state, ~85 KB for QUIC, so one kept per departed client
+    /// was a server's steady leak) or until a send finds no way to open one.
+    open: std::sync::Mutex<HashMap<PeerId, DataSlot>>,
+}
+
+/// The stream to one peer, opened by whichever send needs it first; sends to a peer
+/// take turns on it.
+type DataSlot = Arc<tokio::sync::Mutex<Option<libp2p::Stream>>>;
+
+impl DataStreams {
+    /// Drops the stream to `peer` (its presence ended: the connection it ran on is gone
+    /// or going). A write under way finishes on it; the next send opens a new one.
+    fn forget(&self, peer: &PeerId) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
+    }
 }
 
 /// Takes an inbound data-plane message without blocking; false if its receiver is gone.
@@ -296,6 +333,22 @@ const OPEN_DATA_TIMEOUT: Duration = Duration::from_secs(5);
 const BAN_AFTER_STRIKES: u32 = 3;
 /// ... for this long. Each strike also closes its connections at once.
 const BAN_FOR: Duration = Duration::from_secs(600);
+/// Strikes are forgotten this long after a peer's last one: an honest peer that sent
+/// one bad frame by accident does not carry it for ever.
+const STRIKE_MEMORY: Duration = BAN_FOR;
+
+/// Past this many peers in a per-peer table that outlives connections (request budgets,
+/// strikes), entries that no longer matter are dropped: a public node meets thousands
+/// of short-lived clients a day, each with a fresh peer id.
+const MAX_TRACKED_PEERS: usize = 10_000;
+
+/// Past this many request budgets kept, each departure sweeps out those that have
+/// refilled (most clients leave right after their last request, budget not yet full).
+const BUDGET_SWEEP_AT: usize = 1024;
+
+/// After [`Network::close_all`] sees the last connection closed, time for the QUIC
+/// transport to send its farewell (CONNECTION_CLOSE) packets before the process exits.
+const CLOSE_FLUSH: Duration = Duration::from_millis(50);
 
 /// Requests (sessions, probes, lookups: the control plane) a peer may send per second
 /// on average, and in a burst; past that they are refused as busy without reaching the
@@ -375,6 +428,24 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What identify tells peers this node runs: its version and a random tag of this
+/// process. A peer that sees the same peer id with another tag knows that the process
+/// it knew is gone (see `EventLoop::on_identified`).
+fn agent_version(instance: u64) -> String {
+    format!(
+        "shoal/{} instance/{instance:016x}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The process tag in a peer's agent version; `None` for software that sends none.
+fn instance_of(agent_version: &str) -> Option<u64> {
+    let tag = agent_version
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("instance/"))?;
+    u64::from_str_radix(tag, 16).ok()
+}
+
 /// Whether `addr` is a TCP address (the only kind a private swarm can use).
 pub fn is_tcp(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::Tcp(_)))
@@ -400,6 +471,7 @@ fn behaviour(
     key: &identity::Keypair,
     relay_client: relay::client::Behaviour,
     extras: Extras,
+    instance: u64,
 ) -> Behaviour {
     let lan = extras.lan;
     let id = key.public().to_peer_id();
@@ -427,8 +499,10 @@ fn behaviour(
         },
     );
     let kad = kad::Behaviour::with_config(id, store, kcfg);
-    let identify =
-        identify::Behaviour::new(identify::Config::new("/shoal/id/1".into(), key.public()));
+    let identify = identify::Behaviour::new(
+        identify::Config::new("/shoal/id/1".into(), key.public())
+            .with_agent_version(agent_version(instance)),
+    );
     let rr = request_response::Behaviour::with_codec(
         ShoalCodec,
         [(
@@ -511,6 +585,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         .clone()
         .unwrap_or_else(identity::Keypair::generate_ed25519);
     let peer_id = keypair.public().to_peer_id();
+    let instance = rand::random::<u64>();
     // Substreams negotiate their protocol the usual way (V1). V1Lazy (the first bytes
     // go out with the protocol name, saving a round trip) silently lost Kademlia's
     // ADD_PROVIDER messages, which are written and closed without an answer: provider
@@ -537,7 +612,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             .with_quic()
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .context("setting up the relay client")?
-            .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras))
+            .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras, instance))
             .context("setting up behaviours")?
             .with_swarm_config(swarm_config)
             .build(),
@@ -567,7 +642,7 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
                 // passed the key's handshake: only key holders reach the relay at all.
                 .with_relay_client(noise::Config::new, yamux::Config::default)
                 .context("setting up the relay client")?
-                .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras))
+                .with_behaviour(|key, relay_client| behaviour(key, relay_client, extras, instance))
                 .context("setting up behaviours")?
                 .with_swarm_config(swarm_config)
                 .build()
@@ -595,6 +670,12 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         .accept(StreamProtocol::new(protocol::DATA_PROTOCOL))
         .map_err(|e| anyhow!("data plane: {e}"))?;
     let sink = Arc::new(std::sync::RwLock::new(None));
+    let data = Arc::new(DataStreams {
+        sink: sink.clone(),
+        control: std::sync::Mutex::new(control),
+        open: std::sync::Mutex::new(HashMap::new()),
+    });
+    let presences = Presences::default();
     let (status_tx, status) = watch::channel(NetStatus::default());
     tokio::spawn(accept_data_streams(
         incoming,
@@ -622,6 +703,10 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
         put_waits: Vec::new(),
         finish_soon: Vec::new(),
         strikes: HashMap::new(),
+        presences: presences.clone(),
+        next_presence: 0,
+        data: data.clone(),
+        close_waits: Vec::new(),
         lan: HashMap::new(),
         budgets: HashMap::new(),
         to_self: cmd_tx.downgrade(),
@@ -644,12 +729,9 @@ pub fn start(config: NetConfig) -> anyhow::Result<(Network, mpsc::Receiver<Inbou
             shaping: config.shaping,
             disconnects,
             dht_departures,
-            data: Arc::new(DataStreams {
-                sink,
-                control: std::sync::Mutex::new(control),
-                open: std::sync::Mutex::new(HashMap::new()),
-            }),
+            data,
             status,
+            presences,
         },
         inbound_rx,
     ))
@@ -763,6 +845,13 @@ impl Network {
                 Err(_) => last_error = Some(anyhow!("writing to {peer}: timed out")),
             }
             *stream = None;
+        }
+        // No stream could be opened: the slot goes, or every failed send to peers that
+        // left (a server reporting to a client that is gone) would leave one behind.
+        drop(stream);
+        let mut open = self.data.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.get(&peer).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            open.remove(&peer);
         }
         Err(last_error.unwrap_or_else(|| anyhow!("no data stream to {peer}")))
     }
@@ -897,6 +986,28 @@ impl Network {
         self.call(|reply| Command::LanPeers { reply }).await
     }
 
+    /// The current presence of `peer` (`None` when not connected): state kept for a
+    /// peer records the presence it was made in, and is stale once this differs.
+    pub fn presence(&self, peer: &PeerId) -> Option<Presence> {
+        self.presences
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+    }
+
+    /// Closes every connection, waiting at most `timeout`: a process about to exit
+    /// says goodbye, so its peers free what they keep for it at once instead of when
+    /// QUIC's idle timeout (10 s) ends the connection.
+    pub async fn close_all(&self, timeout: Duration) {
+        let closed = self.call(|reply| Command::CloseAll { reply });
+        if let Ok(Ok(())) = tokio::time::timeout(timeout, closed).await {
+            // The last connection is closed here; its farewell packet goes out on the
+            // transport's next turn.
+            tokio::time::sleep(CLOSE_FLUSH).await;
+        }
+    }
+
     /// Latest measured round-trip time to each connected peer (over its direct
     /// connection where it has one).
     pub async fn rtts(&self) -> anyhow::Result<HashMap<PeerId, Duration>> {
@@ -948,6 +1059,7 @@ struct EventLoop {
     record_queries: HashMap<QueryId, (u64, PeerId)>,
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
+    /// Latest round trip to each connected peer; goes with its last connection.
     rtts: HashMap<PeerId, Duration>,
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
     dht_departures: tokio::sync::broadcast::Sender<PeerId>,
@@ -961,17 +1073,33 @@ struct EventLoop {
     server_record_queries: HashMap<QueryId, (PeerId, oneshot::Sender<Option<Announcement>>)>,
     /// Queries to finish at a given time (see [`PROVIDER_SETTLE`]).
     finish_soon: Vec<(Instant, QueryId)>,
-    /// Garbage received per peer (see [`BAN_AFTER_STRIKES`]).
-    strikes: HashMap<PeerId, u32>,
-    /// Nodes found on the LAN by mDNS and not expired, with their addresses.
+    /// Garbage received per peer (see [`BAN_AFTER_STRIKES`]) and when the last came.
+    /// A strike disconnects the peer, so strikes outlive connections: they are
+    /// forgotten [`STRIKE_MEMORY`] after the last one, or at the ban.
+    strikes: HashMap<PeerId, (u32, Instant)>,
+    /// Shared with [`Network::presence`]: an entry from a peer's first connection until
+    /// its presence ends (see `EventLoop::presence_ended`).
+    presences: Presences,
+    /// The number of the next presence to begin.
+    next_presence: u64,
+    /// The data plane's outbound streams: the stream to a peer ends with its presence.
+    data: Arc<DataStreams>,
+    /// Callers of [`Network::close_all`] waiting for the last connection to close.
+    close_waits: Vec<oneshot::Sender<()>>,
+    /// Nodes found on the LAN by mDNS, with their addresses; an address goes when mDNS
+    /// says it expired (the node stopped answering for its TTL).
     lan: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Request budget per peer: tokens left and when they were counted.
+    /// Request budget per peer: tokens left and when they were counted. A full budget
+    /// is as good as none, so an entry goes once its peer has left and it has refilled:
+    /// at the last connection's close if it has by then, else at a later departure's
+    /// sweep (past [`BUDGET_SWEEP_AT`] entries) or past [`MAX_TRACKED_PEERS`] entries.
+    /// A peer that reconnects at once keeps what it had spent.
     budgets: HashMap<PeerId, (f64, Instant)>,
     /// To schedule commands to itself (an unban) without keeping the loop alive.
     to_self: mpsc::WeakSender<Command>,
-    /// Open connections per peer.
+    /// Open connections per peer; a peer's entry goes with its last connection.
     conns: HashMap<PeerId, Vec<Conn>>,
-    /// Peers that offer circuit relay v2 (they said so through identify).
+    /// Connected peers that offer circuit relay v2 (they said so through identify).
     relay_capable: HashSet<PeerId>,
     /// Relays asked for a slot or holding one, with the listener of that slot.
     reservations: HashMap<PeerId, ListenerId>,
@@ -1000,6 +1128,8 @@ struct Conn {
     dialer: bool,
     /// When it was established.
     since: Instant,
+    /// The tag of the peer's process, once identify has told it.
+    instance: Option<u64>,
 }
 
 /// The relay a `/p2p/<relay>/p2p-circuit` address goes through.
@@ -1107,8 +1237,17 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::Misbehaved { peer, reason } => {
-                let strikes = self.strikes.entry(peer).or_default();
+                let now = Instant::now();
+                if self.strikes.len() > MAX_TRACKED_PEERS {
+                    self.strikes
+                        .retain(|_, (_, last)| now.duration_since(*last) < STRIKE_MEMORY);
+                }
+                let (strikes, last) = self.strikes.entry(peer).or_insert((0, now));
+                if now.duration_since(*last) >= STRIKE_MEMORY {
+                    *strikes = 0;
+                }
                 *strikes += 1;
+                *last = now;
                 let strikes = *strikes;
                 let _ = self.swarm.disconnect_peer_id(peer);
                 if strikes >= BAN_AFTER_STRIKES {
@@ -1161,6 +1300,17 @@ impl EventLoop {
                     for id in relayed {
                         self.swarm.close_connection(id);
                     }
+                }
+            }
+            Command::CloseAll { reply } => {
+                let peers: Vec<PeerId> = self.conns.keys().copied().collect();
+                for peer in peers {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+                if self.conns.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    self.close_waits.push(reply);
                 }
             }
             Command::Respond { channel, response } => {
@@ -1333,7 +1483,9 @@ impl EventLoop {
                     remote,
                     dialer,
                     since: Instant::now(),
+                    instance: None,
                 });
+                self.begin_presence(peer_id, false);
                 if let Some(relay) = relay {
                     tracing::info!(peer = %peer_id, %relay, "connected through a relay");
                     if !dialer {
@@ -1375,11 +1527,24 @@ impl EventLoop {
                 if num_established > 0 {
                     return;
                 }
+                // The peer has gone: everything kept for it goes too.
                 self.conns.remove(&peer_id);
                 self.punched.remove(&peer_id);
-                let _ = self.disconnects.send(peer_id);
-                if self.dht_peers.remove(&peer_id) {
-                    let _ = self.dht_departures.send(peer_id);
+                self.rtts.remove(&peer_id);
+                self.relay_capable.remove(&peer_id);
+                let now = Instant::now();
+                if self.budgets.get(&peer_id).is_some_and(|b| refilled(b, now)) {
+                    self.budgets.remove(&peer_id);
+                }
+                if self.budgets.len() > BUDGET_SWEEP_AT {
+                    // Those that left just after a request are full again by now.
+                    self.budgets.retain(|_, b| !refilled(b, now));
+                }
+                self.presence_ended(peer_id);
+                if self.conns.is_empty() {
+                    for reply in self.close_waits.drain(..) {
+                        let _ = reply.send(());
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError {
@@ -1393,9 +1558,10 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
+                connection_id,
                 info,
-                ..
             })) => {
+                self.on_identified(peer_id, connection_id, instance_of(&info.agent_version));
                 if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
                     && self.relay_capable.insert(peer_id)
                 {
@@ -1549,9 +1715,82 @@ impl EventLoop {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+                for (peer, addr) in gone {
+                    if let Some(known) = self.lan.get_mut(&peer) {
+                        known.retain(|a| *a != addr);
+                        if known.is_empty() {
+                            self.lan.remove(&peer);
+                        }
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad(event),
             _ => {}
         }
+    }
+
+    /// Begins a presence of `peer`: at its first connection, or (`anew`) when it came
+    /// back as a new process.
+    fn begin_presence(&mut self, peer: PeerId, anew: bool) {
+        let mut presences = self.presences.write().unwrap_or_else(|p| p.into_inner());
+        if anew || !presences.contains_key(&peer) {
+            presences.insert(peer, Presence(self.next_presence));
+            self.next_presence += 1;
+        }
+    }
+
+    /// Ends the current presence of `peer` (see [`Presence`]): the data stream to it
+    /// goes, and whoever keeps state for it hears (servers drop its sessions, clients
+    /// fail over from it, a departed DHT server's records are put again elsewhere).
+    fn presence_ended(&mut self, peer: PeerId) {
+        self.presences
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&peer);
+        self.data.forget(&peer);
+        let _ = self.disconnects.send(peer);
+        if self.dht_peers.remove(&peer) {
+            let _ = self.dht_departures.send(peer);
+        }
+    }
+
+    /// Identify told which process of `peer` is on `connection`. If its other
+    /// connections belong to another process, that process has gone and the peer came
+    /// back under the same peer id (a client run again with its `--identity`, a server
+    /// restarted with its own): the old connections are closed at once (QUIC would hold
+    /// them for its 10 s idle timeout, and frames written to streams on them vanish:
+    /// a server's output went to the dead process and its new one waited a minute for
+    /// it), and the old presence ends, with all that was kept for it.
+    fn on_identified(&mut self, peer: PeerId, connection: ConnectionId, instance: Option<u64>) {
+        let Some(instance) = instance else { return };
+        let Some(conns) = self.conns.get_mut(&peer) else {
+            return;
+        };
+        let mut stale = Vec::new();
+        for c in conns.iter_mut() {
+            if c.id == connection {
+                c.instance = Some(instance);
+            } else if c.instance.is_some_and(|i| i != instance) {
+                stale.push(c.id);
+            }
+        }
+        if stale.is_empty() {
+            return;
+        }
+        tracing::info!(
+            %peer,
+            "came back as a new process: closing {} connection(s) of its previous one",
+            stale.len()
+        );
+        conns.retain(|c| !stale.contains(&c.id));
+        for id in stale {
+            self.swarm.close_connection(id);
+        }
+        self.punched.remove(&peer);
+        self.rtts.remove(&peer);
+        self.presence_ended(peer);
+        self.begin_presence(peer, true);
     }
 
     /// Dials `peer` at `addrs` unless connected to it, even while another dial to it is
@@ -1693,11 +1932,8 @@ impl EventLoop {
     /// Takes one request from `peer`'s budget; false if it has none left.
     fn within_budget(&mut self, peer: PeerId) -> bool {
         let now = Instant::now();
-        if self.budgets.len() > 10_000 {
-            // Forget peers whose budget has refilled: they are as good as new.
-            self.budgets.retain(|_, (_, at)| {
-                now.duration_since(*at).as_secs_f64() * REQUESTS_PER_SECOND < REQUEST_BURST
-            });
+        if self.budgets.len() > MAX_TRACKED_PEERS {
+            self.budgets.retain(|_, b| !refilled(b, now));
         }
         let (tokens, at) = self.budgets.entry(peer).or_insert((REQUEST_BURST, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * REQUESTS_PER_SECOND)
@@ -1935,6 +2171,12 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// Whether a request budget (tokens left, when counted) is full again by `now`: such a
+/// peer is as good as new, and its entry can go.
+fn refilled(&(tokens, at): &(f64, Instant), now: Instant) -> bool {
+    tokens + now.duration_since(at).as_secs_f64() * REQUESTS_PER_SECOND >= REQUEST_BURST
 }
 
 /// Decodes an announcement and checks it is current and names the peer it is filed under.

@@ -23,7 +23,7 @@ use shard::{KvCache, Span};
 
 use crate::hidden::{from_wire, to_wire};
 use crate::metrics::ServerMetrics;
-use crate::net::{unix_ms, Inbound, Network, ANNOUNCE_TTL};
+use crate::net::{unix_ms, Inbound, Network, Presence, ANNOUNCE_TTL};
 
 /// A session unused this long is dropped and its cache freed: a client that vanished
 /// without closing must not hold memory forever.
@@ -48,9 +48,16 @@ pub struct ServerLimits {
     pub public_name: String,
 }
 
+/// A session's cache lives until the first of: its client closes it, its client's
+/// presence ends (the client's last connection closed, or it came back as a new
+/// process: see [`Server::drop_departed`]), it has been idle [`SESSION_IDLE_TIMEOUT`],
+/// or the server moves to another span or shuts down.
 struct Session {
     /// The client that opened it (told when this server leaves).
     client: PeerId,
+    /// The client's presence when it opened the session; `None` if it was not
+    /// connected by then (the session goes at the next sweep).
+    presence: Option<Presence>,
     cache: KvCache,
     wire: WireDType,
     /// Index of the last step applied: a step must carry a larger one.
@@ -84,7 +91,10 @@ pub struct Server {
 /// ends them), and the client would wait for an output that never comes while both
 /// servers still answer its probes. So when the connection to a next server closes,
 /// the client of every session with a step passed to it hears at once (a client that
-/// has its output already ignores a failure of a step it is past).
+/// has its output already ignores a failure of a step it is past). An entry ends with
+/// its session ([`Forwards::forget`]) or with the connection to the next server; one
+/// recorded just after its session ended (the send raced the close) is pruned after
+/// [`SESSION_IDLE_TIMEOUT`], when the next new session is recorded.
 #[derive(Default)]
 struct Forwards(Mutex<HashMap<PeerId, HashMap<SessionId, Forwarded>>>);
 
@@ -103,6 +113,17 @@ impl Forwards {
             // A new session: forget those long gone (not on every step).
             sessions.retain(|_, (_, _, at)| at.elapsed() < SESSION_IDLE_TIMEOUT);
         }
+    }
+
+    /// Forgets what was passed on for sessions that ended.
+    fn forget(&self, sessions: &[SessionId]) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for passed in map.values_mut() {
+            for s in sessions {
+                passed.remove(s);
+            }
+        }
+        map.retain(|_, passed| !passed.is_empty());
     }
 
     /// Tells the clients of the steps last passed to `next`, whose connection closed.
@@ -157,6 +178,8 @@ pub enum Job {
     },
     /// Announce again now (a peer that held our records may have left).
     Announce,
+    /// Some peer's presence ended: drop the sessions of clients that are gone.
+    Departed,
     /// Shut down gracefully: finish what is queued before this, then stop taking
     /// sessions and steps and answer with the sessions to hand over.
     Drain(tokio::sync::oneshot::Sender<Vec<Handover>>),
@@ -177,6 +200,12 @@ impl ServerHandle {
     /// Swaps in a new span; false if the thread has stopped.
     pub fn replace(&self, span: Span, throughput: f32) -> bool {
         self.tx.send(Job::Replace { span, throughput }).is_ok()
+    }
+
+    /// Drops the sessions of clients whose presence has ended; false if the thread has
+    /// stopped.
+    pub fn departed(&self) -> bool {
+        self.tx.send(Job::Departed).is_ok()
     }
 
     /// Puts the announcement in the DHT again now; false if the thread has stopped.
@@ -228,17 +257,6 @@ impl Server {
             draining: false,
             forwards: Arc::default(),
         };
-        let (forwards, net) = (server.forwards.clone(), server.net.clone());
-        let mut closed = net.disconnects();
-        server.rt.spawn(async move {
-            loop {
-                match closed.recv().await {
-                    Ok(peer) => forwards.connection_lost(&net, peer).await,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                }
-            }
-        });
         server
             .metrics
             .cache_tokens_limit
@@ -322,12 +340,38 @@ impl Server {
     /// re-announces the server every `reannounce`.
     pub fn spawn(self, reannounce: Duration) -> std::io::Result<ServerHandle> {
         let (tx, rx) = std_mpsc::channel::<Job>();
+        let (forwards, net) = (self.forwards.clone(), self.net.clone());
+        let mut departures = net.disconnects();
+        let rt = self.rt.clone();
         std::thread::Builder::new()
             .name("shoal-compute".into())
             // The loop runs on the math pool itself: a step's products are shared with
             // the pool's other threads without first waking one to take the step over.
             .spawn(move || shard::kernels::on_pool(move || self.run(rx, reannounce)))?;
-        Ok(ServerHandle { tx })
+        let handle = ServerHandle { tx };
+        // Peers that leave: the clients of steps passed to them hear at once, and the
+        // compute thread drops the sessions of clients that left. Missed departures
+        // (a lagging receiver) lose nothing: the sweep checks every session.
+        let departed = handle.clone();
+        rt.spawn(async move {
+            loop {
+                match departures.recv().await {
+                    Ok(peer) => {
+                        if !departed.departed() {
+                            return;
+                        }
+                        forwards.connection_lost(&net, peer).await;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if !departed.departed() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(handle)
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<Job>, reannounce: Duration) {
@@ -344,15 +388,21 @@ impl Server {
                     // wait together are computed as one batch.
                     let mut queued = vec![inbound];
                     let mut after = None;
+                    let mut departed = false;
                     while let Ok(job) = rx.try_recv() {
                         match job {
                             Job::Request(i) => queued.push(i),
                             Job::Announce => next_announce = Instant::now(),
+                            Job::Departed => departed = true,
                             other => {
                                 after = Some(other);
                                 break;
                             }
                         }
+                    }
+                    if departed {
+                        // Before the steps: a gone client's steps need not run.
+                        self.drop_departed();
                     }
                     self.handle_all(queued);
                     match after {
@@ -366,6 +416,7 @@ impl Server {
                 Ok(Job::Replace { span, throughput }) => self.replace_span(span, throughput),
                 Ok(Job::Drain(done)) => self.drain(done),
                 Ok(Job::Announce) => next_announce = Instant::now(),
+                Ok(Job::Departed) => self.drop_departed(),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -377,7 +428,7 @@ impl Server {
     /// caller, from the async side).
     fn drain(&mut self, done: tokio::sync::oneshot::Sender<Vec<Handover>>) {
         self.draining = true;
-        let handovers = self
+        let handovers: Vec<Handover> = self
             .sessions
             .drain()
             .map(|(session, s)| Handover {
@@ -386,6 +437,8 @@ impl Server {
                 next_step: s.last_step.map_or(0, |l| l + 1),
             })
             .collect();
+        let ended: Vec<SessionId> = handovers.iter().map(|h| h.session).collect();
+        self.forwards.forget(&ended);
         self.refresh_public();
         let _ = done.send(handovers);
     }
@@ -397,7 +450,8 @@ impl Server {
             span.end(),
             self.sessions.len()
         );
-        self.sessions.clear();
+        let ended: Vec<SessionId> = self.sessions.drain().map(|(id, _)| id).collect();
+        self.forwards.forget(&ended);
         self.span = span;
         self.throughput = throughput;
         self.announce_now();
@@ -442,17 +496,38 @@ impl Server {
 
     fn expire_idle(&mut self) {
         let now = Instant::now();
-        let before = self.sessions.len();
-        self.sessions.retain(|id, s| {
-            let keep = now.duration_since(s.last_used) < SESSION_IDLE_TIMEOUT;
-            if !keep {
-                tracing::info!(session = id, "session expired after being idle");
-            }
-            keep
+        self.end_sessions("it was idle too long", |s| {
+            now.duration_since(s.last_used) >= SESSION_IDLE_TIMEOUT
         });
-        if self.sessions.len() != before {
-            self.refresh_public();
+    }
+
+    /// Drops the sessions whose client has gone: its presence ended (its last
+    /// connection closed, or it came back as a new process that knows nothing of them).
+    fn drop_departed(&mut self) {
+        let net = self.net.clone();
+        self.end_sessions("its client has gone", |s| {
+            s.presence.is_none() || net.presence(&s.client) != s.presence
+        });
+    }
+
+    /// Ends every session `gone` picks, with all kept for it.
+    fn end_sessions(&mut self, why: &str, mut gone: impl FnMut(&Session) -> bool) {
+        let ended: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| gone(s))
+            .map(|(id, _)| *id)
+            .collect();
+        if ended.is_empty() {
+            return;
         }
+        for id in &ended {
+            if let Some(s) = self.sessions.remove(id) {
+                tracing::info!(session = id, client = %s.client, "session ended: {why}");
+            }
+        }
+        self.forwards.forget(&ended);
+        self.refresh_public();
     }
 
     fn handle(&mut self, inbound: Inbound) {
@@ -480,7 +555,15 @@ impl Server {
                 self.refresh_public();
             }
             Request::Close { session } => {
-                self.sessions.remove(&session);
+                // Only its own client may close a session.
+                if self
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.client == peer)
+                {
+                    self.sessions.remove(&session);
+                    self.forwards.forget(&[session]);
+                }
                 self.net.respond_blocking(channel, Response::Accepted);
                 self.refresh_public();
             }
@@ -588,6 +671,7 @@ impl Server {
             open.session,
             Session {
                 client,
+                presence: self.net.presence(&client),
                 cache,
                 wire: open.wire_dtype,
                 last_step: None,
