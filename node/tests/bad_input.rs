@@ -41,6 +41,100 @@ fn missing_and_corrupt_model_files() {
     fails_with(cmd, "truncated", Duration::from_secs(30));
 }
 
+/// The real model with `find` (which must occur once) replaced by `with`.
+fn patched_model(find: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut bytes = std::fs::read(model()).expect("model");
+    let at: Vec<usize> = bytes
+        .windows(find.len())
+        .enumerate()
+        .filter(|(_, w)| *w == find)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "{find:?} occurs {} times", at.len());
+    bytes[at[0]..at[0] + with.len()].copy_from_slice(with);
+    bytes
+}
+
+/// A GGUF string: u64 length, then the bytes.
+fn gguf_str(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// Files that are not models, or models this version cannot run, are refused with one
+/// line that names the file and the problem, never a backtrace (even with
+/// RUST_BACKTRACE set, when candle attaches one to its errors) and before anything
+/// loads.
+#[test]
+fn unusable_model_files_get_a_one_line_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = vec![(
+        "notes.txt",
+        b"# Not a model\nJust some text that someone passed as --model.\n".repeat(100),
+        "not a readable GGUF file",
+    )];
+    let whole = std::fs::read(model()).expect("model");
+    cases.push((
+        "header-cut.gguf",
+        whole[..1 << 20].to_vec(),
+        "not a readable GGUF file",
+    ));
+    // general.architecture = "llama" -> "xyzzy".
+    let mut arch_key = gguf_str("general.architecture");
+    arch_key.extend_from_slice(&8u32.to_le_bytes());
+    let mut unknown_arch = arch_key.clone();
+    arch_key.extend_from_slice(&gguf_str("llama"));
+    unknown_arch.extend_from_slice(&gguf_str("xyzzy"));
+    cases.push((
+        "xyzzy.gguf",
+        patched_model(&arch_key, &unknown_arch),
+        "unsupported architecture \"xyzzy\"",
+    ));
+    // The token embeddings' type (Q8_0 here: 8) -> 20 (IQ4_NL).
+    let mut info = gguf_str("token_embd.weight");
+    info.extend_from_slice(&2u32.to_le_bytes());
+    info.extend_from_slice(&576u64.to_le_bytes());
+    info.extend_from_slice(&49152u64.to_le_bytes());
+    let ty = info.len();
+    let found = whole
+        .windows(ty + 4)
+        .find(|w| w.starts_with(&info))
+        .expect("token_embd.weight's tensor info");
+    let mut unknown_type = info.clone();
+    unknown_type.extend_from_slice(&20u32.to_le_bytes());
+    cases.push((
+        "iq4_nl.gguf",
+        patched_model(found, &unknown_type),
+        "type IQ4_NL (ggml type 20)",
+    ));
+    for (name, bytes, needle) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).expect("write");
+        let mut cmd = shoal();
+        cmd.args(["generate", "--local", "--prompt", "hi", "--model"])
+            .arg(&path)
+            .env("RUST_BACKTRACE", "1")
+            .env("RUST_LOG", "off");
+        let (out, _) = run(cmd, Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name} should fail; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{name}: expected {needle:?} in: {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{name}: not one line: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(name),
+            "{name}: {stderr}"
+        );
+    }
+}
+
 #[test]
 fn span_outside_the_model() {
     for blocks in ["25..31", "30..40"] {

@@ -56,6 +56,21 @@ pub enum ShardError {
     #[error("text: {0}")]
     Text(String),
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message alone. With `RUST_BACKTRACE` set, candle attaches a
+/// backtrace to some errors and its `Display` prints it: 35 frames of candle's internals
+/// under a one-line message, which a user asking why a file will not load does not need.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => candle_message(inner),
+        Error::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        Error::WithPath { inner, path } => {
+            format!("{}: {}", path.display(), candle_message(inner))
+        }
+        other => other.to_string(),
+    }
 }

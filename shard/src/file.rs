@@ -15,6 +15,7 @@ use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{Arch, HfConfig, ModelConfig, RopeStyle};
+use crate::error::candle_message;
 use crate::kernels::QMatrix;
 use crate::{Result, ShardError};
 
@@ -202,7 +203,7 @@ impl ModelFile {
             source,
         })?;
         let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| Self::bad(&path, format!("not a readable GGUF file ({e})")))?;
+            .map_err(|e| Self::bad(&path, unreadable_gguf(&e)))?;
         // Check every tensor lies inside the file now, so a truncated download is
         // reported at start-up and not halfway through loading a span.
         for (name, info) in &content.tensor_infos {
@@ -225,7 +226,7 @@ impl ModelFile {
         }
         let mut config = gguf_config(&content).map_err(|e| match e {
             ShardError::BadModel { reason, .. } => Self::bad(&path, reason),
-            other => other,
+            other => Self::bad(&path, other.to_string()),
         })?;
         if content.tensor_infos.contains_key("rope_freqs.weight") {
             let t = content
@@ -237,7 +238,9 @@ impl ModelFile {
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| Self::bad(&path, format!("rope_freqs.weight: {e}")))?;
+                .map_err(|e| {
+                    Self::bad(&path, format!("rope_freqs.weight: {}", candle_message(&e)))
+                })?;
             config.rope_freq_factors = Some(t);
             config.validate().map_err(|e| Self::bad(&path, e))?;
         }
@@ -557,6 +560,47 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
 /// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
 /// table (names, shapes, types). Two files agree exactly when they hold the same
 /// tensors in the same formats, which is what a swarm needs.
+
+/// Why candle could not read a GGUF file, in a user's words. Its "unknown dtype for
+/// tensor N" names a ggml type id; people know the types by name (a Q4_K_M download of a
+/// small model holds IQ4_NL or Q5_0 tensors beside its K-quants, gpt-oss holds MXFP4).
+fn unreadable_gguf(e: &candle_core::Error) -> String {
+    let message = candle_message(e);
+    let unknown = message
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    match unknown {
+        Some(id) => format!(
+            "it holds tensors of type {} (ggml type {id}), which this version cannot load (it loads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)",
+            ggml_type_name(id)
+        ),
+        None => format!("not a readable GGUF file ({message})"),
+    }
+}
+
+/// The name of ggml tensor type `id` (ggml.h's `ggml_type`).
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
 fn model_id(config: &ModelConfig, table: &[String]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for line in table {
