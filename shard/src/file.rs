@@ -557,10 +557,6 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
-/// table (names, shapes, types). Two files agree exactly when they hold the same
-/// tensors in the same formats, which is what a swarm needs.
-
 /// Why candle could not read a GGUF file, in a user's words. Its "unknown dtype for
 /// tensor N" names a ggml type id; people know the types by name (a Q4_K_M download of a
 /// small model holds IQ4_NL or Q5_0 tensors beside its K-quants, gpt-oss holds MXFP4).
@@ -601,6 +597,9 @@ fn ggml_type_name(id: u32) -> &'static str {
         _ => "unknown",
     }
 }
+/// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
+/// table (names, shapes, types). Two files agree exactly when they hold the same
+/// tensors in the same formats, which is what a swarm needs.
 fn model_id(config: &ModelConfig, table: &[String]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for line in table {
