@@ -597,6 +597,7 @@ fn ggml_type_name(id: u32) -> &'static str {
         _ => "unknown",
     }
 }
+
 /// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
 /// table (names, shapes, types). Two files agree exactly when they hold the same
 /// tensors in the same formats, which is what a swarm needs.
