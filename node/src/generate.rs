@@ -285,20 +285,19 @@ pub async fn generate(
         h = blocks.forward(&x, &device, hidden).await?;
         timed(t);
     }
-    if !stopped_by_text && !held.is_empty() {
-        on_text(&held);
-        out_text.push_str(&held);
+    if !stopped_by_text {
+        // What never completed a character goes out replaced (U+FFFD).
+        held.push_str(&stream.finish());
+        if !held.is_empty() {
+            on_text(&held);
+            out_text.push_str(&held);
+        }
     }
     let decoded = completion.len().saturating_sub(1);
     let secs = decode_started.elapsed().as_secs_f64();
     Ok(Generation {
-        // The stream holds back incomplete characters; the full decode is authoritative,
-        // unless a stop sequence cut the text short.
-        text: if stopped_by_text {
-            out_text
-        } else {
-            text.decode(&completion).unwrap_or(out_text)
-        },
+        // Exactly what was streamed: the stream's pieces are the text.
+        text: out_text,
         prompt_tokens: prompt,
         completion_tokens: completion,
         tokens_per_second: if secs > 0.0 {

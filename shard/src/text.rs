@@ -50,6 +50,88 @@ pub struct TextCodec {
     /// Every id that ends a generation (EOS, end-of-turn).
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
+    /// How a token's raw bytes are found, for streaming text out (see [`TextStream`]).
+    pieces: Pieces,
+}
+
+/// How one token's raw bytes are found, so text can be streamed out byte-exactly: a
+/// character may be split across tokens, and a model may emit a lone byte that never
+/// completes one. Read off the tokenizer's decoder.
+enum Pieces {
+    /// Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2): each character of a token stands
+    /// for one byte (GPT-2's byte-to-character table, inverted here); a token with a
+    /// character outside the table (an added token, say) stands for its own UTF-8.
+    ByteLevel(HashMap<char, u8>),
+    /// SentencePiece-style (Llama 2, Mistral, Gemma): `▁` is a space and `<0xHH>` one
+    /// byte; `strip_first_space`: the decoder drops the text's first leading space.
+    SentencePiece {
+        /// The decoder ends with a `Strip` of one leading space.
+        strip_first_space: bool,
+    },
+    /// Another decoder: the text is decoded anew as tokens arrive (slower, exact).
+    Other,
+}
+
+impl Pieces {
+    /// What `decoder` (a tokenizer.json `decoder` value) does.
+    fn of(decoder: &Json) -> Pieces {
+        let kind = |d: &Json| d.get("type").and_then(Json::as_str).map(str::to_string);
+        match kind(decoder).as_deref() {
+            Some("ByteLevel") => Pieces::ByteLevel(gpt2_char_bytes()),
+            Some("Sequence") => {
+                let steps: Vec<&Json> = decoder
+                    .get("decoders")
+                    .and_then(Json::as_array)
+                    .map(|a| a.iter().collect())
+                    .unwrap_or_default();
+                let has = |t: &str| steps.iter().any(|d| kind(d).as_deref() == Some(t));
+                let spaces = steps.iter().any(|d| {
+                    kind(d).as_deref() == Some("Replace")
+                        && d.pointer("/pattern/String").and_then(Json::as_str) == Some("\u{2581}")
+                        && d.get("content").and_then(Json::as_str) == Some(" ")
+                });
+                let strip = steps.iter().any(|d| {
+                    kind(d).as_deref() == Some("Strip")
+                        && d.get("content").and_then(Json::as_str) == Some(" ")
+                        && d.get("start").and_then(Json::as_u64) == Some(1)
+                        && d.get("stop").and_then(Json::as_u64) == Some(0)
+                });
+                let known = steps.iter().all(|d| {
+                    matches!(
+                        kind(d).as_deref(),
+                        Some("Replace" | "ByteFallback" | "Fuse" | "Strip")
+                    )
+                });
+                if has("ByteFallback") && spaces && known {
+                    Pieces::SentencePiece {
+                        strip_first_space: strip,
+                    }
+                } else {
+                    Pieces::Other
+                }
+            }
+            _ => Pieces::Other,
+        }
+    }
+}
+
+/// GPT-2's table from the characters of byte-level tokens to the bytes they stand for:
+/// printable Latin-1 bytes stand for themselves, the other 68 bytes for the characters
+/// from U+0100 on, in byte order.
+fn gpt2_char_bytes() -> HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0u32;
+    (0..=255u8)
+        .map(|b| {
+            let c = if printable(b) {
+                char::from(b)
+            } else {
+                next += 1;
+                char::from_u32(0xFF + next).unwrap_or(char::REPLACEMENT_CHARACTER)
+            };
+            (c, b)
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for TextCodec {
@@ -103,7 +185,38 @@ impl TextCodec {
     /// (a multi-byte character split across tokens is held back until complete).
     pub fn stream(&self) -> TextStream<'_> {
         TextStream {
-            inner: self.tokenizer.decode_stream(true),
+            codec: self,
+            pending: Vec::new(),
+            at_start: true,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// The raw bytes token `id` stands for; `None` for special tokens (left out of
+    /// text, as [`TextCodec::decode`] leaves them out) and unknown ids.
+    fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.tokenizer.id_to_token(id)?;
+        if self
+            .tokenizer
+            .get_added_vocabulary()
+            .is_special_token(&token)
+        {
+            return None;
+        }
+        match &self.pieces {
+            Pieces::ByteLevel(table) => Some(
+                token
+                    .chars()
+                    .map(|c| table.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| token.into_bytes()),
+            ),
+            Pieces::SentencePiece { .. } => Some(match spm_byte(&token) {
+                Some(b) => vec![b],
+                None => token.replace('\u{2581}', " ").into_bytes(),
+            }),
+            Pieces::Other => None,
         }
     }
 
@@ -170,23 +283,127 @@ impl TextCodec {
     }
 }
 
-/// Incremental detokenizer, see [`TextCodec::stream`].
+/// Incremental detokenizer, see [`TextCodec::stream`]. It works on the bytes tokens
+/// stand for: whole characters go out at once, the bytes of one split across tokens wait
+/// until it completes, bytes that can never form a character go out as U+FFFD at once,
+/// and [`TextStream::finish`] replaces whatever is still incomplete at the end. So a
+/// model that emits a lone byte-fallback token never stops a generation (tokenizers'
+/// own `DecodeStream` failed on one with "Invalid prefix encountered"), and the pieces
+/// put together are the text.
 pub struct TextStream<'a> {
-    inner: tokenizers::tokenizer::DecodeStream<
-        'a,
-        tokenizers::ModelWrapper,
-        tokenizers::NormalizerWrapper,
-        tokenizers::PreTokenizerWrapper,
-        tokenizers::PostProcessorWrapper,
-        tokenizers::DecoderWrapper,
-    >,
+    codec: &'a TextCodec,
+    /// Bytes of a character not complete yet.
+    pending: Vec<u8>,
+    /// Nothing has gone out yet (a SentencePiece decoder drops the first leading space).
+    at_start: bool,
+    /// Only for [`Pieces::Other`]: every id so far, and how many bytes of their decoded
+    /// text have gone out.
+    ids: Vec<u32>,
+    emitted: usize,
 }
 
 impl TextStream<'_> {
     /// Feeds one id; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id).map_err(text_err)
+        if matches!(self.codec.pieces, Pieces::Other) {
+            return self.push_decoding(id);
+        }
+        if let Some(bytes) = self.codec.token_bytes(id) {
+            self.pending.extend_from_slice(&bytes);
+        }
+        let whole = drain_utf8(&mut self.pending, false);
+        let text = self.start(whole);
+        Ok((!text.is_empty()).then_some(text))
     }
+
+    /// Ends the stream: the bytes still waiting for the rest of a character, as U+FFFD.
+    pub fn finish(mut self) -> String {
+        if matches!(self.codec.pieces, Pieces::Other) {
+            return String::new();
+        }
+        let rest = drain_utf8(&mut self.pending, true);
+        self.start(rest)
+    }
+
+    /// `text` about to go out, with the first leading space dropped where the decoder
+    /// drops it.
+    fn start(&mut self, mut text: String) -> String {
+        if self.at_start && !text.is_empty() {
+            self.at_start = false;
+            if matches!(
+                self.codec.pieces,
+                Pieces::SentencePiece {
+                    strip_first_space: true
+                }
+            ) && text.starts_with(' ')
+            {
+                text.remove(0);
+            }
+        }
+        text
+    }
+
+    /// [`TextStream::push`] for decoders whose bytes per token are not known: decodes
+    /// every id so far and passes on what is new, once it does not end in U+FFFD (the
+    /// mark of a character not complete yet). Quadratic in the length; only tokenizers
+    /// of kinds Shoal does not build from GGUF get here.
+    fn push_decoding(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = self.codec.decode(&self.ids)?;
+        if text.ends_with(char::REPLACEMENT_CHARACTER) {
+            return Ok(None);
+        }
+        let new = match text.get(self.emitted..) {
+            Some(new) if !new.is_empty() => new.to_string(),
+            _ => return Ok(None),
+        };
+        self.emitted = text.len();
+        Ok(Some(new))
+    }
+}
+
+/// A SentencePiece byte-fallback token, `<0xHH>`, as its byte.
+fn spm_byte(token: &str) -> Option<u8> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// Takes the text out of the front of `buf`: whole characters as they are, each
+/// sequence that can never be a character as one U+FFFD (as `String::from_utf8_lossy`
+/// does), and, unless `at_end`, leaves a character's incomplete start in `buf`.
+fn drain_utf8(buf: &mut Vec<u8>, at_end: bool) -> String {
+    let mut out = String::new();
+    let mut rest: &[u8] = buf;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                rest = &[];
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        rest = &bad[n..];
+                    }
+                    None if at_end => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        rest = &[];
+                        break;
+                    }
+                    None => {
+                        rest = bad;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    *buf = rest.to_vec();
+    out
 }
 
 fn md_str<'a>(md: &'a HashMap<String, Value>, k: &str) -> Option<&'a String> {
@@ -350,6 +567,7 @@ fn from_gguf(md: &HashMap<String, Value>) -> Result<TextCodec> {
         eos_text: token_text(eos_id).unwrap_or_default(),
         stop_ids,
         chat_template: md_str(md, "tokenizer.chat_template").cloned(),
+        pieces: Pieces::of(&pipeline["decoder"]),
         tokenizer,
     })
 }
@@ -424,6 +642,133 @@ fn from_hf_dir(dir: &std::path::Path) -> Result<TextCodec> {
         eos_text,
         stop_ids,
         chat_template,
+        pieces: serde_json::to_value(tokenizer.get_decoder())
+            .map(|d| Pieces::of(&d))
+            .unwrap_or(Pieces::Other),
         tokenizer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[String]) -> Value {
+        Value::Array(v.iter().cloned().map(Value::String).collect())
+    }
+
+    /// A byte-level BPE tokenizer whose tokens are the 256 bytes (no merges) and one
+    /// special token, built from GGUF metadata as a model's would be.
+    fn byte_level_codec() -> TextCodec {
+        let table = gpt2_char_bytes();
+        let mut by_byte: Vec<(u8, char)> = table.iter().map(|(c, b)| (*b, *c)).collect();
+        by_byte.sort();
+        let mut tokens: Vec<String> = by_byte.iter().map(|(_, c)| c.to_string()).collect();
+        tokens.push("<|end|>".into());
+        let mut types = vec![Value::I32(1); 256];
+        types.push(Value::I32(3));
+        let md = HashMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
+            ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ]);
+        from_gguf(&md).expect("byte-level tokenizer")
+    }
+
+    /// A SentencePiece tokenizer with byte fallback: the 256 byte tokens and a few
+    /// pieces.
+    fn sentencepiece_codec() -> TextCodec {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
+        for b in 0..=255u8 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(Value::I32(6));
+        }
+        for piece in ["\u{2581}", "h", "i", "\u{2581}h", "\u{2581}hi"] {
+            tokens.push(piece.into());
+            types.push(Value::I32(1));
+        }
+        let scores = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+        let md = HashMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("llama".into()),
+            ),
+            ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+            ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        ]);
+        from_gguf(&md).expect("sentencepiece tokenizer")
+    }
+
+    /// Everything `ids` streams out, finish included, piece by piece.
+    fn streamed(codec: &TextCodec, ids: &[u32]) -> Vec<String> {
+        let mut s = codec.stream();
+        let mut out: Vec<String> = ids
+            .iter()
+            .map(|id| s.push(*id).expect("push").unwrap_or_default())
+            .collect();
+        out.push(s.finish());
+        out
+    }
+
+    #[test]
+    fn byte_level_text_streams_as_whole_characters() {
+        let codec = byte_level_codec();
+        assert!(matches!(codec.pieces, Pieces::ByteLevel(_)));
+        // A byte's token id is the byte here.
+        let ids = |bytes: &[u8]| bytes.iter().map(|b| *b as u32).collect::<Vec<u32>>();
+        // A character split over three tokens goes out when complete.
+        let zhong = "中".as_bytes();
+        assert_eq!(streamed(&codec, &ids(zhong)), ["", "", "中", ""]);
+        // Valid text streams to exactly what a whole decode gives; special tokens are
+        // left out of both.
+        let mut text_ids = ids("héllo 中文, wörld!".as_bytes());
+        text_ids.insert(3, 256);
+        assert_eq!(
+            streamed(&codec, &text_ids).concat(),
+            codec.decode(&text_ids).expect("decode")
+        );
+        // A lone lead byte followed by a letter: replaced at once, never an error.
+        assert_eq!(
+            streamed(&codec, &ids(&[b'a', 0xE4, b'b'])),
+            ["a", "", "\u{FFFD}b", ""]
+        );
+        // Ending on half a character: the rest is replaced at the end.
+        assert_eq!(
+            streamed(&codec, &ids(&[b'a', 0xE4, 0xB8])),
+            ["a", "", "", "\u{FFFD}"]
+        );
+        // A stray continuation byte.
+        assert_eq!(streamed(&codec, &ids(&[0xB8, b'c'])), ["\u{FFFD}", "c", ""]);
+    }
+
+    #[test]
+    fn sentencepiece_text_streams_with_byte_fallback() {
+        let codec = sentencepiece_codec();
+        assert!(matches!(
+            codec.pieces,
+            Pieces::SentencePiece {
+                strip_first_space: true
+            }
+        ));
+        let id = |t: &str| codec.tokenizer.token_to_id(t).expect("token");
+        let byte = |b: u8| id(&format!("<0x{b:02X}>"));
+        let mut ids = vec![id("\u{2581}hi"), id("\u{2581}h")];
+        ids.extend("中".bytes().map(byte));
+        ids.push(id("i"));
+        // The decoder drops the text's first leading space; the pieces agree with it.
+        let pieces = streamed(&codec, &ids);
+        assert_eq!(pieces, ["hi", " h", "", "", "中", "i", ""]);
+        assert_eq!(pieces.concat(), codec.decode(&ids).expect("decode"));
+        // A generation that ends on the first byte of a character.
+        assert_eq!(
+            streamed(&codec, &[id("\u{2581}hi"), byte(0xE4)]),
+            ["hi", "", "\u{FFFD}"]
+        );
+    }
 }
