@@ -866,7 +866,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.connect_timeout),
     )
     .await?;
-    let seen = crate::survey::survey(&net, None, Duration::from_secs(5)).await;
+    let what = || "the DHT's records and the servers found to answer".to_string();
+    let seen = crate::client::noting_wait(
+        what,
+        crate::survey::survey(&net, None, Duration::from_secs(5)),
+    )
+    .await;
     net.close_all(GOODBYE_TIMEOUT).await;
     let coverage = crate::survey::coverage(&seen);
     let (rows, silent): (Vec<_>, Vec<_>) = seen.into_iter().partition(|s| s.answering());
