@@ -472,7 +472,8 @@ fn from_gguf(md: &HashMap<String, Value>) -> Result<TextCodec> {
             let pre_tokenizer = match pre {
                 "smollm" => json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-                "llama-bpe" | "llama3" | "smaug-bpe" => {
+                "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "falcon3" | "falcon-h1"
+                | "pixtral" | "midm-2.0" | "lfm2" => {
                     json!({"type": "Sequence", "pretokenizers": [
                     split(LLAMA3_REGEX), byte_level(false)]})
                 }
@@ -487,6 +488,22 @@ fn from_gguf(md: &HashMap<String, Value>) -> Result<TextCodec> {
                     byte_level(true)
                 }
             };
+            // llama.cpp's Llama 3 family looks a whole pre-tokenized word up in the
+            // vocabulary before merging (as Hugging Face's Llama 3 tokenizer.json does
+            // with `ignore_merges`): a word that is one entry but that the merge rules
+            // cannot build is one token, not several. The names are llama.cpp's
+            // (llama-vocab.cpp: the pre-tokenizers of type LLAMA3).
+            let ignore_merges = matches!(
+                pre,
+                "llama3"
+                    | "llama-v3"
+                    | "llama-bpe"
+                    | "falcon3"
+                    | "falcon-h1"
+                    | "pixtral"
+                    | "midm-2.0"
+                    | "lfm2"
+            );
             json!({
                 "version": "1.0", "truncation": null, "padding": null,
                 "added_tokens": added, "normalizer": null,
@@ -494,7 +511,8 @@ fn from_gguf(md: &HashMap<String, Value>) -> Result<TextCodec> {
                 "decoder": byte_level(true),
                 "model": {"type": "BPE", "dropout": null, "unk_token": null,
                           "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                          "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "fuse_unk": false, "byte_fallback": false,
+                          "ignore_merges": ignore_merges,
                           "vocab": vocab, "merges": merges}
             })
         }
@@ -660,6 +678,12 @@ mod tests {
     /// A byte-level BPE tokenizer whose tokens are the 256 bytes (no merges) and one
     /// special token, built from GGUF metadata as a model's would be.
     fn byte_level_codec() -> TextCodec {
+        byte_level_codec_with("default", &[])
+    }
+
+    /// [`byte_level_codec`] with the pre-tokenizer `pre` and `extra` tokens after the
+    /// special one.
+    fn byte_level_codec_with(pre: &str, extra: &[&str]) -> TextCodec {
         let table = gpt2_char_bytes();
         let mut by_byte: Vec<(u8, char)> = table.iter().map(|(c, b)| (*b, *c)).collect();
         by_byte.sort();
@@ -667,6 +691,10 @@ mod tests {
         tokens.push("<|end|>".into());
         let mut types = vec![Value::I32(1); 256];
         types.push(Value::I32(3));
+        for t in extra {
+            tokens.push(t.to_string());
+            types.push(Value::I32(1));
+        }
         let md = HashMap::from([
             (
                 "tokenizer.ggml.model".to_string(),
@@ -675,8 +703,27 @@ mod tests {
             ("tokenizer.ggml.tokens".into(), strings(&tokens)),
             ("tokenizer.ggml.token_type".into(), Value::Array(types)),
             ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+            ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
         ]);
         from_gguf(&md).expect("byte-level tokenizer")
+    }
+
+    /// A word that is one vocabulary entry but that no merge builds: one token with the
+    /// Llama 3 pre-tokenizer (llama.cpp looks the whole word up first), bytes with
+    /// GPT-2's.
+    #[test]
+    fn llama3_takes_whole_words_from_the_vocabulary() {
+        let whole = |pre: &str| {
+            let codec = byte_level_codec_with(pre, &["hello"]);
+            let id = codec.tokenizer.token_to_id("hello").expect("hello");
+            (codec.encode("hello", false).expect("encode"), id)
+        };
+        for pre in ["llama-bpe", "llama3"] {
+            let (ids, hello) = whole(pre);
+            assert_eq!(ids, [hello], "{pre}");
+        }
+        let (ids, _) = whole("gpt2");
+        assert_eq!(ids, "hello".bytes().map(u32::from).collect::<Vec<_>>());
     }
 
     /// A SentencePiece tokenizer with byte fallback: the 256 byte tokens and a few
