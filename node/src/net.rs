@@ -1066,7 +1066,7 @@ struct EventLoop {
     record_queries: HashMap<QueryId, (u64, PeerId)>,
     lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
-    /// Latest round trip to each connected peer; goes with its last connection.
+    /// Latest round trip to each connected peer; goes when its presence ends.
     rtts: HashMap<PeerId, Duration>,
     disconnects: tokio::sync::broadcast::Sender<PeerId>,
     dht_departures: tokio::sync::broadcast::Sender<PeerId>,
@@ -1106,13 +1106,14 @@ struct EventLoop {
     to_self: mpsc::WeakSender<Command>,
     /// Open connections per peer; a peer's entry goes with its last connection.
     conns: HashMap<PeerId, Vec<Conn>>,
-    /// Connected peers that offer circuit relay v2 (they said so through identify).
+    /// Connected peers that offer circuit relay v2 (they said so through identify);
+    /// a peer goes when its presence ends.
     relay_capable: HashSet<PeerId>,
     /// Relays asked for a slot or holding one, with the listener of that slot.
     reservations: HashMap<PeerId, ListenerId>,
     /// When a relay last refused or lost a slot.
     relay_failures: HashMap<PeerId, Instant>,
-    /// Peers reached directly by hole punching.
+    /// Peers reached directly by hole punching; a peer goes when its presence ends.
     punched: HashSet<PeerId>,
     /// What AutoNAT found.
     nat: autonat::NatStatus,
@@ -1536,9 +1537,6 @@ impl EventLoop {
                 }
                 // The peer has gone: everything kept for it goes too.
                 self.conns.remove(&peer_id);
-                self.punched.remove(&peer_id);
-                self.rtts.remove(&peer_id);
-                self.relay_capable.remove(&peer_id);
                 let now = Instant::now();
                 if self.budgets.get(&peer_id).is_some_and(|b| refilled(b, now)) {
                     self.budgets.remove(&peer_id);
@@ -1747,8 +1745,9 @@ impl EventLoop {
         }
     }
 
-    /// Ends the current presence of `peer` (see [`Presence`]): the data stream to it
-    /// goes, and whoever keeps state for it hears (servers drop its sessions, clients
+    /// Ends the current presence of `peer` (see [`Presence`]): the data stream to it,
+    /// its round trip and its relay and hole-punch flags go (a process that comes back
+    /// is measured and identified afresh), and whoever keeps state for it hears (servers drop its sessions, clients
     /// fail over from it, a departed DHT server's records are put again elsewhere).
     fn presence_ended(&mut self, peer: PeerId) {
         self.presences
@@ -1756,6 +1755,9 @@ impl EventLoop {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&peer);
         self.data.forget(&peer);
+        self.rtts.remove(&peer);
+        self.punched.remove(&peer);
+        self.relay_capable.remove(&peer);
         let _ = self.disconnects.send(peer);
         if self.dht_peers.remove(&peer) {
             let _ = self.dht_departures.send(peer);
@@ -1794,8 +1796,6 @@ impl EventLoop {
         for id in stale {
             self.swarm.close_connection(id);
         }
-        self.punched.remove(&peer);
-        self.rtts.remove(&peer);
         self.presence_ended(peer);
         self.begin_presence(peer, true);
     }

@@ -355,19 +355,16 @@ impl Server {
         let departed = handle.clone();
         rt.spawn(async move {
             loop {
-                match departures.recv().await {
-                    Ok(peer) => {
-                        if !departed.departed() {
-                            return;
-                        }
-                        forwards.connection_lost(&net, peer).await;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if !departed.departed() {
-                            return;
-                        }
-                    }
+                let peer = match departures.recv().await {
+                    Ok(peer) => Some(peer),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                     Err(_) => return,
+                };
+                if !departed.departed() {
+                    return;
+                }
+                if let Some(peer) = peer {
+                    forwards.connection_lost(&net, peer).await;
                 }
             }
         });

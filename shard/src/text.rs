@@ -319,7 +319,13 @@ impl TextStream<'_> {
     /// Ends the stream: the bytes still waiting for the rest of a character, as U+FFFD.
     pub fn finish(mut self) -> String {
         if matches!(self.codec.pieces, Pieces::Other) {
-            return String::new();
+            // What the decoder held back, as it decodes it.
+            return self
+                .codec
+                .decode(&self.ids)
+                .ok()
+                .and_then(|t| t.get(self.emitted..).map(str::to_string))
+                .unwrap_or_default();
         }
         let rest = drain_utf8(&mut self.pending, true);
         self.start(rest)
