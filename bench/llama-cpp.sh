@@ -25,8 +25,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-cache=${SHOAL_CACHE_DIR:-$HOME/.cache/shoal}
-pylib=$cache/llama-cpp-python-0.3.36
+cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
+pylib=$cache/llama-cpp-python-py-0.3.36
 if ! PYTHONPATH=$pylib python3 -c "import llama_cpp" 2>/dev/null; then
   echo "installing llama-cpp-python 0.3.36 into $pylib (builds llama.cpp from source)..." >&2
   python3 -m pip install --quiet --target "$pylib" "llama-cpp-python==0.3.36"

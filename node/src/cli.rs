@@ -162,19 +162,23 @@ pub fn load_allowed_peers(
 /// `shoal make-model`.
 #[derive(Args, Debug)]
 pub struct MakeModelArgs {
-    /// The shape: smollm2-135m, llama2-7b, llama3-8b, llama2-13b or llama3-70b
-    /// (hyphens optional: llama-3-8b).
+    /// The shape: a real model's (smollm2-135m, llama2-7b, llama3-8b, llama2-13b,
+    /// llama3-70b, qwen3-8b, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b) or a tiny one
+    /// of a family for tests (tiny-llama, tiny-qwen3, tiny-qwen3moe, tiny-mixtral).
+    /// Hyphens optional: llama-3-8b.
     #[arg(long, default_value = "llama3-8b")]
     pub shape: String,
-    /// The weight type: q4_0, q8_0, f16 (GGUF for a .gguf --out, else safetensors) or
-    /// bf16 (safetensors); instead of --format.
+    /// The weight type. GGUF (a .gguf --out): f32, f16, bf16, q8_0, q5_0, q5_1, q4_0,
+    /// q4_1, q6_k, q5_k, q4_k, or q4_k_m (llama.cpp's mix: Q4_K with Q6_K for the LM head
+    /// and some value and down projections). Safetensors (a directory): f16 or bf16.
+    /// Instead of --format.
     #[arg(long, conflicts_with = "format")]
     pub dtype: Option<String>,
     /// Fewer blocks than the shape has (same widths): a smaller file for quick checks.
     #[arg(long)]
     pub blocks: Option<usize>,
-    /// gguf-q4_0, gguf-q8_0, gguf-f16, safetensors-bf16 or safetensors-f16 (default
-    /// gguf-q4_0).
+    /// gguf-<dtype> (gguf-q4_0, gguf-q4_k_m, ...), safetensors-bf16 or safetensors-f16
+    /// (default gguf-q4_0).
     #[arg(long)]
     pub format: Option<shard::synth::SynthFormat>,
     /// Where to write: a .gguf file, or a directory for safetensors.

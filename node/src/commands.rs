@@ -1000,7 +1000,9 @@ pub fn make_model(args: crate::cli::MakeModelArgs) -> anyhow::Result<()> {
             shard::synth::SynthFormat::for_dtype(d, &args.out).map_err(anyhow::Error::msg)?
         }
         (None, Some(f)) => f,
-        (None, None) => shard::synth::SynthFormat::GgufQ4_0,
+        (None, None) => shard::synth::SynthFormat::Gguf(shard::synth::GgufWeights::Uniform(
+            shard::candle_core::quantized::GgmlDType::Q4_0,
+        )),
     };
     let donor_path = match &args.tokenizer_from {
         Some(p) => p.clone(),

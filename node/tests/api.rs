@@ -14,30 +14,7 @@ use serde_json::Value;
 
 /// The `openai` package, installed with pip into the cache on first use.
 fn openai_package() -> PathBuf {
-    python_package("openai", "3.57.0")
-}
-
-/// A package from PyPI, installed with pip into the cache on first use; the directory
-/// to put on `PYTHONPATH`.
-fn python_package(name: &str, version: &str) -> PathBuf {
-    let dir = shoal_node::model_cache::cache_dir().join(format!("{name}-py-{version}"));
-    if !dir.join(name.replace('-', "_")).exists() {
-        let status = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(format!("{name}=={version}"))
-            .status()
-            .expect("python3 -m pip");
-        assert!(status.success(), "pip could not install {name}");
-    }
-    dir
+    python_package("openai", "3.57.0", "openai")
 }
 
 /// A `shoal api` process, killed when dropped.
@@ -484,7 +461,7 @@ fn metrics_are_openmetrics_and_count_the_work() {
         completion += c;
     }
 
-    let package = python_package("prometheus-client", "0.26.0");
+    let package = python_package("prometheus-client", "0.26.0", "prometheus_client");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/api/parse_metrics.py");
     let urls = [
         format!("{}/metrics", api.url),

@@ -269,3 +269,68 @@ fn a_server_stopped_with_ctrl_c_hands_its_session_over() {
         "still announced: {listed}"
     );
 }
+
+/// The same on a mixture of experts (issue 17): a server holding half the blocks, with
+/// all their experts, dies mid-generation; its replica takes over with exactly the
+/// undisturbed output.
+#[test]
+fn a_server_dying_mid_generation_on_experts_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let m = dir.path().join("moe.gguf");
+    let mut cmd = shoal();
+    cmd.args([
+        "make-model",
+        "--shape",
+        "tiny-qwen3moe",
+        "--dtype",
+        "q4_k_m",
+    ])
+    .arg("--out")
+    .arg(&m)
+    .arg("--tokenizer-from")
+    .arg(model());
+    let (out, _) = run(cmd, Duration::from_secs(120));
+    assert!(out.status.success(), "make-model failed");
+    let ms = m.to_string_lossy();
+    let reference = generate_json(&[
+        "--model",
+        &ms,
+        "--local",
+        "--chat",
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        TOKENS,
+    ]);
+    let expected = reference["text"].as_str().expect("text").to_string();
+    let n = reference["completion_tokens"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(n >= 16, "the reference stopped after {n} tokens");
+    let kill_after = text_len_of_first(&m, &reference, 8);
+
+    let first = serve(&m, "0..2", None);
+    let boot = first.addr.clone();
+    let mut servers = vec![first];
+    for blocks in ["0..2", "2..4", "2..4"] {
+        servers.push(serve(&m, blocks, Some(&boot)));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // The second hop dies, so the bootstrap server lives.
+    let (text, routes, gap, victim, _log) =
+        generate_and_stop(&m, &boot, &mut servers, 1, kill_after, kill);
+    eprintln!(
+        "killed {victim}: next text {:.0} ms later; routes: {routes:#?}",
+        gap.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        expected,
+        "output changed after killing a server"
+    );
+    assert!(routes.len() >= 2, "no re-route: {routes:?}");
+    assert!(
+        !routes.last().expect("route").contains(&victim),
+        "still routed through the dead server"
+    );
+}

@@ -3,13 +3,72 @@
 use serde::Deserialize;
 
 /// Model families implemented by [`crate::Span`]. All share RMSNorm, rotary embeddings,
-/// grouped-query attention and a SwiGLU MLP; they differ in biases and rope layout.
+/// grouped-query attention and SwiGLU feed-forward networks (one MLP, or a mixture of
+/// experts); they differ in biases, norms and rope layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama 2/3, SmolLM2, TinyLlama, and Mistral (GGUF files name it `llama`).
+    /// Llama 2/3, SmolLM2, TinyLlama, Mistral, and Mixtral (GGUF files name them all
+    /// `llama`; Mixtral's blocks hold experts).
     Llama,
     /// Qwen2: biases on the Q, K and V projections.
     Qwen2,
+    /// Qwen3: no biases; RMSNorm over each query and key head before rope.
+    Qwen3,
+    /// Qwen3's mixture of experts (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention,
+    /// experts in every block.
+    Qwen3Moe,
+}
+
+impl Arch {
+    /// The name GGUF files give it (`general.architecture`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
+        }
+    }
+
+    /// The family of a GGUF `general.architecture`, if this crate runs it.
+    pub fn from_gguf_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "qwen3moe" => Arch::Qwen3Moe,
+            _ => return None,
+        })
+    }
+
+    /// How its rope pairs dimensions in GGUF files (llama.cpp's `llama_model_rope_type`).
+    pub fn gguf_rope_style(self) -> RopeStyle {
+        match self {
+            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => RopeStyle::Half,
+        }
+    }
+
+    /// True when each query and key head is RMS-normalised before rope.
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+    }
+}
+
+/// A mixture of experts in place of a block's MLP (Mixtral, Qwen3-MoE): a router scores
+/// every expert for each token, the `used` best run, and their outputs are summed,
+/// weighted by the router's softmax probabilities (renormalised over the chosen ones
+/// when `normalize`), as llama.cpp's `build_moe_ffn` does for these families.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Experts {
+    /// Experts per block.
+    pub count: usize,
+    /// Experts each token runs through.
+    pub used: usize,
+    /// Width of one expert's MLP.
+    pub ffn: usize,
+    /// Renormalise the chosen experts' probabilities to sum to one.
+    pub normalize: bool,
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -56,6 +115,8 @@ pub struct ModelConfig {
     pub max_seq_len: usize,
     /// True when Q, K and V projections carry biases.
     pub qkv_bias: bool,
+    /// The mixture of experts of blocks that have one (`None`: every block is dense).
+    pub experts: Option<Experts>,
 }
 
 impl ModelConfig {
@@ -72,6 +133,14 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is odd", self.head_dim));
+        }
+        if let Some(e) = &self.experts {
+            if e.count == 0 || e.used == 0 || e.used > e.count || e.ffn == 0 {
+                return Err(format!(
+                    "{} of {} experts used per token, of width {}",
+                    e.used, e.count, e.ffn
+                ));
+            }
         }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.head_dim / 2 {
@@ -139,6 +208,8 @@ impl HfConfig {
             .to_ascii_lowercase();
         let arch = if kind.starts_with("qwen2") {
             Arch::Qwen2
+        } else if kind == "qwen3" || kind.starts_with("qwen3forcausal") {
+            Arch::Qwen3
         } else if kind.starts_with("llama") || kind.starts_with("mistral") {
             Arch::Llama
         } else {
@@ -169,6 +240,7 @@ impl HfConfig {
             rms_eps: self.rms_norm_eps,
             max_seq_len: self.max_position_embeddings,
             qkv_bias: self.attention_bias.unwrap_or(arch == Arch::Qwen2),
+            experts: None,
         })
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{Arch, HfConfig, ModelConfig, RopeStyle};
+use crate::config::{Arch, Experts, HfConfig, ModelConfig};
 use crate::error::candle_message;
 use crate::kernels::QMatrix;
 use crate::{Result, ShardError};
@@ -341,26 +341,59 @@ impl ModelFile {
     /// Bytes the weights of block `i` take once loaded (quantised size for GGUF, f32 for
     /// safetensors, which are widened on load).
     pub fn block_bytes(&self, i: usize) -> u64 {
-        let prefix = format!("blk.{i}.");
-        match &self.inner {
-            Inner::Gguf { content, .. } => content
-                .tensor_infos
-                .iter()
-                .filter(|(n, _)| n.starts_with(&prefix))
-                .map(|(_, t)| {
-                    let d = t.ggml_dtype;
-                    (t.shape.elem_count() / d.block_size().max(1) * d.type_size()) as u64
-                })
-                .sum(),
-            Inner::Safetensors { st, .. } => {
-                let hf_prefix = format!("model.layers.{i}.");
-                st.tensors()
-                    .iter()
-                    .filter(|(n, _)| n.starts_with(&hf_prefix))
-                    .map(|(_, v)| v.shape().iter().product::<usize>() as u64 * 4)
-                    .sum()
+        self.weighed_block_bytes(i, |_| (1, 1))
+    }
+
+    /// Bytes of block `i`'s weights one token reads: every tensor but the experts, and
+    /// of the experts only the share a token uses (`used / count`). What a decode step
+    /// costs, where [`ModelFile::block_bytes`] is what holding the block costs.
+    pub fn block_active_bytes(&self, i: usize) -> u64 {
+        let share = match &self.config.experts {
+            Some(e) => (e.used as u64, e.count as u64),
+            None => (1, 1),
+        };
+        self.weighed_block_bytes(i, |name| {
+            if name.contains("_exps.") {
+                share
+            } else {
+                (1, 1)
             }
-        }
+        })
+    }
+
+    /// Bytes of block `i`'s tensors, each counted for the fraction `share(name)` gives
+    /// (numerator, denominator).
+    fn weighed_block_bytes(&self, i: usize, share: impl Fn(&str) -> (u64, u64)) -> u64 {
+        let sizes: Vec<(String, u64)> = match &self.inner {
+            Inner::Gguf { content, .. } => {
+                let prefix = format!("blk.{i}.");
+                content
+                    .tensor_infos
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .map(|(n, t)| {
+                        let d = t.ggml_dtype;
+                        let bytes = t.shape.elem_count() / d.block_size().max(1) * d.type_size();
+                        (n.clone(), bytes as u64)
+                    })
+                    .collect()
+            }
+            Inner::Safetensors { st, .. } => {
+                let prefix = format!("model.layers.{i}.");
+                st.tensors()
+                    .into_iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .map(|(n, v)| (n, v.shape().iter().product::<usize>() as u64 * 4))
+                    .collect()
+            }
+        };
+        sizes
+            .iter()
+            .map(|(name, bytes)| {
+                let (num, den) = share(name);
+                bytes * num / den
+            })
+            .sum()
     }
 
     /// Drops the mapped file pages this process touched while copying tensors out, so
@@ -441,6 +474,48 @@ impl ModelFile {
         Ok(Linear { weight, bias })
     }
 
+    /// Loads the experts of a stacked expert tensor (`blk.N.ffn_up_exps`: GGUF shape
+    /// `[experts, out, in]`), one linear layer each. Each expert is cut straight out of
+    /// the mapped file, so the stack is never held whole beside its parts.
+    pub(crate) fn experts(&self, name: &str, device: &Device) -> Result<Vec<Linear>> {
+        let name = format!("{name}.weight");
+        let Inner::Gguf { mmap, content } = &self.inner else {
+            return Err(Self::bad(
+                &self.path,
+                format!("{name}: experts load from GGUF files only"),
+            ));
+        };
+        let info = content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| Self::bad(&self.path, format!("no tensor {name}")))?;
+        let &[count, rows, cols] = info.shape.dims() else {
+            return Err(Self::bad(
+                &self.path,
+                format!("{name} has shape {:?}, not [experts, out, in]", info.shape),
+            ));
+        };
+        let dtype = info.ggml_dtype;
+        let per = rows * cols / dtype.block_size() * dtype.type_size();
+        let start = content.tensor_data_offset as usize + info.offset as usize;
+        (0..count)
+            .map(|e| {
+                let bytes = &mmap[start + e * per..start + (e + 1) * per];
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    bytes,
+                    vec![rows, cols],
+                    device,
+                )?;
+                let weight = match QMatrix::from_qtensor(&q).filter(|_| device.is_cpu()) {
+                    Some(packed) => Weight::Packed(Arc::new(packed)),
+                    None => Weight::Candle(QMatMul::from_qtensor(q)?),
+                };
+                Ok(Linear { weight, bias: None })
+            })
+            .collect()
+    }
+
     /// Loads a linear layer from an already loaded quantised tensor (tied embeddings).
     pub(crate) fn linear_from(q: Arc<QTensor>) -> Result<Linear> {
         Ok(Linear {
@@ -473,6 +548,8 @@ pub fn hf_name(gguf: &str) -> String {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -492,10 +569,8 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| bad("no general.architecture in the GGUF metadata".into()))?;
-    let arch = match arch_name.as_str() {
-        "llama" | "mistral" => Arch::Llama,
-        "qwen2" => Arch::Qwen2,
-        _ => return Err(ShardError::UnsupportedArch { arch: arch_name }),
+    let Some(arch) = Arch::from_gguf_name(&arch_name) else {
+        return Err(ShardError::UnsupportedArch { arch: arch_name });
     };
     let key = |k: &str| format!("{arch_name}.{k}");
     let get_u = |k: &str| -> Result<usize> {
@@ -527,6 +602,17 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         Some(info) => info.shape.dims().first().copied().unwrap_or(0),
         None => return Err(bad("no token_embd.weight tensor".into())),
     };
+    // Experts: Mixtral (`llama`) and Qwen3-MoE name their count and how many each token
+    // uses; Qwen3-MoE gives an expert's width apart from the (unused) dense one.
+    let experts = match get_u("expert_count") {
+        Ok(count) if count > 0 => Some(Experts {
+            count,
+            used: get_u("expert_used_count")?,
+            ffn: get_u("expert_feed_forward_length").unwrap_or(ffn),
+            normalize: true,
+        }),
+        _ => None,
+    };
     let name = md
         .get("general.name")
         .and_then(|v| v.to_string().ok())
@@ -543,15 +629,13 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         head_dim,
         vocab,
         rope_theta: get_f("rope.freq_base", 10_000.0),
-        rope_style: match arch {
-            Arch::Llama => RopeStyle::Interleaved,
-            Arch::Qwen2 => RopeStyle::Half,
-        },
+        rope_style: arch.gguf_rope_style(),
         // Llama 3.1 files carry these as a tensor; open_gguf reads it.
         rope_freq_factors: None,
         rms_eps: get_f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
         max_seq_len: get_u("context_length").unwrap_or(4096),
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        experts,
     };
     config.validate().map_err(bad)?;
     Ok(config)

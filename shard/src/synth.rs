@@ -23,21 +23,25 @@ use half::{bf16, f16};
 use rand::{Rng, RngExt, SeedableRng};
 use rayon::prelude::*;
 
-use crate::{ModelFile, Result, ShardError, TextCodec};
+use crate::{Arch, Experts, ModelFile, Result, ShardError, TextCodec};
 
-/// The shape of a Llama-family model.
+/// The shape of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shape {
     /// Preset name.
     pub name: &'static str,
+    /// Model family (what `general.architecture` says).
+    pub arch: Arch,
     /// Model width.
     pub hidden: usize,
-    /// MLP width.
+    /// MLP width (of dense blocks).
     pub ffn: usize,
     /// Attention heads.
     pub heads: usize,
     /// Key/value heads (grouped-query attention).
     pub kv_heads: usize,
+    /// Width of one head (not always `hidden / heads`: Qwen3's is 128 throughout).
+    pub head_dim: usize,
     /// Transformer blocks.
     pub blocks: usize,
     /// The real model's vocabulary (the file gets the donor's).
@@ -46,65 +50,179 @@ pub struct Shape {
     pub rope_theta: f32,
     /// Context length.
     pub context: usize,
+    /// Experts of every block, for a mixture of experts.
+    pub experts: Option<Experts>,
 }
 
-/// The shapes `shoal make-model` knows.
+const fn dense(
+    name: &'static str,
+    arch: Arch,
+    [hidden, ffn, heads, kv_heads, head_dim, blocks]: [usize; 6],
+    vocab: usize,
+    rope_theta: f32,
+    context: usize,
+) -> Shape {
+    Shape {
+        name,
+        arch,
+        hidden,
+        ffn,
+        heads,
+        kv_heads,
+        head_dim,
+        blocks,
+        vocab,
+        rope_theta,
+        context,
+        experts: None,
+    }
+}
+
+const fn moe(shape: Shape, count: usize, used: usize, ffn: usize) -> Shape {
+    Shape {
+        experts: Some(Experts {
+            count,
+            used,
+            ffn,
+            normalize: true,
+        }),
+        ..shape
+    }
+}
+
+/// The shapes `shoal make-model` knows: real models' (from their published configs),
+/// and `tiny-*` ones of each family for tests (widths that every quantisation's blocks
+/// divide).
 pub const SHAPES: &[Shape] = &[
-    Shape {
-        name: "smollm2-135m",
-        hidden: 576,
-        ffn: 1536,
-        heads: 9,
-        kv_heads: 3,
-        blocks: 30,
-        vocab: 49152,
-        rope_theta: 100_000.0,
-        context: 8192,
-    },
-    Shape {
-        name: "llama2-7b",
-        hidden: 4096,
-        ffn: 11008,
-        heads: 32,
-        kv_heads: 32,
-        blocks: 32,
-        vocab: 32000,
-        rope_theta: 10_000.0,
-        context: 4096,
-    },
-    Shape {
-        name: "llama3-8b",
-        hidden: 4096,
-        ffn: 14336,
-        heads: 32,
-        kv_heads: 8,
-        blocks: 32,
-        vocab: 128_256,
-        rope_theta: 500_000.0,
-        context: 8192,
-    },
-    Shape {
-        name: "llama2-13b",
-        hidden: 5120,
-        ffn: 13824,
-        heads: 40,
-        kv_heads: 40,
-        blocks: 40,
-        vocab: 32000,
-        rope_theta: 10_000.0,
-        context: 4096,
-    },
-    Shape {
-        name: "llama3-70b",
-        hidden: 8192,
-        ffn: 28672,
-        heads: 64,
-        kv_heads: 8,
-        blocks: 80,
-        vocab: 128_256,
-        rope_theta: 500_000.0,
-        context: 8192,
-    },
+    dense(
+        "smollm2-135m",
+        Arch::Llama,
+        [576, 1536, 9, 3, 64, 30],
+        49152,
+        100_000.0,
+        8192,
+    ),
+    dense(
+        "llama2-7b",
+        Arch::Llama,
+        [4096, 11008, 32, 32, 128, 32],
+        32000,
+        10_000.0,
+        4096,
+    ),
+    dense(
+        "llama3-8b",
+        Arch::Llama,
+        [4096, 14336, 32, 8, 128, 32],
+        128_256,
+        500_000.0,
+        8192,
+    ),
+    dense(
+        "llama2-13b",
+        Arch::Llama,
+        [5120, 13824, 40, 40, 128, 40],
+        32000,
+        10_000.0,
+        4096,
+    ),
+    dense(
+        "llama3-70b",
+        Arch::Llama,
+        [8192, 28672, 64, 8, 128, 80],
+        128_256,
+        500_000.0,
+        8192,
+    ),
+    dense(
+        "qwen3-8b",
+        Arch::Qwen3,
+        [4096, 12288, 32, 8, 128, 36],
+        151_936,
+        1e6,
+        40960,
+    ),
+    moe(
+        dense(
+            "qwen3-30b-a3b",
+            Arch::Qwen3Moe,
+            [2048, 6144, 32, 4, 128, 48],
+            151_936,
+            1e6,
+            40960,
+        ),
+        128,
+        8,
+        768,
+    ),
+    moe(
+        dense(
+            "qwen3-235b-a22b",
+            Arch::Qwen3Moe,
+            [4096, 12288, 64, 4, 128, 94],
+            151_936,
+            1e6,
+            40960,
+        ),
+        128,
+        8,
+        1536,
+    ),
+    moe(
+        dense(
+            "mixtral-8x7b",
+            Arch::Llama,
+            [4096, 14336, 32, 8, 128, 32],
+            32000,
+            1e6,
+            32768,
+        ),
+        8,
+        2,
+        14336,
+    ),
+    dense(
+        "tiny-llama",
+        Arch::Llama,
+        [256, 512, 4, 2, 64, 4],
+        49152,
+        10_000.0,
+        4096,
+    ),
+    dense(
+        "tiny-qwen3",
+        Arch::Qwen3,
+        [256, 512, 4, 2, 128, 4],
+        49152,
+        1e6,
+        4096,
+    ),
+    moe(
+        dense(
+            "tiny-qwen3moe",
+            Arch::Qwen3Moe,
+            [256, 512, 4, 2, 128, 4],
+            49152,
+            1e6,
+            4096,
+        ),
+        16,
+        4,
+        256,
+    ),
+    moe(
+        dense(
+            "tiny-mixtral",
+            Arch::Llama,
+            [256, 512, 4, 2, 64, 4],
+            49152,
+            1e6,
+            4096,
+        ),
+        8,
+        2,
+        512,
+    ),
 ];
 
 /// A preset by name; hyphens do not matter (`llama-3-8b` is `llama3-8b`).
@@ -113,66 +231,111 @@ pub fn shape(name: &str) -> Option<Shape> {
     SHAPES.iter().find(|s| bare(s.name) == bare(name)).cloned()
 }
 
+/// How a GGUF file's tensors are typed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufWeights {
+    /// Every matrix in one type (norms and routers stay F32, as llama.cpp keeps them).
+    Uniform(GgmlDType),
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the LM head and for the value and
+    /// down projections of the first and last eighth of the blocks and every third
+    /// block between (its `use_more_bits`).
+    Q4KM,
+}
+
+impl GgufWeights {
+    /// The type of matrix `name` (GGUF name, block `block` of `blocks` if in one).
+    fn type_for(self, name: &str, block: Option<usize>, blocks: usize) -> GgmlDType {
+        match self {
+            GgufWeights::Uniform(t) => t,
+            GgufWeights::Q4KM => {
+                let more_bits =
+                    |i: usize| i < blocks / 8 || i >= 7 * blocks / 8 || (i - blocks / 8) % 3 == 2;
+                let wide = name.contains("attn_v.") || name.contains("ffn_down");
+                match block {
+                    None if name == "output.weight" => GgmlDType::Q6K,
+                    Some(i) if wide && more_bits(i) => GgmlDType::Q6K,
+                    _ => GgmlDType::Q4K,
+                }
+            }
+        }
+    }
+}
+
 /// How the weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SynthFormat {
-    /// GGUF, matrices in Q4_0.
-    GgufQ4_0,
-    /// GGUF, matrices in Q8_0.
-    GgufQ8_0,
-    /// GGUF, matrices in F16.
-    GgufF16,
+    /// One GGUF file.
+    Gguf(GgufWeights),
     /// A Hugging Face directory of bf16 safetensors.
     SafetensorsBf16,
     /// A Hugging Face directory of f16 safetensors.
     SafetensorsF16,
 }
 
+/// The `--dtype` names for GGUF files and what they mean.
+const GGUF_DTYPES: &[(&str, GgufWeights)] = &[
+    ("f32", GgufWeights::Uniform(GgmlDType::F32)),
+    ("f16", GgufWeights::Uniform(GgmlDType::F16)),
+    ("bf16", GgufWeights::Uniform(GgmlDType::BF16)),
+    ("q8_0", GgufWeights::Uniform(GgmlDType::Q8_0)),
+    ("q5_0", GgufWeights::Uniform(GgmlDType::Q5_0)),
+    ("q5_1", GgufWeights::Uniform(GgmlDType::Q5_1)),
+    ("q4_0", GgufWeights::Uniform(GgmlDType::Q4_0)),
+    ("q4_1", GgufWeights::Uniform(GgmlDType::Q4_1)),
+    ("q6_k", GgufWeights::Uniform(GgmlDType::Q6K)),
+    ("q5_k", GgufWeights::Uniform(GgmlDType::Q5K)),
+    ("q4_k", GgufWeights::Uniform(GgmlDType::Q4K)),
+    ("q4_k_m", GgufWeights::Q4KM),
+];
+
 impl SynthFormat {
-    /// The format for a weight type (`q4_0`, `q8_0`, `f16`, `bf16`), written where
-    /// `out` says: GGUF for a `.gguf` file, safetensors otherwise (bf16 has no GGUF
-    /// form here).
+    /// The format for a weight type (`q4_0`, `q4_k_m`, `f16`, `bf16`, ...), written
+    /// where `out` says: GGUF for a `.gguf` file, safetensors (f16 or bf16) otherwise.
     pub fn for_dtype(dtype: &str, out: &std::path::Path) -> std::result::Result<Self, String> {
         let gguf = out.extension().is_some_and(|e| e == "gguf");
-        Ok(match (dtype.to_ascii_lowercase().as_str(), gguf) {
-            ("q4_0", true) => SynthFormat::GgufQ4_0,
-            ("q8_0", true) => SynthFormat::GgufQ8_0,
-            ("f16", true) => SynthFormat::GgufF16,
-            ("f16", false) => SynthFormat::SafetensorsF16,
-            ("bf16", false) => SynthFormat::SafetensorsBf16,
-            ("q4_0" | "q8_0", false) => {
-                return Err(format!(
+        let lower = dtype.to_ascii_lowercase();
+        if !gguf {
+            return match lower.as_str() {
+                "f16" => Ok(SynthFormat::SafetensorsF16),
+                "bf16" => Ok(SynthFormat::SafetensorsBf16),
+                _ if GGUF_DTYPES.iter().any(|(n, _)| *n == lower) => Err(format!(
                     "--dtype {dtype} is written as GGUF: give --out a .gguf file"
-                ))
-            }
-            ("bf16", true) => {
-                return Err("--dtype bf16 is written as safetensors: give --out a directory".into())
-            }
-            _ => {
-                return Err(format!(
-                    "unknown --dtype `{dtype}`: q4_0, q8_0, f16 or bf16"
-                ))
-            }
-        })
+                )),
+                _ => Err(format!("unknown --dtype `{dtype}`: {}", dtype_names())),
+            };
+        }
+        GGUF_DTYPES
+            .iter()
+            .find(|(n, _)| *n == lower)
+            .map(|&(_, w)| SynthFormat::Gguf(w))
+            .ok_or_else(|| format!("unknown --dtype `{dtype}`: {}", dtype_names()))
     }
+}
+
+/// Every `--dtype` name, for messages.
+pub fn dtype_names() -> String {
+    let names: Vec<&str> = GGUF_DTYPES.iter().map(|(n, _)| *n).collect();
+    format!("{} (GGUF), f16 or bf16 (safetensors)", names.join(", "))
 }
 
 impl FromStr for SynthFormat {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Ok(match s {
-            "gguf-q4_0" => SynthFormat::GgufQ4_0,
-            "gguf-q8_0" => SynthFormat::GgufQ8_0,
-            "gguf-f16" => SynthFormat::GgufF16,
-            "safetensors-bf16" => SynthFormat::SafetensorsBf16,
-            "safetensors-f16" => SynthFormat::SafetensorsF16,
+        let bad = || {
+            format!(
+                "unknown format `{s}`: gguf-<dtype> ({}), safetensors-bf16 or safetensors-f16",
+                dtype_names()
+            )
+        };
+        match s {
+            "safetensors-bf16" => Ok(SynthFormat::SafetensorsBf16),
+            "safetensors-f16" => Ok(SynthFormat::SafetensorsF16),
             _ => {
-                return Err(format!(
-                "unknown format `{s}`: gguf-q4_0, gguf-q8_0, gguf-f16, safetensors-bf16 or safetensors-f16"
-            ))
+                let dtype = s.strip_prefix("gguf-").ok_or_else(bad)?;
+                SynthFormat::for_dtype(dtype, Path::new("x.gguf")).map_err(|_| bad())
             }
-        })
+        }
     }
 }
 
@@ -205,13 +368,14 @@ fn value(rng: &mut rand::rngs::StdRng, std: f32) -> f32 {
     (rng.random::<f32>() * 2.0 - 1.0) * std * 1.732
 }
 
-/// Raw GGML bytes of a random `[rows, cols]` matrix in `dtype`.
-fn ggml_matrix(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> Result<QTensor> {
-    let std = 1.0 / (cols as f32).sqrt();
+/// Raw GGML bytes of a random `[rows, cols]` matrix in `dtype` (whose blocks must
+/// divide `cols`), values of standard deviation about `std`.
+fn ggml_bytes(rows: usize, cols: usize, dtype: GgmlDType, std: f32, seed: u64) -> Result<Vec<u8>> {
     let n = rows * cols;
-    let bytes: Vec<u8> = match dtype {
+    Ok(match dtype {
+        // Q4_0, Q8_0 and F16 straight from random bytes (fast for big shapes): per 32
+        // weights an f16 scale, then the quantised values.
         GgmlDType::Q4_0 => {
-            // Per 32 weights: an f16 scale, then 16 bytes of 4-bit values (-8..7).
             let d = f16::from_f32(std / 4.6).to_le_bytes();
             fill(n / 32, seed, |rng| {
                 let mut b = [0u8; 18];
@@ -234,34 +398,101 @@ fn ggml_matrix(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> Result<
         GgmlDType::F16 => {
             fill(n, seed, |rng| f16::from_f32(value(rng, std)).to_le_bytes()).concat()
         }
+        GgmlDType::F32 => fill(n, seed, |rng| value(rng, std).to_le_bytes()).concat(),
+        // The rest through candle's quantisers, from f32 values.
         other => {
-            return Err(ShardError::BadInput(format!(
-                "no random {other:?} matrices"
-            )))
+            let values = fill(n, seed, |rng| value(rng, std));
+            let t = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
+            QTensor::quantize(&t, other)?.data()?.into_owned()
+        }
+    })
+}
+
+/// A random matrix, or a stack of `experts` of them (GGUF shape `[experts, rows,
+/// cols]`), in `dtype` where its blocks divide `cols` (else Q8_0 or F16, as llama.cpp's
+/// quantiser falls back).
+fn random_tensor(
+    experts: Option<usize>,
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    std: f32,
+    seed: u64,
+) -> Result<QTensor> {
+    let dtype = if cols.is_multiple_of(dtype.block_size()) {
+        dtype
+    } else if cols.is_multiple_of(32) {
+        GgmlDType::Q8_0
+    } else {
+        GgmlDType::F16
+    };
+    let (bytes, dims) = match experts {
+        None => (ggml_bytes(rows, cols, dtype, std, seed)?, vec![rows, cols]),
+        Some(n) => {
+            let parts = (0..n)
+                .map(|e| ggml_bytes(rows, cols, dtype, std, seed ^ ((e as u64 + 1) << 40)))
+                .collect::<Result<Vec<_>>>()?;
+            (parts.concat(), vec![n, rows, cols])
         }
     };
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
         dtype,
         &bytes,
-        vec![rows, cols],
+        dims,
         &Device::Cpu,
     )?)
 }
 
-/// `(name, rows, cols)` of every matrix of block `i`, GGUF names.
-fn block_matrices(s: &Shape, i: usize) -> Vec<(String, usize, usize)> {
-    let hd = s.hidden / s.heads;
-    let p = |n: &str| format!("blk.{i}.{n}.weight");
-    vec![
-        (p("attn_q"), s.heads * hd, s.hidden),
-        (p("attn_k"), s.kv_heads * hd, s.hidden),
-        (p("attn_v"), s.kv_heads * hd, s.hidden),
-        (p("attn_output"), s.hidden, s.heads * hd),
-        (p("ffn_gate"), s.ffn, s.hidden),
-        (p("ffn_up"), s.ffn, s.hidden),
-        (p("ffn_down"), s.hidden, s.ffn),
-    ]
+/// One matrix (or stack of experts) of a block: GGUF name, experts, rows, cols.
+struct Matrix {
+    name: String,
+    experts: Option<usize>,
+    rows: usize,
+    cols: usize,
 }
+
+/// Every matrix of block `i`.
+fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
+    let p = |n: &str| format!("blk.{i}.{n}.weight");
+    let m = |name: String, experts, rows, cols| Matrix {
+        name,
+        experts,
+        rows,
+        cols,
+    };
+    let hd = s.head_dim;
+    let mut out = vec![
+        m(p("attn_q"), None, s.heads * hd, s.hidden),
+        m(p("attn_k"), None, s.kv_heads * hd, s.hidden),
+        m(p("attn_v"), None, s.kv_heads * hd, s.hidden),
+        m(p("attn_output"), None, s.hidden, s.heads * hd),
+    ];
+    match &s.experts {
+        None => out.extend([
+            m(p("ffn_gate"), None, s.ffn, s.hidden),
+            m(p("ffn_up"), None, s.ffn, s.hidden),
+            m(p("ffn_down"), None, s.hidden, s.ffn),
+        ]),
+        Some(e) => out.extend([
+            m(p("ffn_gate_exps"), Some(e.count), e.ffn, s.hidden),
+            m(p("ffn_up_exps"), Some(e.count), e.ffn, s.hidden),
+            m(p("ffn_down_exps"), Some(e.count), s.hidden, e.ffn),
+        ]),
+    }
+    out
+}
+
+/// The LM head's values are this many times larger than a plain 1/sqrt(fan-in) draw,
+/// so random models choose their tokens decisively (logits of standard deviation about
+/// 4, as a trained model's; top-2 gaps average about 0.9 over a 49k vocabulary):
+/// two correct implementations then agree on greedy tokens, where near-ties would let
+/// rounding decide.
+const DECISIVE_HEAD: f32 = 4.0;
+
+/// Token embeddings this many times larger than a plain draw: the residual stream
+/// then carries the token strongly through every block, which keeps a mixture of
+/// experts' routing clear of near-ties that quantisation noise would flip.
+const EMBEDDING_WEIGHT: f32 = 4.0;
 
 /// Writes a model of `shape` (with `blocks` blocks if given) in `format` to `out` (a
 /// file for GGUF, a directory for safetensors), with `donor`'s tokenizer.
@@ -276,7 +507,7 @@ pub fn write(
 ) -> Result<()> {
     let mut s = shape.clone();
     s.blocks = blocks.unwrap_or(s.blocks);
-    if s.blocks == 0 || !s.hidden.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) {
+    if s.blocks == 0 || !s.heads.is_multiple_of(s.kv_heads) || !s.head_dim.is_multiple_of(2) {
         return Err(ShardError::BadInput(format!("not a usable shape: {s:?}")));
     }
     let md = donor
@@ -284,15 +515,14 @@ pub fn write(
         .ok_or_else(|| ShardError::BadInput("the tokenizer donor must be a GGUF file".into()))?;
     let vocab = TextCodec::from_model(donor)?.vocab_size();
     match format {
-        SynthFormat::GgufQ4_0 | SynthFormat::GgufQ8_0 | SynthFormat::GgufF16 => {
-            let dtype = match format {
-                SynthFormat::GgufQ4_0 => GgmlDType::Q4_0,
-                SynthFormat::GgufQ8_0 => GgmlDType::Q8_0,
-                _ => GgmlDType::F16,
-            };
-            write_gguf(&s, vocab, dtype, out, md, seed, &mut progress)
-        }
+        SynthFormat::Gguf(weights) => write_gguf(&s, vocab, weights, out, md, seed, &mut progress),
         SynthFormat::SafetensorsBf16 | SynthFormat::SafetensorsF16 => {
+            if s.arch != Arch::Llama || s.experts.is_some() {
+                return Err(ShardError::BadInput(format!(
+                    "{} is written as GGUF only: give --out a .gguf file",
+                    s.name
+                )));
+            }
             let bf = format == SynthFormat::SafetensorsBf16;
             write_safetensors(&s, vocab, bf, out, donor, seed, &mut progress)
         }
@@ -302,7 +532,7 @@ pub fn write(
 fn write_gguf(
     s: &Shape,
     vocab: usize,
-    dtype: GgmlDType,
+    weights: GgufWeights,
     out: &Path,
     donor: &HashMap<String, gguf_file::Value>,
     seed: u64,
@@ -315,52 +545,92 @@ fn write_gguf(
             GgmlDType::F32,
         )?)
     };
+    let plain = 1.0 / (s.hidden as f32).sqrt();
     let mut tensors: Vec<(String, QTensor)> = vec![
         (
             "token_embd.weight".into(),
-            ggml_matrix(vocab, s.hidden, dtype, seed)?,
+            random_tensor(
+                None,
+                vocab,
+                s.hidden,
+                weights.type_for("token_embd.weight", None, s.blocks),
+                plain * EMBEDDING_WEIGHT,
+                seed,
+            )?,
         ),
         ("output_norm.weight".into(), ones(s.hidden)?),
         (
             "output.weight".into(),
-            ggml_matrix(vocab, s.hidden, dtype, seed + 1)?,
+            random_tensor(
+                None,
+                vocab,
+                s.hidden,
+                weights.type_for("output.weight", None, s.blocks),
+                plain * DECISIVE_HEAD,
+                seed + 1,
+            )?,
         ),
     ];
     for i in 0..s.blocks {
-        tensors.push((format!("blk.{i}.attn_norm.weight"), ones(s.hidden)?));
-        tensors.push((format!("blk.{i}.ffn_norm.weight"), ones(s.hidden)?));
-        for (j, (name, rows, cols)) in block_matrices(s, i).into_iter().enumerate() {
-            let m = ggml_matrix(rows, cols, dtype, seed + 100 * (i as u64 + 1) + j as u64)?;
-            tensors.push((name, m));
+        let p = |n: &str| format!("blk.{i}.{n}.weight");
+        tensors.push((p("attn_norm"), ones(s.hidden)?));
+        tensors.push((p("ffn_norm"), ones(s.hidden)?));
+        if s.arch.qk_norm() {
+            tensors.push((p("attn_q_norm"), ones(s.head_dim)?));
+            tensors.push((p("attn_k_norm"), ones(s.head_dim)?));
+        }
+        if let Some(e) = &s.experts {
+            // Routers stay F32, as llama.cpp's quantiser leaves them.
+            let router = random_tensor(
+                None,
+                e.count,
+                s.hidden,
+                GgmlDType::F32,
+                plain,
+                seed + 100 * (i as u64 + 1) + 99,
+            )?;
+            tensors.push((p("ffn_gate_inp"), router));
+        }
+        for (j, m) in block_matrices(s, i).into_iter().enumerate() {
+            let dtype = weights.type_for(&m.name, Some(i), s.blocks);
+            let std = 1.0 / (m.cols as f32).sqrt();
+            let seed = seed + 100 * (i as u64 + 1) + j as u64;
+            let t = random_tensor(m.experts, m.rows, m.cols, dtype, std, seed)?;
+            tensors.push((m.name, t));
         }
         progress(i + 1, s.blocks);
     }
+    let arch = s.arch.gguf_name();
+    let u = |n: usize| V::U32(n as u32);
     let mut md: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String("llama".into())),
+        ("general.architecture".into(), V::String(arch.into())),
         (
             "general.name".into(),
             V::String(format!("random {} ({} blocks)", s.name, s.blocks)),
         ),
-        ("llama.block_count".into(), V::U32(s.blocks as u32)),
-        ("llama.embedding_length".into(), V::U32(s.hidden as u32)),
-        ("llama.feed_forward_length".into(), V::U32(s.ffn as u32)),
-        ("llama.attention.head_count".into(), V::U32(s.heads as u32)),
-        (
-            "llama.attention.head_count_kv".into(),
-            V::U32(s.kv_heads as u32),
-        ),
-        (
-            "llama.rope.dimension_count".into(),
-            V::U32((s.hidden / s.heads) as u32),
-        ),
-        ("llama.rope.freq_base".into(), V::F32(s.rope_theta)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
-            V::F32(1e-5),
-        ),
-        ("llama.context_length".into(), V::U32(s.context as u32)),
-        ("llama.vocab_size".into(), V::U32(vocab as u32)),
     ];
+    let mut keyed = vec![
+        ("block_count", u(s.blocks)),
+        ("embedding_length", u(s.hidden)),
+        ("feed_forward_length", u(s.ffn)),
+        ("attention.head_count", u(s.heads)),
+        ("attention.head_count_kv", u(s.kv_heads)),
+        ("attention.key_length", u(s.head_dim)),
+        ("attention.value_length", u(s.head_dim)),
+        ("rope.dimension_count", u(s.head_dim)),
+        ("rope.freq_base", V::F32(s.rope_theta)),
+        ("attention.layer_norm_rms_epsilon", V::F32(1e-5)),
+        ("context_length", u(s.context)),
+        ("vocab_size", u(vocab)),
+    ];
+    if let Some(e) = &s.experts {
+        keyed.push(("expert_count", u(e.count)));
+        keyed.push(("expert_used_count", u(e.used)));
+        if s.arch != Arch::Llama {
+            keyed.push(("expert_feed_forward_length", u(e.ffn)));
+        }
+    }
+    md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
     let mut keys: Vec<&String> = donor
         .keys()
         .filter(|k| k.starts_with("tokenizer."))
@@ -466,9 +736,9 @@ fn write_safetensors(
                 ones(s.hidden),
             ),
         ];
-        for (j, (name, rows, cols)) in block_matrices(s, i).into_iter().enumerate() {
-            let m = matrix(rows, cols, seed + 100 * (i as u64 + 1) + j as u64);
-            tensors.push((hf(&name), vec![rows, cols], m));
+        for (j, m) in block_matrices(s, i).into_iter().enumerate() {
+            let values = matrix(m.rows, m.cols, seed + 100 * (i as u64 + 1) + j as u64);
+            tensors.push((hf(&m.name), vec![m.rows, m.cols], values));
         }
         save(&format!("model-block-{i:04}.safetensors"), tensors)?;
         progress(i + 1, s.blocks);
@@ -483,6 +753,7 @@ fn write_safetensors(
         "num_hidden_layers": s.blocks,
         "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads,
+        "head_dim": s.head_dim,
         "vocab_size": vocab,
         "rope_theta": s.rope_theta,
         "rms_norm_eps": 1e-5,
@@ -514,18 +785,16 @@ mod tests {
         assert!(shape("llama-4-1t").is_none());
         let gguf = std::path::Path::new("m.gguf");
         let dir = std::path::Path::new("m");
+        let q = |t| Ok(SynthFormat::Gguf(GgufWeights::Uniform(t)));
+        assert_eq!(SynthFormat::for_dtype("q4_0", gguf), q(GgmlDType::Q4_0));
+        assert_eq!(SynthFormat::for_dtype("Q8_0", gguf), q(GgmlDType::Q8_0));
+        assert_eq!(SynthFormat::for_dtype("f16", gguf), q(GgmlDType::F16));
+        assert_eq!(SynthFormat::for_dtype("bf16", gguf), q(GgmlDType::BF16));
         assert_eq!(
-            SynthFormat::for_dtype("q4_0", gguf),
-            Ok(SynthFormat::GgufQ4_0)
+            SynthFormat::for_dtype("q4_k_m", gguf),
+            Ok(SynthFormat::Gguf(GgufWeights::Q4KM))
         );
-        assert_eq!(
-            SynthFormat::for_dtype("Q8_0", gguf),
-            Ok(SynthFormat::GgufQ8_0)
-        );
-        assert_eq!(
-            SynthFormat::for_dtype("f16", gguf),
-            Ok(SynthFormat::GgufF16)
-        );
+        assert_eq!("gguf-q6_k".parse(), q(GgmlDType::Q6K));
         assert_eq!(
             SynthFormat::for_dtype("f16", dir),
             Ok(SynthFormat::SafetensorsF16)
@@ -535,7 +804,21 @@ mod tests {
             Ok(SynthFormat::SafetensorsBf16)
         );
         assert!(SynthFormat::for_dtype("q4_0", dir).is_err_and(|e| e.contains(".gguf")));
-        assert!(SynthFormat::for_dtype("bf16", gguf).is_err());
-        assert!(SynthFormat::for_dtype("int3", gguf).is_err_and(|e| e.contains("q4_0")));
+        assert!(SynthFormat::for_dtype("int3", gguf).is_err_and(|e| e.contains("q4_k_m")));
+        assert!(shape("qwen3-30b-a3b").is_some_and(|s| s.experts.is_some()));
+    }
+
+    #[test]
+    fn q4_k_m_gives_some_blocks_more_bits() {
+        let w = GgufWeights::Q4KM;
+        let t = |name: &str, block| w.type_for(name, block, 32);
+        assert_eq!(t("output.weight", None), GgmlDType::Q6K);
+        assert_eq!(t("token_embd.weight", None), GgmlDType::Q4K);
+        assert_eq!(t("blk.0.attn_v.weight", Some(0)), GgmlDType::Q6K);
+        assert_eq!(t("blk.0.attn_q.weight", Some(0)), GgmlDType::Q4K);
+        // Blocks 4..28: every third from block 6 gets more bits.
+        assert_eq!(t("blk.5.ffn_down.weight", Some(5)), GgmlDType::Q4K);
+        assert_eq!(t("blk.6.ffn_down_exps.weight", Some(6)), GgmlDType::Q6K);
+        assert_eq!(t("blk.31.attn_v.weight", Some(31)), GgmlDType::Q6K);
     }
 }

@@ -257,3 +257,40 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kb * 1024
 }
+
+/// A package from PyPI, installed with pip into the cache on first use (`module` is
+/// what it imports as); the directory to put on `PYTHONPATH`.
+pub fn python_package(name: &str, version: &str, module: &str) -> PathBuf {
+    let dir = shoal_node::model_cache::cache_dir().join(format!("{name}-py-{version}"));
+    if !dir.join(module).exists() {
+        eprintln!(
+            "installing {name} {version} with pip into {}",
+            dir.display()
+        );
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg(format!("{name}=={version}"))
+            .status()
+            .expect("python3 -m pip");
+        assert!(status.success(), "pip could not install {name}");
+    }
+    dir
+}
+
+/// llama-cpp-python, the reference implementation model code is checked against
+/// (tests/reference/): installed into the cache on first use, which builds llama.cpp
+/// from source (about 7 minutes on 2 cores; `.ci/run` does it before the tests).
+pub fn llama_cpp_python() -> PathBuf {
+    python_package("llama-cpp-python", LLAMA_CPP_PYTHON, "llama_cpp")
+}
+
+/// The llama-cpp-python release the tests and `bench/llama-cpp.sh` use.
+pub const LLAMA_CPP_PYTHON: &str = "0.3.36";

@@ -5,165 +5,43 @@
 //!
 //! ```text
 //! h   = x + Wo · attention(rope(Wq · rms(x)), rope(Wk · rms(x)), Wv · rms(x))
-//! out = h + Wdown · (silu(Wgate · rms(h)) * Wup · rms(h))
+//! out = h + ffn(rms(h))
 //! ```
+//!
+//! Qwen3 normalises each query and key head (RMSNorm over the head) before rope; `ffn`
+//! is one MLP or a mixture of experts ([`ffn`]).
+//!
+//! In candle-transformers' order: [`cache`] (a session's keys and values), [`attention`],
+//! [`ffn`] (MLP or experts), and here the block and the span (`load`, `forward`).
 //!
 //! Hidden states are `[tokens, hidden]` f32 tensors for one sequence; the position of
 //! the first token is the cache's length, so a span cannot be fed out of order.
 
 use candle_core::{DType, Device, Tensor};
 
+mod attention;
+mod cache;
+mod ffn;
+
+pub use cache::KvCache;
+
+use attention::{causal_mask, Segment};
+use cache::LayerKv;
+use ffn::{Ffn, Projection};
+
 use crate::file::{Linear, ModelFile};
-use crate::{ModelConfig, Result, RopeStyle, ShardError};
+use crate::{ModelConfig, Result, ShardError};
 
 /// One transformer block's weights.
 struct Block {
     attn_norm: Tensor,
     /// Wq, Wk, Wv.
     qkv: Projection,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
     wo: Linear,
     ffn_norm: Tensor,
-    /// Wgate, Wup.
-    gate_up: Projection,
-    down: Linear,
-}
-
-/// Linear layers that read the same input: one stacked product when our kernels run
-/// them all (one pass over the input, one hand-out of work to the threads), else one
-/// product each.
-enum Projection {
-    Stacked { linear: Linear, widths: Vec<usize> },
-    Separate(Vec<Linear>),
-}
-
-impl Projection {
-    fn new(parts: Vec<Linear>) -> Result<Self> {
-        let refs: Vec<&Linear> = parts.iter().collect();
-        Ok(match Linear::stack(&refs) {
-            Some(linear) => Projection::Stacked {
-                widths: parts
-                    .iter()
-                    .map(|p| p.out_features())
-                    .collect::<candle_core::Result<_>>()?,
-                linear,
-            },
-            None => Projection::Separate(parts),
-        })
-    }
-
-    fn is_row_exact(&self) -> bool {
-        match self {
-            Projection::Stacked { linear, .. } => linear.is_row_exact(),
-            Projection::Separate(layers) => layers.iter().all(Linear::is_row_exact),
-        }
-    }
-
-    /// One output per layer, in order.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        match self {
-            Projection::Stacked { linear, widths } => {
-                let y = linear.forward(x)?;
-                let mut at = 0;
-                widths
-                    .iter()
-                    .map(|&w| {
-                        let part = y.narrow(candle_core::D::Minus1, at, w);
-                        at += w;
-                        part
-                    })
-                    .collect()
-            }
-            Projection::Separate(layers) => layers.iter().map(|l| l.forward(x)).collect(),
-        }
-    }
-}
-
-/// The keys and values one session has seen, for every block of a span.
-#[derive(Debug)]
-pub struct KvCache {
-    /// First block this cache covers (a session may use a sub-span of a server's span).
-    start: usize,
-    /// Per block: keys and values.
-    layers: Vec<Option<LayerKv>>,
-    /// Tokens held (the position of the next token).
-    len: usize,
-    /// Longest sequence this cache may grow to.
-    max_len: usize,
-}
-
-impl KvCache {
-    /// Tokens held so far: the position the next token will take.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// True when no token has been seen.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Longest sequence allowed.
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-    /// Blocks `[start, end)` this cache covers.
-    pub fn blocks(&self) -> (usize, usize) {
-        (self.start, self.start + self.layers.len())
-    }
-    /// Bytes held by keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
-            .sum()
-    }
-}
-
-/// One block's keys and values for one session: `[kv_heads, capacity, head_dim]`
-/// buffers whose first `len` positions are filled. They grow by doubling (up to the
-/// session's length), so appending a token copies that token only, where concatenating
-/// would copy the whole cache at every step of every block.
-#[derive(Debug)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-impl LayerKv {
-    /// Appends `k` and `v` (`[kv_heads, seq, head_dim]`) to the cache in `slot` (made or
-    /// grown as needed, to at most `max_len` positions unless more are needed) and
-    /// returns views of everything held, `[kv_heads, len, head_dim]`.
-    fn append(
-        slot: &mut Option<LayerKv>,
-        k: &Tensor,
-        v: &Tensor,
-        max_len: usize,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (nkv, seq, hd) = k.dims3()?;
-        let (len, cap) = match slot {
-            Some(l) => (l.len, l.k.dim(1)?),
-            None => (0, 0),
-        };
-        if len + seq > cap {
-            let new_cap = (cap * 2).max(64).min(max_len).max(len + seq);
-            let nk = Tensor::zeros((nkv, new_cap, hd), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((nkv, new_cap, hd), v.dtype(), v.device())?;
-            if let Some(old) = slot.take() {
-                if old.len > 0 {
-                    nk.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
-                }
-            }
-            *slot = Some(LayerKv { k: nk, v: nv, len });
-        }
-        let Some(l) = slot.as_mut() else {
-            candle_core::bail!("key/value cache missing");
-        };
-        l.k.slice_set(&k.contiguous()?, 1, l.len)?;
-        l.v.slice_set(&v.contiguous()?, 1, l.len)?;
-        l.len += seq;
-        Ok((l.k.narrow(1, 0, l.len)?, l.v.narrow(1, 0, l.len)?))
-    }
+    ffn: Ffn,
 }
 
 /// The blocks `[start, end)` of a model, loaded and ready to run.
@@ -217,13 +95,17 @@ impl Span {
                     file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
                     file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
                 ])?,
+                qk_norm: if cfg.arch.qk_norm() {
+                    Some((
+                        file.dense(&p("attn_q_norm.weight"), device)?,
+                        file.dense(&p("attn_k_norm.weight"), device)?,
+                    ))
+                } else {
+                    None
+                },
                 wo: file.linear(&p("attn_output"), false, device)?,
                 ffn_norm: file.dense(&p("ffn_norm.weight"), device)?,
-                gate_up: Projection::new(vec![
-                    file.linear(&p("ffn_gate"), false, device)?,
-                    file.linear(&p("ffn_up"), false, device)?,
-                ])?,
-                down: file.linear(&p("ffn_down"), false, device)?,
+                ffn: Ffn::load(file, i, device)?,
             };
             blocks.push(block);
             // Block by block, not once at the end: the file's pages read for a block
@@ -328,12 +210,9 @@ impl Span {
     /// (dense safetensors weights on candle's matmul) a batch changes the rounding, and a
     /// server that must replay a session exactly after a failover should not batch.
     pub fn batches_exactly(&self) -> bool {
-        self.blocks.iter().all(|b| {
-            b.qkv.is_row_exact()
-                && b.wo.is_row_exact()
-                && b.gate_up.is_row_exact()
-                && b.down.is_row_exact()
-        })
+        self.blocks
+            .iter()
+            .all(|b| b.qkv.is_row_exact() && b.wo.is_row_exact() && b.ffn.is_row_exact())
     }
 
     /// Runs several sessions' inputs through the span as one batch: the rows of all of
@@ -439,13 +318,6 @@ impl Span {
         ))
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        match self.config.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
-            RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin),
-        }
-    }
-
     /// One block over the rows of every segment: projections and MLP on all rows at
     /// once, attention per segment over its own cache.
     fn block_forward(
@@ -464,6 +336,18 @@ impl Span {
             .forward(&h)?
             .try_into()
             .map_err(|_| ShardError::BadInput("q, k and v projections".into()))?;
+        let (q, k) = match &b.qk_norm {
+            Some((qn, kn)) => {
+                let hd = self.config.head_dim;
+                let per_head = |t: Tensor, w: &Tensor| -> candle_core::Result<Tensor> {
+                    let (rows, width) = t.dims2()?;
+                    let t = t.contiguous()?.reshape((rows, width / hd, hd))?;
+                    candle_nn::ops::rms_norm(&t, w, eps)?.reshape((rows, width))
+                };
+                (per_head(q, qn)?, per_head(k, kn)?)
+            }
+            None => (q, k),
+        };
         let o = if segments.len() == 1 {
             self.attention(q, k, v, &segments[0], kvs[0])?
         } else {
@@ -478,160 +362,9 @@ impl Span {
         };
         let x = (x + b.wo.forward(&o)?)?;
 
-        // MLP (SwiGLU).
+        // Feed-forward: one MLP or experts.
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let [g, u]: [Tensor; 2] = b
-            .gate_up
-            .forward(&h)?
-            .try_into()
-            .map_err(|_| ShardError::BadInput("gate and up projections".into()))?;
-        let m = b.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+        let m = b.ffn.forward(&h)?;
         Ok((x + m)?)
     }
-
-    /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,
-    /// which it extends: `[seq, heads * head_dim]`.
-    fn attention(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        seg: &Segment,
-        kv: &mut Option<LayerKv>,
-    ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let seq = seg.seq;
-        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            // [seq, n*hd] -> [1, n, seq, hd], the layout the rope kernels want.
-            t.reshape((seq, n, hd))?
-                .transpose(0, 1)?
-                .unsqueeze(0)?
-                .contiguous()
-        };
-        let q = heads(q, nh)?;
-        let k = heads(k, nkv)?;
-        let v = heads(v, nkv)?.squeeze(0)?;
-        let q = self.rope(&q, &seg.cos, &seg.sin)?;
-        let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
-        let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
-            if let Some(l) = kv.as_ref() {
-                return decode_attention(&q, l, nh / nkv, scale as f32);
-            }
-        }
-        let total = k.dim(1)?;
-        // Grouped-query attention without copying K/V: the n_rep query heads that share
-        // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
-        let n_rep = nh / nkv;
-        let q = q.reshape((nkv, n_rep * seq, hd))?;
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match &seg.mask {
-            Some(m) => att
-                .reshape((nkv, n_rep, seq, total))?
-                .broadcast_add(m)?
-                .reshape((nkv, n_rep * seq, total))?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        Ok(att
-            .matmul(&v)?
-            .reshape((nh, seq, hd))?
-            .transpose(0, 1)?
-            .reshape((seq, nh * hd))?)
-    }
-}
-
-/// Attention of one token (`q`: `[1, heads, 1, head_dim]`, rope applied) over a cache,
-/// in plain Rust: scores, softmax and the weighted sum straight over the cache's
-/// buffers, heads in parallel once the cache is long. For a single token this replaces
-/// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
-fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (nkv, cap, hd) = l.k.dims3()?;
-    let nh = nkv * n_rep;
-    let total = l.len;
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let (ks, kl) = l.k.storage_and_layout();
-    let (vs, vl) = l.v.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        return Err(ShardError::BadInput(
-            "decode attention runs on the CPU".into(),
-        ));
-    };
-    let keys = &kc.as_slice::<f32>()?[kl.start_offset()..][..nkv * cap * hd];
-    let values = &vc.as_slice::<f32>()?[vl.start_offset()..][..nkv * cap * hd];
-    let mut out = vec![0f32; nh * hd];
-    let head = |h: usize, o: &mut [f32]| {
-        let base = (h / n_rep) * cap * hd;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut scores: Vec<f32> = (0..total)
-            .map(|t| dot(qh, &keys[base + t * hd..base + (t + 1) * hd]) * scale)
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for (t, p) in scores.iter().enumerate() {
-            let p = p * inv;
-            let row = &values[base + t * hd..base + (t + 1) * hd];
-            for (o, v) in o.iter_mut().zip(row) {
-                *o += p * v;
-            }
-        }
-    };
-    // Splitting pays only once the heads have enough positions to go through.
-    if total * nh >= 4096 {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(h, o)| head(h, o));
-    } else {
-        for (h, o) in out.chunks_mut(hd).enumerate() {
-            head(h, o);
-        }
-    }
-    drop((ks, vs));
-    Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?)
-}
-
-/// Dot product in eight independent lanes (which the compiler turns into vector code).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// One session's rows in a batch: how many, and their rope tables and causal mask.
-struct Segment {
-    seq: usize,
-    /// The session's longest sequence, which caps its cache's growth.
-    max_len: usize,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Option<Tensor>,
-}
-
-/// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,
-/// minus infinity where `j` lies in its future.
-fn causal_mask(seq: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let total = pos + seq;
-    let data: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (seq, total), device)
 }

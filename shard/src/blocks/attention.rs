@@ -1,0 +1,168 @@
+//! Attention: rope, grouped-query attention over a session's cache, and a plain-Rust
+//! path for the single token of a decode step.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::cache::LayerKv;
+use super::Span;
+use crate::{Result, RopeStyle, ShardError};
+
+impl Span {
+    pub(super) fn rope(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self.config.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
+            RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin),
+        }
+    }
+
+    /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,
+    /// which it extends: `[seq, heads * head_dim]`.
+    pub(super) fn attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        seg: &Segment,
+        kv: &mut Option<LayerKv>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let seq = seg.seq;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            // [seq, n*hd] -> [1, n, seq, hd], the layout the rope kernels want.
+            t.reshape((seq, n, hd))?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()
+        };
+        let q = heads(q, nh)?;
+        let k = heads(k, nkv)?;
+        let v = heads(v, nkv)?.squeeze(0)?;
+        let q = self.rope(&q, &seg.cos, &seg.sin)?;
+        let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
+        let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            if let Some(l) = kv.as_ref() {
+                return decode_attention(&q, l, nh / nkv, scale as f32);
+            }
+        }
+        let total = k.dim(1)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share
+        // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
+        let n_rep = nh / nkv;
+        let q = q.reshape((nkv, n_rep * seq, hd))?;
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match &seg.mask {
+            Some(m) => att
+                .reshape((nkv, n_rep, seq, total))?
+                .broadcast_add(m)?
+                .reshape((nkv, n_rep * seq, total))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        Ok(att
+            .matmul(&v)?
+            .reshape((nh, seq, hd))?
+            .transpose(0, 1)?
+            .reshape((seq, nh * hd))?)
+    }
+}
+
+/// Attention of one token (`q`: `[1, heads, 1, head_dim]`, rope applied) over a cache,
+/// in plain Rust: scores, softmax and the weighted sum straight over the cache's
+/// buffers, heads in parallel once the cache is long. For a single token this replaces
+/// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
+fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (nkv, cap, hd) = l.k.dims3()?;
+    let nh = nkv * n_rep;
+    let total = l.len;
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = l.k.storage_and_layout();
+    let (vs, vl) = l.v.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        return Err(ShardError::BadInput(
+            "decode attention runs on the CPU".into(),
+        ));
+    };
+    let keys = &kc.as_slice::<f32>()?[kl.start_offset()..][..nkv * cap * hd];
+    let values = &vc.as_slice::<f32>()?[vl.start_offset()..][..nkv * cap * hd];
+    let mut out = vec![0f32; nh * hd];
+    let head = |h: usize, o: &mut [f32]| {
+        let base = (h / n_rep) * cap * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut scores: Vec<f32> = (0..total)
+            .map(|t| dot(qh, &keys[base + t * hd..base + (t + 1) * hd]) * scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for (t, p) in scores.iter().enumerate() {
+            let p = p * inv;
+            let row = &values[base + t * hd..base + (t + 1) * hd];
+            for (o, v) in o.iter_mut().zip(row) {
+                *o += p * v;
+            }
+        }
+    };
+    // Splitting pays only once the heads have enough positions to go through.
+    if total * nh >= 4096 {
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(h, o)| head(h, o));
+    } else {
+        for (h, o) in out.chunks_mut(hd).enumerate() {
+            head(h, o);
+        }
+    }
+    drop((ks, vs));
+    Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?)
+}
+
+/// Dot product in eight independent lanes (which the compiler turns into vector code).
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One session's rows in a batch: how many, and their rope tables and causal mask.
+pub(super) struct Segment {
+    pub(super) seq: usize,
+    /// The session's longest sequence, which caps its cache's growth.
+    pub(super) max_len: usize,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) mask: Option<Tensor>,
+}
+
+/// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,
+/// minus infinity where `j` lies in its future.
+pub(super) fn causal_mask(seq: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = pos + seq;
+    let data: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (seq, total), device)
+}

@@ -1,0 +1,91 @@
+//! Keys and values a session has seen, per block, in buffers that grow by doubling.
+
+use candle_core::Tensor;
+
+/// The keys and values one session has seen, for every block of a span.
+#[derive(Debug)]
+pub struct KvCache {
+    /// First block this cache covers (a session may use a sub-span of a server's span).
+    pub(super) start: usize,
+    /// Per block: keys and values.
+    pub(super) layers: Vec<Option<LayerKv>>,
+    /// Tokens held (the position of the next token).
+    pub(super) len: usize,
+    /// Longest sequence this cache may grow to.
+    pub(super) max_len: usize,
+}
+
+impl KvCache {
+    /// Tokens held so far: the position the next token will take.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when no token has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Longest sequence allowed.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+    /// Blocks `[start, end)` this cache covers.
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.start, self.start + self.layers.len())
+    }
+    /// Bytes held by keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// One block's keys and values for one session: `[kv_heads, capacity, head_dim]`
+/// buffers whose first `len` positions are filled. They grow by doubling (up to the
+/// session's length), so appending a token copies that token only, where concatenating
+/// would copy the whole cache at every step of every block.
+#[derive(Debug)]
+pub(super) struct LayerKv {
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) len: usize,
+}
+
+impl LayerKv {
+    /// Appends `k` and `v` (`[kv_heads, seq, head_dim]`) to the cache in `slot` (made or
+    /// grown as needed, to at most `max_len` positions unless more are needed) and
+    /// returns views of everything held, `[kv_heads, len, head_dim]`.
+    pub(super) fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        max_len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (nkv, seq, hd) = k.dims3()?;
+        let (len, cap) = match slot {
+            Some(l) => (l.len, l.k.dim(1)?),
+            None => (0, 0),
+        };
+        if len + seq > cap {
+            let new_cap = (cap * 2).max(64).min(max_len).max(len + seq);
+            let nk = Tensor::zeros((nkv, new_cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((nkv, new_cap, hd), v.dtype(), v.device())?;
+            if let Some(old) = slot.take() {
+                if old.len > 0 {
+                    nk.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                    nv.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let Some(l) = slot.as_mut() else {
+            candle_core::bail!("key/value cache missing");
+        };
+        l.k.slice_set(&k.contiguous()?, 1, l.len)?;
+        l.v.slice_set(&v.contiguous()?, 1, l.len)?;
+        l.len += seq;
+        Ok((l.k.narrow(1, 0, l.len)?, l.v.narrow(1, 0, l.len)?))
+    }
+}

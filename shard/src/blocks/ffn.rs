@@ -1,0 +1,240 @@
+//! A block's feed-forward network: one SwiGLU MLP, or a mixture of SwiGLU experts.
+//!
+//! ```text
+//! mlp(h) = Wdown · (silu(Wgate · h) * Wup · h)
+//! moe(h) = Σ over the k experts e the router ranks highest for h:  p_e · mlp_e(h)
+//!          p = softmax(Wrouter · h), renormalised over the k chosen when the family does
+//! ```
+
+use candle_core::{Device, Tensor};
+
+use super::attention::dot;
+use crate::file::{Linear, ModelFile};
+use crate::{Experts, Result, ShardError};
+
+/// Linear layers that read the same input: one stacked product when our kernels run
+/// them all (one pass over the input, one hand-out of work to the threads), else one
+/// product each.
+pub(super) enum Projection {
+    Stacked { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projection {
+    pub(super) fn new(parts: Vec<Linear>) -> Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        Ok(match Linear::stack(&refs) {
+            Some(linear) => Projection::Stacked {
+                widths: parts
+                    .iter()
+                    .map(|p| p.out_features())
+                    .collect::<candle_core::Result<_>>()?,
+                linear,
+            },
+            None => Projection::Separate(parts),
+        })
+    }
+
+    pub(super) fn is_row_exact(&self) -> bool {
+        match self {
+            Projection::Stacked { linear, .. } => linear.is_row_exact(),
+            Projection::Separate(layers) => layers.iter().all(Linear::is_row_exact),
+        }
+    }
+
+    /// One output per layer, in order.
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Projection::Stacked { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(candle_core::D::Minus1, at, w);
+                        at += w;
+                        part
+                    })
+                    .collect()
+            }
+            Projection::Separate(layers) => layers.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}
+
+/// A SwiGLU MLP.
+pub(super) struct Mlp {
+    /// Wgate, Wup.
+    gate_up: Projection,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(gate: Linear, up: Linear, down: Linear) -> Result<Self> {
+        Ok(Mlp {
+            gate_up: Projection::new(vec![gate, up])?,
+            down,
+        })
+    }
+
+    fn is_row_exact(&self) -> bool {
+        self.gate_up.is_row_exact() && self.down.is_row_exact()
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let [g, u]: [Tensor; 2] = self
+            .gate_up
+            .forward(h)?
+            .try_into()
+            .map_err(|_| ShardError::BadInput("gate and up projections".into()))?;
+        Ok(self.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)
+    }
+}
+
+/// A block's feed-forward network.
+pub(super) enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+impl Ffn {
+    /// Loads block `i`'s network: experts when the file has a router for the block
+    /// (`ffn_gate_inp`), else one MLP.
+    pub(super) fn load(file: &ModelFile, i: usize, device: &Device) -> Result<Self> {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let experts =
+            (file.config().experts.clone()).filter(|_| file.has(&p("ffn_gate_inp.weight")));
+        Ok(match experts {
+            Some(experts) => Ffn::Moe(Moe::load(file, i, experts, device)?),
+            None => Ffn::Dense(Mlp::new(
+                file.linear(&p("ffn_gate"), false, device)?,
+                file.linear(&p("ffn_up"), false, device)?,
+                file.linear(&p("ffn_down"), false, device)?,
+            )?),
+        })
+    }
+
+    pub(super) fn is_row_exact(&self) -> bool {
+        match self {
+            Ffn::Dense(m) => m.is_row_exact(),
+            Ffn::Moe(m) => m.experts.iter().all(Mlp::is_row_exact),
+        }
+    }
+
+    pub(super) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Ffn::Dense(m) => m.forward(h),
+            Ffn::Moe(m) => m.forward(h),
+        }
+    }
+}
+
+/// A mixture of experts. All of a block's experts live with the block (a server holding
+/// the block holds them all), so routing is exact and local.
+pub(super) struct Moe {
+    /// The router, `[count, hidden]` row-major f32: scored in plain Rust, row by row, so
+    /// a row's choice of experts is the same alone or in a batch.
+    router: Vec<f32>,
+    experts: Vec<Mlp>,
+    config: Experts,
+}
+
+impl Moe {
+    fn load(file: &ModelFile, i: usize, config: Experts, device: &Device) -> Result<Self> {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let router = file
+            .dense(&p("ffn_gate_inp.weight"), &Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?;
+        let (count, hidden) = router.dims2()?;
+        if count != config.count || hidden != file.config().hidden {
+            return Err(ShardError::BadInput(format!(
+                "block {i}'s router is [{count}, {hidden}], expected [{}, {}]",
+                config.count,
+                file.config().hidden
+            )));
+        }
+        let router = router.flatten_all()?.to_vec1::<f32>()?;
+        let gates = file.experts(&p("ffn_gate_exps"), device)?;
+        let ups = file.experts(&p("ffn_up_exps"), device)?;
+        let downs = file.experts(&p("ffn_down_exps"), device)?;
+        if gates.len() != count || ups.len() != count || downs.len() != count {
+            return Err(ShardError::BadInput(format!(
+                "block {i} holds {}/{}/{} gate/up/down experts for a router of {count}",
+                gates.len(),
+                ups.len(),
+                downs.len()
+            )));
+        }
+        let experts = gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((g, u), d)| Mlp::new(g, u, d))
+            .collect::<Result<_>>()?;
+        Ok(Moe {
+            router,
+            experts,
+            config,
+        })
+    }
+
+    /// The experts each row of `h` (`[rows, hidden]`, f32 values) goes to, with their
+    /// weights: per expert, the rows it serves in ascending order.
+    fn route(&self, h: &[f32], hidden: usize) -> Vec<Vec<(u32, f32)>> {
+        let count = self.config.count;
+        let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new(); count];
+        for (row, x) in h.chunks_exact(hidden).enumerate() {
+            let logits: Vec<f32> = self
+                .router
+                .chunks_exact(hidden)
+                .map(|w| dot(x, w))
+                .collect();
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            let probs: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let total: f32 = probs.iter().sum();
+            // The `used` most probable, ties to the lower index.
+            let mut order: Vec<usize> = (0..count).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            order.truncate(self.config.used);
+            let chosen: f32 = order.iter().map(|&e| probs[e] / total).sum();
+            for e in order {
+                let p = probs[e] / total;
+                let w = if self.config.normalize { p / chosen } else { p };
+                groups[e].push((row as u32, w));
+            }
+        }
+        groups
+    }
+
+    /// Every row through its experts. The rows of a batch (several sessions' tokens)
+    /// are grouped by expert, so each expert's weights are read once per batch, and a
+    /// row's outputs are summed in expert order, so it comes out the same alone or in
+    /// any batch.
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let (rows, hidden) = h.dims2()?;
+        let dtype = h.dtype();
+        let values = h
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let groups = self.route(&values, hidden);
+        let mut out = Tensor::zeros((rows, hidden), dtype, h.device())?;
+        for (expert, group) in self.experts.iter().zip(groups) {
+            if group.is_empty() {
+                continue;
+            }
+            let (ids, weights): (Vec<u32>, Vec<f32>) = group.into_iter().unzip();
+            let n = ids.len();
+            let ids = Tensor::from_vec(ids, n, h.device())?;
+            let weights = Tensor::from_vec(weights, (n, 1), h.device())?.to_dtype(dtype)?;
+            let x = if n == rows {
+                h.clone()
+            } else {
+                h.index_select(&ids, 0)?
+            };
+            let y = expert.forward(&x)?.broadcast_mul(&weights)?;
+            out = out.index_add(&ids, &y, 0)?;
+        }
+        Ok(out)
+    }
+}
