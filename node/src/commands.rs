@@ -913,7 +913,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     for (model, (n, counts)) in &coverage {
-        println!("\n{model}: {n} blocks, servers per block:");
+        let size = rows
+            .iter()
+            .map(|r| &r.announcement)
+            .find(|a| &a.model_id == model && a.params.total > 0)
+            .map(|a| describe_params(a.params))
+            .unwrap_or_default();
+        println!("\n{model}: {n} blocks{size}, servers per block:");
         let mut at = 0usize;
         while at < counts.len() {
             let mut end = at;
@@ -933,6 +939,28 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("(no servers found)");
     }
     Ok(())
+}
+
+/// `, 30.5B parameters (3.3B active)` (the active count only for a mixture of
+/// experts).
+fn describe_params(p: protocol::ModelParams) -> String {
+    let human = |n: u64| {
+        let n = n as f64;
+        if n >= 1e9 {
+            format!("{:.1}B", n / 1e9)
+        } else {
+            format!("{:.0}M", n / 1e6)
+        }
+    };
+    if p.active < p.total {
+        format!(
+            ", {} parameters ({} active)",
+            human(p.total),
+            human(p.active)
+        )
+    } else {
+        format!(", {} parameters", human(p.total))
+    }
 }
 
 /// `shoal keygen`: a new random swarm key, in the usual `swarm.key` format.
@@ -1061,6 +1089,8 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         "block_memory_estimate": crate::serving::block_memory(&file, 0, 0),
         "kv_bytes_per_token_per_block": cfg.kv_bytes_per_token(1),
         "node_overhead_bytes": crate::serving::node_overhead(&file),
+        "params_total": file.params().0,
+        "params_active": file.params().1,
     });
     if args.json {
         println!("{info}");

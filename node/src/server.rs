@@ -68,6 +68,8 @@ struct Session {
 /// The state the compute thread owns.
 pub struct Server {
     span: Span,
+    /// The model's size, announced for status tools.
+    params: protocol::ModelParams,
     model_id: String,
     limits: ServerLimits,
     sessions: HashMap<SessionId, Session>,
@@ -226,6 +228,7 @@ impl Server {
     pub fn new(
         span: Span,
         model_id: String,
+        params: protocol::ModelParams,
         limits: ServerLimits,
         throughput: f32,
         net: Network,
@@ -233,6 +236,7 @@ impl Server {
         let mut server = Server {
             span,
             model_id,
+            params,
             limits,
             sessions: HashMap::new(),
             throughput,
@@ -252,6 +256,7 @@ impl Server {
                 addrs: Vec::new(),
                 reachability: protocol::Reachability::Unknown,
                 expires_unix_ms: 0,
+                params,
             })),
             metrics: ServerMetrics::default(),
             draining: false,
@@ -318,6 +323,7 @@ impl Server {
                 .collect(),
             reachability: self.net.status().reachability,
             expires_unix_ms: unix_ms() + ANNOUNCE_TTL.as_millis() as u64,
+            params: self.params,
         }
     }
 

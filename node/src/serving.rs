@@ -297,7 +297,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_cache_tokens,
         public_name: args.name.clone(),
     };
-    let server = Server::new(span, file.id().to_string(), limits, throughput, net.clone());
+    let (total, active) = file.params();
+    let params = protocol::ModelParams { total, active };
+    let server = Server::new(
+        span,
+        file.id().to_string(),
+        params,
+        limits,
+        throughput,
+        net.clone(),
+    );
     let public = server.public_view();
     let metrics = server.metrics();
     let handle = server.spawn(REANNOUNCE_EVERY)?;

@@ -144,6 +144,13 @@ fn experts_split_over_two_servers_give_the_local_tokens() {
             ids(&local, "completion_tokens"),
             "{shape}: the swarm's tokens differ from --local's"
         );
+        // Status tools see the model's total and active weights.
+        let (total, active) = shard::ModelFile::open(&m).expect("model").params();
+        assert!(active < total, "{shape}: {active} of {total} active");
+        let st = status(&a.addr);
+        let announced = &st["servers"][0]["params"];
+        assert_eq!(announced["total"].as_u64(), Some(total), "{st}");
+        assert_eq!(announced["active"].as_u64(), Some(active), "{st}");
         let route = swarm["route"].as_array().expect("route");
         assert_eq!(route.len(), 2, "{shape}: route {route:?}");
         check_against_llama_cpp(&format!("{shape} q4_k_m, swarm"), &m, &swarm);

@@ -20,13 +20,13 @@ pub use messages::*;
 
 /// The libp2p protocol name of the inference protocol. The trailing number is bumped
 /// together with [`PROTOCOL_VERSION`] when the message layout changes.
-pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/2";
+pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/3";
 
 /// The libp2p protocol name of the data plane: one long-lived stream per pair of peers
 /// carrying steps, outputs and failure reports as one-way frames (no answer per frame),
 /// in the framing of [`encode_frame`]. Sessions, probes and lookups stay request-response
 /// on [`INFERENCE_PROTOCOL`].
-pub const DATA_PROTOCOL: &str = "/shoal/data/2";
+pub const DATA_PROTOCOL: &str = "/shoal/data/3";
 
 /// Version carried in every frame. A frame with any other version is refused.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;

@@ -110,6 +110,19 @@ pub struct Announcement {
     pub reachability: Reachability,
     /// Unix time in milliseconds after which the record is stale.
     pub expires_unix_ms: u64,
+    /// The size of the whole model.
+    pub params: ModelParams,
+}
+
+/// How many weights a model has, and how many one token computes with: the same for a
+/// dense model; for a mixture of experts, the experts a token does not use are left out
+/// (Qwen3-30B-A3B: about 30.5B total, 3.3B active).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ModelParams {
+    /// Every weight, embeddings and all experts included.
+    pub total: u64,
+    /// The weights one token computes with.
+    pub active: u64,
 }
 
 /// One server of a chain, as named inside a [`Step`].

@@ -205,6 +205,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ],
         reachability: Reachability::Relayed,
         expires_unix_ms: 1_800_000_000_000,
+        params: ModelParams {
+            total: 30_500_000_000,
+            active: 3_300_000_000,
+        },
     };
     let requests = vec![
         Request::Info,

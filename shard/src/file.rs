@@ -361,6 +361,38 @@ impl ModelFile {
         })
     }
 
+    /// Weights of the whole model, and those one token computes with (all but the
+    /// experts it does not use): `(total, active)`.
+    pub fn params(&self) -> (u64, u64) {
+        let sizes: Vec<(String, u64)> = match &self.inner {
+            Inner::Gguf { content, .. } => content
+                .tensor_infos
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shape.elem_count() as u64))
+                .collect(),
+            Inner::Safetensors { st, .. } => st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| (n, v.shape().iter().product::<usize>() as u64))
+                .collect(),
+        };
+        let total = sizes.iter().map(|(_, n)| n).sum();
+        let active = match &self.config.experts {
+            None => total,
+            Some(e) => sizes
+                .iter()
+                .map(|(name, n)| {
+                    if name.contains("_exps.") {
+                        n * e.used as u64 / e.count as u64
+                    } else {
+                        *n
+                    }
+                })
+                .sum(),
+        };
+        (total, active)
+    }
+
     /// Bytes of block `i`'s tensors, each counted for the fraction `share(name)` gives
     /// (numerator, denominator).
     fn weighed_block_bytes(&self, i: usize, share: impl Fn(&str) -> (u64, u64)) -> u64 {

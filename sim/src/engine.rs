@@ -155,8 +155,9 @@ impl<'a> Sim<'a> {
         let g = &self.topo.nodes[self.nodes[node].group];
         let m = &self.model;
         let (b, t, c) = (blocks as f64, tokens as f64, ctx as f64);
-        let flops = b * (2.0 * m.params_per_block * t + 4.0 * m.hidden as f64 * c * t);
-        let bytes = b * (m.block_bytes() + c * m.kv_bytes_per_token);
+        // A mixture of experts computes with the experts its tokens use and reads those.
+        let flops = b * (2.0 * m.params_per_token() * t + 4.0 * m.hidden as f64 * c * t);
+        let bytes = b * (m.params_read(tokens) * m.bytes_per_param + c * m.kv_bytes_per_token);
         (flops / (g.tflops * 1e12)).max(bytes / (g.mem_bandwidth_gbs * 1e9))
             + g.step_overhead_ms / 1e3
     }
