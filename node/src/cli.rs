@@ -163,9 +163,10 @@ pub fn load_allowed_peers(
 #[derive(Args, Debug)]
 pub struct MakeModelArgs {
     /// The shape: a real model's (smollm2-135m, llama2-7b, llama3-8b, llama2-13b,
-    /// llama3-70b, qwen3-8b, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b) or a tiny one
-    /// of a family for tests (tiny-llama, tiny-qwen3, tiny-qwen3moe, tiny-mixtral).
-    /// Hyphens optional: llama-3-8b.
+    /// llama3-70b, qwen3-8b, phi-4, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
+    /// gemma-3-27b) or a tiny one of a family for tests (tiny-llama, tiny-qwen3,
+    /// tiny-phi4, tiny-qwen3moe, tiny-mixtral, tiny-gemma2, tiny-gemma3). Hyphens
+    /// optional: llama-3-8b.
     #[arg(long, default_value = "llama3-8b")]
     pub shape: String,
     /// The weight type. GGUF (a .gguf --out): f32, f16, bf16, q8_0, q5_0, q5_1, q4_0,

@@ -118,7 +118,15 @@ fn check_against_llama_cpp(name: &str, model: &Path, ours: &Value) -> usize {
 #[test]
 fn every_architecture_agrees_with_llama_cpp() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for shape in ["tiny-llama", "tiny-qwen3", "tiny-qwen3moe", "tiny-mixtral"] {
+    for shape in [
+        "tiny-llama",
+        "tiny-qwen3",
+        "tiny-phi4",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-qwen3moe",
+        "tiny-mixtral",
+    ] {
         for dtype in ["f32", "q8_0", "q4_k_m"] {
             let m = make_model(dir.path(), shape, dtype);
             let ours = shoal_greedy(&m, None);

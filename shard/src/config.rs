@@ -17,6 +17,16 @@ pub enum Arch {
     /// Qwen3's mixture of experts (Qwen3-30B-A3B, Qwen3-235B-A22B): Qwen3's attention,
     /// experts in every block.
     Qwen3Moe,
+    /// Phi-3 and Phi-4: Llama's block with Q, K and V in one matrix and gate and up in
+    /// another, NEOX rope.
+    Phi3,
+    /// Gemma 2: embeddings scaled by sqrt(width), RMSNorm after attention and after the
+    /// MLP too, a tanh-GELU gated MLP, every other layer attending over a sliding
+    /// window, and attention and final logits soft-capped.
+    Gemma2,
+    /// Gemma 3: Gemma 2 without soft-capping, with Qwen3's per-head Q/K norms, five
+    /// sliding-window layers (rope base 10,000) to each global one.
+    Gemma3,
 }
 
 impl Arch {
@@ -27,6 +37,9 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::Phi3 => "phi3",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -37,6 +50,9 @@ impl Arch {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "qwen3moe" => Arch::Qwen3Moe,
+            "phi3" => Arch::Phi3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3" => Arch::Gemma3,
             _ => return None,
         })
     }
@@ -45,13 +61,50 @@ impl Arch {
     pub fn gguf_rope_style(self) -> RopeStyle {
         match self {
             Arch::Llama => RopeStyle::Interleaved,
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe => RopeStyle::Half,
+            Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Qwen3Moe
+            | Arch::Phi3
+            | Arch::Gemma2
+            | Arch::Gemma3 => RopeStyle::Half,
         }
     }
 
     /// True when each query and key head is RMS-normalised before rope.
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe)
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3)
+    }
+
+    /// True for the Gemma family's layout: scaled embeddings, norms after attention and
+    /// after the MLP, tanh-GELU.
+    pub fn gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
+
+    /// True when Q, K and V come from one matrix (`attn_qkv`) and the MLP's gate and
+    /// up from one (`ffn_up`, gate first).
+    pub fn fused(self) -> bool {
+        self == Arch::Phi3
+    }
+}
+
+/// Attention over the last `size` positions only, in the layers `pattern` picks: a
+/// layer `i` is local when `i % pattern < pattern - 1` (llama.cpp's SWA pattern: Gemma 3
+/// has five local layers to each global one, Gemma 2 one to one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// Positions a local layer sees, its own included.
+    pub size: usize,
+    /// Layers per repeat of the pattern (the last of each repeat is global).
+    pub pattern: usize,
+    /// Rope base of the local layers, when it differs from the global one.
+    pub local_rope_theta: Option<f32>,
+}
+
+impl SlidingWindow {
+    /// True when layer `i` attends over the window only.
+    pub fn is_local(&self, i: usize) -> bool {
+        self.pattern == 0 || i % self.pattern < self.pattern - 1
     }
 }
 
@@ -117,6 +170,18 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// The mixture of experts of blocks that have one (`None`: every block is dense).
     pub experts: Option<Experts>,
+    /// Sliding-window attention of some layers (Gemma).
+    pub sliding_window: Option<SlidingWindow>,
+    /// Scale of attention scores, when not 1/sqrt(head_dim) (Gemma's
+    /// query_pre_attn_scalar).
+    pub attn_scale: Option<f32>,
+    /// Attention scores soft-capped to ±this: `cap * tanh(score / cap)` (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Logits soft-capped the same way (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// Divides the positions the global layers' rope sees (linear rope scaling,
+    /// Gemma 3's factor 8); 1 for none.
+    pub rope_scale: f32,
 }
 
 impl ModelConfig {
@@ -241,6 +306,11 @@ impl HfConfig {
             max_seq_len: self.max_position_embeddings,
             qkv_bias: self.attention_bias.unwrap_or(arch == Arch::Qwen2),
             experts: None,
+            sliding_window: None,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            rope_scale: 1.0,
         })
     }
 }

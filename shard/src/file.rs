@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{Arch, Experts, HfConfig, ModelConfig};
+use crate::config::{Arch, Experts, HfConfig, ModelConfig, SlidingWindow};
 use crate::error::candle_message;
 use crate::kernels::QMatrix;
 use crate::{Result, ShardError};
@@ -650,6 +650,47 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| arch_name.clone());
+    // Gemma: which layers attend over a window, and how scores are scaled and capped
+    // (llama.cpp's hparams for LLM_ARCH_GEMMA2 / GEMMA3: the 27B models scale by
+    // width / heads, the others by the head width).
+    let sliding_window = match arch {
+        Arch::Gemma2 | Arch::Gemma3 => Some(SlidingWindow {
+            size: get_u("attention.sliding_window")?,
+            pattern: if arch == Arch::Gemma2 { 2 } else { 6 },
+            local_rope_theta: (arch == Arch::Gemma3).then_some(10_000.0),
+        }),
+        _ => None,
+    };
+    let attn_scale = match arch {
+        Arch::Gemma2 | Arch::Gemma3 => {
+            let is_27b = n_layers == if arch == Arch::Gemma2 { 46 } else { 62 };
+            let width = if is_27b {
+                hidden / n_heads.max(1)
+            } else {
+                head_dim
+            };
+            Some(1.0 / (width as f32).sqrt())
+        }
+        _ => None,
+    };
+    let cap = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
+    let rope_scale = match md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
+        Some(t) if t == "linear" => get_f("rope.scaling.factor", 1.0),
+        _ => 1.0,
+    };
+    if arch == Arch::Phi3
+        && content
+            .tensor_infos
+            .contains_key("rope_factors_long.weight")
+    {
+        return Err(bad(
+            "this Phi-3 file uses LongRoPE (rope_factors_long), which this version does not run"
+                .into(),
+        ));
+    }
     let config = ModelConfig {
         arch,
         name,
@@ -668,6 +709,11 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         max_seq_len: get_u("context_length").unwrap_or(4096),
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         experts,
+        sliding_window,
+        attn_scale,
+        attn_softcap: cap("attn_logit_softcapping").filter(|_| arch == Arch::Gemma2),
+        final_softcap: cap("final_logit_softcapping").filter(|_| arch == Arch::Gemma2),
+        rope_scale,
     };
     config.validate().map_err(bad)?;
     Ok(config)

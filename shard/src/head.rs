@@ -35,7 +35,8 @@ impl Head {
     /// Loads the client-side tensors of `file`.
     pub fn load(file: &ModelFile, device: &Device) -> Result<Head> {
         let config = file.config().clone();
-        let tied = !file.has("output.weight");
+        // Gemma 2 always ties its LM head to the embeddings, as llama.cpp does.
+        let tied = !file.has("output.weight") || config.arch == crate::Arch::Gemma2;
         let (embedding, lm_head) = match file.format() {
             WeightFormat::Gguf => {
                 let q = file.qtensor("token_embd.weight", device)?;
@@ -93,7 +94,7 @@ impl Head {
             )));
         }
         let t = || Tensor::new(ids, &self.device);
-        Ok(match &self.embedding {
+        let rows = match &self.embedding {
             Embedding::Packed(q) => {
                 let hidden = q.cols();
                 let mut rows = vec![0f32; ids.len() * hidden];
@@ -104,6 +105,12 @@ impl Head {
             }
             Embedding::Quantized(q) => q.embedding(&t()?)?,
             Embedding::Dense(e) => e.index_select(&t()?, 0)?,
+        };
+        // Gemma scales its embeddings by sqrt(width) (llama.cpp does it in f32 too).
+        Ok(if self.config.arch.gemma() {
+            (rows * (self.config.hidden as f64).sqrt())?
+        } else {
+            rows
         })
     }
 
@@ -114,7 +121,12 @@ impl Head {
         let hidden = hidden.to_device(&self.device)?;
         crate::kernels::on_pool(|| {
             let h = candle_nn::ops::rms_norm(&hidden, &self.norm, self.config.rms_eps as f32)?;
-            Ok(self.lm_head.forward(&h)?)
+            let logits = self.lm_head.forward(&h)?;
+            // Gemma 2 soft-caps its logits: cap * tanh(logits / cap).
+            Ok(match self.config.final_softcap {
+                Some(c) => ((logits / c as f64)?.tanh()? * c as f64)?,
+                None => logits,
+            })
         })
     }
 

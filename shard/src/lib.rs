@@ -28,7 +28,7 @@ mod text;
 
 pub use blocks::{KvCache, Span};
 pub use candle_core;
-pub use config::{Arch, Experts, ModelConfig, RopeStyle};
+pub use config::{Arch, Experts, ModelConfig, RopeStyle, SlidingWindow};
 pub use error::ShardError;
 pub use file::{hf_name, ModelFile, WeightFormat};
 pub use head::Head;

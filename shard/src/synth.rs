@@ -52,6 +52,8 @@ pub struct Shape {
     pub context: usize,
     /// Experts of every block, for a mixture of experts.
     pub experts: Option<Experts>,
+    /// Sliding-window size of the local layers (Gemma), 0 for none.
+    pub window: usize,
 }
 
 const fn dense(
@@ -75,7 +77,12 @@ const fn dense(
         rope_theta,
         context,
         experts: None,
+        window: 0,
     }
+}
+
+const fn windowed(shape: Shape, window: usize) -> Shape {
+    Shape { window, ..shape }
 }
 
 const fn moe(shape: Shape, count: usize, used: usize, ffn: usize) -> Shape {
@@ -93,136 +100,31 @@ const fn moe(shape: Shape, count: usize, used: usize, ffn: usize) -> Shape {
 /// The shapes `shoal make-model` knows: real models' (from their published configs),
 /// and `tiny-*` ones of each family for tests (widths that every quantisation's blocks
 /// divide).
+#[rustfmt::skip]
 pub const SHAPES: &[Shape] = &[
-    dense(
-        "smollm2-135m",
-        Arch::Llama,
-        [576, 1536, 9, 3, 64, 30],
-        49152,
-        100_000.0,
-        8192,
-    ),
-    dense(
-        "llama2-7b",
-        Arch::Llama,
-        [4096, 11008, 32, 32, 128, 32],
-        32000,
-        10_000.0,
-        4096,
-    ),
-    dense(
-        "llama3-8b",
-        Arch::Llama,
-        [4096, 14336, 32, 8, 128, 32],
-        128_256,
-        500_000.0,
-        8192,
-    ),
-    dense(
-        "llama2-13b",
-        Arch::Llama,
-        [5120, 13824, 40, 40, 128, 40],
-        32000,
-        10_000.0,
-        4096,
-    ),
-    dense(
-        "llama3-70b",
-        Arch::Llama,
-        [8192, 28672, 64, 8, 128, 80],
-        128_256,
-        500_000.0,
-        8192,
-    ),
-    dense(
-        "qwen3-8b",
-        Arch::Qwen3,
-        [4096, 12288, 32, 8, 128, 36],
-        151_936,
-        1e6,
-        40960,
-    ),
-    moe(
-        dense(
-            "qwen3-30b-a3b",
-            Arch::Qwen3Moe,
-            [2048, 6144, 32, 4, 128, 48],
-            151_936,
-            1e6,
-            40960,
-        ),
-        128,
-        8,
-        768,
-    ),
-    moe(
-        dense(
-            "qwen3-235b-a22b",
-            Arch::Qwen3Moe,
-            [4096, 12288, 64, 4, 128, 94],
-            151_936,
-            1e6,
-            40960,
-        ),
-        128,
-        8,
-        1536,
-    ),
-    moe(
-        dense(
-            "mixtral-8x7b",
-            Arch::Llama,
-            [4096, 14336, 32, 8, 128, 32],
-            32000,
-            1e6,
-            32768,
-        ),
-        8,
-        2,
-        14336,
-    ),
-    dense(
-        "tiny-llama",
-        Arch::Llama,
-        [256, 512, 4, 2, 64, 4],
-        49152,
-        10_000.0,
-        4096,
-    ),
-    dense(
-        "tiny-qwen3",
-        Arch::Qwen3,
-        [256, 512, 4, 2, 128, 4],
-        49152,
-        1e6,
-        4096,
-    ),
-    moe(
-        dense(
-            "tiny-qwen3moe",
-            Arch::Qwen3Moe,
-            [256, 512, 4, 2, 128, 4],
-            49152,
-            1e6,
-            4096,
-        ),
-        16,
-        4,
-        256,
-    ),
-    moe(
-        dense(
-            "tiny-mixtral",
-            Arch::Llama,
-            [256, 512, 4, 2, 64, 4],
-            49152,
-            1e6,
-            4096,
-        ),
-        8,
-        2,
-        512,
-    ),
+    //    name               family          [hidden, ffn, heads, kv, head_dim, blocks]  vocab  rope base  context
+    dense("smollm2-135m",    Arch::Llama,    [576, 1536, 9, 3, 64, 30],        49152,   100_000.0, 8192),
+    dense("llama2-7b",       Arch::Llama,    [4096, 11008, 32, 32, 128, 32],   32000,   10_000.0,  4096),
+    dense("llama3-8b",       Arch::Llama,    [4096, 14336, 32, 8, 128, 32],    128_256, 500_000.0, 8192),
+    dense("llama2-13b",      Arch::Llama,    [5120, 13824, 40, 40, 128, 40],   32000,   10_000.0,  4096),
+    dense("llama3-70b",      Arch::Llama,    [8192, 28672, 64, 8, 128, 80],    128_256, 500_000.0, 8192),
+    dense("qwen3-8b",        Arch::Qwen3,    [4096, 12288, 32, 8, 128, 36],    151_936, 1e6,       40960),
+    dense("phi-4",           Arch::Phi3,     [5120, 17920, 40, 10, 128, 40],   100_352, 250_000.0, 16384),
+    //    ... with experts: count, used per token, width
+    moe(dense("qwen3-30b-a3b",   Arch::Qwen3Moe, [2048, 6144, 32, 4, 128, 48],  151_936, 1e6, 40960), 128, 8, 768),
+    moe(dense("qwen3-235b-a22b", Arch::Qwen3Moe, [4096, 12288, 64, 4, 128, 94], 151_936, 1e6, 40960), 128, 8, 1536),
+    moe(dense("mixtral-8x7b",    Arch::Llama,    [4096, 14336, 32, 8, 128, 32], 32000,   1e6, 32768), 8, 2, 14336),
+    //    ... with a sliding window
+    windowed(dense("gemma-3-27b", Arch::Gemma3, [5376, 21504, 32, 16, 128, 62], 262_144, 1e6, 131_072), 1024),
+    // Tiny ones for tests. Windows of 8 positions, so a short test crosses them; six
+    // Gemma 3 blocks, so one is global.
+    dense("tiny-llama",      Arch::Llama,    [256, 512, 4, 2, 64, 4],          49152,   10_000.0,  4096),
+    dense("tiny-qwen3",      Arch::Qwen3,    [256, 512, 4, 2, 128, 4],         49152,   1e6,       4096),
+    dense("tiny-phi4",       Arch::Phi3,     [256, 512, 4, 2, 64, 4],          49152,   10_000.0,  4096),
+    moe(dense("tiny-qwen3moe", Arch::Qwen3Moe, [256, 512, 4, 2, 128, 4], 49152, 1e6, 4096), 16, 4, 256),
+    moe(dense("tiny-mixtral",  Arch::Llama,    [256, 512, 4, 2, 64, 4],  49152, 1e6, 4096), 8, 2, 512),
+    windowed(dense("tiny-gemma2", Arch::Gemma2, [256, 512, 4, 2, 64, 4], 49152, 10_000.0, 4096), 8),
+    windowed(dense("tiny-gemma3", Arch::Gemma3, [256, 512, 4, 2, 64, 6], 49152, 1e6, 4096), 8),
 ];
 
 /// A preset by name; hyphens do not matter (`llama-3-8b` is `llama3-8b`).
@@ -461,13 +363,26 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
         cols,
     };
     let hd = s.head_dim;
-    let mut out = vec![
-        m(p("attn_q"), None, s.heads * hd, s.hidden),
-        m(p("attn_k"), None, s.kv_heads * hd, s.hidden),
-        m(p("attn_v"), None, s.kv_heads * hd, s.hidden),
-        m(p("attn_output"), None, s.hidden, s.heads * hd),
-    ];
+    let mut out = if s.arch.fused() {
+        vec![m(
+            p("attn_qkv"),
+            None,
+            (s.heads + 2 * s.kv_heads) * hd,
+            s.hidden,
+        )]
+    } else {
+        vec![
+            m(p("attn_q"), None, s.heads * hd, s.hidden),
+            m(p("attn_k"), None, s.kv_heads * hd, s.hidden),
+            m(p("attn_v"), None, s.kv_heads * hd, s.hidden),
+        ]
+    };
+    out.push(m(p("attn_output"), None, s.hidden, s.heads * hd));
     match &s.experts {
+        None if s.arch.fused() => out.extend([
+            m(p("ffn_up"), None, 2 * s.ffn, s.hidden),
+            m(p("ffn_down"), None, s.hidden, s.ffn),
+        ]),
         None => out.extend([
             m(p("ffn_gate"), None, s.ffn, s.hidden),
             m(p("ffn_up"), None, s.ffn, s.hidden),
@@ -488,6 +403,12 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
 /// two correct implementations then agree on greedy tokens, where near-ties would let
 /// rounding decide.
 const DECISIVE_HEAD: f32 = 4.0;
+
+/// Gemma's norms after attention and MLP carry this weight: its LM head is its
+/// embedding matrix, so were the (decisively scaled) embedding to dominate the residual
+/// stream, every token would predict itself; blocks that write larger than it keep the
+/// model's choices the blocks' own.
+const GEMMA_POST_NORM: f32 = 8.0;
 
 /// Token embeddings this many times larger than a plain draw: the residual stream
 /// then carries the token strongly through every block, which keeps a mixture of
@@ -553,13 +474,27 @@ fn write_gguf(
                 None,
                 vocab,
                 s.hidden,
-                weights.type_for("token_embd.weight", None, s.blocks),
+                // A tied embedding is the LM head too, typed as one (as llama.cpp's
+                // quantiser does).
+                weights.type_for(
+                    if s.arch.gemma() {
+                        "output.weight"
+                    } else {
+                        "token_embd.weight"
+                    },
+                    None,
+                    s.blocks,
+                ),
                 plain * EMBEDDING_WEIGHT,
                 seed,
             )?,
         ),
         ("output_norm.weight".into(), ones(s.hidden)?),
-        (
+    ];
+    // Gemma ties its LM head to the embeddings (llama.cpp ignores an output.weight in
+    // a Gemma 2 file); the embeddings' scale keeps its logits decisive.
+    if !s.arch.gemma() {
+        tensors.push((
             "output.weight".into(),
             random_tensor(
                 None,
@@ -569,8 +504,8 @@ fn write_gguf(
                 plain * DECISIVE_HEAD,
                 seed + 1,
             )?,
-        ),
-    ];
+        ));
+    }
     for i in 0..s.blocks {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
         tensors.push((p("attn_norm"), ones(s.hidden)?));
@@ -578,6 +513,15 @@ fn write_gguf(
         if s.arch.qk_norm() {
             tensors.push((p("attn_q_norm"), ones(s.head_dim)?));
             tensors.push((p("attn_k_norm"), ones(s.head_dim)?));
+        }
+        if s.arch.gemma() {
+            // GGUF stores Gemma's norms with the +1 of its (1 + w) already added.
+            let post = |n: usize| -> Result<QTensor> {
+                let t = candle_core::Tensor::full(GEMMA_POST_NORM, n, &Device::Cpu)?;
+                Ok(QTensor::quantize(&t, GgmlDType::F32)?)
+            };
+            tensors.push((p("post_attention_norm"), post(s.hidden)?));
+            tensors.push((p("post_ffw_norm"), post(s.hidden)?));
         }
         if let Some(e) = &s.experts {
             // Routers stay F32, as llama.cpp's quantiser leaves them.
@@ -623,6 +567,14 @@ fn write_gguf(
         ("context_length", u(s.context)),
         ("vocab_size", u(vocab)),
     ];
+    if s.window > 0 {
+        keyed.push(("attention.sliding_window", u(s.window)));
+    }
+    if s.arch == Arch::Gemma2 {
+        // Gemma 2's published caps.
+        keyed.push(("attn_logit_softcapping", V::F32(50.0)));
+        keyed.push(("final_logit_softcapping", V::F32(30.0)));
+    }
     if let Some(e) = &s.experts {
         keyed.push(("expert_count", u(e.count)));
         keyed.push(("expert_used_count", u(e.used)));

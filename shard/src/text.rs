@@ -433,6 +433,15 @@ fn md_strings(md: &HashMap<String, Value>, k: &str) -> Result<Vec<String>> {
 
 /// GPT-2's split rules (also what `use_regex` in the ByteLevel pre-tokenizer applies).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// gpt-4o's (o200k) split, which gpt-oss and Llama 4 use (llama.cpp's GPT4O).
+const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// DeepSeek-V3's three successive splits (llama.cpp's DEEPSEEK3_LLM): numbers of up
+/// to three digits, runs of CJK ideographs and kana, then words and punctuation.
+const DEEPSEEK3_REGEXES: [&str; 3] = [
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
+];
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Json {
@@ -485,7 +494,19 @@ fn from_gguf(md: &HashMap<String, Value>) -> Result<TextCodec> {
                 }
                 "qwen2" => json!({"type": "Sequence", "pretokenizers": [
                     split(QWEN2_REGEX), byte_level(false)]}),
-                "default" | "gpt2" | "gpt-2" => byte_level(true),
+                "gpt-4o" | "llama4" => json!({"type": "Sequence", "pretokenizers": [
+                    split(GPT4O_REGEX), byte_level(false)]}),
+                "deepseek-v3" => json!({"type": "Sequence", "pretokenizers": [
+                    split(DEEPSEEK3_REGEXES[0]), split(DEEPSEEK3_REGEXES[1]),
+                    split(DEEPSEEK3_REGEXES[2]), byte_level(false)]}),
+                "gpt2" | "gpt-2" => byte_level(true),
+                // llama.cpp's rules for a file that names none (LLAMA_VOCAB_PRE_TYPE_DEFAULT).
+                "default" => json!({"type": "Sequence", "pretokenizers": [
+                    split(r"[\p{P}\$\+<=>\^~\|]+"),
+                    split(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"),
+                    split(r"\p{N}+"),
+                    split("[0-9][0-9][0-9]"),
+                    byte_level(false)]}),
                 other => {
                     tracing::warn!(
                         pre = other,

@@ -21,7 +21,8 @@ impl Span {
     }
 
     /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,
-    /// which it extends: `[seq, heads * head_dim]`.
+    /// which it extends: `[seq, heads * head_dim]`. A `local` layer attends over the
+    /// sliding window only, with the local rope.
     pub(super) fn attention(
         &self,
         q: Tensor,
@@ -29,6 +30,7 @@ impl Span {
         v: Tensor,
         seg: &Segment,
         kv: &mut Option<LayerKv>,
+        local: bool,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let seq = seg.seq;
@@ -43,13 +45,23 @@ impl Span {
         let q = heads(q, nh)?;
         let k = heads(k, nkv)?;
         let v = heads(v, nkv)?.squeeze(0)?;
-        let q = self.rope(&q, &seg.cos, &seg.sin)?;
-        let k = self.rope(&k, &seg.cos, &seg.sin)?.squeeze(0)?;
+        let (cos, sin, mask, window) = match (&seg.local, local) {
+            (Some(l), true) => (
+                &l.cos,
+                &l.sin,
+                Some(&l.mask),
+                cfg.sliding_window.as_ref().map(|w| w.size),
+            ),
+            _ => (&seg.cos, &seg.sin, seg.mask.as_ref(), None),
+        };
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?.squeeze(0)?;
         let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
+        let cap = cfg.attn_softcap;
         if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
             if let Some(l) = kv.as_ref() {
-                return decode_attention(&q, l, nh / nkv, scale as f32);
+                return decode_attention(&q, l, nh / nkv, scale, window, cap);
             }
         }
         let total = k.dim(1)?;
@@ -57,8 +69,12 @@ impl Span {
         // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
         let n_rep = nh / nkv;
         let q = q.reshape((nkv, n_rep * seq, hd))?;
-        let att = (q.matmul(&k.t()?)? * scale)?;
-        let att = match &seg.mask {
+        let att = (q.matmul(&k.t()?)? * scale as f64)?;
+        let att = match cap {
+            Some(c) => ((att / c as f64)?.tanh()? * c as f64)?,
+            None => att,
+        };
+        let att = match mask {
             Some(m) => att
                 .reshape((nkv, n_rep, seq, total))?
                 .broadcast_add(m)?
@@ -78,11 +94,21 @@ impl Span {
 /// in plain Rust: scores, softmax and the weighted sum straight over the cache's
 /// buffers, heads in parallel once the cache is long. For a single token this replaces
 /// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
-fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result<Tensor> {
+///
+/// A `window` keeps the last `window` positions only; `softcap` caps the scores.
+fn decode_attention(
+    q: &Tensor,
+    l: &LayerKv,
+    n_rep: usize,
+    scale: f32,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
     use rayon::prelude::*;
     let (nkv, cap, hd) = l.k.dims3()?;
     let nh = nkv * n_rep;
     let total = l.len;
+    let first = window.map_or(0, |w| total.saturating_sub(w));
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let (ks, kl) = l.k.storage_and_layout();
     let (vs, vl) = l.v.storage_and_layout();
@@ -97,8 +123,11 @@ fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result
     let head = |h: usize, o: &mut [f32]| {
         let base = (h / n_rep) * cap * hd;
         let qh = &q[h * hd..(h + 1) * hd];
-        let mut scores: Vec<f32> = (0..total)
-            .map(|t| dot(qh, &keys[base + t * hd..base + (t + 1) * hd]) * scale)
+        let mut scores: Vec<f32> = (first..total)
+            .map(|t| {
+                let s = dot(qh, &keys[base + t * hd..base + (t + 1) * hd]) * scale;
+                softcap.map_or(s, |c| c * (s / c).tanh())
+            })
             .collect();
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
@@ -107,7 +136,7 @@ fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result
             sum += *s;
         }
         let inv = 1.0 / sum;
-        for (t, p) in scores.iter().enumerate() {
+        for (t, p) in (first..).zip(&scores) {
             let p = p * inv;
             let row = &values[base + t * hd..base + (t + 1) * hd];
             for (o, v) in o.iter_mut().zip(row) {
@@ -116,7 +145,7 @@ fn decode_attention(q: &Tensor, l: &LayerKv, n_rep: usize, scale: f32) -> Result
         }
     };
     // Splitting pays only once the heads have enough positions to go through.
-    if total * nh >= 4096 {
+    if (total - first) * nh >= 4096 {
         out.par_chunks_mut(hd)
             .enumerate()
             .for_each(|(h, o)| head(h, o));
@@ -149,6 +178,8 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// One session's rows in a batch: how many, and their rope tables and causal mask.
 pub(super) struct Segment {
+    /// Rope tables and window mask of the sliding-window layers, for models with them.
+    pub(super) local: Option<LocalRope>,
     pub(super) seq: usize,
     /// The session's longest sequence, which caps its cache's growth.
     pub(super) max_len: usize,
@@ -157,12 +188,35 @@ pub(super) struct Segment {
     pub(super) mask: Option<Tensor>,
 }
 
+/// The sliding-window layers' rope tables and mask for one segment.
+pub(super) struct LocalRope {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    /// `[seq, pos + seq]`, the window applied (needed even for one row).
+    pub(super) mask: Tensor,
+}
+
 /// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,
-/// minus infinity where `j` lies in its future.
-pub(super) fn causal_mask(seq: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// minus infinity where `j` lies in its future or, with a `window`, `window` or more
+/// positions back.
+pub(super) fn causal_mask(
+    seq: usize,
+    pos: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let total = pos + seq;
     let data: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                let seen = j <= pos + i && window.is_none_or(|w| pos + i - j < w);
+                if seen {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(data, (seq, total), device)
 }

@@ -21,6 +21,18 @@ pub(super) enum Projection {
 }
 
 impl Projection {
+    /// One layer whose output is several side by side, of these widths (Phi-3's fused
+    /// QKV and gate-up matrices).
+    pub(super) fn split(linear: Linear, widths: Vec<usize>) -> Result<Self> {
+        let total = linear.out_features()?;
+        if widths.iter().sum::<usize>() != total {
+            return Err(ShardError::BadInput(format!(
+                "a fused projection of width {total} cannot split into {widths:?}"
+            )));
+        }
+        Ok(Projection::Stacked { linear, widths })
+    }
+
     pub(super) fn new(parts: Vec<Linear>) -> Result<Self> {
         let refs: Vec<&Linear> = parts.iter().collect();
         Ok(match Linear::stack(&refs) {
@@ -62,18 +74,20 @@ impl Projection {
     }
 }
 
-/// A SwiGLU MLP.
+/// A gated MLP: SwiGLU, or Gemma's GELU (tanh approximation) in place of SiLU.
 pub(super) struct Mlp {
     /// Wgate, Wup.
     gate_up: Projection,
     down: Linear,
+    gelu: bool,
 }
 
 impl Mlp {
-    fn new(gate: Linear, up: Linear, down: Linear) -> Result<Self> {
+    fn new(gate: Linear, up: Linear, down: Linear, gelu: bool) -> Result<Self> {
         Ok(Mlp {
             gate_up: Projection::new(vec![gate, up])?,
             down,
+            gelu,
         })
     }
 
@@ -87,7 +101,12 @@ impl Mlp {
             .forward(h)?
             .try_into()
             .map_err(|_| ShardError::BadInput("gate and up projections".into()))?;
-        Ok(self.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)
+        let g = if self.gelu {
+            g.gelu()?
+        } else {
+            candle_nn::ops::silu(&g)?
+        };
+        Ok(self.down.forward(&(g * u)?)?)
     }
 }
 
@@ -104,12 +123,23 @@ impl Ffn {
         let p = |n: &str| format!("blk.{i}.{n}");
         let experts =
             (file.config().experts.clone()).filter(|_| file.has(&p("ffn_gate_inp.weight")));
+        let cfg = file.config();
         Ok(match experts {
             Some(experts) => Ffn::Moe(Moe::load(file, i, experts, device)?),
+            // Phi-3: gate and up in one matrix, gate first.
+            None if cfg.arch.fused() => Ffn::Dense(Mlp {
+                gate_up: Projection::split(
+                    file.linear(&p("ffn_up"), false, device)?,
+                    vec![cfg.ffn, cfg.ffn],
+                )?,
+                down: file.linear(&p("ffn_down"), false, device)?,
+                gelu: false,
+            }),
             None => Ffn::Dense(Mlp::new(
                 file.linear(&p("ffn_gate"), false, device)?,
                 file.linear(&p("ffn_up"), false, device)?,
                 file.linear(&p("ffn_down"), false, device)?,
+                cfg.arch.gemma(),
             )?),
         })
     }
@@ -169,7 +199,7 @@ impl Moe {
             .into_iter()
             .zip(ups)
             .zip(downs)
-            .map(|((g, u), d)| Mlp::new(g, u, d))
+            .map(|((g, u), d)| Mlp::new(g, u, d, false))
             .collect::<Result<_>>()?;
         Ok(Moe {
             router,

@@ -25,7 +25,7 @@ mod ffn;
 
 pub use cache::KvCache;
 
-use attention::{causal_mask, Segment};
+use attention::{causal_mask, LocalRope, Segment};
 use cache::LayerKv;
 use ffn::{Ffn, Projection};
 
@@ -37,11 +37,16 @@ struct Block {
     attn_norm: Tensor,
     /// Wq, Wk, Wv.
     qkv: Projection,
-    /// Per-head RMSNorm weights of queries and keys (Qwen3).
+    /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3).
     qk_norm: Option<(Tensor, Tensor)>,
     wo: Linear,
     ffn_norm: Tensor,
     ffn: Ffn,
+    /// RMSNorm weights applied to the attention's and the MLP's outputs before they
+    /// join the residual stream (Gemma).
+    post_norms: Option<(Tensor, Tensor)>,
+    /// True when this layer attends over the sliding window only (with its own rope).
+    local: bool,
 }
 
 /// The blocks `[start, end)` of a model, loaded and ready to run.
@@ -52,6 +57,8 @@ pub struct Span {
     config: ModelConfig,
     /// Rope frequencies per pair, Llama 3.1 scaling already applied.
     inv_freq: Vec<f32>,
+    /// The sliding-window layers' rope frequencies, for models that have them.
+    inv_freq_local: Option<Vec<f32>>,
     device: Device,
     /// The type the blocks compute in (see [`crate::device::compute_dtype`]); inputs
     /// are cast to it and outputs back to f32.
@@ -88,13 +95,22 @@ impl Span {
         let mut blocks = Vec::with_capacity(end - start);
         for i in start..end {
             let p = |n: &str| format!("blk.{i}.{n}");
-            let block = Block {
-                attn_norm: file.dense(&p("attn_norm.weight"), device)?,
-                qkv: Projection::new(vec![
+            let qkv = if cfg.arch.fused() {
+                let kv = cfg.n_kv_heads * cfg.head_dim;
+                Projection::split(
+                    file.linear(&p("attn_qkv"), cfg.qkv_bias, device)?,
+                    vec![cfg.n_heads * cfg.head_dim, kv, kv],
+                )?
+            } else {
+                Projection::new(vec![
                     file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
                     file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
                     file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
-                ])?,
+                ])?
+            };
+            let block = Block {
+                attn_norm: file.dense(&p("attn_norm.weight"), device)?,
+                qkv,
                 qk_norm: if cfg.arch.qk_norm() {
                     Some((
                         file.dense(&p("attn_q_norm.weight"), device)?,
@@ -106,6 +122,15 @@ impl Span {
                 wo: file.linear(&p("attn_output"), false, device)?,
                 ffn_norm: file.dense(&p("ffn_norm.weight"), device)?,
                 ffn: Ffn::load(file, i, device)?,
+                post_norms: if cfg.arch.gemma() {
+                    Some((
+                        file.dense(&p("post_attention_norm.weight"), device)?,
+                        file.dense(&p("post_ffw_norm.weight"), device)?,
+                    ))
+                } else {
+                    None
+                },
+                local: cfg.sliding_window.as_ref().is_some_and(|w| w.is_local(i)),
             };
             blocks.push(block);
             // Block by block, not once at the end: the file's pages read for a block
@@ -115,16 +140,24 @@ impl Span {
             file.release_pages();
             progress(i + 1 - start, end - start);
         }
-        let half = cfg.head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|j| {
-                let f = 1.0 / cfg.rope_theta.powf(2.0 * j as f32 / cfg.head_dim as f32);
-                match &cfg.rope_freq_factors {
-                    Some(div) => f / div[j],
-                    None => f,
-                }
-            })
-            .collect();
+        let freqs = |theta: f32, scale: f32| -> Vec<f32> {
+            (0..cfg.head_dim / 2)
+                .map(|j| {
+                    let f = 1.0 / theta.powf(2.0 * j as f32 / cfg.head_dim as f32) / scale;
+                    match &cfg.rope_freq_factors {
+                        Some(div) => f / div[j],
+                        None => f,
+                    }
+                })
+                .collect()
+        };
+        let inv_freq = freqs(cfg.rope_theta, cfg.rope_scale);
+        // Local layers: their own base if they have one, never the global scaling
+        // (llama.cpp's rope_freq_base_train_swa / rope_freq_scale_train_swa).
+        let inv_freq_local = cfg
+            .sliding_window
+            .as_ref()
+            .map(|w| freqs(w.local_rope_theta.unwrap_or(cfg.rope_theta), 1.0));
         // The norms load in the compute type (dense tensors, like the weights of a
         // safetensors checkpoint; f32 for GGUF).
         let dtype = blocks.first().map_or(DType::F32, |b| b.attn_norm.dtype());
@@ -134,6 +167,7 @@ impl Span {
             blocks,
             config: cfg,
             inv_freq,
+            inv_freq_local,
             device: device.clone(),
             dtype,
         })
@@ -260,9 +294,21 @@ impl Span {
                     max: cache.max_len,
                 });
             }
-            let (cos, sin) = self.rope_tables(pos, seq)?;
+            let (cos, sin) = self.rope_tables(&self.inv_freq, pos, seq)?;
+            let local = match (&self.inv_freq_local, &self.config.sliding_window) {
+                (Some(freqs), Some(w)) => {
+                    let (cos, sin) = self.rope_tables(freqs, pos, seq)?;
+                    let mask = causal_mask(seq, pos, Some(w.size), &self.device)?;
+                    Some(LocalRope {
+                        cos,
+                        sin,
+                        mask: mask.to_dtype(self.dtype)?,
+                    })
+                }
+                _ => None,
+            };
             let mask = if seq > 1 {
-                Some(causal_mask(seq, pos, &self.device)?.to_dtype(self.dtype)?)
+                Some(causal_mask(seq, pos, None, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
             };
@@ -272,6 +318,7 @@ impl Span {
                 cos,
                 sin,
                 mask,
+                local,
             });
             xs.push(x.to_dtype(self.dtype)?.to_device(&self.device)?);
         }
@@ -301,12 +348,12 @@ impl Span {
         Ok(out)
     }
 
-    fn rope_tables(&self, pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    fn rope_tables(&self, inv_freq: &[f32], pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
         for t in pos..pos + seq {
-            for f in &self.inv_freq {
+            for f in inv_freq {
                 let a = t as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -349,22 +396,29 @@ impl Span {
             None => (q, k),
         };
         let o = if segments.len() == 1 {
-            self.attention(q, k, v, &segments[0], kvs[0])?
+            self.attention(q, k, v, &segments[0], kvs[0], b.local)?
         } else {
             let mut outs = Vec::with_capacity(segments.len());
             let mut row = 0;
             for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
                 let part = |t: &Tensor| t.narrow(0, row, seg.seq);
-                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv)?);
+                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv, b.local)?);
                 row += seg.seq;
             }
             Tensor::cat(&outs, 0)?
         };
-        let x = (x + b.wo.forward(&o)?)?;
+        let mut o = b.wo.forward(&o)?;
+        if let Some((after_attention, _)) = &b.post_norms {
+            o = candle_nn::ops::rms_norm(&o, after_attention, eps)?;
+        }
+        let x = (x + o)?;
 
         // Feed-forward: one MLP or experts.
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let m = b.ffn.forward(&h)?;
+        let mut m = b.ffn.forward(&h)?;
+        if let Some((_, after_mlp)) = &b.post_norms {
+            m = candle_nn::ops::rms_norm(&m, after_mlp, eps)?;
+        }
         Ok((x + m)?)
     }
 }
