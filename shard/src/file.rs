@@ -7,15 +7,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{Arch, Experts, HfConfig, ModelConfig, SlidingWindow};
 use crate::error::candle_message;
+use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::QMatrix;
 use crate::{Result, ShardError};
 
@@ -32,7 +32,7 @@ enum Inner {
     Gguf {
         /// The whole file, mapped; tensors are copied out of it one by one.
         mmap: memmap2::Mmap,
-        content: gguf_file::Content,
+        gguf: Gguf,
     },
     Safetensors {
         st: candle_core::safetensors::MmapedSafetensors,
@@ -202,39 +202,15 @@ impl ModelFile {
             path: path.clone(),
             source,
         })?;
-        let content = gguf_file::Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(|e| Self::bad(&path, unreadable_gguf(&e)))?;
-        // Check every tensor lies inside the file now, so a truncated download is
-        // reported at start-up and not halfway through loading a span.
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block.max(1)) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
-            if end > mmap.len() as u64 {
-                return Err(Self::bad(
-                    &path,
-                    format!(
-                        "tensor {name} ends at byte {end} but the file has {} bytes (truncated download?)",
-                        mmap.len()
-                    ),
-                ));
-            }
-        }
-        let mut config = gguf_config(&content).map_err(|e| match e {
+        // Reads the header and checks every tensor's type and extent before anything
+        // loads.
+        let gguf = Gguf::read(&mmap).map_err(|e| Self::bad(&path, e))?;
+        let mut config = gguf_config(&gguf).map_err(|e| match e {
             ShardError::BadModel { reason, .. } => Self::bad(&path, reason),
             other => Self::bad(&path, other.to_string()),
         })?;
-        if content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = content
-                .tensor(
-                    &mut Cursor::new(&mmap[..]),
-                    "rope_freqs.weight",
-                    &Device::Cpu,
-                )
+        if let Some(t) = gguf.tensors.get("rope_freqs.weight") {
+            let t = gguf_qtensor(&gguf, &mmap, t, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
@@ -244,10 +220,10 @@ impl ModelFile {
             config.rope_freq_factors = Some(t);
             config.validate().map_err(|e| Self::bad(&path, e))?;
         }
-        let mut table: Vec<String> = content
-            .tensor_infos
+        let mut table: Vec<String> = gguf
+            .tensors
             .iter()
-            .map(|(n, i)| format!("{n}:{:?}:{:?}", i.shape.dims(), i.ggml_dtype))
+            .map(|(n, t)| format!("{n}:{:?}:{}", t.dims, t.ty.name()))
             .collect();
         table.sort();
         let id = model_id(&config, &table);
@@ -255,7 +231,7 @@ impl ModelFile {
             path,
             config,
             id,
-            inner: Inner::Gguf { mmap, content },
+            inner: Inner::Gguf { mmap, gguf },
             dtype_override: None,
         })
     }
@@ -333,7 +309,7 @@ impl ModelFile {
     /// GGUF metadata, for the tokenizer and chat template; `None` for safetensors.
     pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
         match &self.inner {
-            Inner::Gguf { content, .. } => Some(&content.metadata),
+            Inner::Gguf { gguf, .. } => Some(&gguf.metadata),
             Inner::Safetensors { .. } => None,
         }
     }
@@ -365,10 +341,10 @@ impl ModelFile {
     /// experts it does not use): `(total, active)`.
     pub fn params(&self) -> (u64, u64) {
         let sizes: Vec<(String, u64)> = match &self.inner {
-            Inner::Gguf { content, .. } => content
-                .tensor_infos
+            Inner::Gguf { gguf, .. } => gguf
+                .tensors
                 .iter()
-                .map(|(n, t)| (n.clone(), t.shape.elem_count() as u64))
+                .map(|(n, t)| (n.clone(), t.elems() as u64))
                 .collect(),
             Inner::Safetensors { st, .. } => st
                 .tensors()
@@ -397,17 +373,12 @@ impl ModelFile {
     /// (numerator, denominator).
     fn weighed_block_bytes(&self, i: usize, share: impl Fn(&str) -> (u64, u64)) -> u64 {
         let sizes: Vec<(String, u64)> = match &self.inner {
-            Inner::Gguf { content, .. } => {
+            Inner::Gguf { gguf, .. } => {
                 let prefix = format!("blk.{i}.");
-                content
-                    .tensor_infos
+                gguf.tensors
                     .iter()
                     .filter(|(n, _)| n.starts_with(&prefix))
-                    .map(|(n, t)| {
-                        let d = t.ggml_dtype;
-                        let bytes = t.shape.elem_count() / d.block_size().max(1) * d.type_size();
-                        (n.clone(), bytes as u64)
-                    })
+                    .map(|(n, t)| (n.clone(), t.ty.loaded_bytes(t.elems()) as u64))
                     .collect()
             }
             Inner::Safetensors { st, .. } => {
@@ -442,7 +413,7 @@ impl ModelFile {
     /// True when the file holds a tensor of this (GGUF-style) name.
     pub(crate) fn has(&self, name: &str) -> bool {
         match &self.inner {
-            Inner::Gguf { content, .. } => content.tensor_infos.contains_key(name),
+            Inner::Gguf { gguf, .. } => gguf.tensors.contains_key(name),
             Inner::Safetensors { names, .. } => names.contains(&hf_name(name)),
         }
     }
@@ -451,9 +422,15 @@ impl ModelFile {
     /// (safetensors), for matmuls and embeddings.
     pub(crate) fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         match &self.inner {
-            Inner::Gguf { mmap, content } => content
-                .tensor(&mut Cursor::new(&mmap[..]), name, device)
-                .map_err(|e| Self::bad(&self.path, format!("tensor {name}: {e}"))),
+            Inner::Gguf { mmap, gguf } => {
+                let t = gguf
+                    .tensors
+                    .get(name)
+                    .ok_or_else(|| Self::bad(&self.path, format!("no tensor {name}")))?;
+                gguf_qtensor(gguf, mmap, t, device).map_err(|e| {
+                    Self::bad(&self.path, format!("tensor {name}: {}", candle_message(&e)))
+                })
+            }
             Inner::Safetensors { .. } => {
                 let t = self.dense(name, device)?;
                 Ok(QTensor::quantize(
@@ -511,34 +488,28 @@ impl ModelFile {
     /// the mapped file, so the stack is never held whole beside its parts.
     pub(crate) fn experts(&self, name: &str, device: &Device) -> Result<Vec<Linear>> {
         let name = format!("{name}.weight");
-        let Inner::Gguf { mmap, content } = &self.inner else {
+        let Inner::Gguf { mmap, gguf } = &self.inner else {
             return Err(Self::bad(
                 &self.path,
                 format!("{name}: experts load from GGUF files only"),
             ));
         };
-        let info = content
-            .tensor_infos
+        let info = gguf
+            .tensors
             .get(&name)
             .ok_or_else(|| Self::bad(&self.path, format!("no tensor {name}")))?;
-        let &[count, rows, cols] = info.shape.dims() else {
+        let &[count, rows, cols] = info.dims.as_slice() else {
             return Err(Self::bad(
                 &self.path,
-                format!("{name} has shape {:?}, not [experts, out, in]", info.shape),
+                format!("{name} has shape {:?}, not [experts, out, in]", info.dims),
             ));
         };
-        let dtype = info.ggml_dtype;
-        let per = rows * cols / dtype.block_size() * dtype.type_size();
-        let start = content.tensor_data_offset as usize + info.offset as usize;
+        let per = info.ty.stored_bytes(rows * cols);
+        let all = gguf.data(mmap, info);
         (0..count)
             .map(|e| {
-                let bytes = &mmap[start + e * per..start + (e + 1) * per];
-                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                    dtype,
-                    bytes,
-                    vec![rows, cols],
-                    device,
-                )?;
+                let bytes = &all[e * per..(e + 1) * per];
+                let q = qtensor_from_bytes(info.ty, bytes, vec![rows, cols], device)?;
                 let weight = match QMatrix::from_qtensor(&q).filter(|_| device.is_cpu()) {
                     Some(packed) => Weight::Packed(Arc::new(packed)),
                     None => Weight::Candle(QMatMul::from_qtensor(q)?),
@@ -590,8 +561,40 @@ pub fn hf_name(gguf: &str) -> String {
     format!("model.layers.{layer}.{hf_module}.{suffix}")
 }
 
-fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
-    let md = &content.metadata;
+/// Tensor `t` of a GGUF file, as candle holds it (widened types as Q8_0).
+fn gguf_qtensor(
+    gguf: &Gguf,
+    file: &[u8],
+    t: &TensorEntry,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    qtensor_from_bytes(t.ty, gguf.data(file, t), t.dims.clone(), device)
+}
+
+/// A tensor of `dims` from its stored bytes. Widened types become Q8_0, or f32 where
+/// Q8_0's f16 scales cannot hold theirs.
+fn qtensor_from_bytes(
+    ty: TensorType,
+    bytes: &[u8],
+    dims: Vec<usize>,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    match ty {
+        TensorType::Candle(d) => qtensor_from_ggml(d, bytes, dims, device),
+        TensorType::Widened(w) => match crate::gguf::widen_to_q8_0(w, bytes) {
+            Some(q8) => qtensor_from_ggml(GgmlDType::Q8_0, &q8, dims, device),
+            None => {
+                let values = crate::gguf::dequantize_widened(w, bytes);
+                let raw: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                qtensor_from_ggml(GgmlDType::F32, &raw, dims, device)
+            }
+        },
+    }
+}
+
+fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
+    let md = &gguf.metadata;
     let bad = |reason: String| ShardError::BadModel {
         path: PathBuf::new(),
         reason,
@@ -630,8 +633,8 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         .or_else(|_| get_u("rope.dimension_count"))
         .unwrap_or(hidden / n_heads.max(1));
     let ffn = get_u("feed_forward_length")?;
-    let vocab = match content.tensor_infos.get("token_embd.weight") {
-        Some(info) => info.shape.dims().first().copied().unwrap_or(0),
+    let vocab = match gguf.tensors.get("token_embd.weight") {
+        Some(info) => info.dims.first().copied().unwrap_or(0),
         None => return Err(bad("no token_embd.weight tensor".into())),
     };
     // Experts: Mixtral (`llama`) and Qwen3-MoE name their count and how many each token
@@ -681,11 +684,7 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         Some(t) if t == "linear" => get_f("rope.scaling.factor", 1.0),
         _ => 1.0,
     };
-    if arch == Arch::Phi3
-        && content
-            .tensor_infos
-            .contains_key("rope_factors_long.weight")
-    {
+    if arch == Arch::Phi3 && gguf.tensors.contains_key("rope_factors_long.weight") {
         return Err(bad(
             "this Phi-3 file uses LongRoPE (rope_factors_long), which this version does not run"
                 .into(),
@@ -707,7 +706,7 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         rope_freq_factors: None,
         rms_eps: get_f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
         max_seq_len: get_u("context_length").unwrap_or(4096),
-        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qkv_bias: gguf.tensors.contains_key("blk.0.attn_q.bias"),
         experts,
         sliding_window,
         attn_scale,
@@ -717,47 +716,6 @@ fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
     };
     config.validate().map_err(bad)?;
     Ok(config)
-}
-
-/// Why candle could not read a GGUF file, in a user's words. Its "unknown dtype for
-/// tensor N" names a ggml type id; people know the types by name (a Q4_K_M download of a
-/// small model holds IQ4_NL or Q5_0 tensors beside its K-quants, gpt-oss holds MXFP4).
-fn unreadable_gguf(e: &candle_core::Error) -> String {
-    let message = candle_message(e);
-    let unknown = message
-        .strip_prefix("unknown dtype for tensor ")
-        .and_then(|n| n.trim().parse::<u32>().ok());
-    match unknown {
-        Some(id) => format!(
-            "it holds tensors of type {} (ggml type {id}), which this version cannot load (it loads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)",
-            ggml_type_name(id)
-        ),
-        None => format!("not a readable GGUF file ({message})"),
-    }
-}
-
-/// The name of ggml tensor type `id` (ggml.h's `ggml_type`).
-fn ggml_type_name(id: u32) -> &'static str {
-    match id {
-        16 => "IQ2_XXS",
-        17 => "IQ2_XS",
-        18 => "IQ3_XXS",
-        19 => "IQ1_S",
-        20 => "IQ4_NL",
-        21 => "IQ3_S",
-        22 => "IQ2_S",
-        23 => "IQ4_XS",
-        24 => "I8",
-        25 => "I16",
-        26 => "I32",
-        27 => "I64",
-        28 => "F64",
-        29 => "IQ1_M",
-        34 => "TQ1_0",
-        35 => "TQ2_0",
-        39 => "MXFP4",
-        _ => "unknown",
-    }
 }
 
 /// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor

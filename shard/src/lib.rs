@@ -20,6 +20,7 @@ mod config;
 pub mod device;
 mod error;
 mod file;
+mod gguf;
 mod head;
 pub mod kernels;
 mod sampling;

@@ -465,7 +465,7 @@ fn bad_files_and_spans_get_clear_errors() -> Result<()> {
     let garbage = dir.path().join("garbage.gguf");
     std::fs::write(&garbage, b"this is not a model at all, just some text")?;
     let e = ModelFile::open(&garbage).expect_err("garbage");
-    assert!(e.to_string().contains("not a readable GGUF"), "{e}");
+    assert!(e.to_string().contains("not a GGUF file"), "{e}");
 
     let good = dir.path().join("good.gguf");
     write_gguf(&good, GgmlDType::Q8_0, false)?;

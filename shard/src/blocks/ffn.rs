@@ -151,10 +151,12 @@ impl Ffn {
         }
     }
 
-    pub(super) fn forward(&self, h: &Tensor) -> Result<Tensor> {
+    /// `margins`, when given, is lowered for each row to the router's margin in this
+    /// block (see [`crate::Span::forward_traced`]).
+    pub(super) fn forward(&self, h: &Tensor, margins: Option<&mut [f32]>) -> Result<Tensor> {
         match self {
             Ffn::Dense(m) => m.forward(h),
-            Ffn::Moe(m) => m.forward(h),
+            Ffn::Moe(m) => m.forward(h, margins),
         }
     }
 }
@@ -210,7 +212,14 @@ impl Moe {
 
     /// The experts each row of `h` (`[rows, hidden]`, f32 values) goes to, with their
     /// weights: per expert, the rows it serves in ascending order.
-    fn route(&self, h: &[f32], hidden: usize) -> Vec<Vec<(u32, f32)>> {
+    /// `margins[row]` is lowered to the gap between the router logits of the last
+    /// chosen expert and the first one left out.
+    fn route(
+        &self,
+        h: &[f32],
+        hidden: usize,
+        mut margins: Option<&mut [f32]>,
+    ) -> Vec<Vec<(u32, f32)>> {
         let count = self.config.count;
         let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new(); count];
         for (row, x) in h.chunks_exact(hidden).enumerate() {
@@ -225,6 +234,13 @@ impl Moe {
             // The `used` most probable, ties to the lower index.
             let mut order: Vec<usize> = (0..count).collect();
             order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            if let (Some(m), Some(&last), Some(&next)) = (
+                margins.as_deref_mut(),
+                order.get(self.config.used - 1),
+                order.get(self.config.used),
+            ) {
+                m[row] = m[row].min(logits[last] - logits[next]);
+            }
             order.truncate(self.config.used);
             let chosen: f32 = order.iter().map(|&e| probs[e] / total).sum();
             for e in order {
@@ -240,14 +256,14 @@ impl Moe {
     /// are grouped by expert, so each expert's weights are read once per batch, and a
     /// row's outputs are summed in expert order, so it comes out the same alone or in
     /// any batch.
-    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+    fn forward(&self, h: &Tensor, margins: Option<&mut [f32]>) -> Result<Tensor> {
         let (rows, hidden) = h.dims2()?;
         let dtype = h.dtype();
         let values = h
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let groups = self.route(&values, hidden);
+        let groups = self.route(&values, hidden, margins);
         let mut out = Tensor::zeros((rows, hidden), dtype, h.device())?;
         for (expert, group) in self.experts.iter().zip(groups) {
             if group.is_empty() {

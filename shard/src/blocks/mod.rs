@@ -239,6 +239,23 @@ impl Span {
             .ok_or_else(|| ShardError::BadInput("no output".into()))
     }
 
+    /// [`Span::forward`], also returning for each row how close its routing came to a
+    /// tie: the smallest gap, over the span's mixture-of-experts blocks, between the
+    /// router logits of the last expert chosen and the first left out (infinity without
+    /// experts). Two correct implementations may route a row differently where this is
+    /// within their rounding, as they may pick different tokens at near-equal logits;
+    /// comparisons with another implementation use it to tell such rows apart.
+    pub fn forward_traced(&self, x: &Tensor, cache: &mut KvCache) -> Result<(Tensor, Vec<f32>)> {
+        let mut margins = vec![f32::INFINITY; x.dim(0)?];
+        let mut out = crate::kernels::on_pool(|| {
+            self.forward_batch_on_pool(vec![(x, cache)], Some(&mut margins))
+        })?;
+        let out = out
+            .pop()
+            .ok_or_else(|| ShardError::BadInput("no output".into()))?;
+        Ok((out, margins))
+    }
+
     /// True when [`Span::forward_batch`] gives each session bit for bit what
     /// [`Span::forward`] gives it alone: every weight runs on our kernels. Otherwise
     /// (dense safetensors weights on candle's matmul) a batch changes the rounding, and a
@@ -256,12 +273,13 @@ impl Span {
     /// [`Span::batches_exactly`], to rounding otherwise). Every cache must cover the same
     /// blocks.
     pub fn forward_batch(&self, items: Vec<(&Tensor, &mut KvCache)>) -> Result<Vec<Tensor>> {
-        crate::kernels::on_pool(|| self.forward_batch_on_pool(items))
+        crate::kernels::on_pool(|| self.forward_batch_on_pool(items, None))
     }
 
     fn forward_batch_on_pool(
         &self,
         mut items: Vec<(&Tensor, &mut KvCache)>,
+        mut margins: Option<&mut Vec<f32>>,
     ) -> Result<Vec<Tensor>> {
         let Some((_, first_cache)) = items.first() else {
             return Ok(Vec::new());
@@ -331,7 +349,7 @@ impl Span {
         for (j, block) in blocks.iter().enumerate() {
             let mut kvs: Vec<&mut Option<LayerKv>> =
                 items.iter_mut().map(|(_, c)| &mut c.layers[j]).collect();
-            x = self.block_forward(block, &x, &segments, &mut kvs)?;
+            x = self.block_forward(block, &x, &segments, &mut kvs, margins.as_deref_mut())?;
         }
         let x = x.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(items.len());
@@ -373,6 +391,7 @@ impl Span {
         x: &Tensor,
         segments: &[Segment],
         kvs: &mut [&mut Option<LayerKv>],
+        margins: Option<&mut Vec<f32>>,
     ) -> Result<Tensor> {
         let eps = self.config.rms_eps as f32;
 
@@ -415,7 +434,7 @@ impl Span {
 
         // Feed-forward: one MLP or experts.
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, eps)?;
-        let mut m = b.ffn.forward(&h)?;
+        let mut m = b.ffn.forward(&h, margins.map(|m| m.as_mut_slice()))?;
         if let Some((_, after_mlp)) = &b.post_norms {
             m = candle_nn::ops::rms_norm(&m, after_mlp, eps)?;
         }
