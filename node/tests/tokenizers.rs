@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
 use common::*;
 use shard::candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -44,22 +43,9 @@ const TEXTS: &[&str] = &[
 
 /// The reference tokenization of `TEXTS` by llama.cpp.
 fn llama_cpp_ids(model: &Path) -> Vec<Vec<u64>> {
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_cpp_tokenize.py");
-    let input = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(input.path(), serde_json::to_vec(TEXTS).expect("json")).expect("write");
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(script)
-        .arg(model)
-        .stdin(std::fs::File::open(input.path()).expect("open"))
-        .env("PYTHONPATH", llama_cpp_python());
-    let (out, _) = run(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "llama.cpp failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("reference JSON")
+    let input = serde_json::to_vec(TEXTS).expect("json");
+    let ids = llama_cpp_json("llama_cpp_tokenize.py", &[model.as_os_str()], Some(&input));
+    serde_json::from_value(ids).expect("lists of ids")
 }
 
 /// Compares Shoal's prompt tokenization of every text with llama.cpp's.

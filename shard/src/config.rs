@@ -27,6 +27,11 @@ pub enum Arch {
     /// Gemma 3: Gemma 2 without soft-capping, with Qwen3's per-head Q/K norms, five
     /// sliding-window layers (rope base 10,000) to each global one.
     Gemma3,
+    /// gpt-oss: a mixture of experts with biases everywhere (Q, K, V, output, router,
+    /// experts), a learned "sink" logit per head in every softmax, every other layer
+    /// over a 128-token window, YaRN rope, and experts that clamp their gate and up
+    /// values (`swiglu_oai`), weighted by a softmax over the chosen experts only.
+    GptOss,
 }
 
 impl Arch {
@@ -40,6 +45,7 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::GptOss => "gpt-oss",
         }
     }
 
@@ -53,6 +59,7 @@ impl Arch {
             "phi3" => Arch::Phi3,
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
+            "gpt-oss" => Arch::GptOss,
             _ => return None,
         })
     }
@@ -66,7 +73,8 @@ impl Arch {
             | Arch::Qwen3Moe
             | Arch::Phi3
             | Arch::Gemma2
-            | Arch::Gemma3 => RopeStyle::Half,
+            | Arch::Gemma3
+            | Arch::GptOss => RopeStyle::Half,
         }
     }
 
@@ -97,7 +105,8 @@ pub struct SlidingWindow {
     pub size: usize,
     /// Layers per repeat of the pattern (the last of each repeat is global).
     pub pattern: usize,
-    /// Rope base of the local layers, when it differs from the global one.
+    /// Rope base of the local layers, unscaled, when it differs from the global one
+    /// (Gemma 3); `None`: the local layers rope as the global ones do.
     pub local_rope_theta: Option<f32>,
 }
 
@@ -120,8 +129,46 @@ pub struct Experts {
     pub used: usize,
     /// Width of one expert's MLP.
     pub ffn: usize,
-    /// Renormalise the chosen experts' probabilities to sum to one.
+    /// Renormalise the chosen experts' probabilities to sum to one. (A softmax over
+    /// the chosen experts' logits alone, gpt-oss's SOFTMAX_WEIGHT gating in llama.cpp,
+    /// is the same thing.)
     pub normalize: bool,
+}
+
+/// YaRN rope scaling (gpt-oss, DeepSeek): frequencies blend between interpolated
+/// (divided by `factor`) and original across a band of dimensions set by `beta_fast`
+/// and `beta_slow`, and cos/sin are scaled by `1 + 0.1 ln(factor)`, as ggml's
+/// `rope_yarn` does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Yarn {
+    pub factor: f32,
+    /// Context length the model was trained with before scaling.
+    pub original_context: usize,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
+
+impl Yarn {
+    /// Per pair of dimensions, what its base frequency is multiplied by; and the
+    /// cos/sin magnitude.
+    pub fn scales(&self, head_dim: usize, theta: f32) -> (Vec<f32>, f32) {
+        let dims = head_dim as f32;
+        let corr = |beta: f32| {
+            dims * (self.original_context as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * theta.ln())
+        };
+        let low = corr(self.beta_fast).floor().max(0.0);
+        let high = corr(self.beta_slow).ceil().min(dims - 1.0);
+        let freq_scale = 1.0 / self.factor;
+        let per_pair = (0..head_dim / 2)
+            .map(|j| {
+                let y = (j as f32 - low) / (high - low).max(0.001);
+                let mix = 1.0 - y.clamp(0.0, 1.0);
+                freq_scale * (1.0 - mix) + mix
+            })
+            .collect();
+        (per_pair, 1.0 + 0.1 * (1.0 / freq_scale).ln())
+    }
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -182,6 +229,12 @@ pub struct ModelConfig {
     /// Divides the positions the global layers' rope sees (linear rope scaling,
     /// Gemma 3's factor 8); 1 for none.
     pub rope_scale: f32,
+    /// YaRN rope scaling, for models trained with it.
+    pub yarn: Option<Yarn>,
+    /// A learned per-head logit that joins every softmax of attention (gpt-oss).
+    pub attn_sinks: bool,
+    /// The attention's output projection has a bias (gpt-oss).
+    pub attn_output_bias: bool,
 }
 
 impl ModelConfig {
@@ -311,6 +364,9 @@ impl HfConfig {
             attn_softcap: None,
             final_softcap: None,
             rope_scale: 1.0,
+            yarn: None,
+            attn_sinks: false,
+            attn_output_bias: false,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{Arch, Experts, HfConfig, ModelConfig, SlidingWindow};
+use crate::config::{Arch, Experts, HfConfig, ModelConfig, SlidingWindow, Yarn};
 use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::QMatrix;
@@ -98,6 +98,14 @@ impl Linear {
             weight: Weight::Packed(Arc::new(QMatrix::stack(&weights)?)),
             bias,
         })
+    }
+
+    /// The same layer with a bias added to its output.
+    pub(crate) fn with_bias(self, bias: Tensor) -> Linear {
+        Linear {
+            bias: Some(bias),
+            ..self
+        }
     }
 
     /// True when each row of a product comes out the same whatever other rows share the
@@ -644,6 +652,8 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
             count,
             used: get_u("expert_used_count")?,
             ffn: get_u("expert_feed_forward_length").unwrap_or(ffn),
+            // Mixtral and Qwen3-MoE renormalise; gpt-oss's softmax over the chosen
+            // logits alone is the same.
             normalize: true,
         }),
         _ => None,
@@ -657,9 +667,9 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
     // (llama.cpp's hparams for LLM_ARCH_GEMMA2 / GEMMA3: the 27B models scale by
     // width / heads, the others by the head width).
     let sliding_window = match arch {
-        Arch::Gemma2 | Arch::Gemma3 => Some(SlidingWindow {
+        Arch::Gemma2 | Arch::Gemma3 | Arch::GptOss => Some(SlidingWindow {
             size: get_u("attention.sliding_window")?,
-            pattern: if arch == Arch::Gemma2 { 2 } else { 6 },
+            pattern: if arch == Arch::Gemma3 { 6 } else { 2 },
             local_rope_theta: (arch == Arch::Gemma3).then_some(10_000.0),
         }),
         _ => None,
@@ -677,12 +687,22 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
         _ => None,
     };
     let cap = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
-    let rope_scale = match md
+    let scaling = md
         .get(&key("rope.scaling.type"))
         .and_then(|v| v.to_string().ok())
-    {
-        Some(t) if t == "linear" => get_f("rope.scaling.factor", 1.0),
+        .map(String::as_str);
+    let rope_scale = match scaling {
+        Some("linear") => get_f("rope.scaling.factor", 1.0),
         _ => 1.0,
+    };
+    let yarn = match scaling {
+        Some("yarn") => Some(Yarn {
+            factor: get_f("rope.scaling.factor", 1.0),
+            original_context: get_u("rope.scaling.original_context_length")?,
+            beta_fast: get_f("rope.scaling.yarn_beta_fast", 32.0),
+            beta_slow: get_f("rope.scaling.yarn_beta_slow", 1.0),
+        }),
+        _ => None,
     };
     if arch == Arch::Phi3 && gguf.tensors.contains_key("rope_factors_long.weight") {
         return Err(bad(
@@ -713,6 +733,9 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
         attn_softcap: cap("attn_logit_softcapping").filter(|_| arch == Arch::Gemma2),
         final_softcap: cap("final_logit_softcapping").filter(|_| arch == Arch::Gemma2),
         rope_scale,
+        yarn,
+        attn_sinks: gguf.tensors.contains_key("blk.0.attn_sinks.weight"),
+        attn_output_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),
     };
     config.validate().map_err(bad)?;
     Ok(config)

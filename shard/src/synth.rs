@@ -52,8 +52,10 @@ pub struct Shape {
     pub context: usize,
     /// Experts of every block, for a mixture of experts.
     pub experts: Option<Experts>,
-    /// Sliding-window size of the local layers (Gemma), 0 for none.
+    /// Sliding-window size of the local layers (Gemma, gpt-oss), 0 for none.
     pub window: usize,
+    /// YaRN rope scaling: factor and original context (gpt-oss).
+    pub yarn: Option<(f32, usize)>,
 }
 
 const fn dense(
@@ -78,6 +80,17 @@ const fn dense(
         context,
         experts: None,
         window: 0,
+        yarn: None,
+    }
+}
+
+/// gpt-oss: experts, a window and YaRN (factor 32 over 4,096 positions).
+const fn gpt_oss(shape: Shape, count: usize, window: usize) -> Shape {
+    let width = shape.hidden;
+    Shape {
+        window,
+        yarn: Some((32.0, 4096)),
+        ..moe(shape, count, 4, width)
     }
 }
 
@@ -116,6 +129,9 @@ pub const SHAPES: &[Shape] = &[
     moe(dense("mixtral-8x7b",    Arch::Llama,    [4096, 14336, 32, 8, 128, 32], 32000,   1e6, 32768), 8, 2, 14336),
     //    ... with a sliding window
     windowed(dense("gemma-3-27b", Arch::Gemma3, [5376, 21504, 32, 16, 128, 62], 262_144, 1e6, 131_072), 1024),
+    //    ... both (experts: count; 4 used, of the model's width)
+    gpt_oss(dense("gpt-oss-20b",  Arch::GptOss, [2880, 2880, 64, 8, 64, 24], 201_088, 150_000.0, 131_072), 32, 128),
+    gpt_oss(dense("gpt-oss-120b", Arch::GptOss, [2880, 2880, 64, 8, 64, 36], 201_088, 150_000.0, 131_072), 128, 128),
     // Tiny ones for tests. Windows of 8 positions, so a short test crosses them; six
     // Gemma 3 blocks, so one is global.
     dense("tiny-llama",      Arch::Llama,    [256, 512, 4, 2, 64, 4],          49152,   10_000.0,  4096),
@@ -125,6 +141,10 @@ pub const SHAPES: &[Shape] = &[
     moe(dense("tiny-mixtral",  Arch::Llama,    [256, 512, 4, 2, 64, 4],  49152, 1e6, 4096), 8, 2, 512),
     windowed(dense("tiny-gemma2", Arch::Gemma2, [256, 512, 4, 2, 64, 4], 49152, 10_000.0, 4096), 8),
     windowed(dense("tiny-gemma3", Arch::Gemma3, [256, 512, 4, 2, 64, 6], 49152, 1e6, 4096), 8),
+    // 2 of 8 experts: a random router's near-ties (which two implementations may break
+    // differently) grow with the experts to choose among; 8 keeps them few.
+    Shape { experts: Some(Experts { count: 8, used: 2, ffn: 256, normalize: true }),
+        ..gpt_oss(dense("tiny-gpt-oss", Arch::GptOss, [256, 256, 4, 2, 64, 4], 49152, 150_000.0, 4096), 8, 8) },
 ];
 
 /// A preset by name; hyphens do not matter (`llama-3-8b` is `llama3-8b`).
@@ -509,7 +529,40 @@ fn write_gguf(
     for i in 0..s.blocks {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
         tensors.push((p("attn_norm"), ones(s.hidden)?));
-        tensors.push((p("ffn_norm"), ones(s.hidden)?));
+        // gpt-oss names its MLP's norm for the attention it follows.
+        let ffn_norm = if s.arch == Arch::GptOss {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        };
+        tensors.push((p(ffn_norm), ones(s.hidden)?));
+        if s.arch == Arch::GptOss {
+            // Biases on every projection and router, and a sink logit per head.
+            let b = |n: &str| format!("blk.{i}.{n}.bias");
+            let seed = seed + 100 * (i as u64 + 1) + 50;
+            let bias = |rows: Option<usize>, n: usize, k: u64| -> Result<QTensor> {
+                let t = random_tensor(None, rows.unwrap_or(1), n, GgmlDType::F32, 0.1, seed + k)?;
+                Ok(match rows {
+                    Some(_) => t,
+                    None => QTensor::quantize(
+                        &t.dequantize(&Device::Cpu)?.flatten_all()?,
+                        GgmlDType::F32,
+                    )?,
+                })
+            };
+            let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+            tensors.push((b("attn_q"), bias(None, q, 0)?));
+            tensors.push((b("attn_k"), bias(None, kv, 1)?));
+            tensors.push((b("attn_v"), bias(None, kv, 2)?));
+            tensors.push((b("attn_output"), bias(None, s.hidden, 3)?));
+            tensors.push((p("attn_sinks"), bias(None, s.heads, 4)?));
+            if let Some(e) = &s.experts {
+                tensors.push((b("ffn_gate_inp"), bias(None, e.count, 5)?));
+                tensors.push((b("ffn_gate_exps"), bias(Some(e.count), e.ffn, 6)?));
+                tensors.push((b("ffn_up_exps"), bias(Some(e.count), e.ffn, 7)?));
+                tensors.push((b("ffn_down_exps"), bias(Some(e.count), s.hidden, 8)?));
+            }
+        }
         if s.arch.qk_norm() {
             tensors.push((p("attn_q_norm"), ones(s.head_dim)?));
             tensors.push((p("attn_k_norm"), ones(s.head_dim)?));
@@ -569,6 +622,11 @@ fn write_gguf(
     ];
     if s.window > 0 {
         keyed.push(("attention.sliding_window", u(s.window)));
+    }
+    if let Some((factor, original)) = s.yarn {
+        keyed.push(("rope.scaling.type", V::String("yarn".into())));
+        keyed.push(("rope.scaling.factor", V::F32(factor)));
+        keyed.push(("rope.scaling.original_context_length", u(original)));
     }
     if s.arch == Arch::Gemma2 {
         // Gemma 2's published caps.

@@ -294,3 +294,32 @@ pub fn llama_cpp_python() -> PathBuf {
 
 /// The llama-cpp-python release the tests and `bench/llama-cpp.sh` use.
 pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
+
+/// Runs `node/tests/reference/<script>` (a Python script on llama-cpp-python) with
+/// `args` and, if given, `stdin` as its input; its stdout, parsed as JSON. Panics with
+/// its stderr if it fails.
+pub fn llama_cpp_json(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    stdin: Option<&[u8]>,
+) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg(path)
+        .args(args)
+        .env("PYTHONPATH", llama_cpp_python());
+    let input = tempfile::NamedTempFile::new().expect("temp file");
+    if let Some(bytes) = stdin {
+        std::fs::write(input.path(), bytes).expect("write");
+        cmd.stdin(std::fs::File::open(input.path()).expect("open"));
+    }
+    let (out, _) = run(cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from the reference")
+}

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::cache::LayerKv;
-use super::Span;
+use super::{Block, Span};
 use crate::{Result, RopeStyle, ShardError};
 
 impl Span {
@@ -21,8 +21,9 @@ impl Span {
     }
 
     /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,
-    /// which it extends: `[seq, heads * head_dim]`. A `local` layer attends over the
-    /// sliding window only, with the local rope.
+    /// which it extends: `[seq, heads * head_dim]`. A local layer attends over the
+    /// sliding window only, with the local rope; a layer with sinks adds each head's
+    /// sink logit to its softmax.
     pub(super) fn attention(
         &self,
         q: Tensor,
@@ -30,8 +31,10 @@ impl Span {
         v: Tensor,
         seg: &Segment,
         kv: &mut Option<LayerKv>,
-        local: bool,
+        block: &Block,
     ) -> Result<Tensor> {
+        let local = block.local;
+        let sinks = block.sinks.as_deref();
         let cfg = &self.config;
         let seq = seg.seq;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
@@ -61,7 +64,7 @@ impl Span {
         let cap = cfg.attn_softcap;
         if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
             if let Some(l) = kv.as_ref() {
-                return decode_attention(&q, l, nh / nkv, scale, window, cap);
+                return decode_attention(&q, l, nh / nkv, scale, window, cap, sinks);
             }
         }
         let total = k.dim(1)?;
@@ -81,7 +84,20 @@ impl Span {
                 .reshape((nkv, n_rep * seq, total))?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let att = match sinks {
+            // The sink joins the softmax as one more score per row, then is dropped:
+            // it takes a share of the weight and gives back no value.
+            Some(s) => {
+                let column: Vec<f32> = (0..nh)
+                    .flat_map(|h| std::iter::repeat_n(s[h], seq))
+                    .collect();
+                let column = Tensor::from_vec(column, (nkv, n_rep * seq, 1), att.device())?
+                    .to_dtype(att.dtype())?;
+                let with_sink = Tensor::cat(&[&att, &column], 2)?;
+                candle_nn::ops::softmax_last_dim(&with_sink)?.narrow(2, 0, total)?
+            }
+            None => candle_nn::ops::softmax_last_dim(&att)?,
+        };
         Ok(att
             .matmul(&v)?
             .reshape((nh, seq, hd))?
@@ -103,6 +119,7 @@ fn decode_attention(
     scale: f32,
     window: Option<usize>,
     softcap: Option<f32>,
+    sinks: Option<&[f32]>,
 ) -> Result<Tensor> {
     use rayon::prelude::*;
     let (nkv, cap, hd) = l.k.dims3()?;
@@ -129,8 +146,12 @@ fn decode_attention(
                 softcap.map_or(s, |c| c * (s / c).tanh())
             })
             .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
+        let sink = sinks.map(|s| s[h]);
+        let max = scores
+            .iter()
+            .chain(&sink)
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = sink.map_or(0.0, |s| (s - max).exp());
         for s in scores.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;

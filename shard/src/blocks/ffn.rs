@@ -74,20 +74,32 @@ impl Projection {
     }
 }
 
-/// A gated MLP: SwiGLU, or Gemma's GELU (tanh approximation) in place of SiLU.
+/// How a gated MLP combines its gate `g` and up `u` projections.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Activation {
+    /// `silu(g) * u` (SwiGLU).
+    Silu,
+    /// `gelu_tanh(g) * u` (Gemma).
+    GeluTanh,
+    /// gpt-oss's `swiglu_oai`: `g' = min(g, 7)`, `u' = clamp(u, -7, 7)`,
+    /// `g' * sigmoid(1.702 g') * (u' + 1)`.
+    SwigluOai,
+}
+
+/// A gated MLP.
 pub(super) struct Mlp {
     /// Wgate, Wup.
     gate_up: Projection,
     down: Linear,
-    gelu: bool,
+    activation: Activation,
 }
 
 impl Mlp {
-    fn new(gate: Linear, up: Linear, down: Linear, gelu: bool) -> Result<Self> {
+    fn new(gate: Linear, up: Linear, down: Linear, activation: Activation) -> Result<Self> {
         Ok(Mlp {
             gate_up: Projection::new(vec![gate, up])?,
             down,
-            gelu,
+            activation,
         })
     }
 
@@ -101,12 +113,19 @@ impl Mlp {
             .forward(h)?
             .try_into()
             .map_err(|_| ShardError::BadInput("gate and up projections".into()))?;
-        let g = if self.gelu {
-            g.gelu()?
-        } else {
-            candle_nn::ops::silu(&g)?
+        let h = match self.activation {
+            Activation::Silu => (candle_nn::ops::silu(&g)? * u)?,
+            Activation::GeluTanh => (g.gelu()? * u)?,
+            Activation::SwigluOai => {
+                const LIMIT: f64 = 7.0;
+                const ALPHA: f64 = 1.702;
+                let g = g.clamp(f64::NEG_INFINITY, LIMIT)?;
+                let u = u.clamp(-LIMIT, LIMIT)?;
+                let gated = (&g * candle_nn::ops::sigmoid(&(&g * ALPHA)?)?)?;
+                (gated * (u + 1.0)?)?
+            }
         };
-        Ok(self.down.forward(&(g * u)?)?)
+        Ok(self.down.forward(&h)?)
     }
 }
 
@@ -133,13 +152,17 @@ impl Ffn {
                     vec![cfg.ffn, cfg.ffn],
                 )?,
                 down: file.linear(&p("ffn_down"), false, device)?,
-                gelu: false,
+                activation: Activation::Silu,
             }),
             None => Ffn::Dense(Mlp::new(
                 file.linear(&p("ffn_gate"), false, device)?,
                 file.linear(&p("ffn_up"), false, device)?,
                 file.linear(&p("ffn_down"), false, device)?,
-                cfg.arch.gemma(),
+                if cfg.arch.gemma() {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                },
             )?),
         })
     }
@@ -167,6 +190,8 @@ pub(super) struct Moe {
     /// The router, `[count, hidden]` row-major f32: scored in plain Rust, row by row, so
     /// a row's choice of experts is the same alone or in a batch.
     router: Vec<f32>,
+    /// The router's bias, one per expert (gpt-oss).
+    router_bias: Option<Vec<f32>>,
     experts: Vec<Mlp>,
     config: Experts,
 }
@@ -186,9 +211,39 @@ impl Moe {
             )));
         }
         let router = router.flatten_all()?.to_vec1::<f32>()?;
-        let gates = file.experts(&p("ffn_gate_exps"), device)?;
-        let ups = file.experts(&p("ffn_up_exps"), device)?;
-        let downs = file.experts(&p("ffn_down_exps"), device)?;
+        let vector = |name: &str| -> Result<Option<Tensor>> {
+            if !file.has(name) {
+                return Ok(None);
+            }
+            Ok(Some(
+                file.dense(name, &Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?,
+            ))
+        };
+        let router_bias = match vector(&p("ffn_gate_inp.bias"))? {
+            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        // Experts with their biases (gpt-oss: `[experts, width]`, a row each).
+        let experts = |name: &str| -> Result<Vec<Linear>> {
+            let layers = file.experts(&p(name), device)?;
+            match vector(&p(&format!("{name}.bias")))? {
+                None => Ok(layers),
+                Some(b) => layers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(e, l)| Ok(l.with_bias(b.get(e)?.to_device(device)?)))
+                    .collect(),
+            }
+        };
+        let gates = experts("ffn_gate_exps")?;
+        let ups = experts("ffn_up_exps")?;
+        let downs = experts("ffn_down_exps")?;
+        let activation = if file.config().arch == crate::Arch::GptOss {
+            Activation::SwigluOai
+        } else {
+            Activation::Silu
+        };
         if gates.len() != count || ups.len() != count || downs.len() != count {
             return Err(ShardError::BadInput(format!(
                 "block {i} holds {}/{}/{} gate/up/down experts for a router of {count}",
@@ -201,10 +256,11 @@ impl Moe {
             .into_iter()
             .zip(ups)
             .zip(downs)
-            .map(|((g, u), d)| Mlp::new(g, u, d, false))
+            .map(|((g, u), d)| Mlp::new(g, u, d, activation))
             .collect::<Result<_>>()?;
         Ok(Moe {
             router,
+            router_bias,
             experts,
             config,
         })
@@ -223,11 +279,16 @@ impl Moe {
         let count = self.config.count;
         let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new(); count];
         for (row, x) in h.chunks_exact(hidden).enumerate() {
-            let logits: Vec<f32> = self
+            let mut logits: Vec<f32> = self
                 .router
                 .chunks_exact(hidden)
                 .map(|w| dot(x, w))
                 .collect();
+            if let Some(b) = &self.router_bias {
+                for (l, b) in logits.iter_mut().zip(b) {
+                    *l += b;
+                }
+            }
             let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
             let probs: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
             let total: f32 = probs.iter().sum();

@@ -47,6 +47,8 @@ struct Block {
     post_norms: Option<(Tensor, Tensor)>,
     /// True when this layer attends over the sliding window only (with its own rope).
     local: bool,
+    /// Per query head, the learned logit that joins every softmax (gpt-oss).
+    sinks: Option<Vec<f32>>,
 }
 
 /// The blocks `[start, end)` of a model, loaded and ready to run.
@@ -57,8 +59,10 @@ pub struct Span {
     config: ModelConfig,
     /// Rope frequencies per pair, Llama 3.1 scaling already applied.
     inv_freq: Vec<f32>,
-    /// The sliding-window layers' rope frequencies, for models that have them.
-    inv_freq_local: Option<Vec<f32>>,
+    /// What cos and sin are multiplied by (YaRN's magnitude correction; else 1).
+    rope_mscale: f32,
+    /// The sliding-window layers' rope frequencies and magnitude, for models with them.
+    local_rope: Option<(Vec<f32>, f32)>,
     device: Device,
     /// The type the blocks compute in (see [`crate::device::compute_dtype`]); inputs
     /// are cast to it and outputs back to f32.
@@ -119,8 +123,16 @@ impl Span {
                 } else {
                     None
                 },
-                wo: file.linear(&p("attn_output"), false, device)?,
-                ffn_norm: file.dense(&p("ffn_norm.weight"), device)?,
+                wo: file.linear(&p("attn_output"), cfg.attn_output_bias, device)?,
+                // gpt-oss names its MLP's norm for the attention it follows.
+                ffn_norm: file.dense(
+                    &p(if cfg.arch == crate::Arch::GptOss {
+                        "post_attention_norm.weight"
+                    } else {
+                        "ffn_norm.weight"
+                    }),
+                    device,
+                )?,
                 ffn: Ffn::load(file, i, device)?,
                 post_norms: if cfg.arch.gemma() {
                     Some((
@@ -131,6 +143,12 @@ impl Span {
                     None
                 },
                 local: cfg.sliding_window.as_ref().is_some_and(|w| w.is_local(i)),
+                sinks: if cfg.attn_sinks {
+                    let s = file.dense(&p("attn_sinks.weight"), &Device::Cpu)?;
+                    Some(s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                } else {
+                    None
+                },
             };
             blocks.push(block);
             // Block by block, not once at the end: the file's pages read for a block
@@ -151,13 +169,25 @@ impl Span {
                 })
                 .collect()
         };
-        let inv_freq = freqs(cfg.rope_theta, cfg.rope_scale);
-        // Local layers: their own base if they have one, never the global scaling
-        // (llama.cpp's rope_freq_base_train_swa / rope_freq_scale_train_swa).
-        let inv_freq_local = cfg
+        let mut inv_freq = freqs(cfg.rope_theta, cfg.rope_scale);
+        let mut rope_mscale = 1.0;
+        if let Some(yarn) = &cfg.yarn {
+            let (per_pair, mscale) = yarn.scales(cfg.head_dim, cfg.rope_theta);
+            for (f, s) in inv_freq.iter_mut().zip(per_pair) {
+                *f *= s;
+            }
+            rope_mscale = mscale;
+        }
+        // Local layers: their own unscaled base if they have one (llama.cpp's
+        // rope_freq_base_train_swa / rope_freq_scale_train_swa for Gemma 3), else the
+        // global rope.
+        let local_rope = cfg
             .sliding_window
             .as_ref()
-            .map(|w| freqs(w.local_rope_theta.unwrap_or(cfg.rope_theta), 1.0));
+            .map(|w| match w.local_rope_theta {
+                Some(theta) => (freqs(theta, 1.0), 1.0),
+                None => (inv_freq.clone(), rope_mscale),
+            });
         // The norms load in the compute type (dense tensors, like the weights of a
         // safetensors checkpoint; f32 for GGUF).
         let dtype = blocks.first().map_or(DType::F32, |b| b.attn_norm.dtype());
@@ -167,7 +197,8 @@ impl Span {
             blocks,
             config: cfg,
             inv_freq,
-            inv_freq_local,
+            rope_mscale,
+            local_rope,
             device: device.clone(),
             dtype,
         })
@@ -312,10 +343,10 @@ impl Span {
                     max: cache.max_len,
                 });
             }
-            let (cos, sin) = self.rope_tables(&self.inv_freq, pos, seq)?;
-            let local = match (&self.inv_freq_local, &self.config.sliding_window) {
-                (Some(freqs), Some(w)) => {
-                    let (cos, sin) = self.rope_tables(freqs, pos, seq)?;
+            let (cos, sin) = self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq)?;
+            let local = match (&self.local_rope, &self.config.sliding_window) {
+                (Some((freqs, mscale)), Some(w)) => {
+                    let (cos, sin) = self.rope_tables(freqs, *mscale, pos, seq)?;
                     let mask = causal_mask(seq, pos, Some(w.size), &self.device)?;
                     Some(LocalRope {
                         cos,
@@ -366,15 +397,21 @@ impl Span {
         Ok(out)
     }
 
-    fn rope_tables(&self, inv_freq: &[f32], pos: usize, seq: usize) -> Result<(Tensor, Tensor)> {
+    fn rope_tables(
+        &self,
+        inv_freq: &[f32],
+        mscale: f32,
+        pos: usize,
+        seq: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
         for t in pos..pos + seq {
             for f in inv_freq {
                 let a = t as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * mscale);
+                sin.push(a.sin() * mscale);
             }
         }
         Ok((
@@ -415,13 +452,13 @@ impl Span {
             None => (q, k),
         };
         let o = if segments.len() == 1 {
-            self.attention(q, k, v, &segments[0], kvs[0], b.local)?
+            self.attention(q, k, v, &segments[0], kvs[0], b)?
         } else {
             let mut outs = Vec::with_capacity(segments.len());
             let mut row = 0;
             for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
                 let part = |t: &Tensor| t.narrow(0, row, seg.seq);
-                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv, b.local)?);
+                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv, b)?);
                 row += seg.seq;
             }
             Tensor::cat(&outs, 0)?
