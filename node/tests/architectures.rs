@@ -264,13 +264,14 @@ fn every_architecture_agrees_with_llama_cpp() {
         "tiny-qwen3moe",
         "tiny-mixtral",
         "tiny-gpt-oss",
+        "tiny-glm4moe",
     ] {
         // SHOAL_TEST_SHAPES=tiny-gpt-oss,... runs only those (while working on one).
         if std::env::var("SHOAL_TEST_SHAPES").is_ok_and(|only| !only.split(',').any(|s| s == shape))
         {
             continue;
         }
-        let moe = ["moe", "mixtral", "gpt-oss"]
+        let moe = ["moe", "mixtral", "gpt-oss", "glm4moe"]
             .iter()
             .any(|m| shape.contains(m));
         // A generation through `shoal generate --local`, or (quantised mixtures of

@@ -32,6 +32,11 @@ pub enum Arch {
     /// over a 128-token window, YaRN rope, and experts that clamp their gate and up
     /// values (`swiglu_oai`), weighted by a softmax over the chosen experts only.
     GptOss,
+    /// GLM-4.5 and GLM-4.5-Air: Q/K/V biases, rope over part of each head, leading
+    /// dense blocks, then experts chosen by a sigmoid router (with a selection bias)
+    /// beside a shared expert every token runs through; a multi-token-prediction block
+    /// at the end that plain generation skips.
+    Glm4Moe,
 }
 
 impl Arch {
@@ -46,6 +51,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::GptOss => "gpt-oss",
+            Arch::Glm4Moe => "glm4moe",
         }
     }
 
@@ -60,6 +66,7 @@ impl Arch {
             "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             "gpt-oss" => Arch::GptOss,
+            "glm4moe" => Arch::Glm4Moe,
             _ => return None,
         })
     }
@@ -74,7 +81,8 @@ impl Arch {
             | Arch::Phi3
             | Arch::Gemma2
             | Arch::Gemma3
-            | Arch::GptOss => RopeStyle::Half,
+            | Arch::GptOss
+            | Arch::Glm4Moe => RopeStyle::Half,
         }
     }
 
@@ -133,6 +141,14 @@ pub struct Experts {
     /// the chosen experts' logits alone, gpt-oss's SOFTMAX_WEIGHT gating in llama.cpp,
     /// is the same thing.)
     pub normalize: bool,
+    /// Router probabilities by sigmoid of each logit (GLM-4.5, DeepSeek-V3) instead of
+    /// a softmax over all.
+    pub sigmoid: bool,
+    /// What the chosen experts' weights are multiplied by (1 for none).
+    pub scale: f32,
+    /// Experts every token runs through, beside the routed ones (one MLP of
+    /// `shared * ffn` width).
+    pub shared: usize,
 }
 
 /// YaRN rope scaling (gpt-oss, DeepSeek): frequencies blend between interpolated
@@ -235,6 +251,8 @@ pub struct ModelConfig {
     pub attn_sinks: bool,
     /// The attention's output projection has a bias (gpt-oss).
     pub attn_output_bias: bool,
+    /// Dimensions of each head that rope turns (the first ones); `head_dim` for all.
+    pub rope_dims: usize,
 }
 
 impl ModelConfig {
@@ -247,6 +265,15 @@ impl ModelConfig {
             return Err(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
+            ));
+        }
+        if !self.rope_dims.is_multiple_of(2)
+            || self.rope_dims == 0
+            || self.rope_dims > self.head_dim
+        {
+            return Err(format!(
+                "rope over {} of a head's {} dimensions",
+                self.rope_dims, self.head_dim
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
@@ -367,6 +394,7 @@ impl HfConfig {
             yarn: None,
             attn_sinks: false,
             attn_output_bias: false,
+            rope_dims: head_dim,
         })
     }
 }

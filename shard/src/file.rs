@@ -633,7 +633,9 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(default)
     };
-    let n_layers = get_u("block_count")?;
+    // GLM-4.5 counts its multi-token-prediction blocks among the blocks; generation
+    // runs the others (llama.cpp does the same).
+    let n_layers = get_u("block_count")? - get_u("nextn_predict_layers").unwrap_or(0);
     let hidden = get_u("embedding_length")?;
     let n_heads = get_u("attention.head_count")?;
     let n_kv_heads = get_u("attention.head_count_kv").unwrap_or(n_heads);
@@ -653,8 +655,24 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
             used: get_u("expert_used_count")?,
             ffn: get_u("expert_feed_forward_length").unwrap_or(ffn),
             // Mixtral and Qwen3-MoE renormalise; gpt-oss's softmax over the chosen
-            // logits alone is the same.
-            normalize: true,
+            // logits alone is the same; GLM-4.5 says.
+            normalize: md
+                .get(&key("expert_weights_norm"))
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true),
+            // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID is 2; GLM-4.5 defaults to it.
+            sigmoid: match md
+                .get(&key("expert_gating_func"))
+                .and_then(|v| v.to_u32().ok())
+            {
+                Some(f) => f == 2,
+                None => arch == Arch::Glm4Moe,
+            },
+            // 0 (or absent) means no scaling, as in llama.cpp.
+            scale: Some(get_f("expert_weights_scale", 0.0))
+                .filter(|&s| s != 0.0)
+                .unwrap_or(1.0),
+            shared: get_u("expert_shared_count").unwrap_or(0),
         }),
         _ => None,
     };
@@ -736,6 +754,9 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
         yarn,
         attn_sinks: gguf.tensors.contains_key("blk.0.attn_sinks.weight"),
         attn_output_bias: gguf.tensors.contains_key("blk.0.attn_output.bias"),
+        rope_dims: get_u("rope.dimension_count")
+            .unwrap_or(head_dim)
+            .min(head_dim),
     };
     config.validate().map_err(bad)?;
     Ok(config)

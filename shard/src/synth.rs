@@ -56,6 +56,10 @@ pub struct Shape {
     pub window: usize,
     /// YaRN rope scaling: factor and original context (gpt-oss).
     pub yarn: Option<(f32, usize)>,
+    /// Leading blocks with a dense MLP before the experts begin (GLM-4.5).
+    pub dense_lead: usize,
+    /// Dimensions of each head rope turns; 0 for all.
+    pub rope_dims: usize,
 }
 
 const fn dense(
@@ -81,6 +85,8 @@ const fn dense(
         experts: None,
         window: 0,
         yarn: None,
+        dense_lead: 0,
+        rope_dims: 0,
     }
 }
 
@@ -105,6 +111,9 @@ const fn moe(shape: Shape, count: usize, used: usize, ffn: usize) -> Shape {
             used,
             ffn,
             normalize: true,
+            sigmoid: false,
+            scale: 1.0,
+            shared: 0,
         }),
         ..shape
     }
@@ -141,9 +150,17 @@ pub const SHAPES: &[Shape] = &[
     moe(dense("tiny-mixtral",  Arch::Llama,    [256, 512, 4, 2, 64, 4],  49152, 1e6, 4096), 8, 2, 512),
     windowed(dense("tiny-gemma2", Arch::Gemma2, [256, 512, 4, 2, 64, 4], 49152, 10_000.0, 4096), 8),
     windowed(dense("tiny-gemma3", Arch::Gemma3, [256, 512, 4, 2, 64, 6], 49152, 1e6, 4096), 8),
+    // GLM-4.5's layout: a dense first block, 2 of 8 sigmoid-routed experts (scaled 2.5)
+    // beside a shared one, biases on Q/K/V, rope over half of each head.
+    Shape {
+        experts: Some(Experts { count: 8, used: 2, ffn: 128, normalize: true, sigmoid: true, scale: 2.5, shared: 1 }),
+        dense_lead: 1,
+        rope_dims: 32,
+        ..dense("tiny-glm4moe", Arch::Glm4Moe, [256, 512, 4, 2, 64, 4], 49152, 1e6, 4096)
+    },
     // 2 of 8 experts: a random router's near-ties (which two implementations may break
     // differently) grow with the experts to choose among; 8 keeps them few.
-    Shape { experts: Some(Experts { count: 8, used: 2, ffn: 256, normalize: true }),
+    Shape { experts: Some(Experts { count: 8, used: 2, ffn: 256, normalize: true, sigmoid: false, scale: 1.0, shared: 0 }),
         ..gpt_oss(dense("tiny-gpt-oss", Arch::GptOss, [256, 256, 4, 2, 64, 4], 49152, 150_000.0, 4096), 8, 8) },
 ];
 
@@ -398,7 +415,8 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
         ]
     };
     out.push(m(p("attn_output"), None, s.hidden, s.heads * hd));
-    match &s.experts {
+    let experts = s.experts.as_ref().filter(|_| i >= s.dense_lead);
+    match experts {
         None if s.arch.fused() => out.extend([
             m(p("ffn_up"), None, 2 * s.ffn, s.hidden),
             m(p("ffn_down"), None, s.hidden, s.ffn),
@@ -408,11 +426,21 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
             m(p("ffn_up"), None, s.ffn, s.hidden),
             m(p("ffn_down"), None, s.hidden, s.ffn),
         ]),
-        Some(e) => out.extend([
-            m(p("ffn_gate_exps"), Some(e.count), e.ffn, s.hidden),
-            m(p("ffn_up_exps"), Some(e.count), e.ffn, s.hidden),
-            m(p("ffn_down_exps"), Some(e.count), s.hidden, e.ffn),
-        ]),
+        Some(e) => {
+            out.extend([
+                m(p("ffn_gate_exps"), Some(e.count), e.ffn, s.hidden),
+                m(p("ffn_up_exps"), Some(e.count), e.ffn, s.hidden),
+                m(p("ffn_down_exps"), Some(e.count), s.hidden, e.ffn),
+            ]);
+            if e.shared > 0 {
+                let w = e.shared * e.ffn;
+                out.extend([
+                    m(p("ffn_gate_shexp"), None, w, s.hidden),
+                    m(p("ffn_up_shexp"), None, w, s.hidden),
+                    m(p("ffn_down_shexp"), None, s.hidden, w),
+                ]);
+            }
+        }
     }
     out
 }
@@ -530,7 +558,7 @@ fn write_gguf(
         let p = |n: &str| format!("blk.{i}.{n}.weight");
         tensors.push((p("attn_norm"), ones(s.hidden)?));
         // gpt-oss names its MLP's norm for the attention it follows.
-        let ffn_norm = if s.arch == Arch::GptOss {
+        let ffn_norm = if matches!(s.arch, Arch::GptOss | Arch::Glm4Moe) {
             "post_attention_norm"
         } else {
             "ffn_norm"
@@ -576,7 +604,31 @@ fn write_gguf(
             tensors.push((p("post_attention_norm"), post(s.hidden)?));
             tensors.push((p("post_ffw_norm"), post(s.hidden)?));
         }
-        if let Some(e) = &s.experts {
+        if s.arch == Arch::Glm4Moe {
+            let b = |n: &str| format!("blk.{i}.{n}.bias");
+            let vector = |n: usize, k: u64| -> Result<QTensor> {
+                let t = random_tensor(
+                    None,
+                    1,
+                    n,
+                    GgmlDType::F32,
+                    0.1,
+                    seed + 100 * (i as u64 + 1) + k,
+                )?;
+                Ok(QTensor::quantize(
+                    &t.dequantize(&Device::Cpu)?.flatten_all()?,
+                    GgmlDType::F32,
+                )?)
+            };
+            let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+            tensors.push((b("attn_q"), vector(q, 60)?));
+            tensors.push((b("attn_k"), vector(kv, 61)?));
+            tensors.push((b("attn_v"), vector(kv, 62)?));
+            if let Some(e) = s.experts.as_ref().filter(|_| i >= s.dense_lead) {
+                tensors.push((b("exp_probs_b"), vector(e.count, 63)?));
+            }
+        }
+        if let Some(e) = s.experts.as_ref().filter(|_| i >= s.dense_lead) {
             // Routers stay F32, as llama.cpp's quantiser leaves them.
             let router = random_tensor(
                 None,
@@ -614,7 +666,14 @@ fn write_gguf(
         ("attention.head_count_kv", u(s.kv_heads)),
         ("attention.key_length", u(s.head_dim)),
         ("attention.value_length", u(s.head_dim)),
-        ("rope.dimension_count", u(s.head_dim)),
+        (
+            "rope.dimension_count",
+            u(if s.rope_dims > 0 {
+                s.rope_dims
+            } else {
+                s.head_dim
+            }),
+        ),
         ("rope.freq_base", V::F32(s.rope_theta)),
         ("attention.layer_norm_rms_epsilon", V::F32(1e-5)),
         ("context_length", u(s.context)),
@@ -634,6 +693,15 @@ fn write_gguf(
         keyed.push(("final_logit_softcapping", V::F32(30.0)));
     }
     if let Some(e) = &s.experts {
+        if s.arch == Arch::Glm4Moe {
+            keyed.push(("expert_shared_count", u(e.shared)));
+            keyed.push(("leading_dense_block_count", u(s.dense_lead)));
+            keyed.push(("expert_weights_scale", V::F32(e.scale)));
+            keyed.push(("expert_weights_norm", V::Bool(e.normalize)));
+            // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID.
+            keyed.push(("expert_gating_func", u(if e.sigmoid { 2 } else { 1 })));
+            keyed.push(("nextn_predict_layers", u(0)));
+        }
         keyed.push(("expert_count", u(e.count)));
         keyed.push(("expert_used_count", u(e.used)));
         if s.arch != Arch::Llama {

@@ -8,16 +8,24 @@ use super::{Block, Span};
 use crate::{Result, RopeStyle, ShardError};
 
 impl Span {
+    /// Rope over the first `rope_dims` dimensions of each head of `x`
+    /// (`[1, heads, seq, head_dim]`); the rest pass unturned (GLM-4.5 turns half).
     pub(super) fn rope(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        match self.config.rope_style {
+        let turn = |x: &Tensor| match self.config.rope_style {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
             RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin),
+        };
+        let (dims, head) = (self.config.rope_dims, self.config.head_dim);
+        if dims == head {
+            return turn(x);
         }
+        let turned = turn(&x.narrow(3, 0, dims)?.contiguous()?)?;
+        Tensor::cat(&[&turned, &x.narrow(3, dims, head - dims)?], 3)?.contiguous()
     }
 
     /// Attention of one segment's `q`, `k`, `v` (`[seq, heads * head_dim]`) over its cache,

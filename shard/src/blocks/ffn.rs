@@ -170,7 +170,10 @@ impl Ffn {
     pub(super) fn is_row_exact(&self) -> bool {
         match self {
             Ffn::Dense(m) => m.is_row_exact(),
-            Ffn::Moe(m) => m.experts.iter().all(Mlp::is_row_exact),
+            Ffn::Moe(m) => {
+                m.experts.iter().all(Mlp::is_row_exact)
+                    && m.shared.as_ref().is_none_or(Mlp::is_row_exact)
+            }
         }
     }
 
@@ -192,7 +195,12 @@ pub(super) struct Moe {
     router: Vec<f32>,
     /// The router's bias, one per expert (gpt-oss).
     router_bias: Option<Vec<f32>>,
+    /// Added to the probabilities to choose experts, not to weight them (GLM-4.5's
+    /// `exp_probs_b`).
+    selection_bias: Option<Vec<f32>>,
     experts: Vec<Mlp>,
+    /// The expert every token runs through (GLM-4.5).
+    shared: Option<Mlp>,
     config: Experts,
 }
 
@@ -220,9 +228,23 @@ impl Moe {
                     .to_dtype(candle_core::DType::F32)?,
             ))
         };
-        let router_bias = match vector(&p("ffn_gate_inp.bias"))? {
-            Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
+        let values = |name: &str| -> Result<Option<Vec<f32>>> {
+            match vector(name)? {
+                Some(b) => Ok(Some(b.flatten_all()?.to_vec1::<f32>()?)),
+                None => Ok(None),
+            }
+        };
+        let router_bias = values(&p("ffn_gate_inp.bias"))?;
+        let selection_bias = values(&p("exp_probs_b.bias"))?;
+        let shared = if config.shared > 0 {
+            Some(Mlp::new(
+                file.linear(&p("ffn_gate_shexp"), false, device)?,
+                file.linear(&p("ffn_up_shexp"), false, device)?,
+                file.linear(&p("ffn_down_shexp"), false, device)?,
+                Activation::Silu,
+            )?)
+        } else {
+            None
         };
         // Experts with their biases (gpt-oss: `[experts, width]`, a row each).
         let experts = |name: &str| -> Result<Vec<Linear>> {
@@ -261,7 +283,9 @@ impl Moe {
         Ok(Moe {
             router,
             router_bias,
+            selection_bias,
             experts,
+            shared,
             config,
         })
     }
@@ -289,25 +313,49 @@ impl Moe {
                     *l += b;
                 }
             }
-            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-            let probs: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-            let total: f32 = probs.iter().sum();
-            // The `used` most probable, ties to the lower index.
+            // Probabilities: a softmax over every expert, or each logit's sigmoid.
+            let probs: Vec<f32> = if self.config.sigmoid {
+                logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect()
+            } else {
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+                let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+                let total: f32 = exps.iter().sum();
+                exps.iter().map(|e| e / total).collect()
+            };
+            // Experts are chosen by probability plus the selection bias, if any; the
+            // `used` best, ties to the lower index.
+            let score: Vec<f32> = match &self.selection_bias {
+                Some(b) => probs.iter().zip(b).map(|(p, b)| p + b).collect(),
+                None => probs.clone(),
+            };
             let mut order: Vec<usize> = (0..count).collect();
-            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
             if let (Some(m), Some(&last), Some(&next)) = (
                 margins.as_deref_mut(),
                 order.get(self.config.used - 1),
                 order.get(self.config.used),
             ) {
-                m[row] = m[row].min(logits[last] - logits[next]);
+                // In logits: how far a logit must move to change the choice. For a
+                // softmax, the logits' own gap; for sigmoid scores, their gap over the
+                // sigmoid's steepest slope (1/4), a lower bound.
+                let gap = if self.config.sigmoid {
+                    (score[last] - score[next]) * 4.0
+                } else if self.selection_bias.is_some() {
+                    score[last] - score[next]
+                } else {
+                    logits[last] - logits[next]
+                };
+                m[row] = m[row].min(gap);
             }
             order.truncate(self.config.used);
-            let chosen: f32 = order.iter().map(|&e| probs[e] / total).sum();
+            let chosen: f32 = order.iter().map(|&e| probs[e]).sum();
             for e in order {
-                let p = probs[e] / total;
-                let w = if self.config.normalize { p / chosen } else { p };
-                groups[e].push((row as u32, w));
+                let w = if self.config.normalize {
+                    probs[e] / chosen
+                } else {
+                    probs[e]
+                };
+                groups[e].push((row as u32, w * self.config.scale));
             }
         }
         groups
@@ -341,6 +389,9 @@ impl Moe {
             };
             let y = expert.forward(&x)?.broadcast_mul(&weights)?;
             out = out.index_add(&ids, &y, 0)?;
+        }
+        if let Some(shared) = &self.shared {
+            out = (out + shared.forward(h)?)?;
         }
         Ok(out)
     }

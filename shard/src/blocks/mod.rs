@@ -124,13 +124,16 @@ impl Span {
                     None
                 },
                 wo: file.linear(&p("attn_output"), cfg.attn_output_bias, device)?,
-                // gpt-oss names its MLP's norm for the attention it follows.
+                // gpt-oss and GLM-4.5 name their MLP's norm for the attention it
+                // follows.
                 ffn_norm: file.dense(
-                    &p(if cfg.arch == crate::Arch::GptOss {
-                        "post_attention_norm.weight"
-                    } else {
-                        "ffn_norm.weight"
-                    }),
+                    &p(
+                        if matches!(cfg.arch, crate::Arch::GptOss | crate::Arch::Glm4Moe) {
+                            "post_attention_norm.weight"
+                        } else {
+                            "ffn_norm.weight"
+                        },
+                    ),
                     device,
                 )?,
                 ffn: Ffn::load(file, i, device)?,
@@ -159,9 +162,9 @@ impl Span {
             progress(i + 1 - start, end - start);
         }
         let freqs = |theta: f32, scale: f32| -> Vec<f32> {
-            (0..cfg.head_dim / 2)
+            (0..cfg.rope_dims / 2)
                 .map(|j| {
-                    let f = 1.0 / theta.powf(2.0 * j as f32 / cfg.head_dim as f32) / scale;
+                    let f = 1.0 / theta.powf(2.0 * j as f32 / cfg.rope_dims as f32) / scale;
                     match &cfg.rope_freq_factors {
                         Some(div) => f / div[j],
                         None => f,
@@ -172,7 +175,7 @@ impl Span {
         let mut inv_freq = freqs(cfg.rope_theta, cfg.rope_scale);
         let mut rope_mscale = 1.0;
         if let Some(yarn) = &cfg.yarn {
-            let (per_pair, mscale) = yarn.scales(cfg.head_dim, cfg.rope_theta);
+            let (per_pair, mscale) = yarn.scales(cfg.rope_dims, cfg.rope_theta);
             for (f, s) in inv_freq.iter_mut().zip(per_pair) {
                 *f *= s;
             }
