@@ -1,9 +1,13 @@
-//! A block's feed-forward network: one SwiGLU MLP, or a mixture of SwiGLU experts.
+//! A block's feed-forward network: one gated MLP, or a mixture of them (experts).
 //!
 //! ```text
-//! mlp(h) = Wdown · (silu(Wgate · h) * Wup · h)
-//! moe(h) = Σ over the k experts e the router ranks highest for h:  p_e · mlp_e(h)
-//!          p = softmax(Wrouter · h), renormalised over the k chosen when the family does
+//! mlp(h) = Wdown · (act(Wgate · h) * Wup · h)      act: SiLU, tanh-GELU (Gemma), or
+//!                                                  gpt-oss's clamped swiglu_oai
+//! moe(h) = Σ over the k experts e the router ranks highest for h:  s · p_e · mlp_e(h)
+//!          (+ mlp_shared(h) where the family has a shared expert)
+//!          p = softmax(Wrouter · h + b) over all experts, or sigmoid of each logit;
+//!          ranked by p (+ a selection bias: GLM-4.5), renormalised over the k chosen
+//!          when the family does, scaled by s (GLM-4.5: 2.5; else 1)
 //! ```
 
 use candle_core::{Device, Tensor};
@@ -291,9 +295,9 @@ impl Moe {
     }
 
     /// The experts each row of `h` (`[rows, hidden]`, f32 values) goes to, with their
-    /// weights: per expert, the rows it serves in ascending order.
-    /// `margins[row]` is lowered to the gap between the router logits of the last
-    /// chosen expert and the first one left out.
+    /// weights: per expert, the rows it serves in ascending order. `margins[row]` is
+    /// lowered to how far, in logits, the last chosen expert is from the first one left
+    /// out.
     fn route(
         &self,
         h: &[f32],
