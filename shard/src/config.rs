@@ -353,6 +353,8 @@ impl HfConfig {
             .to_ascii_lowercase();
         let arch = if kind.starts_with("qwen2") {
             Arch::Qwen2
+        } else if kind == "qwen3" || kind.starts_with("qwen3forcausal") {
+            Arch::Qwen3
         } else if kind.starts_with("llama") || kind.starts_with("mistral") {
             Arch::Llama
         } else {

@@ -422,6 +422,64 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
     Ok(())
 }
 
+/// A tiny Qwen3 checkpoint: Llama's tensors, no biases, and per-head Q/K RMSNorm
+/// weights (`self_attn.q_norm`, `self_attn.k_norm`).
+fn write_hf_qwen3(dir: &Path) -> Result<()> {
+    write_hf_arch(dir, DType::F32, true, false)?;
+    let mut map: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let mut rng = StdRng::seed_from_u64(3);
+    for i in 0..LAYERS {
+        for norm in ["q_norm", "k_norm"] {
+            let w = (randn(&mut rng, HEAD_DIM, 0.2)? + 1.0)?;
+            map.insert(format!("model.layers.{i}.self_attn.{norm}.weight"), w);
+        }
+    }
+    candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
+    let config = serde_json::json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "hidden_size": HIDDEN, "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB, "rms_norm_eps": EPS, "rope_theta": THETA,
+        "max_position_embeddings": 256, "tie_word_embeddings": true, "attention_bias": false,
+        "sliding_window": 256, "max_window_layers": LAYERS, "use_sliding_window": false,
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), config.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn qwen3_safetensors_agrees_with_candle_qwen3() -> Result<()> {
+    use candle_transformers::models::qwen3::{Config, ModelForCausalLM};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("qwen3");
+    write_hf_qwen3(&path)?;
+    let file = ModelFile::open(&path)?;
+    assert_eq!(file.config().arch, shard::Arch::Qwen3);
+    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
+    // SAFETY: a file this test just wrote and nobody modifies.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[path.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let mut model = ModelForCausalLM::new(&cfg, vb)?;
+    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
+    let mut rows = Vec::new();
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        rows.push(model.forward(&x, pos)?.flatten_to(1)?);
+    }
+    let reference = Tensor::cat(&rows, 0)?;
+    let (prefill, stepwise) = our_logits(&file, &ids)?;
+    assert_agree("qwen3 stepwise", &stepwise, &reference, 1e-3)?;
+    assert_agree("qwen3 prefill", &prefill, &reference, 1e-3)?;
+    Ok(())
+}
+
 #[test]
 fn qwen2_safetensors_agrees_with_candle_qwen2() -> Result<()> {
     use candle_transformers::models::qwen2::{Config, ModelForCausalLM};
