@@ -422,6 +422,39 @@ fn safetensors_agrees_with_candle_llama() -> Result<()> {
     Ok(())
 }
 
+/// The checkpoint a test wrote into `dir`, for candle-transformers' models.
+fn checkpoint(dir: &Path) -> Result<candle_nn::VarBuilder<'static>> {
+    // SAFETY: a file this test just wrote and nobody modifies.
+    Ok(unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    })
+}
+
+/// Our logits (prefill and step by step) against a reference model fed one token at a
+/// time (`step(token, position)` gives its logits), on every position of PROMPT and
+/// DECODE.
+fn agrees_with_stepwise(
+    name: &str,
+    file: &ModelFile,
+    mut step: impl FnMut(&Tensor, usize) -> candle_core::Result<Tensor>,
+) -> Result<()> {
+    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
+    let mut rows = Vec::new();
+    for (pos, &id) in ids.iter().enumerate() {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        rows.push(step(&x, pos)?.flatten_to(1)?);
+    }
+    let reference = Tensor::cat(&rows, 0)?;
+    let (prefill, stepwise) = our_logits(file, &ids)?;
+    assert_agree(&format!("{name} stepwise"), &stepwise, &reference, 1e-3)?;
+    assert_agree(&format!("{name} prefill"), &prefill, &reference, 1e-3)?;
+    Ok(())
+}
+
 /// A tiny Qwen3 checkpoint: Llama's tensors, no biases, and per-head Q/K RMSNorm
 /// weights (`self_attn.q_norm`, `self_attn.k_norm`).
 fn write_hf_qwen3(dir: &Path) -> Result<()> {
@@ -458,26 +491,9 @@ fn qwen3_safetensors_agrees_with_candle_qwen3() -> Result<()> {
     let file = ModelFile::open(&path)?;
     assert_eq!(file.config().arch, shard::Arch::Qwen3);
     let cfg: Config = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
-    // SAFETY: a file this test just wrote and nobody modifies.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[path.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )?
-    };
+    let vb = checkpoint(&path)?;
     let mut model = ModelForCausalLM::new(&cfg, vb)?;
-    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
-    let mut rows = Vec::new();
-    for (pos, &id) in ids.iter().enumerate() {
-        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
-        rows.push(model.forward(&x, pos)?.flatten_to(1)?);
-    }
-    let reference = Tensor::cat(&rows, 0)?;
-    let (prefill, stepwise) = our_logits(&file, &ids)?;
-    assert_agree("qwen3 stepwise", &stepwise, &reference, 1e-3)?;
-    assert_agree("qwen3 prefill", &prefill, &reference, 1e-3)?;
-    Ok(())
+    agrees_with_stepwise("qwen3", &file, |x, pos| model.forward(x, pos))
 }
 
 #[test]
@@ -489,26 +505,9 @@ fn qwen2_safetensors_agrees_with_candle_qwen2() -> Result<()> {
     let file = ModelFile::open(&path)?;
     assert!(file.config().qkv_bias, "Qwen2 has Q/K/V biases");
     let cfg: Config = serde_json::from_str(&std::fs::read_to_string(path.join("config.json"))?)?;
-    // SAFETY: a file this test just wrote and nobody modifies.
-    let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(
-            &[path.join("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )?
-    };
+    let vb = checkpoint(&path)?;
     let mut model = ModelForCausalLM::new(&cfg, vb)?;
-    let ids: Vec<u32> = PROMPT.iter().chain(DECODE.iter()).copied().collect();
-    let mut rows = Vec::new();
-    for (pos, &id) in ids.iter().enumerate() {
-        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
-        rows.push(model.forward(&x, pos)?.flatten_to(1)?);
-    }
-    let reference = Tensor::cat(&rows, 0)?;
-    let (prefill, stepwise) = our_logits(&file, &ids)?;
-    assert_agree("qwen2 stepwise", &stepwise, &reference, 1e-3)?;
-    assert_agree("qwen2 prefill", &prefill, &reference, 1e-3)?;
-    Ok(())
+    agrees_with_stepwise("qwen2", &file, |x, pos| model.forward(x, pos))
 }
 
 #[test]
