@@ -338,11 +338,23 @@ fn ggml_bytes(rows: usize, cols: usize, dtype: GgmlDType, std: f32, seed: u64) -
             fill(n, seed, |rng| f16::from_f32(value(rng, std)).to_le_bytes()).concat()
         }
         GgmlDType::F32 => fill(n, seed, |rng| value(rng, std).to_le_bytes()).concat(),
-        // The rest through candle's quantisers, from f32 values.
+        // The rest through candle's quantisers, from f32 values: in bands of rows on
+        // every core (rows quantise independently, and a band's bytes are its rows').
         other => {
             let values = fill(n, seed, |rng| value(rng, std));
-            let t = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
-            QTensor::quantize(&t, other)?.data()?.into_owned()
+            const BAND: usize = 64;
+            let bands = values
+                .par_chunks(BAND * cols)
+                .map(|band| -> Result<Vec<u8>> {
+                    let t = candle_core::Tensor::from_slice(
+                        band,
+                        (band.len() / cols, cols),
+                        &Device::Cpu,
+                    )?;
+                    Ok(QTensor::quantize(&t, other)?.data()?.into_owned())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            bands.concat()
         }
     })
 }
