@@ -291,10 +291,11 @@ fn every_architecture_agrees_with_llama_cpp() {
         // agree. Open (noted on issue 17); Q8_0 and MXFP4 run on Shoal's own kernels
         // and agree.
         let k_quants = shape != "tiny-gpt-oss";
-        let dtypes: &[&str] = if k_quants {
-            &["q8_0", "q4_k_m", "f32"]
-        } else {
-            &["q8_0", "f32"]
+        // The other types the issue names, once, on the plainest family.
+        let dtypes: &[&str] = match (shape, k_quants) {
+            ("tiny-llama", _) => &["q8_0", "q4_k_m", "q5_k", "q5_0", "q5_1", "bf16", "f32"],
+            (_, true) => &["q8_0", "q4_k_m", "f32"],
+            (_, false) => &["q8_0", "f32"],
         };
         for &dtype in dtypes {
             let m = make_model(dir.path(), shape, dtype);
