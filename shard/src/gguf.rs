@@ -329,64 +329,14 @@ impl Gguf {
     }
 }
 
-/// Rewrites `bytes` of a widened type as Q8_0 blocks (see the module's docs); `None`
-/// when a scale falls outside what f16 holds exactly (MXFP4 scales below 2^-24 or
-/// above 2^15), for the caller to load the tensor another way.
-pub(crate) fn widen_to_q8_0(ty: Widened, bytes: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    // One Q8_0 block: f16 scale, then 32 signed bytes; value j of 32 is nibble j of
-    // `qs` (the low nibbles give values 0..16, the high ones 16..32, as in Q4_0).
-    let mut block = |scale: f16, table: &[i8; 16], qs: &[u8]| {
-        out.extend_from_slice(&scale.to_le_bytes());
-        out.extend(qs.iter().map(|b| table[(b & 0xf) as usize] as u8));
-        out.extend(qs.iter().map(|b| table[(b >> 4) as usize] as u8));
-    };
+/// Calls `block(scale, table, qs)` for each 32-value block of `bytes` of a widened
+/// type: value `j` of the block is `scale * table[nibble j of qs]`, the low nibbles of
+/// `qs` giving values 0..16 and the high ones 16..32 (as in Q4_0).
+fn for_each_block(ty: Widened, bytes: &[u8], mut block: impl FnMut(f32, &[i8; 16], &[u8])) {
     match ty {
         Widened::Mxfp4 => {
             for b in bytes.chunks_exact(17) {
                 // E8M0 halved, as ggml's GGML_E8M0_TO_FP32_HALF: 2^(e - 128).
-                let exp = b[0] as i32 - 128;
-                if !(-24..=15).contains(&exp) {
-                    return None;
-                }
-                block(f16::from_f32((exp as f32).exp2()), &MXFP4_VALUES, &b[1..17]);
-            }
-        }
-        Widened::Iq4Nl => {
-            for b in bytes.chunks_exact(18) {
-                let d = f16::from_le_bytes([b[0], b[1]]);
-                block(d, &IQ4NL_VALUES, &b[2..18]);
-            }
-        }
-        Widened::Iq4Xs => {
-            for b in bytes.chunks_exact(136) {
-                let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                let scales_h = u16::from_le_bytes([b[2], b[3]]);
-                let scales_l = &b[4..8];
-                let qs = &b[8..136];
-                for ib in 0..8 {
-                    let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
-                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                    let ls = (low | (high << 4)) as i32 - 32;
-                    let scale = f16::from_f32(d * ls as f32);
-                    block(scale, &IQ4NL_VALUES, &qs[16 * ib..16 * (ib + 1)]);
-                }
-            }
-        }
-    }
-    Some(out)
-}
-
-/// Dequantises `bytes` of a widened type to f32 (the fallback of [`widen_to_q8_0`]).
-pub(crate) fn dequantize_widened(ty: Widened, bytes: &[u8]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(bytes.len() * 2);
-    let mut block = |scale: f32, table: &[i8; 16], qs: &[u8]| {
-        out.extend(qs.iter().map(|b| scale * table[(b & 0xf) as usize] as f32));
-        out.extend(qs.iter().map(|b| scale * table[(b >> 4) as usize] as f32));
-    };
-    match ty {
-        Widened::Mxfp4 => {
-            for b in bytes.chunks_exact(17) {
                 block(
                     ((b[0] as i32 - 128) as f32).exp2(),
                     &MXFP4_VALUES,
@@ -417,6 +367,32 @@ pub(crate) fn dequantize_widened(ty: Widened, bytes: &[u8]) -> Vec<f32> {
             }
         }
     }
+}
+
+/// Rewrites `bytes` of a widened type as Q8_0 blocks (see the module's docs); `None`
+/// when an MXFP4 scale falls outside what f16 holds exactly (below 2^-24 or above
+/// 2^15), for the caller to load the tensor another way. (IQ4_XS's sub-block scales
+/// are rounded to f16; IQ4_NL's are f16 already.)
+pub(crate) fn widen_to_q8_0(ty: Widened, bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    let mut exact = true;
+    for_each_block(ty, bytes, |scale, table, qs| {
+        let d = f16::from_f32(scale);
+        exact &= ty != Widened::Mxfp4 || (d.to_f32() == scale && scale != 0.0);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend(qs.iter().map(|b| table[(b & 0xf) as usize] as u8));
+        out.extend(qs.iter().map(|b| table[(b >> 4) as usize] as u8));
+    });
+    exact.then_some(out)
+}
+
+/// Dequantises `bytes` of a widened type to f32 (the fallback of [`widen_to_q8_0`]).
+pub(crate) fn dequantize_widened(ty: Widened, bytes: &[u8]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for_each_block(ty, bytes, |scale, table, qs| {
+        out.extend(qs.iter().map(|b| scale * table[(b & 0xf) as usize] as f32));
+        out.extend(qs.iter().map(|b| scale * table[(b >> 4) as usize] as f32));
+    });
     out
 }
 

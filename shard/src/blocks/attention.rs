@@ -8,6 +8,12 @@ use super::{Block, Span};
 use crate::{Result, RopeStyle, ShardError};
 
 impl Span {
+    /// True when a segment of `seq` rows takes the plain-Rust single-token path
+    /// ([`decode_attention`]) rather than tensor ops with a mask.
+    pub(super) fn decodes_in_rust(&self, seq: usize) -> bool {
+        seq == 1 && self.device.is_cpu() && self.dtype == DType::F32
+    }
+
     /// Rope over the first `rope_dims` dimensions of each head of `x`
     /// (`[1, heads, seq, head_dim]`); the rest pass unturned (GLM-4.5 turns half).
     pub(super) fn rope(
@@ -60,7 +66,7 @@ impl Span {
             (Some(l), true) => (
                 &l.cos,
                 &l.sin,
-                Some(&l.mask),
+                l.mask.as_ref(),
                 cfg.sliding_window.as_ref().map(|w| w.size),
             ),
             _ => (&seg.cos, &seg.sin, seg.mask.as_ref(), None),
@@ -70,7 +76,7 @@ impl Span {
         let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
         let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let cap = cfg.attn_softcap;
-        if seq == 1 && q.device().is_cpu() && q.dtype() == DType::F32 {
+        if self.decodes_in_rust(seq) {
             if let Some(l) = kv.as_ref() {
                 return decode_attention(&q, l, nh / nkv, scale, window, cap, sinks);
             }
@@ -221,8 +227,9 @@ pub(super) struct Segment {
 pub(super) struct LocalRope {
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
-    /// `[seq, pos + seq]`, the window applied (needed even for one row).
-    pub(super) mask: Tensor,
+    /// `[seq, pos + seq]`, the window applied; `None` where the decode path, which
+    /// applies the window itself, takes the row.
+    pub(super) mask: Option<Tensor>,
 }
 
 /// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,

@@ -328,9 +328,13 @@ impl Moe {
             };
             // Experts are chosen by probability plus the selection bias, if any; the
             // `used` best, ties to the lower index.
-            let score: Vec<f32> = match &self.selection_bias {
-                Some(b) => probs.iter().zip(b).map(|(p, b)| p + b).collect(),
-                None => probs.clone(),
+            let biased: Vec<f32>;
+            let score: &[f32] = match &self.selection_bias {
+                Some(b) => {
+                    biased = probs.iter().zip(b).map(|(p, b)| p + b).collect();
+                    &biased
+                }
+                None => &probs,
             };
             let mut order: Vec<usize> = (0..count).collect();
             order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));

@@ -61,8 +61,9 @@ pub struct Span {
     inv_freq: Vec<f32>,
     /// What cos and sin are multiplied by (YaRN's magnitude correction; else 1).
     rope_mscale: f32,
-    /// The sliding-window layers' rope frequencies and magnitude, for models with them.
-    local_rope: Option<(Vec<f32>, f32)>,
+    /// The sliding-window layers' own rope frequencies (unscaled), for models whose
+    /// local layers rope differently from the global ones.
+    local_rope: Option<Vec<f32>>,
     device: Device,
     /// The type the blocks compute in (see [`crate::device::compute_dtype`]); inputs
     /// are cast to it and outputs back to f32.
@@ -181,16 +182,14 @@ impl Span {
             }
             rope_mscale = mscale;
         }
-        // Local layers: their own unscaled base if they have one (llama.cpp's
-        // rope_freq_base_train_swa / rope_freq_scale_train_swa for Gemma 3), else the
-        // global rope.
+        // Local layers with their own unscaled base (llama.cpp's
+        // rope_freq_base_train_swa / rope_freq_scale_train_swa for Gemma 3); the others
+        // share the global rope's tables.
         let local_rope = cfg
             .sliding_window
             .as_ref()
-            .map(|w| match w.local_rope_theta {
-                Some(theta) => (freqs(theta, 1.0), 1.0),
-                None => (inv_freq.clone(), rope_mscale),
-            });
+            .and_then(|w| w.local_rope_theta)
+            .map(|theta| freqs(theta, 1.0));
         // The norms load in the compute type (dense tensors, like the weights of a
         // safetensors checkpoint; f32 for GGUF).
         let dtype = blocks.first().map_or(DType::F32, |b| b.attn_norm.dtype());
@@ -347,17 +346,22 @@ impl Span {
                 });
             }
             let (cos, sin) = self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq)?;
-            let local = match (&self.local_rope, &self.config.sliding_window) {
-                (Some((freqs, mscale)), Some(w)) => {
-                    let (cos, sin) = self.rope_tables(freqs, *mscale, pos, seq)?;
-                    let mask = causal_mask(seq, pos, Some(w.size), &self.device)?;
-                    Some(LocalRope {
-                        cos,
-                        sin,
-                        mask: mask.to_dtype(self.dtype)?,
-                    })
+            let local = match &self.config.sliding_window {
+                Some(w) => {
+                    let (cos, sin) = match &self.local_rope {
+                        Some(freqs) => self.rope_tables(freqs, 1.0, pos, seq)?,
+                        None => (cos.clone(), sin.clone()),
+                    };
+                    // The decode path applies the window itself.
+                    let mask = if self.decodes_in_rust(seq) {
+                        None
+                    } else {
+                        let m = causal_mask(seq, pos, Some(w.size), &self.device)?;
+                        Some(m.to_dtype(self.dtype)?)
+                    };
+                    Some(LocalRope { cos, sin, mask })
                 }
-                _ => None,
+                None => None,
             };
             let mask = if seq > 1 {
                 Some(causal_mask(seq, pos, None, &self.device)?.to_dtype(self.dtype)?)
