@@ -113,6 +113,11 @@ impl TensorType {
     }
 }
 
+/// The ggml type id of a candle type (the inverse of [`TensorType::from_id`]'s table).
+pub(crate) fn ggml_type_id(dtype: GgmlDType) -> Option<u32> {
+    (0..64).find(|&id| matches!(TensorType::from_id(id), Ok(TensorType::Candle(d)) if d == dtype))
+}
+
 /// The name of ggml tensor type `id` (ggml.h's `ggml_type`).
 pub(crate) fn ggml_type_name(id: u32) -> &'static str {
     match id {

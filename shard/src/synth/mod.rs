@@ -9,21 +9,23 @@
 //! donor's; a shape's own vocabulary size is kept only in [`Shape::vocab`] for
 //! reference.
 //!
-//! GGUF output is one file, built in memory (about the file's size); safetensors output
-//! is a directory with one file per block, so memory stays at one block's size.
+//! GGUF output is one file, written tensor by tensor as the values are drawn
+//! ([`gguf`]); safetensors output is a directory with one file per block
+//! ([`safetensors`]). Either way memory stays at about one block's size.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
-use half::{bf16, f16};
+use half::f16;
 use rand::{Rng, RngExt, SeedableRng};
 use rayon::prelude::*;
 
 use crate::{Arch, Experts, ModelFile, Result, ShardError, TextCodec};
+
+mod gguf;
+mod safetensors;
 
 /// The shape of a model.
 #[derive(Clone, Debug, PartialEq)]
@@ -359,41 +361,6 @@ fn ggml_bytes(rows: usize, cols: usize, dtype: GgmlDType, std: f32, seed: u64) -
     })
 }
 
-/// A random matrix, or a stack of `experts` of them (GGUF shape `[experts, rows,
-/// cols]`), in `dtype` where its blocks divide `cols` (else Q8_0 or F16, as llama.cpp's
-/// quantiser falls back).
-fn random_tensor(
-    experts: Option<usize>,
-    rows: usize,
-    cols: usize,
-    dtype: GgmlDType,
-    std: f32,
-    seed: u64,
-) -> Result<QTensor> {
-    let dtype = if cols.is_multiple_of(dtype.block_size()) {
-        dtype
-    } else if cols.is_multiple_of(32) {
-        GgmlDType::Q8_0
-    } else {
-        GgmlDType::F16
-    };
-    let (bytes, dims) = match experts {
-        None => (ggml_bytes(rows, cols, dtype, std, seed)?, vec![rows, cols]),
-        Some(n) => {
-            let parts = (0..n)
-                .map(|e| ggml_bytes(rows, cols, dtype, std, seed ^ ((e as u64 + 1) << 40)))
-                .collect::<Result<Vec<_>>>()?;
-            (parts.concat(), vec![n, rows, cols])
-        }
-    };
-    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
-        dtype,
-        &bytes,
-        dims,
-        &Device::Cpu,
-    )?)
-}
-
 /// One matrix (or stack of experts) of a block: GGUF name, experts, rows, cols.
 struct Matrix {
     name: String,
@@ -496,7 +463,9 @@ pub fn write(
         .ok_or_else(|| ShardError::BadInput("the tokenizer donor must be a GGUF file".into()))?;
     let vocab = TextCodec::from_model(donor)?.vocab_size();
     match format {
-        SynthFormat::Gguf(weights) => write_gguf(&s, vocab, weights, out, md, seed, &mut progress),
+        SynthFormat::Gguf(weights) => {
+            gguf::write_gguf(&s, vocab, weights, out, md, seed, &mut progress)
+        }
         SynthFormat::SafetensorsBf16 | SynthFormat::SafetensorsF16 => {
             if s.arch != Arch::Llama || s.experts.is_some() {
                 return Err(ShardError::BadInput(format!(
@@ -505,363 +474,9 @@ pub fn write(
                 )));
             }
             let bf = format == SynthFormat::SafetensorsBf16;
-            write_safetensors(&s, vocab, bf, out, donor, seed, &mut progress)
+            safetensors::write_safetensors(&s, vocab, bf, out, donor, seed, &mut progress)
         }
     }
-}
-
-fn write_gguf(
-    s: &Shape,
-    vocab: usize,
-    weights: GgufWeights,
-    out: &Path,
-    donor: &HashMap<String, gguf_file::Value>,
-    seed: u64,
-    progress: &mut impl FnMut(usize, usize),
-) -> Result<()> {
-    use gguf_file::Value as V;
-    let ones = |n: usize| -> Result<QTensor> {
-        Ok(QTensor::quantize(
-            &candle_core::Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?,
-            GgmlDType::F32,
-        )?)
-    };
-    let plain = 1.0 / (s.hidden as f32).sqrt();
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        (
-            "token_embd.weight".into(),
-            random_tensor(
-                None,
-                vocab,
-                s.hidden,
-                // A tied embedding is the LM head too, typed as one (as llama.cpp's
-                // quantiser does).
-                weights.type_for(
-                    if s.arch.gemma() {
-                        "output.weight"
-                    } else {
-                        "token_embd.weight"
-                    },
-                    None,
-                    s.blocks,
-                ),
-                plain * EMBEDDING_WEIGHT,
-                seed,
-            )?,
-        ),
-        ("output_norm.weight".into(), ones(s.hidden)?),
-    ];
-    // Gemma ties its LM head to the embeddings (llama.cpp ignores an output.weight in
-    // a Gemma 2 file); the embeddings' scale keeps its logits decisive.
-    if !s.arch.gemma() {
-        tensors.push((
-            "output.weight".into(),
-            random_tensor(
-                None,
-                vocab,
-                s.hidden,
-                weights.type_for("output.weight", None, s.blocks),
-                plain * DECISIVE_HEAD,
-                seed + 1,
-            )?,
-        ));
-    }
-    for i in 0..s.blocks {
-        let p = |n: &str| format!("blk.{i}.{n}.weight");
-        tensors.push((p("attn_norm"), ones(s.hidden)?));
-        // gpt-oss names its MLP's norm for the attention it follows.
-        let ffn_norm = if matches!(s.arch, Arch::GptOss | Arch::Glm4Moe) {
-            "post_attention_norm"
-        } else {
-            "ffn_norm"
-        };
-        tensors.push((p(ffn_norm), ones(s.hidden)?));
-        if s.arch == Arch::GptOss {
-            // Biases on every projection and router, and a sink logit per head.
-            let b = |n: &str| format!("blk.{i}.{n}.bias");
-            let seed = seed + 100 * (i as u64 + 1) + 50;
-            let bias = |rows: Option<usize>, n: usize, k: u64| -> Result<QTensor> {
-                let t = random_tensor(None, rows.unwrap_or(1), n, GgmlDType::F32, 0.1, seed + k)?;
-                Ok(match rows {
-                    Some(_) => t,
-                    None => QTensor::quantize(
-                        &t.dequantize(&Device::Cpu)?.flatten_all()?,
-                        GgmlDType::F32,
-                    )?,
-                })
-            };
-            let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-            tensors.push((b("attn_q"), bias(None, q, 0)?));
-            tensors.push((b("attn_k"), bias(None, kv, 1)?));
-            tensors.push((b("attn_v"), bias(None, kv, 2)?));
-            tensors.push((b("attn_output"), bias(None, s.hidden, 3)?));
-            tensors.push((p("attn_sinks"), bias(None, s.heads, 4)?));
-            if let Some(e) = &s.experts {
-                tensors.push((b("ffn_gate_inp"), bias(None, e.count, 5)?));
-                tensors.push((b("ffn_gate_exps"), bias(Some(e.count), e.ffn, 6)?));
-                tensors.push((b("ffn_up_exps"), bias(Some(e.count), e.ffn, 7)?));
-                tensors.push((b("ffn_down_exps"), bias(Some(e.count), s.hidden, 8)?));
-            }
-        }
-        if s.arch.qk_norm() {
-            tensors.push((p("attn_q_norm"), ones(s.head_dim)?));
-            tensors.push((p("attn_k_norm"), ones(s.head_dim)?));
-        }
-        if s.arch.gemma() {
-            // GGUF stores Gemma's norms with the +1 of its (1 + w) already added.
-            let post = |n: usize| -> Result<QTensor> {
-                let t = candle_core::Tensor::full(GEMMA_POST_NORM, n, &Device::Cpu)?;
-                Ok(QTensor::quantize(&t, GgmlDType::F32)?)
-            };
-            tensors.push((p("post_attention_norm"), post(s.hidden)?));
-            tensors.push((p("post_ffw_norm"), post(s.hidden)?));
-        }
-        if s.arch == Arch::Glm4Moe {
-            let b = |n: &str| format!("blk.{i}.{n}.bias");
-            let vector = |n: usize, k: u64| -> Result<QTensor> {
-                let t = random_tensor(
-                    None,
-                    1,
-                    n,
-                    GgmlDType::F32,
-                    0.1,
-                    seed + 100 * (i as u64 + 1) + k,
-                )?;
-                Ok(QTensor::quantize(
-                    &t.dequantize(&Device::Cpu)?.flatten_all()?,
-                    GgmlDType::F32,
-                )?)
-            };
-            let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-            tensors.push((b("attn_q"), vector(q, 60)?));
-            tensors.push((b("attn_k"), vector(kv, 61)?));
-            tensors.push((b("attn_v"), vector(kv, 62)?));
-            if let Some(e) = s.experts.as_ref().filter(|_| i >= s.dense_lead) {
-                tensors.push((b("exp_probs_b"), vector(e.count, 63)?));
-            }
-        }
-        if let Some(e) = s.experts.as_ref().filter(|_| i >= s.dense_lead) {
-            // Routers stay F32, as llama.cpp's quantiser leaves them.
-            let router = random_tensor(
-                None,
-                e.count,
-                s.hidden,
-                GgmlDType::F32,
-                plain,
-                seed + 100 * (i as u64 + 1) + 99,
-            )?;
-            tensors.push((p("ffn_gate_inp"), router));
-        }
-        for (j, m) in block_matrices(s, i).into_iter().enumerate() {
-            let dtype = weights.type_for(&m.name, Some(i), s.blocks);
-            let std = 1.0 / (m.cols as f32).sqrt();
-            let seed = seed + 100 * (i as u64 + 1) + j as u64;
-            let t = random_tensor(m.experts, m.rows, m.cols, dtype, std, seed)?;
-            tensors.push((m.name, t));
-        }
-        progress(i + 1, s.blocks);
-    }
-    let arch = s.arch.gguf_name();
-    let u = |n: usize| V::U32(n as u32);
-    let mut md: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String(arch.into())),
-        (
-            "general.name".into(),
-            V::String(format!("random {} ({} blocks)", s.name, s.blocks)),
-        ),
-    ];
-    let mut keyed = vec![
-        ("block_count", u(s.blocks)),
-        ("embedding_length", u(s.hidden)),
-        ("feed_forward_length", u(s.ffn)),
-        ("attention.head_count", u(s.heads)),
-        ("attention.head_count_kv", u(s.kv_heads)),
-        ("attention.key_length", u(s.head_dim)),
-        ("attention.value_length", u(s.head_dim)),
-        (
-            "rope.dimension_count",
-            u(if s.rope_dims > 0 {
-                s.rope_dims
-            } else {
-                s.head_dim
-            }),
-        ),
-        ("rope.freq_base", V::F32(s.rope_theta)),
-        ("attention.layer_norm_rms_epsilon", V::F32(1e-5)),
-        ("context_length", u(s.context)),
-        ("vocab_size", u(vocab)),
-    ];
-    if s.window > 0 {
-        keyed.push(("attention.sliding_window", u(s.window)));
-    }
-    if let Some((factor, original)) = s.yarn {
-        keyed.push(("rope.scaling.type", V::String("yarn".into())));
-        keyed.push(("rope.scaling.factor", V::F32(factor)));
-        keyed.push(("rope.scaling.original_context_length", u(original)));
-    }
-    if s.arch == Arch::Gemma2 {
-        // Gemma 2's published caps.
-        keyed.push(("attn_logit_softcapping", V::F32(50.0)));
-        keyed.push(("final_logit_softcapping", V::F32(30.0)));
-    }
-    if let Some(e) = &s.experts {
-        if s.arch == Arch::Glm4Moe {
-            keyed.push(("expert_shared_count", u(e.shared)));
-            keyed.push(("leading_dense_block_count", u(s.dense_lead)));
-            keyed.push(("expert_weights_scale", V::F32(e.scale)));
-            keyed.push(("expert_weights_norm", V::Bool(e.normalize)));
-            // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID.
-            keyed.push(("expert_gating_func", u(if e.sigmoid { 2 } else { 1 })));
-            keyed.push(("nextn_predict_layers", u(0)));
-        }
-        keyed.push(("expert_count", u(e.count)));
-        keyed.push(("expert_used_count", u(e.used)));
-        if s.arch != Arch::Llama {
-            keyed.push(("expert_feed_forward_length", u(e.ffn)));
-        }
-    }
-    md.extend(keyed.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
-    let mut keys: Vec<&String> = donor
-        .keys()
-        .filter(|k| k.starts_with("tokenizer."))
-        .collect();
-    keys.sort();
-    for k in keys {
-        md.push((k.clone(), donor[k].clone()));
-    }
-    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f =
-        std::io::BufWriter::new(
-            std::fs::File::create(out).map_err(|source| ShardError::Open {
-                path: out.to_path_buf(),
-                source,
-            })?,
-        );
-    gguf_file::write(&mut f, &md_refs, &t_refs)?;
-    f.flush().map_err(|source| ShardError::Open {
-        path: out.to_path_buf(),
-        source,
-    })?;
-    Ok(())
-}
-
-fn write_safetensors(
-    s: &Shape,
-    vocab: usize,
-    bf: bool,
-    out: &Path,
-    donor: &ModelFile,
-    seed: u64,
-    progress: &mut impl FnMut(usize, usize),
-) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let io = |source| ShardError::Open {
-        path: out.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(out).map_err(io)?;
-    let dtype = if bf { Dtype::BF16 } else { Dtype::F16 };
-    let matrix = |rows: usize, cols: usize, seed: u64| -> Vec<u8> {
-        let std = 1.0 / (cols as f32).sqrt();
-        if bf {
-            fill(rows * cols, seed, |r| {
-                bf16::from_f32(value(r, std)).to_le_bytes()
-            })
-            .concat()
-        } else {
-            fill(rows * cols, seed, |r| {
-                f16::from_f32(value(r, std)).to_le_bytes()
-            })
-            .concat()
-        }
-    };
-    let ones = |n: usize| -> Vec<u8> {
-        let one = if bf {
-            bf16::ONE.to_le_bytes()
-        } else {
-            f16::ONE.to_le_bytes()
-        };
-        one.repeat(n)
-    };
-    let save = |file: &str, tensors: Vec<(String, Vec<usize>, Vec<u8>)>| -> Result<()> {
-        let views: Vec<(String, TensorView<'_>)> = tensors
-            .iter()
-            .map(|(n, shape, bytes)| {
-                TensorView::new(dtype, shape.clone(), bytes)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| ShardError::BadInput(format!("{n}: {e}")))
-            })
-            .collect::<Result<_>>()?;
-        safetensors::serialize_to_file(views, None, &out.join(file))
-            .map_err(|e| ShardError::BadInput(format!("writing {file}: {e}")))
-    };
-    let hf = crate::hf_name;
-    save(
-        "model-embeddings.safetensors",
-        vec![
-            (
-                hf("token_embd.weight"),
-                vec![vocab, s.hidden],
-                matrix(vocab, s.hidden, seed),
-            ),
-            (hf("output_norm.weight"), vec![s.hidden], ones(s.hidden)),
-            (
-                hf("output.weight"),
-                vec![vocab, s.hidden],
-                matrix(vocab, s.hidden, seed + 1),
-            ),
-        ],
-    )?;
-    for i in 0..s.blocks {
-        let mut tensors = vec![
-            (
-                hf(&format!("blk.{i}.attn_norm.weight")),
-                vec![s.hidden],
-                ones(s.hidden),
-            ),
-            (
-                hf(&format!("blk.{i}.ffn_norm.weight")),
-                vec![s.hidden],
-                ones(s.hidden),
-            ),
-        ];
-        for (j, m) in block_matrices(s, i).into_iter().enumerate() {
-            let values = matrix(m.rows, m.cols, seed + 100 * (i as u64 + 1) + j as u64);
-            tensors.push((hf(&m.name), vec![m.rows, m.cols], values));
-        }
-        save(&format!("model-block-{i:04}.safetensors"), tensors)?;
-        progress(i + 1, s.blocks);
-    }
-    let text = TextCodec::from_model(donor)?;
-    let stop = text.stop_ids().first().copied().unwrap_or(0);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": s.hidden,
-        "intermediate_size": s.ffn,
-        "num_hidden_layers": s.blocks,
-        "num_attention_heads": s.heads,
-        "num_key_value_heads": s.kv_heads,
-        "head_dim": s.head_dim,
-        "vocab_size": vocab,
-        "rope_theta": s.rope_theta,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": s.context,
-        "tie_word_embeddings": false,
-        "eos_token_id": stop,
-        "torch_dtype": if bf { "bfloat16" } else { "float16" },
-    });
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
-        std::fs::write(out.join(name), v.to_string()).map_err(io)
-    };
-    write_json("config.json", &config)?;
-    write_json(
-        "generation_config.json",
-        &serde_json::json!({"eos_token_id": stop}),
-    )?;
-    std::fs::write(out.join("tokenizer.json"), text.tokenizer_json()?).map_err(io)?;
-    Ok(())
 }
 
 #[cfg(test)]
