@@ -45,11 +45,17 @@ pub(crate) enum Widened {
 }
 
 /// The E2M1 values of MXFP4, doubled (so integers), as ggml's `kvalues_mxfp4`.
-const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+pub(crate) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 /// IQ4_NL's table (ggml's `kvalues_iq4nl`).
 const IQ4NL_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
+
+impl From<GgmlDType> for TensorType {
+    fn from(t: GgmlDType) -> Self {
+        TensorType::Candle(t)
+    }
+}
 
 impl TensorType {
     /// The type of ggml type id `id`, or its name when nothing here loads it.
@@ -79,7 +85,7 @@ impl TensorType {
     }
 
     /// Values per block and bytes per block in the file.
-    fn stored_block(self) -> (usize, usize) {
+    pub(crate) fn stored_block(self) -> (usize, usize) {
         match self {
             Self::Candle(d) => (d.block_size(), d.type_size()),
             Self::Widened(Widened::Mxfp4) => (32, 17),
@@ -114,8 +120,8 @@ impl TensorType {
 }
 
 /// The ggml type id of a candle type (the inverse of [`TensorType::from_id`]'s table).
-pub(crate) fn ggml_type_id(dtype: GgmlDType) -> Option<u32> {
-    (0..64).find(|&id| matches!(TensorType::from_id(id), Ok(TensorType::Candle(d)) if d == dtype))
+pub(crate) fn ggml_type_id(ty: TensorType) -> Option<u32> {
+    (0..64).find(|&id| TensorType::from_id(id) == Ok(ty))
 }
 
 /// The name of ggml tensor type `id` (ggml.h's `ggml_type`).

@@ -12,10 +12,13 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 
+use rand::Rng;
+
 use super::{
-    block_matrices, ggml_bytes, GgufWeights, Shape, DECISIVE_HEAD, EMBEDDING_WEIGHT,
+    block_matrices, fill, ggml_bytes, GgufWeights, Shape, DECISIVE_HEAD, EMBEDDING_WEIGHT,
     GEMMA_POST_NORM,
 };
+use crate::gguf::{TensorType, Widened, MXFP4_VALUES};
 use crate::{Arch, Result, ShardError};
 
 /// How a planned tensor's values are made.
@@ -33,7 +36,7 @@ struct Planned {
     name: String,
     /// Outermost first: `[n]`, `[rows, cols]`, or `[experts, rows, cols]`.
     dims: Vec<usize>,
-    dtype: GgmlDType,
+    dtype: TensorType,
     fill: Fill,
     /// The block it belongs to, for progress.
     block: Option<usize>,
@@ -46,15 +49,16 @@ impl Planned {
         name: String,
         experts: Option<usize>,
         [rows, cols]: [usize; 2],
-        dtype: GgmlDType,
+        dtype: impl Into<TensorType>,
         fill: Fill,
     ) -> Planned {
-        let dtype = if cols.is_multiple_of(dtype.block_size()) {
+        let dtype = dtype.into();
+        let dtype = if cols.is_multiple_of(dtype.stored_block().0) {
             dtype
         } else if cols.is_multiple_of(32) {
-            GgmlDType::Q8_0
+            TensorType::Candle(GgmlDType::Q8_0)
         } else {
-            GgmlDType::F16
+            TensorType::Candle(GgmlDType::F16)
         };
         let mut dims = experts.map_or(Vec::new(), |n| vec![n]);
         dims.extend([rows, cols]);
@@ -72,15 +76,14 @@ impl Planned {
         Planned {
             name,
             dims: vec![n],
-            dtype: GgmlDType::F32,
+            dtype: TensorType::Candle(GgmlDType::F32),
             fill,
             block: None,
         }
     }
 
     fn bytes_len(&self) -> usize {
-        let n: usize = self.dims.iter().product();
-        n / self.dtype.block_size() * self.dtype.type_size()
+        self.dtype.stored_bytes(self.dims.iter().product())
     }
 
     /// The tensor's bytes. A stack of experts draws each from its own seed.
@@ -91,16 +94,22 @@ impl Planned {
                 let n: usize = self.dims.iter().product();
                 Ok(v.to_le_bytes().repeat(n))
             }
-            Fill::Random { std, seed } => match self.dims[..] {
-                [n, rows, cols] => Ok((0..n)
-                    .map(|e| ggml_bytes(rows, cols, self.dtype, std, seed ^ ((e as u64 + 1) << 40)))
-                    .collect::<Result<Vec<_>>>()?
-                    .concat()),
-                _ => {
-                    let rows = self.dims.iter().product::<usize>() / cols;
-                    ggml_bytes(rows, cols, self.dtype, std, seed)
+            Fill::Random { std, seed } => {
+                let draw = |rows, seed| match self.dtype {
+                    TensorType::Candle(t) => ggml_bytes(rows, cols, t, std, seed),
+                    TensorType::Widened(Widened::Mxfp4) => Ok(mxfp4_bytes(rows * cols, std, seed)),
+                    TensorType::Widened(other) => Err(ShardError::BadInput(format!(
+                        "make-model does not write {other:?}"
+                    ))),
+                };
+                match self.dims[..] {
+                    [n, rows, _] => Ok((0..n)
+                        .map(|e| draw(rows, seed ^ ((e as u64 + 1) << 40)))
+                        .collect::<Result<Vec<_>>>()?
+                        .concat()),
+                    _ => draw(self.dims.iter().product::<usize>() / cols, seed),
                 }
-            },
+            }
         }
     }
 }
@@ -205,7 +214,10 @@ fn plan(s: &Shape, vocab: usize, weights: GgufWeights, seed: u64) -> Vec<Planned
             ));
         }
         for (j, m) in block_matrices(s, i).into_iter().enumerate() {
-            let dtype = weights.type_for(&m.name, Some(i), s.blocks);
+            let dtype = match weights {
+                GgufWeights::Mxfp4Moe if m.experts.is_some() => TensorType::Widened(Widened::Mxfp4),
+                _ => TensorType::Candle(weights.type_for(&m.name, Some(i), s.blocks)),
+            };
             let std = 1.0 / (m.cols as f32).sqrt();
             let seed = seed + 100 * (i as u64 + 1) + j as u64;
             out.push(Planned::matrix(
@@ -221,6 +233,26 @@ fn plan(s: &Shape, vocab: usize, weights: GgufWeights, seed: u64) -> Vec<Planned
         }
     }
     out
+}
+
+/// Random MXFP4 blocks of `n` values of standard deviation about `std`: per 32
+/// values a power-of-two scale (E8M0) and 16 bytes of random 4-bit indices into the
+/// E2M1 values.
+fn mxfp4_bytes(n: usize, std: f32, seed: u64) -> Vec<u8> {
+    let mean_square = MXFP4_VALUES
+        .iter()
+        .map(|&v| f32::from(v).powi(2))
+        .sum::<f32>()
+        / MXFP4_VALUES.len() as f32;
+    // The table holds doubled values: a block's values are table * 2^(e - 128).
+    let e = (128.0 + (std / mean_square.sqrt()).log2().round()).clamp(1.0, 254.0) as u8;
+    fill(n / 32, seed, |rng| {
+        let mut b = [0u8; 17];
+        b[0] = e;
+        rng.fill_bytes(&mut b[1..]);
+        b
+    })
+    .concat()
 }
 
 /// The file's metadata: the shape under `{arch}.*` keys as llama.cpp names them, and
@@ -454,7 +486,7 @@ mod tests {
         for t in &planned {
             let info = &content.tensor_infos[&t.name];
             assert_eq!(info.shape.dims(), &t.dims[..], "{}", t.name);
-            assert_eq!(info.ggml_dtype, t.dtype, "{}", t.name);
+            assert_eq!(TensorType::Candle(info.ggml_dtype), t.dtype, "{}", t.name);
             let read = content.tensor(&mut f, &t.name, &candle_core::Device::Cpu);
             assert_eq!(
                 read.expect("test step").data().expect("test step").as_ref(),
@@ -471,5 +503,16 @@ mod tests {
             2
         );
         std::fs::remove_dir_all(dir).expect("test step");
+    }
+
+    /// Random MXFP4 weights have about the spread asked for.
+    #[test]
+    fn mxfp4_weights_have_the_spread_asked_for() {
+        for std in [0.02f32, 0.5] {
+            let bytes = mxfp4_bytes(32 * 1024, std, 3);
+            let values = crate::gguf::dequantize_widened(Widened::Mxfp4, &bytes);
+            let rms = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+            assert!(rms > std / 1.5 && rms < std * 1.5, "{rms} for {std}");
+        }
     }
 }

@@ -181,6 +181,9 @@ pub enum GgufWeights {
     /// down projections of the first and last eighth of the blocks and every third
     /// block between (its `use_more_bits`).
     Q4KM,
+    /// llama.cpp's MXFP4_MOE: experts in MXFP4 (gpt-oss's own format), every other
+    /// matrix Q8_0.
+    Mxfp4Moe,
 }
 
 impl GgufWeights {
@@ -188,6 +191,7 @@ impl GgufWeights {
     fn type_for(self, name: &str, block: Option<usize>, blocks: usize) -> GgmlDType {
         match self {
             GgufWeights::Uniform(t) => t,
+            GgufWeights::Mxfp4Moe => GgmlDType::Q8_0,
             GgufWeights::Q4KM => {
                 let more_bits =
                     |i: usize| i < blocks / 8 || i >= 7 * blocks / 8 || (i - blocks / 8) % 3 == 2;
@@ -227,6 +231,7 @@ const GGUF_DTYPES: &[(&str, GgufWeights)] = &[
     ("q5_k", GgufWeights::Uniform(GgmlDType::Q5K)),
     ("q4_k", GgufWeights::Uniform(GgmlDType::Q4K)),
     ("q4_k_m", GgufWeights::Q4KM),
+    ("mxfp4_moe", GgufWeights::Mxfp4Moe),
 ];
 
 impl SynthFormat {
