@@ -164,15 +164,16 @@ pub fn load_allowed_peers(
 pub struct MakeModelArgs {
     /// The shape: a real model's (smollm2-135m, llama2-7b, llama3-8b, llama2-13b,
     /// llama3-70b, qwen3-8b, phi-4, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
-    /// gemma-3-27b) or a tiny one of a family for tests (tiny-llama, tiny-qwen3,
-    /// tiny-phi4, tiny-qwen3moe, tiny-mixtral, tiny-gemma2, tiny-gemma3). Hyphens
-    /// optional: llama-3-8b.
+    /// gemma-3-27b, gpt-oss-20b, gpt-oss-120b, deepseek-v3) or a tiny one of a family
+    /// for tests (tiny-llama, tiny-qwen3, tiny-phi4, tiny-qwen3moe, tiny-mixtral,
+    /// tiny-gemma2, tiny-gemma3, tiny-gpt-oss, tiny-glm4moe, tiny-deepseek2,
+    /// tiny-deepseek2-lite). Hyphens optional: llama-3-8b.
     #[arg(long, default_value = "llama3-8b")]
     pub shape: String,
     /// The weight type. GGUF (a .gguf --out): f32, f16, bf16, q8_0, q5_0, q5_1, q4_0,
-    /// q4_1, q6_k, q5_k, q4_k, or q4_k_m (llama.cpp's mix: Q4_K with Q6_K for the LM head
-    /// and some value and down projections). Safetensors (a directory): f16 or bf16.
-    /// Instead of --format.
+    /// q4_1, q6_k, q5_k, q4_k, q4_k_m (llama.cpp's mix: Q4_K with Q6_K for the LM head
+    /// and some value and down projections), or mxfp4_moe (experts in MXFP4, the rest
+    /// Q8_0). Safetensors (a directory): f16 or bf16. Instead of --format.
     #[arg(long, conflicts_with = "format")]
     pub dtype: Option<String>,
     /// Fewer blocks than the shape has (same widths): a smaller file for quick checks.

@@ -168,13 +168,13 @@ type BlockRange = (usize, usize);
 
 /// Work for the compute thread.
 pub enum Job {
-    /// A request from the network.
-    Request(Inbound),
+    /// A request from the network (boxed, as the span below: jobs stay small).
+    Request(Box<Inbound>),
     /// Serve this span from now on (rebalancing): every open session is dropped, and
     /// their clients fail over.
     Replace {
         /// The newly loaded span.
-        span: Span,
+        span: Box<Span>,
         /// Its measured throughput.
         throughput: f32,
     },
@@ -196,12 +196,17 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Queues a request for the compute thread; false if the thread has stopped.
     pub fn submit(&self, inbound: Inbound) -> bool {
-        self.tx.send(Job::Request(inbound)).is_ok()
+        self.tx.send(Job::Request(Box::new(inbound))).is_ok()
     }
 
     /// Swaps in a new span; false if the thread has stopped.
     pub fn replace(&self, span: Span, throughput: f32) -> bool {
-        self.tx.send(Job::Replace { span, throughput }).is_ok()
+        self.tx
+            .send(Job::Replace {
+                span: Box::new(span),
+                throughput,
+            })
+            .is_ok()
     }
 
     /// Drops the sessions of clients whose presence has ended; false if the thread has
@@ -389,12 +394,12 @@ impl Server {
                 Ok(Job::Request(inbound)) => {
                     // Everything queued behind it too: steps of different sessions that
                     // wait together are computed as one batch.
-                    let mut queued = vec![inbound];
+                    let mut queued = vec![*inbound];
                     let mut after = None;
                     let mut departed = false;
                     while let Ok(job) = rx.try_recv() {
                         match job {
-                            Job::Request(i) => queued.push(i),
+                            Job::Request(i) => queued.push(*i),
                             Job::Announce => next_announce = Instant::now(),
                             Job::Departed => departed = true,
                             other => {
@@ -410,13 +415,13 @@ impl Server {
                     self.handle_all(queued);
                     match after {
                         Some(Job::Replace { span, throughput }) => {
-                            self.replace_span(span, throughput)
+                            self.replace_span(*span, throughput)
                         }
                         Some(Job::Drain(done)) => self.drain(done),
                         _ => {}
                     }
                 }
-                Ok(Job::Replace { span, throughput }) => self.replace_span(span, throughput),
+                Ok(Job::Replace { span, throughput }) => self.replace_span(*span, throughput),
                 Ok(Job::Drain(done)) => self.drain(done),
                 Ok(Job::Announce) => next_announce = Instant::now(),
                 Ok(Job::Departed) => self.drop_departed(),

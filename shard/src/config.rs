@@ -37,6 +37,11 @@ pub enum Arch {
     /// beside a shared expert every token runs through; a multi-token-prediction block
     /// at the end that plain generation skips.
     Glm4Moe,
+    /// DeepSeek-V2/V3/R1 and Kimi K2: multi-head latent attention ([`Latent`]: keys
+    /// and values cached as one compressed vector per token), YaRN rope, leading dense
+    /// blocks, then routed experts (softmax, or sigmoid with a selection bias and
+    /// group-limited choice) beside shared ones.
+    DeepSeek2,
 }
 
 impl Arch {
@@ -52,6 +57,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::GptOss => "gpt-oss",
             Arch::Glm4Moe => "glm4moe",
+            Arch::DeepSeek2 => "deepseek2",
         }
     }
 
@@ -67,6 +73,7 @@ impl Arch {
             "gemma3" => Arch::Gemma3,
             "gpt-oss" => Arch::GptOss,
             "glm4moe" => Arch::Glm4Moe,
+            "deepseek2" => Arch::DeepSeek2,
             _ => return None,
         })
     }
@@ -74,7 +81,7 @@ impl Arch {
     /// How its rope pairs dimensions in GGUF files (llama.cpp's `llama_model_rope_type`).
     pub fn gguf_rope_style(self) -> RopeStyle {
         match self {
-            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Llama | Arch::DeepSeek2 => RopeStyle::Interleaved,
             Arch::Qwen2
             | Arch::Qwen3
             | Arch::Qwen3Moe
@@ -129,6 +136,9 @@ impl SlidingWindow {
 /// every expert for each token, the `used` best run, and their outputs are summed,
 /// weighted by the router's softmax probabilities (renormalised over the chosen ones
 /// when `normalize`), as llama.cpp's `build_moe_ffn` does for these families.
+///
+/// With `groups` (DeepSeek-V3), experts are chosen only from the `groups_used` groups
+/// (of `count / groups` consecutive experts) whose two best scores sum highest.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Experts {
     /// Experts per block.
@@ -149,12 +159,16 @@ pub struct Experts {
     /// Experts every token runs through, beside the routed ones (one MLP of
     /// `shared * ffn` width).
     pub shared: usize,
+    /// Groups the experts fall into for group-limited routing; 0 or 1 for none.
+    pub groups: usize,
+    /// Groups a token's experts may come from.
+    pub groups_used: usize,
 }
 
 /// YaRN rope scaling (gpt-oss, DeepSeek): frequencies blend between interpolated
 /// (divided by `factor`) and original across a band of dimensions set by `beta_fast`
-/// and `beta_slow`, and cos/sin are scaled by `1 + 0.1 ln(factor)`, as ggml's
-/// `rope_yarn` does.
+/// and `beta_slow`, and cos/sin are scaled by `attn_factor * (1 + 0.1 ln(factor))`, as
+/// ggml's `rope_yarn` does.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Yarn {
     pub factor: f32,
@@ -162,6 +176,9 @@ pub struct Yarn {
     pub original_context: usize,
     pub beta_fast: f32,
     pub beta_slow: f32,
+    /// llama.cpp's `attn_factor`: 1, except for DeepSeek, where it cancels the
+    /// magnitude (`1 / (1 + 0.1 ln(factor))`) because the attention scale carries it.
+    pub attn_factor: f32,
 }
 
 impl Yarn {
@@ -183,8 +200,31 @@ impl Yarn {
                 freq_scale * (1.0 - mix) + mix
             })
             .collect();
-        (per_pair, 1.0 + 0.1 * (1.0 / freq_scale).ln())
+        (
+            per_pair,
+            self.attn_factor * (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+        )
     }
+}
+
+/// DeepSeek's multi-head latent attention. Each token's keys and values come from one
+/// compressed vector `c` (`kv_lora` wide, RMS-normalised) and one rope key `k_rope`
+/// (`rope` wide) shared by every head; a head's query is `nope + rope` wide. The cache
+/// holds `[c ; k_rope]` per token. Attention runs in the compressed space: a head's
+/// query's `nope` part is taken through that head's slice of `W_kb` into `kv_lora`
+/// dimensions, scored against `c` (plus rope part against `k_rope`), the weighted sum
+/// of `c` taken through the head's `W_vb` to `v` dimensions (llama.cpp's MLA path).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Latent {
+    /// Rank of the query's low-rank projection (`attn_q_a`, `attn_q_b`); 0 when the
+    /// query is one matrix (`attn_q`, DeepSeek-V2-Lite).
+    pub q_lora: usize,
+    /// Width of the compressed key/value vector.
+    pub kv_lora: usize,
+    /// Dimensions of a query or key head that rope does not turn (`rope_dims` do).
+    pub nope: usize,
+    /// Width of a value head.
+    pub v: usize,
 }
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -253,6 +293,9 @@ pub struct ModelConfig {
     pub attn_output_bias: bool,
     /// Dimensions of each head that rope turns (the first ones); `head_dim` for all.
     pub rope_dims: usize,
+    /// Multi-head latent attention (DeepSeek); `head_dim` is then a query head's width
+    /// (`nope + rope_dims`) and `n_kv_heads` 1 (one compressed vector per token).
+    pub latent: Option<Latent>,
 }
 
 impl ModelConfig {
@@ -286,6 +329,26 @@ impl ModelConfig {
                     e.used, e.count, e.ffn
                 ));
             }
+            if e.groups > 1
+                && (!e.count.is_multiple_of(e.groups)
+                    || e.groups_used == 0
+                    || e.groups_used > e.groups
+                    || e.used > e.groups_used * (e.count / e.groups))
+            {
+                return Err(format!(
+                    "{} experts in {} groups, {} groups used, {} experts used",
+                    e.count, e.groups, e.groups_used, e.used
+                ));
+            }
+        }
+        if let Some(l) = &self.latent {
+            if l.kv_lora == 0 || l.v == 0 || l.nope + self.rope_dims != self.head_dim {
+                return Err(format!(
+                    "latent attention of rank {} with query heads of {} + {} (head {}) and \
+                     value heads of {}",
+                    l.kv_lora, l.nope, self.rope_dims, self.head_dim, l.v
+                ));
+            }
         }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.head_dim / 2 {
@@ -301,7 +364,10 @@ impl ModelConfig {
 
     /// Bytes of KV cache one token takes across `blocks` blocks, in f32.
     pub fn kv_bytes_per_token(&self, blocks: usize) -> usize {
-        2 * blocks * self.n_kv_heads * self.head_dim * 4
+        match &self.latent {
+            Some(l) => blocks * (l.kv_lora + self.rope_dims) * 4,
+            None => 2 * blocks * self.n_kv_heads * self.head_dim * 4,
+        }
     }
 }
 
@@ -395,6 +461,7 @@ impl HfConfig {
             attn_sinks: false,
             attn_output_bias: false,
             rope_dims: head_dim,
+            latent: None,
         })
     }
 }

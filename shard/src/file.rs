@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{Arch, Experts, HfConfig, ModelConfig, SlidingWindow, Yarn};
+use crate::config::{Arch, Experts, HfConfig, Latent, ModelConfig, SlidingWindow, Yarn};
 use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::QMatrix;
@@ -638,11 +638,42 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
     let n_layers = get_u("block_count")? - get_u("nextn_predict_layers").unwrap_or(0);
     let hidden = get_u("embedding_length")?;
     let n_heads = get_u("attention.head_count")?;
-    let n_kv_heads = get_u("attention.head_count_kv").unwrap_or(n_heads);
-    let head_dim = get_u("attention.key_length")
+    let mut n_kv_heads = get_u("attention.head_count_kv").unwrap_or(n_heads);
+    let mut head_dim = get_u("attention.key_length")
         .or_else(|_| get_u("rope.dimension_count"))
         .unwrap_or(hidden / n_heads.max(1));
-    let ffn = get_u("feed_forward_length")?;
+    // DeepSeek's latent attention. Files converted for llama.cpp's MLA path give the
+    // query head's width as key_length_mla (key_length is then the cached row's,
+    // compressed vector and rope key); older ones give it as key_length. Either way
+    // one compressed vector per token is cached here.
+    let latent = if arch == Arch::DeepSeek2 {
+        let mla = get_u("attention.key_length_mla").unwrap_or(0) > 0
+            && get_u("attention.value_length_mla").unwrap_or(0) > 0;
+        let (k, v) = if mla {
+            (
+                get_u("attention.key_length_mla")?,
+                get_u("attention.value_length_mla")?,
+            )
+        } else {
+            (head_dim, get_u("attention.value_length")?)
+        };
+        let rope = get_u("rope.dimension_count")?;
+        head_dim = k;
+        n_kv_heads = 1;
+        Some(Latent {
+            q_lora: get_u("attention.q_lora_rank").unwrap_or(0),
+            kv_lora: get_u("attention.kv_lora_rank")?,
+            nope: k.saturating_sub(rope),
+            v,
+        })
+    } else {
+        None
+    };
+    // DeepSeek files without leading dense blocks may leave the dense width out.
+    let ffn = match get_u("feed_forward_length") {
+        Err(_) if arch == Arch::DeepSeek2 => 0,
+        other => other?,
+    };
     let vocab = match gguf.tensors.get("token_embd.weight") {
         Some(info) => info.dims.first().copied().unwrap_or(0),
         None => return Err(bad("no token_embd.weight tensor".into())),
@@ -659,7 +690,7 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
             normalize: md
                 .get(&key("expert_weights_norm"))
                 .and_then(|v| v.to_bool().ok())
-                .unwrap_or(true),
+                .unwrap_or(arch != Arch::DeepSeek2),
             // llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID is 2; GLM-4.5 defaults to it.
             sigmoid: match md
                 .get(&key("expert_gating_func"))
@@ -673,6 +704,8 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
                 .filter(|&s| s != 0.0)
                 .unwrap_or(1.0),
             shared: get_u("expert_shared_count").unwrap_or(0),
+            groups: get_u("expert_group_count").unwrap_or(0),
+            groups_used: get_u("expert_group_used_count").unwrap_or(0),
         }),
         _ => None,
     };
@@ -692,6 +725,36 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
         }),
         _ => None,
     };
+    let cap = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
+    let scaling = md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str);
+    let rope_scale = match scaling {
+        Some("linear") => get_f("rope.scaling.factor", 1.0),
+        _ => 1.0,
+    };
+    let factor = get_f("rope.scaling.factor", 1.0);
+    let yarn = match scaling {
+        // DeepSeek: llama.cpp ignores the file's betas, and cancels the rope's
+        // magnitude correction (the attention scale carries it, below).
+        Some("yarn") if arch == Arch::DeepSeek2 => Some(Yarn {
+            factor,
+            original_context: get_u("rope.scaling.original_context_length")
+                .or_else(|_| get_u("context_length"))?,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attn_factor: 1.0 / (1.0 + 0.1 * factor.ln()),
+        }),
+        Some("yarn") => Some(Yarn {
+            factor,
+            original_context: get_u("rope.scaling.original_context_length")?,
+            beta_fast: get_f("rope.scaling.yarn_beta_fast", 32.0),
+            beta_slow: get_f("rope.scaling.yarn_beta_slow", 1.0),
+            attn_factor: 1.0,
+        }),
+        _ => None,
+    };
     let attn_scale = match arch {
         Arch::Gemma2 | Arch::Gemma3 => {
             let is_27b = n_layers == if arch == Arch::Gemma2 { 46 } else { 62 };
@@ -702,24 +765,16 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
             };
             Some(1.0 / (width as f32).sqrt())
         }
-        _ => None,
-    };
-    let cap = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
-    let scaling = md
-        .get(&key("rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-        .map(String::as_str);
-    let rope_scale = match scaling {
-        Some("linear") => get_f("rope.scaling.factor", 1.0),
-        _ => 1.0,
-    };
-    let yarn = match scaling {
-        Some("yarn") => Some(Yarn {
-            factor: get_f("rope.scaling.factor", 1.0),
-            original_context: get_u("rope.scaling.original_context_length")?,
-            beta_fast: get_f("rope.scaling.yarn_beta_fast", 32.0),
-            beta_slow: get_f("rope.scaling.yarn_beta_slow", 1.0),
-        }),
+        // DeepSeek: 1/sqrt(query head) times YaRN's attention factor squared, whose
+        // log multiplier the file stores divided by 10 (llama.cpp's deepseek2 graph).
+        Arch::DeepSeek2 => {
+            let log_mul = get_f("rope.scaling.yarn_log_multiplier", 0.0) / 0.1;
+            let mscale = match &yarn {
+                Some(y) if y.factor > 1.0 => 1.0 + 0.1 * log_mul * y.factor.ln(),
+                _ => 1.0,
+            };
+            Some(mscale * mscale / (head_dim as f32).sqrt())
+        }
         _ => None,
     };
     if arch == Arch::Phi3 && gguf.tensors.contains_key("rope_factors_long.weight") {
@@ -757,6 +812,7 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
         rope_dims: get_u("rope.dimension_count")
             .unwrap_or(head_dim)
             .min(head_dim),
+        latent,
     };
     config.validate().map_err(bad)?;
     Ok(config)

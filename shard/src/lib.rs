@@ -29,7 +29,7 @@ mod text;
 
 pub use blocks::{KvCache, Span};
 pub use candle_core;
-pub use config::{Arch, Experts, ModelConfig, RopeStyle, SlidingWindow};
+pub use config::{Arch, Experts, Latent, ModelConfig, RopeStyle, SlidingWindow, Yarn};
 pub use error::ShardError;
 pub use file::{hf_name, ModelFile, WeightFormat};
 pub use head::Head;

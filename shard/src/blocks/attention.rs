@@ -15,7 +15,7 @@ impl Span {
     }
 
     /// Rope over the first `rope_dims` dimensions of each head of `x`
-    /// (`[1, heads, seq, head_dim]`); the rest pass unturned (GLM-4.5 turns half).
+    /// (`[1, heads, seq, width]`); the rest pass unturned (GLM-4.5 turns half).
     pub(super) fn rope(
         &self,
         x: &Tensor,
@@ -26,7 +26,7 @@ impl Span {
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin),
             RopeStyle::Half => candle_nn::rotary_emb::rope(x, cos, sin),
         };
-        let (dims, head) = (self.config.rope_dims, self.config.head_dim);
+        let (dims, head) = (self.config.rope_dims, x.dim(3)?);
         if dims == head {
             return turn(x);
         }
@@ -142,7 +142,12 @@ fn decode_attention(
     let first = window.map_or(0, |w| total.saturating_sub(w));
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let (ks, kl) = l.k.storage_and_layout();
-    let (vs, vl) = l.v.storage_and_layout();
+    let Some(v) = &l.v else {
+        return Err(ShardError::BadInput(
+            "a key-only cache has no values".into(),
+        ));
+    };
+    let (vs, vl) = v.storage_and_layout();
     let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
         return Err(ShardError::BadInput(
             "decode attention runs on the CPU".into(),

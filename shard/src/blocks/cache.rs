@@ -37,7 +37,10 @@ impl KvCache {
         self.layers
             .iter()
             .flatten()
-            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
+            .map(|l| {
+                let values = l.v.as_ref().map_or(0, Tensor::elem_count);
+                (l.k.elem_count() + values) * l.k.dtype().size_in_bytes()
+            })
             .sum()
     }
 }
@@ -46,10 +49,13 @@ impl KvCache {
 /// buffers whose first `len` positions are filled. They grow by doubling (up to the
 /// session's length), so appending a token copies that token only, where concatenating
 /// would copy the whole cache at every step of every block.
+///
+/// Latent attention (DeepSeek) caches keys only: one row per token whose first
+/// columns are also its value.
 #[derive(Debug)]
 pub(super) struct LayerKv {
     pub(super) k: Tensor,
-    pub(super) v: Tensor,
+    pub(super) v: Option<Tensor>,
     pub(super) len: usize,
 }
 
@@ -63,29 +69,63 @@ impl LayerKv {
         v: &Tensor,
         max_len: usize,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (nkv, seq, hd) = k.dims3()?;
+        let (k, v) = Self::append_rows(slot, k, Some(v), max_len)?;
+        match v {
+            Some(v) => Ok((k, v)),
+            None => candle_core::bail!("a key-only cache given values"),
+        }
+    }
+
+    /// Appends keys only (`[1, seq, width]`, latent attention) and returns all held.
+    pub(super) fn append_keys(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        max_len: usize,
+    ) -> candle_core::Result<Tensor> {
+        Ok(Self::append_rows(slot, k, None, max_len)?.0)
+    }
+
+    fn append_rows(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: Option<&Tensor>,
+        max_len: usize,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let seq = k.dim(1)?;
         let (len, cap) = match slot {
             Some(l) => (l.len, l.k.dim(1)?),
             None => (0, 0),
         };
         if len + seq > cap {
             let new_cap = (cap * 2).max(64).min(max_len).max(len + seq);
-            let nk = Tensor::zeros((nkv, new_cap, hd), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((nkv, new_cap, hd), v.dtype(), v.device())?;
-            if let Some(old) = slot.take() {
-                if old.len > 0 {
-                    nk.slice_set(&old.k.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
-                    nv.slice_set(&old.v.narrow(1, 0, old.len)?.contiguous()?, 1, 0)?;
+            let grown = |t: &Tensor, old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let (n, _, w) = t.dims3()?;
+                let new = Tensor::zeros((n, new_cap, w), t.dtype(), t.device())?;
+                if let Some(old) = old.filter(|_| len > 0) {
+                    new.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
                 }
-            }
+                Ok(new)
+            };
+            let old = slot.take();
+            let nk = grown(k, old.as_ref().map(|l| &l.k))?;
+            let nv = match v {
+                Some(v) => Some(grown(v, old.as_ref().and_then(|l| l.v.as_ref()))?),
+                None => None,
+            };
             *slot = Some(LayerKv { k: nk, v: nv, len });
         }
         let Some(l) = slot.as_mut() else {
             candle_core::bail!("key/value cache missing");
         };
         l.k.slice_set(&k.contiguous()?, 1, l.len)?;
-        l.v.slice_set(&v.contiguous()?, 1, l.len)?;
+        if let (Some(cache), Some(v)) = (&l.v, v) {
+            cache.slice_set(&v.contiguous()?, 1, l.len)?;
+        }
         l.len += seq;
-        Ok((l.k.narrow(1, 0, l.len)?, l.v.narrow(1, 0, l.len)?))
+        let values = match &l.v {
+            Some(cache) => Some(cache.narrow(1, 0, l.len)?),
+            None => None,
+        };
+        Ok((l.k.narrow(1, 0, l.len)?, values))
     }
 }

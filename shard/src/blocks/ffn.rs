@@ -6,8 +6,9 @@
 //! moe(h) = Σ over the k experts e the router ranks highest for h:  s · p_e · mlp_e(h)
 //!          (+ mlp_shared(h) where the family has a shared expert)
 //!          p = softmax(Wrouter · h + b) over all experts, or sigmoid of each logit;
-//!          ranked by p (+ a selection bias: GLM-4.5), renormalised over the k chosen
-//!          when the family does, scaled by s (GLM-4.5: 2.5; else 1)
+//!          ranked by p (+ a selection bias: GLM-4.5, DeepSeek-V3), among the experts
+//!          of the best groups only (DeepSeek-V3), renormalised over the k chosen
+//!          when the family does, scaled by s (GLM-4.5, DeepSeek-V3: 2.5; else 1)
 //! ```
 
 use candle_core::{Device, Tensor};
@@ -336,6 +337,27 @@ impl Moe {
                 }
                 None => &probs,
             };
+            // Group-limited routing: experts of the groups whose two best scores sum
+            // highest only (llama.cpp's, for DeepSeek).
+            let grouped: Vec<f32>;
+            let mut group_gap = f32::INFINITY;
+            let score: &[f32] = match self.group_choice(score) {
+                Some((kept, gap)) => {
+                    let per = count / self.config.groups;
+                    group_gap = gap;
+                    grouped = (0..count)
+                        .map(|e| {
+                            if kept[e / per] {
+                                score[e]
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                        .collect();
+                    &grouped
+                }
+                None => score,
+            };
             let mut order: Vec<usize> = (0..count).collect();
             order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
             if let (Some(m), Some(&last), Some(&next)) = (
@@ -343,20 +365,44 @@ impl Moe {
                 order.get(self.config.used - 1),
                 order.get(self.config.used),
             ) {
-                // In logits: how far a logit must move to change the choice. For a
-                // softmax, the logits' own gap; for sigmoid scores, their gap over the
-                // sigmoid's steepest slope (1/4), a lower bound.
-                let gap = if self.config.sigmoid {
+                // In logits: how far the logits must move, in all, to change the
+                // choice. For a softmax, the two logits' gap. For sigmoid scores, the
+                // cheaper of moving the last chosen one's logit down to where its score
+                // (bias included) meets the next one's, or that one's up; for other
+                // scores (probabilities plus a bias, or group-limited), their gap over
+                // the steepest slope of a probability in its logit (1/4), a lower bound.
+                let gap = if !score[next].is_finite() {
+                    f32::INFINITY
+                } else if self.config.sigmoid {
+                    let bias = |e: usize| self.selection_bias.as_ref().map_or(0.0, |b| b[e]);
+                    let inverse = |p: f32| {
+                        if p > 0.0 && p < 1.0 {
+                            (p / (1.0 - p)).ln()
+                        } else if p <= 0.0 {
+                            f32::NEG_INFINITY
+                        } else {
+                            f32::INFINITY
+                        }
+                    };
+                    let down = logits[last] - inverse(score[next] - bias(last));
+                    let up = inverse(score[last] - bias(next)) - logits[next];
+                    down.min(up)
+                } else if self.selection_bias.is_some() || group_gap.is_finite() {
                     (score[last] - score[next]) * 4.0
-                } else if self.selection_bias.is_some() {
-                    score[last] - score[next]
                 } else {
                     logits[last] - logits[next]
                 };
-                m[row] = m[row].min(gap);
+                // The groups' sums of scores: each score moves at most a quarter as
+                // fast as its logit.
+                m[row] = m[row].min(gap).min(group_gap * 4.0);
             }
             order.truncate(self.config.used);
-            let chosen: f32 = order.iter().map(|&e| probs[e]).sum();
+            // llama.cpp keeps the sum off zero.
+            let chosen = order
+                .iter()
+                .map(|&e| probs[e])
+                .sum::<f32>()
+                .max(6.103_515_6e-5);
             for e in order {
                 let w = if self.config.normalize {
                     probs[e] / chosen
@@ -367,6 +413,41 @@ impl Moe {
             }
         }
         groups
+    }
+
+    /// For group-limited routing, which groups a row's experts may come from (the
+    /// `groups_used` whose two best scores sum highest, ties to the lower group), and
+    /// the gap between the last group kept and the first left out.
+    fn group_choice(&self, score: &[f32]) -> Option<(Vec<bool>, f32)> {
+        let (groups, used) = (self.config.groups, self.config.groups_used);
+        if groups <= 1 || used >= groups {
+            return None;
+        }
+        let sums: Vec<f32> = score
+            .chunks_exact(score.len() / groups)
+            .map(|g| {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &x in g {
+                    if x > a {
+                        (a, b) = (x, a);
+                    } else if x > b {
+                        b = x;
+                    }
+                }
+                if g.len() == 1 {
+                    a
+                } else {
+                    a + b
+                }
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..groups).collect();
+        order.sort_by(|&a, &b| sums[b].total_cmp(&sums[a]).then(a.cmp(&b)));
+        let mut kept = vec![false; groups];
+        for &g in &order[..used] {
+            kept[g] = true;
+        }
+        Some((kept, sums[order[used - 1]] - sums[order[used]]))
     }
 
     /// Every row through its experts. The rows of a batch (several sessions' tokens)

@@ -22,23 +22,44 @@ use candle_core::{DType, Device, Tensor};
 mod attention;
 mod cache;
 mod ffn;
+mod latent;
 
 pub use cache::KvCache;
 
 use attention::{causal_mask, LocalRope, Segment};
 use cache::LayerKv;
 use ffn::{Ffn, Projection};
+use latent::LatentAttention;
 
 use crate::file::{Linear, ModelFile};
 use crate::{ModelConfig, Result, ShardError};
 
+/// How a block makes its queries, keys and values.
+enum Attn {
+    /// Projections to query, key and value heads.
+    Heads {
+        /// Wq, Wk, Wv.
+        qkv: Projection,
+        /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3).
+        qk_norm: Option<(Tensor, Tensor)>,
+    },
+    /// Multi-head latent attention (DeepSeek).
+    Latent(LatentAttention),
+}
+
+impl Attn {
+    fn is_row_exact(&self) -> bool {
+        match self {
+            Attn::Heads { qkv, .. } => qkv.is_row_exact(),
+            Attn::Latent(l) => l.is_row_exact(),
+        }
+    }
+}
+
 /// One transformer block's weights.
 struct Block {
     attn_norm: Tensor,
-    /// Wq, Wk, Wv.
-    qkv: Projection,
-    /// Per-head RMSNorm weights of queries and keys (Qwen3, Gemma 3).
-    qk_norm: Option<(Tensor, Tensor)>,
+    attn: Attn,
     wo: Linear,
     ffn_norm: Tensor,
     ffn: Ffn,
@@ -100,30 +121,35 @@ impl Span {
         let mut blocks = Vec::with_capacity(end - start);
         for i in start..end {
             let p = |n: &str| format!("blk.{i}.{n}");
-            let qkv = if cfg.arch.fused() {
-                let kv = cfg.n_kv_heads * cfg.head_dim;
-                Projection::split(
-                    file.linear(&p("attn_qkv"), cfg.qkv_bias, device)?,
-                    vec![cfg.n_heads * cfg.head_dim, kv, kv],
-                )?
+            let attn = if cfg.latent.is_some() {
+                Attn::Latent(LatentAttention::load(file, i, device)?)
             } else {
-                Projection::new(vec![
-                    file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
-                    file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
-                    file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
-                ])?
-            };
-            let block = Block {
-                attn_norm: file.dense(&p("attn_norm.weight"), device)?,
-                qkv,
-                qk_norm: if cfg.arch.qk_norm() {
+                let qkv = if cfg.arch.fused() {
+                    let kv = cfg.n_kv_heads * cfg.head_dim;
+                    Projection::split(
+                        file.linear(&p("attn_qkv"), cfg.qkv_bias, device)?,
+                        vec![cfg.n_heads * cfg.head_dim, kv, kv],
+                    )?
+                } else {
+                    Projection::new(vec![
+                        file.linear(&p("attn_q"), cfg.qkv_bias, device)?,
+                        file.linear(&p("attn_k"), cfg.qkv_bias, device)?,
+                        file.linear(&p("attn_v"), cfg.qkv_bias, device)?,
+                    ])?
+                };
+                let qk_norm = if cfg.arch.qk_norm() {
                     Some((
                         file.dense(&p("attn_q_norm.weight"), device)?,
                         file.dense(&p("attn_k_norm.weight"), device)?,
                     ))
                 } else {
                     None
-                },
+                };
+                Attn::Heads { qkv, qk_norm }
+            };
+            let block = Block {
+                attn_norm: file.dense(&p("attn_norm.weight"), device)?,
+                attn,
                 wo: file.linear(&p("attn_output"), cfg.attn_output_bias, device)?,
                 // gpt-oss and GLM-4.5 name their MLP's norm for the attention it
                 // follows.
@@ -296,7 +322,7 @@ impl Span {
     pub fn batches_exactly(&self) -> bool {
         self.blocks
             .iter()
-            .all(|b| b.qkv.is_row_exact() && b.wo.is_row_exact() && b.ffn.is_row_exact())
+            .all(|b| b.attn.is_row_exact() && b.wo.is_row_exact() && b.ffn.is_row_exact())
     }
 
     /// Runs several sessions' inputs through the span as one batch: the rows of all of
@@ -441,34 +467,35 @@ impl Span {
 
         // Attention.
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, eps)?;
-        let [q, k, v]: [Tensor; 3] = b
-            .qkv
-            .forward(&h)?
-            .try_into()
-            .map_err(|_| ShardError::BadInput("q, k and v projections".into()))?;
-        let (q, k) = match &b.qk_norm {
-            Some((qn, kn)) => {
-                let hd = self.config.head_dim;
-                let per_head = |t: Tensor, w: &Tensor| -> candle_core::Result<Tensor> {
-                    let (rows, width) = t.dims2()?;
-                    let t = t.contiguous()?.reshape((rows, width / hd, hd))?;
-                    candle_nn::ops::rms_norm(&t, w, eps)?.reshape((rows, width))
+        // Projections over every row; attention per segment, over its own cache.
+        let o = match &b.attn {
+            Attn::Heads { qkv, qk_norm } => {
+                let [q, k, v]: [Tensor; 3] = qkv
+                    .forward(&h)?
+                    .try_into()
+                    .map_err(|_| ShardError::BadInput("q, k and v projections".into()))?;
+                let (q, k) = match qk_norm {
+                    Some((qn, kn)) => {
+                        let hd = self.config.head_dim;
+                        let per_head = |t: Tensor, w: &Tensor| -> candle_core::Result<Tensor> {
+                            let (rows, width) = t.dims2()?;
+                            let t = t.contiguous()?.reshape((rows, width / hd, hd))?;
+                            candle_nn::ops::rms_norm(&t, w, eps)?.reshape((rows, width))
+                        };
+                        (per_head(q, qn)?, per_head(k, kn)?)
+                    }
+                    None => (q, k),
                 };
-                (per_head(q, qn)?, per_head(k, kn)?)
+                per_segment(segments, kvs, &[q, k, v], |[q, k, v], seg, kv| {
+                    self.attention(q, k, v, seg, kv, b)
+                })?
             }
-            None => (q, k),
-        };
-        let o = if segments.len() == 1 {
-            self.attention(q, k, v, &segments[0], kvs[0], b)?
-        } else {
-            let mut outs = Vec::with_capacity(segments.len());
-            let mut row = 0;
-            for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
-                let part = |t: &Tensor| t.narrow(0, row, seg.seq);
-                outs.push(self.attention(part(&q)?, part(&k)?, part(&v)?, seg, kv, b)?);
-                row += seg.seq;
+            Attn::Latent(l) => {
+                let (q, rows) = l.project(&h, eps)?;
+                per_segment(segments, kvs, &[q, rows], |[q, rows], seg, kv| {
+                    self.latent_attention(l, q, rows, seg, kv)
+                })?
             }
-            Tensor::cat(&outs, 0)?
         };
         let mut o = b.wo.forward(&o)?;
         if let Some((after_attention, _)) = &b.post_norms {
@@ -484,4 +511,31 @@ impl Span {
         }
         Ok((x + m)?)
     }
+}
+
+/// Runs `f` on each segment's rows of `parts` (row-aligned tensors of every segment's
+/// rows) with its cache, and stacks the outputs in segment order.
+fn per_segment<const N: usize>(
+    segments: &[Segment],
+    kvs: &mut [&mut Option<LayerKv>],
+    parts: &[Tensor; N],
+    mut f: impl FnMut([Tensor; N], &Segment, &mut Option<LayerKv>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if let ([seg], [kv]) = (segments, &mut *kvs) {
+        return f(parts.clone(), seg, kv);
+    }
+    let mut outs = Vec::with_capacity(segments.len());
+    let mut row = 0;
+    for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
+        let mut cut = Vec::with_capacity(N);
+        for t in parts {
+            cut.push(t.narrow(0, row, seg.seq)?);
+        }
+        let cut: [Tensor; N] = cut
+            .try_into()
+            .map_err(|_| ShardError::BadInput("segment parts".into()))?;
+        outs.push(f(cut, seg, kv)?);
+        row += seg.seq;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
 }

@@ -199,9 +199,16 @@ fn plan(s: &Shape, vocab: usize, weights: GgufWeights, seed: u64) -> Vec<Planned
             out.push(Planned::vector(b("attn_q"), q, small(60)));
             out.push(Planned::vector(b("attn_k"), kv, small(61)));
             out.push(Planned::vector(b("attn_v"), kv, small(62)));
-            if let Some(e) = experts {
-                out.push(Planned::vector(b("exp_probs_b"), e.count, small(63)));
+        }
+        if let Some(l) = &s.latent {
+            if l.attn.q_lora > 0 {
+                out.push(ones(p("attn_q_a_norm"), l.attn.q_lora));
             }
+            out.push(ones(p("attn_kv_a_norm"), l.attn.kv_lora));
+        }
+        // The selection bias of sigmoid routers (GLM-4.5, DeepSeek-V3).
+        if let Some(e) = experts.filter(|e| e.sigmoid) {
+            out.push(Planned::vector(b("exp_probs_b"), e.count, small(63)));
         }
         if let Some(e) = experts {
             // Routers stay F32, as llama.cpp's quantiser leaves them.
@@ -267,14 +274,21 @@ fn metadata(s: &Shape, vocab: usize, donor: &HashMap<String, Value>) -> Vec<(Str
             Value::String(format!("random {} ({} blocks)", s.name, s.blocks)),
         ),
     ];
+    // Latent attention (DeepSeek): files for llama.cpp's MLA path give the cached
+    // row's width as key_length and the query head's as key_length_mla.
+    let (kv_heads, key, value) = match &s.latent {
+        Some(l) if l.mla => (1, l.attn.kv_lora + s.rope_dims, l.attn.kv_lora),
+        Some(l) => (s.heads, s.head_dim, l.attn.v),
+        None => (s.kv_heads, s.head_dim, s.head_dim),
+    };
     let mut keyed = vec![
         ("block_count", u(s.blocks)),
         ("embedding_length", u(s.hidden)),
         ("feed_forward_length", u(s.ffn)),
         ("attention.head_count", u(s.heads)),
-        ("attention.head_count_kv", u(s.kv_heads)),
-        ("attention.key_length", u(s.head_dim)),
-        ("attention.value_length", u(s.head_dim)),
+        ("attention.head_count_kv", u(kv_heads)),
+        ("attention.key_length", u(key)),
+        ("attention.value_length", u(value)),
         (
             "rope.dimension_count",
             u(if s.rope_dims > 0 {
@@ -301,7 +315,29 @@ fn metadata(s: &Shape, vocab: usize, donor: &HashMap<String, Value>) -> Vec<(Str
         keyed.push(("attn_logit_softcapping", Value::F32(50.0)));
         keyed.push(("final_logit_softcapping", Value::F32(30.0)));
     }
+    if let Some(l) = &s.latent {
+        keyed.push(("attention.q_lora_rank", u(l.attn.q_lora)));
+        keyed.push(("attention.kv_lora_rank", u(l.attn.kv_lora)));
+        if l.mla {
+            keyed.push(("attention.key_length_mla", u(s.head_dim)));
+            keyed.push(("attention.value_length_mla", u(l.attn.v)));
+        }
+        // Stored a tenth of mscale_all_dim, as llama.cpp's converter does.
+        keyed.push((
+            "rope.scaling.yarn_log_multiplier",
+            Value::F32(0.1 * l.mscale_all_dim),
+        ));
+    }
     if let Some(e) = &s.experts {
+        if s.arch == Arch::DeepSeek2 {
+            keyed.push(("expert_shared_count", u(e.shared)));
+            keyed.push(("leading_dense_block_count", u(s.dense_lead)));
+            keyed.push(("expert_weights_scale", Value::F32(e.scale)));
+            keyed.push(("expert_weights_norm", Value::Bool(e.normalize)));
+            keyed.push(("expert_gating_func", u(if e.sigmoid { 2 } else { 1 })));
+            keyed.push(("expert_group_count", u(e.groups)));
+            keyed.push(("expert_group_used_count", u(e.groups_used)));
+        }
         if s.arch == Arch::Glm4Moe {
             keyed.push(("expert_shared_count", u(e.shared)));
             keyed.push(("leading_dense_block_count", u(s.dense_lead)));

@@ -22,7 +22,7 @@ use half::f16;
 use rand::{Rng, RngExt, SeedableRng};
 use rayon::prelude::*;
 
-use crate::{Arch, Experts, ModelFile, Result, ShardError, TextCodec};
+use crate::{Arch, Experts, Latent, ModelFile, Result, ShardError, TextCodec};
 
 mod gguf;
 mod safetensors;
@@ -62,6 +62,20 @@ pub struct Shape {
     pub dense_lead: usize,
     /// Dimensions of each head rope turns; 0 for all.
     pub rope_dims: usize,
+    /// Multi-head latent attention (DeepSeek).
+    pub latent: Option<LatentShape>,
+}
+
+/// DeepSeek's latent attention as a file holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatentShape {
+    pub attn: Latent,
+    /// As llama.cpp's converter writes it now, for its MLA path: `W_kb` and `W_vb`
+    /// apart (`attn_k_b`, `attn_v_b`), the query head's width in `key_length_mla`.
+    /// Otherwise as older files: one `attn_kv_b`.
+    pub mla: bool,
+    /// YaRN's `mscale_all_dim`, which scales attention by `(1 + 0.1 m ln factor)^2`.
+    pub mscale_all_dim: f32,
 }
 
 const fn dense(
@@ -89,6 +103,7 @@ const fn dense(
         yarn: None,
         dense_lead: 0,
         rope_dims: 0,
+        latent: None,
     }
 }
 
@@ -116,6 +131,39 @@ const fn moe(shape: Shape, count: usize, used: usize, ffn: usize) -> Shape {
             sigmoid: false,
             scale: 1.0,
             shared: 0,
+            groups: 0,
+            groups_used: 0,
+        }),
+        ..shape
+    }
+}
+
+/// DeepSeek's layout: latent attention (q_lora, kv_lora, nope, rope, v), YaRN, dense
+/// leading blocks, routed experts beside shared ones.
+#[allow(clippy::too_many_arguments)]
+const fn deepseek(
+    shape: Shape,
+    [q_lora, kv_lora, nope, rope, v]: [usize; 5],
+    experts: Experts,
+    dense_lead: usize,
+    yarn: (f32, usize),
+    mscale_all_dim: f32,
+    mla: bool,
+) -> Shape {
+    Shape {
+        experts: Some(experts),
+        dense_lead,
+        rope_dims: rope,
+        yarn: Some(yarn),
+        latent: Some(LatentShape {
+            attn: Latent {
+                q_lora,
+                kv_lora,
+                nope,
+                v,
+            },
+            mla,
+            mscale_all_dim,
         }),
         ..shape
     }
@@ -143,6 +191,11 @@ pub const SHAPES: &[Shape] = &[
     //    ... both (experts: count; 4 used, of the model's width)
     gpt_oss(dense("gpt-oss-20b",  Arch::GptOss, [2880, 2880, 64, 8, 64, 24], 201_088, 150_000.0, 131_072), 32, 128),
     gpt_oss(dense("gpt-oss-120b", Arch::GptOss, [2880, 2880, 64, 8, 64, 36], 201_088, 150_000.0, 131_072), 128, 128),
+    //    ... latent attention: [q_lora, kv_lora, nope, rope, v], experts, dense leading blocks, YaRN, mscale_all_dim
+    deepseek(dense("deepseek-v3", Arch::DeepSeek2, [7168, 18432, 128, 1, 192, 61], 129_280, 10_000.0, 163_840),
+        [1536, 512, 128, 64, 128],
+        Experts { count: 256, used: 8, ffn: 2048, normalize: true, sigmoid: true, scale: 2.5, shared: 1, groups: 8, groups_used: 4 },
+        3, (40.0, 4096), 1.0, true),
     // Tiny ones for tests. Windows of 8 positions, so a short test crosses them; six
     // Gemma 3 blocks, so one is global.
     dense("tiny-llama",      Arch::Llama,    [256, 512, 4, 2, 64, 4],          49152,   10_000.0,  4096),
@@ -155,15 +208,27 @@ pub const SHAPES: &[Shape] = &[
     // GLM-4.5's layout: a dense first block, 2 of 8 sigmoid-routed experts (scaled 2.5)
     // beside a shared one, biases on Q/K/V, rope over half of each head.
     Shape {
-        experts: Some(Experts { count: 8, used: 2, ffn: 128, normalize: true, sigmoid: true, scale: 2.5, shared: 1 }),
+        experts: Some(Experts { count: 8, used: 2, ffn: 128, normalize: true, sigmoid: true, scale: 2.5, shared: 1, groups: 0, groups_used: 0 }),
         dense_lead: 1,
         rope_dims: 32,
         ..dense("tiny-glm4moe", Arch::Glm4Moe, [256, 512, 4, 2, 64, 4], 49152, 1e6, 4096)
     },
     // 2 of 8 experts: a random router's near-ties (which two implementations may break
     // differently) grow with the experts to choose among; 8 keeps them few.
-    Shape { experts: Some(Experts { count: 8, used: 2, ffn: 256, normalize: true, sigmoid: false, scale: 1.0, shared: 0 }),
+    Shape { experts: Some(Experts { count: 8, used: 2, ffn: 256, normalize: true, sigmoid: false, scale: 1.0, shared: 0, groups: 0, groups_used: 0 }),
         ..gpt_oss(dense("tiny-gpt-oss", Arch::GptOss, [256, 256, 4, 2, 64, 4], 49152, 150_000.0, 4096), 8, 8) },
+    // DeepSeek-V3's layout as llama.cpp's converter writes it now: 2 of 8 sigmoid-routed
+    // experts from the best 2 of 4 groups, a shared one, a dense first block, YaRN.
+    deepseek(dense("tiny-deepseek2", Arch::DeepSeek2, [256, 512, 4, 1, 96, 4], 49152, 10_000.0, 4096),
+        [128, 128, 64, 32, 64],
+        Experts { count: 8, used: 2, ffn: 128, normalize: true, sigmoid: true, scale: 2.5, shared: 1, groups: 4, groups_used: 2 },
+        1, (40.0, 4096), 1.0, true),
+    // DeepSeek-V2-Lite's, as older files hold it: one query matrix, one attn_kv_b,
+    // softmax routing without renormalising, two shared experts.
+    deepseek(dense("tiny-deepseek2-lite", Arch::DeepSeek2, [256, 512, 4, 4, 96, 4], 49152, 10_000.0, 4096),
+        [0, 128, 64, 32, 64],
+        Experts { count: 8, used: 2, ffn: 128, normalize: false, sigmoid: false, scale: 1.0, shared: 2, groups: 0, groups_used: 0 },
+        1, (40.0, 4096), 0.707, false),
 ];
 
 /// A preset by name; hyphens do not matter (`llama-3-8b` is `llama3-8b`).
@@ -384,7 +449,9 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
         cols,
     };
     let hd = s.head_dim;
-    let mut out = if s.arch.fused() {
+    let mut out = if let Some(l) = &s.latent {
+        latent_matrices(s, l, &p)
+    } else if s.arch.fused() {
         vec![m(
             p("attn_qkv"),
             None,
@@ -398,7 +465,8 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
             m(p("attn_v"), None, s.kv_heads * hd, s.hidden),
         ]
     };
-    out.push(m(p("attn_output"), None, s.hidden, s.heads * hd));
+    let values = s.latent.as_ref().map_or(hd, |l| l.attn.v);
+    out.push(m(p("attn_output"), None, s.hidden, s.heads * values));
     let experts = s.experts.as_ref().filter(|_| i >= s.dense_lead);
     match experts {
         None if s.arch.fused() => out.extend([
@@ -425,6 +493,45 @@ fn block_matrices(s: &Shape, i: usize) -> Vec<Matrix> {
                 ]);
             }
         }
+    }
+    out
+}
+
+/// The attention matrices of a latent-attention block (DeepSeek), as llama.cpp names
+/// them: the query (one matrix, or low-rank through `attn_q_a`), the compressed
+/// key/value and rope key (`attn_kv_a_mqa`), and what takes the compressed vector to
+/// each head's keys and values.
+fn latent_matrices(s: &Shape, l: &LatentShape, p: &dyn Fn(&str) -> String) -> Vec<Matrix> {
+    let m = |name: String, experts, rows, cols| Matrix {
+        name,
+        experts,
+        rows,
+        cols,
+    };
+    let a = &l.attn;
+    let query = s.heads * (a.nope + s.rope_dims);
+    let mut out = if a.q_lora > 0 {
+        vec![
+            m(p("attn_q_a"), None, a.q_lora, s.hidden),
+            m(p("attn_q_b"), None, query, a.q_lora),
+        ]
+    } else {
+        vec![m(p("attn_q"), None, query, s.hidden)]
+    };
+    out.push(m(
+        p("attn_kv_a_mqa"),
+        None,
+        a.kv_lora + s.rope_dims,
+        s.hidden,
+    ));
+    if l.mla {
+        // Per head: [kv_lora, nope] and [v, kv_lora] (ggml's {nope, kv_lora, heads} and
+        // {kv_lora, v, heads}).
+        out.push(m(p("attn_k_b"), Some(s.heads), a.kv_lora, a.nope));
+        out.push(m(p("attn_v_b"), Some(s.heads), a.v, a.kv_lora));
+    } else {
+        // Per head, its key's rows then its value's.
+        out.push(m(p("attn_kv_b"), None, s.heads * (a.nope + a.v), a.kv_lora));
     }
     out
 }
