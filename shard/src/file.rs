@@ -17,6 +17,7 @@ use crate::config::{Arch, Experts, HfConfig, Latent, ModelConfig, SlidingWindow,
 use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::QMatrix;
+use crate::kquants::BlockRows;
 use crate::{Result, ShardError};
 
 /// How the weights are stored.
@@ -63,6 +64,9 @@ pub(crate) struct Linear {
 enum Weight {
     /// Q4_0 / Q4_1 / Q8_0 on the CPU: our own kernels ([`crate::kernels`]).
     Packed(Arc<QMatrix>),
+    /// K-quants on the CPU: candle's block dot products over weights held once
+    /// ([`crate::kquants`]).
+    Blocks(Arc<dyn BlockRows>),
     /// Everything else (other GGUF formats, dense safetensors, GPU devices): candle.
     Candle(QMatMul),
 }
@@ -83,7 +87,7 @@ impl Linear {
             .iter()
             .map(|p| match &p.weight {
                 Weight::Packed(q) => Some(q.as_ref()),
-                Weight::Candle(_) => None,
+                Weight::Blocks(_) | Weight::Candle(_) => None,
             })
             .collect::<Option<_>>()?;
         let bias = match parts.iter().filter(|p| p.bias.is_some()).count() {
@@ -111,13 +115,14 @@ impl Linear {
     /// True when each row of a product comes out the same whatever other rows share the
     /// product (our kernels); candle's dense matmul blocks many rows differently.
     pub(crate) fn is_row_exact(&self) -> bool {
-        matches!(self.weight, Weight::Packed(_))
+        matches!(self.weight, Weight::Packed(_) | Weight::Blocks(_))
     }
 
     /// Output width.
     pub(crate) fn out_features(&self) -> candle_core::Result<usize> {
         match &self.weight {
             Weight::Packed(q) => Ok(q.rows()),
+            Weight::Blocks(b) => Ok(b.rows()),
             Weight::Candle(QMatMul::QTensor(q)) => Ok(q.shape().dims2()?.0),
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.dims2()?.0),
         }
@@ -125,7 +130,11 @@ impl Linear {
 
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Packed(q) => packed_forward(q, x)?,
+            Weight::Packed(q) => rows_forward(x, q.cols(), q.rows(), |x, m| q.matmul(x, m))?,
+            Weight::Blocks(b) => {
+                let cols = x.dims().last().copied().unwrap_or(0);
+                rows_forward(x, cols, b.rows(), |x, m| b.matmul(x, m))?
+            }
             Weight::Candle(w) => w.forward(x)?,
         };
         match &self.bias {
@@ -135,12 +144,18 @@ impl Linear {
     }
 }
 
-/// `x · qᵀ` over the last dimension of `x`, on our kernels, reading `x` in place.
-fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
+/// `x · Wᵀ` over the last dimension of `x` (which must be `cols` wide) by `product`
+/// (`[m, cols]` rows in, `[m, rows]` out), reading `x` in place on the CPU.
+fn rows_forward(
+    x: &Tensor,
+    cols: usize,
+    rows: usize,
+    product: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
     let mut dims = x.dims().to_vec();
     let k = dims.last().copied().unwrap_or(0);
-    if k != q.cols() {
-        candle_core::bail!("linear layer of width {} fed {:?}", q.cols(), x.dims());
+    if k != cols {
+        candle_core::bail!("linear layer of width {cols} fed {:?}", x.dims());
     }
     let m = x.elem_count() / k.max(1);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
@@ -150,12 +165,26 @@ fn packed_forward(q: &QMatrix, x: &Tensor) -> candle_core::Result<Tensor> {
             candle_core::bail!("our quantised kernels run on the CPU only");
         };
         let all = cpu.as_slice::<f32>()?;
-        q.matmul(&all[layout.start_offset()..][..m * k], m)
+        product(&all[layout.start_offset()..][..m * k], m)
     };
     if let Some(last) = dims.last_mut() {
-        *last = q.rows();
+        *last = rows;
     }
     Tensor::from_vec(y, dims, x.device())
+}
+
+/// The weight for a quantised matrix on `device`: our kernels or K-quant blocks on the
+/// CPU where they take its type, else candle's product.
+fn cpu_weight(q: QTensor, device: &Device) -> Result<Weight> {
+    if device.is_cpu() {
+        if let Some(packed) = QMatrix::from_qtensor(&q) {
+            return Ok(Weight::Packed(Arc::new(packed)));
+        }
+        if let Some(blocks) = crate::kquants::from_qtensor(&q) {
+            return Ok(Weight::Blocks(blocks));
+        }
+    }
+    Ok(Weight::Candle(QMatMul::from_qtensor(q)?))
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -473,11 +502,7 @@ impl ModelFile {
     pub(crate) fn linear(&self, name: &str, bias: bool, device: &Device) -> Result<Linear> {
         let weight = match &self.inner {
             Inner::Gguf { .. } => {
-                let q = self.qtensor(&format!("{name}.weight"), device)?;
-                match QMatrix::from_qtensor(&q).filter(|_| device.is_cpu()) {
-                    Some(packed) => Weight::Packed(Arc::new(packed)),
-                    None => Weight::Candle(QMatMul::from_qtensor(q)?),
-                }
+                cpu_weight(self.qtensor(&format!("{name}.weight"), device)?, device)?
             }
             Inner::Safetensors { .. } => Weight::Candle(QMatMul::Tensor(
                 self.dense(&format!("{name}.weight"), device)?,
@@ -518,11 +543,10 @@ impl ModelFile {
             .map(|e| {
                 let bytes = &all[e * per..(e + 1) * per];
                 let q = qtensor_from_bytes(info.ty, bytes, vec![rows, cols], device)?;
-                let weight = match QMatrix::from_qtensor(&q).filter(|_| device.is_cpu()) {
-                    Some(packed) => Weight::Packed(Arc::new(packed)),
-                    None => Weight::Candle(QMatMul::from_qtensor(q)?),
-                };
-                Ok(Linear { weight, bias: None })
+                Ok(Linear {
+                    weight: cpu_weight(q, device)?,
+                    bias: None,
+                })
             })
             .collect()
     }

@@ -23,6 +23,7 @@ mod file;
 mod gguf;
 mod head;
 pub mod kernels;
+mod kquants;
 mod sampling;
 pub mod synth;
 mod text;
