@@ -43,17 +43,17 @@ pub(crate) fn from_qtensor(q: &QTensor) -> Option<Arc<dyn BlockRows>> {
     let (rows, cols) = q.shape().dims2().ok()?;
     let bytes = q.data().ok()?;
     match q.dtype() {
-        GgmlDType::Q2K => Blocks::<BlockQ2K>::new(&bytes, rows, cols),
-        GgmlDType::Q3K => Blocks::<BlockQ3K>::new(&bytes, rows, cols),
-        GgmlDType::Q4K => Blocks::<BlockQ4K>::new(&bytes, rows, cols),
-        GgmlDType::Q5K => Blocks::<BlockQ5K>::new(&bytes, rows, cols),
-        GgmlDType::Q6K => Blocks::<BlockQ6K>::new(&bytes, rows, cols),
+        GgmlDType::Q2K => Blocks::<BlockQ2K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q3K => Blocks::<BlockQ3K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q4K => Blocks::<BlockQ4K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q5K => Blocks::<BlockQ5K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q6K => Blocks::<BlockQ6K>::from_bytes(&bytes, rows, cols),
         _ => None,
     }
 }
 
 impl<T: GgmlType + std::fmt::Debug + 'static> Blocks<T> {
-    fn new(bytes: &[u8], rows: usize, cols: usize) -> Option<Arc<dyn BlockRows>> {
+    fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Arc<dyn BlockRows>> {
         if cols == 0 || !cols.is_multiple_of(T::BLCK_SIZE) {
             return None;
         }
