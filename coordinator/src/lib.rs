@@ -7,10 +7,14 @@
 //! - [`route`]: the fastest chain of servers through the blocks, with alternatives.
 //! - [`spans`]: which blocks a joining server takes, and when a server should move.
 //! - [`bans`]: avoiding failing peers for a time that grows with repeated failures.
+//! - [`budget`]: how many blocks, and how much cache, a server's memory budget holds.
+//! - [`timeouts`]: when a client presumes a chain broken.
 
 pub mod bans;
+pub mod budget;
 pub mod route;
 pub mod spans;
+pub mod timeouts;
 
 pub use bans::Bans;
 pub use route::{alternatives, plan_route, RouteError, RouteHop, ServerView};

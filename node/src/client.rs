@@ -74,15 +74,6 @@ pub struct ActiveHop {
     pub session: SessionId,
 }
 
-/// The longest a step may take (the first prefill of a long prompt on a slow machine
-/// can take many seconds).
-const FIRST_STEP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A step is declared lost when it takes this many times the recent decode step...
-const TIMEOUT_FACTOR: f64 = 8.0;
-/// ... but never sooner than this: scheduling hiccups on a loaded machine are not deaths.
-const MIN_STEP_TIMEOUT: Duration = Duration::from_millis(400);
-
 /// Time allowed to open a session on one server that just answered a probe: opens wait
 /// behind the steps queued on its compute thread.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,10 +82,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// thread: a round trip plus scheduling slack on a loaded machine).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Wait for a server suspected dead to answer `Info`. Short, since it decides how soon
-/// a failover starts; a live but starved server that misses it costs a failover, never
-/// a wrong output.
-const DEATH_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+// Step timeouts and the wait for a suspected server: `coordinator::timeouts`, which the
+// simulator's clients use too.
+use coordinator::timeouts::{step_timeout, DEATH_PROBE_TIMEOUT, FIRST_STEP_TIMEOUT};
 
 /// Failovers tried for one step before giving up.
 const MAX_RECOVERIES: usize = 8;
@@ -708,13 +698,7 @@ impl RemoteSession {
             .iter()
             .map(|h| 1.0 / (h.hop.throughput.max(1e-3) as f64))
             .sum();
-        let one = self.step_secs.map(|s| s * TIMEOUT_FACTOR);
-        let secs = match (one, tokens) {
-            (Some(one), 1) => one,
-            (one, n) if per_token.is_finite() => one.unwrap_or(0.0) + 4.0 * per_token * n as f64,
-            _ => return FIRST_STEP_TIMEOUT,
-        };
-        Duration::from_secs_f64(secs.min(FIRST_STEP_TIMEOUT.as_secs_f64())).max(MIN_STEP_TIMEOUT)
+        step_timeout(self.step_secs, per_token, tokens)
     }
 
     /// Keeps a server's output as the input of the next block boundary.

@@ -175,3 +175,39 @@ fn spans_from_a_memory_budget_cover_the_model_and_settle() {
     );
     eprintln!("moves: {before} before the fifth server, {moved} after it joined");
 }
+
+/// The node and the simulator size a server's span by one function
+/// (`coordinator::budget`): for the default model's numbers, every budget gives the
+/// same block count in `shoal serve` as in a simulated node, so a change to the weight
+/// factor or the overhead reaches both.
+#[test]
+fn the_simulator_sizes_spans_as_serve_does() {
+    let file = shard::ModelFile::open(model()).expect("model");
+    let cfg = file.config();
+    let shape = sim::model::ModelShape {
+        name: "default".into(),
+        blocks: cfg.n_layers as u32,
+        hidden: cfg.hidden as u32,
+        params_per_block: file.block_bytes(0) as f64,
+        bytes_per_param: 1.0,
+        kv_bytes_per_token: cfg.kv_bytes_per_token(1) as f64,
+        experts: None,
+    };
+    for mib in [40u64, 64, 100, 150, 300, 1000] {
+        let budget = mib << 20;
+        for cache in [0, 1024, 4096] {
+            let serve = shoal_node::serving::blocks_for_budget(&file, budget, cache);
+            assert_eq!(
+                shape.blocks_in(budget, cache),
+                serve,
+                "{mib} MiB, {cache} tokens"
+            );
+        }
+    }
+    let one = shoal_node::serving::block_memory(&file, 0, 0) as f64;
+    let factor = one / file.block_bytes(0) as f64;
+    assert!(
+        (factor - coordinator::budget::WEIGHT_FACTOR).abs() < 1e-3,
+        "serve's block memory carries the shared weight factor: {factor}"
+    );
+}

@@ -31,18 +31,15 @@ use crate::topology::{parse_span, Topology};
 
 /// Client bandwidth, both ways, Mbit/s (clients are not the bottleneck in these models).
 const CLIENT_MBPS: f64 = 100.0;
-/// Memory a node keeps for itself, bytes (runtime and buffers, as in `shoal serve`).
-const NODE_OVERHEAD_BYTES: f64 = 64.0 * 1024.0 * 1024.0;
-/// Loaded weights take ~2x their stored size in the real node (candle repacks them).
-const WEIGHT_FACTOR: f64 = 2.0;
-/// KV-cache tokens a node reserves per block it serves.
-const CACHE_TOKENS: f64 = 4096.0;
+/// KV-cache tokens a node reserves per block it serves (what `shoal serve` keeps room
+/// for when its budget allows). How many blocks fit a node's memory is
+/// `coordinator::budget`'s decision, as in `shoal serve`.
+const CACHE_TOKENS: usize = 4096;
 /// Reading a span's weights from disk when joining or moving, bytes per second.
 const LOAD_BYTES_PER_S: f64 = 1.0e9;
-/// The client's step timeout floor and factor, and its liveness probe (node::client).
-const MIN_TIMEOUT_S: f64 = 0.4;
-const TIMEOUT_FACTOR: f64 = 8.0;
-const PROBE_S: f64 = 0.25;
+/// The client's liveness probe of a suspected server (its step timeout is
+/// `coordinator::timeouts::step_timeout`, as in `node::client`).
+const PROBE_S: f64 = coordinator::timeouts::DEATH_PROBE_TIMEOUT.as_secs_f64();
 /// How long a client waits for a route before the generation counts as lost.
 const ROUTE_TIMEOUT_S: f64 = 20.0;
 /// Retry interval while no route exists.
@@ -202,11 +199,10 @@ impl<'a> Sim<'a> {
         let (span, auto) = match g.blocks.as_ref().and_then(|b| parse_span(b.get_ref())) {
             Some(s) => (s, false),
             None => {
-                let per_block = self.model.block_bytes() * WEIGHT_FACTOR
-                    + CACHE_TOKENS * self.model.kv_bytes_per_token;
-                let fit = ((g.memory_gb * 1e9 - NODE_OVERHEAD_BYTES) / per_block)
-                    .floor()
-                    .max(0.0) as u32;
+                let fit = self
+                    .model
+                    .blocks_in((g.memory_gb * 1e9) as u64, CACHE_TOKENS)
+                    as u32;
                 if fit == 0 {
                     return; // too small to hold a block: it never joins
                 }
@@ -436,9 +432,12 @@ impl<'a> Sim<'a> {
             let node = &self.nodes[n];
             let serving = node.present && node.span.0 <= s && e <= node.span.1;
             if !serving {
-                let timeout = self.clients[c]
-                    .step_ewma
-                    .map_or(MIN_TIMEOUT_S, |x| (x * TIMEOUT_FACTOR).max(MIN_TIMEOUT_S));
+                // A decode step's timeout, as the node's client sets it; the simulated
+                // client keeps no prediction from announced speeds (0: none), so before
+                // its first step it waits the floor.
+                let timeout =
+                    coordinator::timeouts::step_timeout(self.clients[c].step_ewma, 0.0, 1)
+                        .as_secs_f64();
                 let noticed = self.now.max(t) + timeout + PROBE_S;
                 let now = Duration::from_secs_f64(self.now);
                 self.clients[c].bans.fail(&n.to_string(), now);

@@ -171,6 +171,18 @@ impl ModelShape {
         self.params_per_block * self.bytes_per_param
     }
 
+    /// Blocks a node with `memory_bytes` holds, each with room for `cache_tokens` of KV
+    /// cache: `coordinator::budget`'s decision, the one `shoal serve --memory-budget`
+    /// makes.
+    pub fn blocks_in(&self, memory_bytes: u64, cache_tokens: usize) -> usize {
+        let block = coordinator::budget::BlockCost {
+            weight_bytes: self.block_bytes() as u64,
+            kv_bytes_per_token: self.kv_bytes_per_token as u64,
+        };
+        let overhead = coordinator::budget::node_overhead(block.weight_bytes);
+        coordinator::budget::blocks_for_budget(memory_bytes, overhead, block, cache_tokens)
+    }
+
     /// Weights of one block that `tokens` tokens run through together: everything
     /// but the experts, and the experts at least one of them uses (each token picks
     /// `used` of `count`, taken as independent: `count * (1 - (1 - used/count)^tokens)`).
