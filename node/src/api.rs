@@ -34,8 +34,9 @@ use serde_json::{json, Value};
 use shard::{ChatMessage, SamplingParams};
 
 use crate::client::Client;
-use crate::commands::{run_generation, ClientSide, RouteEntry, Trip};
-use crate::generate::{prompt_tokens, GenerateRequest, Generation};
+use crate::generation::{
+    prompt_tokens, run_generation, ClientSide, GenerateRequest, Generation, RouteEntry, Trip,
+};
 use crate::metrics::GatewayMetrics;
 use crate::serving::DEFAULT_MAX_SEQ_LEN;
 use crate::survey::{coverage, survey, Seen};

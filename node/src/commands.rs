@@ -1,56 +1,27 @@
 //! What each subcommand does, on top of the library's pieces.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use libp2p::Multiaddr;
-use protocol::{ErrorInfo, ErrorKind, Request, Response, WireDType};
+use protocol::WireDType;
 use serde::Serialize;
 use shard::candle_core::Device;
-use shard::{Head, ModelFile, SamplingParams, Span, TextCodec};
+use shard::{ModelFile, SamplingParams, Span};
 use tokio::io::AsyncBufReadExt;
 
 use crate::cli::{
     BenchArgs, DemoArgs, GenerateArgs, InspectArgs, ModelArg, SamplingArgs, SimArgs, StatusArgs,
 };
-use crate::client::{connect_any, Client, Delivery, Reroute};
-use crate::generate::{
-    budget, generate, prompt_tokens, Blocks, ClientHead, GenerateRequest, Generation,
+use crate::client::{connect_any, Reroute};
+use crate::generation::{
+    prompt_tokens, run_generation, start_client, swarm_client, ClientSide, GenerateRequest,
+    Generation, RouteEntry,
 };
+use crate::model_cache::{model_path, open_model};
 use crate::net::{self, NetConfig};
-
-use crate::serving::DEFAULT_MAX_SEQ_LEN;
-
-fn model_path(m: &ModelArg) -> anyhow::Result<PathBuf> {
-    match &m.model {
-        Some(p) => Ok(p.clone()),
-        None => crate::model_cache::default_model(),
-    }
-}
-
-/// Opens `--model`, or the default model.
-pub fn open_model(m: &ModelArg) -> anyhow::Result<ModelFile> {
-    let path = model_path(m)?;
-    Ok(ModelFile::open(&path)?)
-}
-
-/// One hop of the route, as printed by `--json`.
-#[derive(Serialize, Debug, Clone)]
-pub struct RouteEntry {
-    /// Peer id.
-    pub peer: String,
-    /// First block.
-    pub start: u32,
-    /// One past the last block.
-    pub end: u32,
-    /// How the client reached it at the end: "direct", "hole-punched" or
-    /// "relayed:<relay peer id>" (absent for a local generation).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub link: Option<String>,
-}
 
 #[derive(Serialize)]
 struct GenerateJson {
@@ -60,15 +31,6 @@ struct GenerateJson {
     reroutes: Vec<Reroute>,
 }
 
-/// What a generation did besides generating: the route it ended on and its failovers.
-#[derive(Debug, Default)]
-pub struct Trip {
-    /// The chain used at the end.
-    pub route: Vec<RouteEntry>,
-    /// Failovers, in order.
-    pub reroutes: Vec<Reroute>,
-}
-
 fn sampling_params(s: &SamplingArgs) -> SamplingParams {
     SamplingParams {
         temperature: s.temperature,
@@ -76,269 +38,6 @@ fn sampling_params(s: &SamplingArgs) -> SamplingParams {
         top_p: s.top_p,
         repetition_penalty: s.repetition_penalty,
         seed: s.seed,
-    }
-}
-
-/// A client loaded and ready: model head, tokenizer, and maybe a swarm connection.
-pub struct ClientSide {
-    file: ModelFile,
-    head: ClientHead,
-    text: TextCodec,
-    /// Where the blocks run when a generation runs them all here (`--local`).
-    local_device: Device,
-}
-
-impl ClientSide {
-    /// Loads the client-side tensors and tokenizer of a model.
-    pub fn load(file: ModelFile) -> anyhow::Result<Self> {
-        let head = ClientHead::start(Head::load(&file, &Device::Cpu)?)?;
-        let text = TextCodec::from_model(&file)?;
-        Ok(ClientSide {
-            file,
-            head,
-            text,
-            local_device: Device::Cpu,
-        })
-    }
-
-    /// Runs local generations' blocks on `device` (the head stays on the CPU).
-    pub fn with_local_device(mut self, device: Device) -> Self {
-        self.local_device = device;
-        self
-    }
-
-    /// The model file.
-    pub fn file(&self) -> &ModelFile {
-        &self.file
-    }
-
-    /// Tokenizer and chat template.
-    pub fn text(&self) -> &TextCodec {
-        &self.text
-    }
-}
-
-/// Starts a client node, connected to `bootstrap`, with its inbound dispatcher.
-pub async fn start_client(
-    bootstrap: &[Multiaddr],
-    connect_timeout: Duration,
-    shaping: Option<net::Shaping>,
-    swarm_key: Option<libp2p::pnet::PreSharedKey>,
-    identity: Option<libp2p::identity::Keypair>,
-    mdns: bool,
-) -> anyhow::Result<Client> {
-    // Without a bootstrap address, look for a node on the LAN (not in a private swarm).
-    let lan = bootstrap.is_empty() && swarm_key.is_none() && mdns;
-    if bootstrap.is_empty() && !lan {
-        bail!("no --bootstrap address: give the `listening` address of any node of the swarm, or use --local");
-    }
-    // A client listens (on QUIC, any port) only so that a server behind a NAT can
-    // punch a hole to it: both ends of a relayed connection dial each other from their
-    // listening sockets. Nothing else ever dials a client.
-    let listen = match swarm_key {
-        None => vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?],
-        Some(_) => vec![],
-    };
-    let (net, mut inbound) = net::start(NetConfig {
-        listen,
-        dht_server: false,
-        shaping,
-        swarm_key,
-        identity,
-        mdns: lan,
-        relay: None,
-    })?;
-    let mut bootstrap = bootstrap.to_vec();
-    if lan {
-        bootstrap = find_on_lan(&net, connect_timeout.min(LAN_SEARCH)).await?;
-    }
-    let bootstrap = &bootstrap[..];
-    let client = Client::new(net.clone());
-    // Outputs and failure reports go from the task reading their stream straight to
-    // the session waiting for them.
-    let direct = client.clone();
-    net.on_data(Arc::new(move |m| {
-        match m.request {
-            Request::Output(o) => {
-                direct.deliver(o.session, Delivery::Output(o));
-            }
-            Request::Failed(f) => {
-                direct.deliver(f.session, Delivery::Failed(f));
-            }
-            _ => {}
-        }
-        true
-    }));
-    let c = client.clone();
-    tokio::spawn(async move {
-        while let Some(m) = inbound.recv().await {
-            let response = match m.request {
-                Request::Output(o) => {
-                    c.deliver(o.session, Delivery::Output(o));
-                    Response::Accepted
-                }
-                Request::Failed(f) => {
-                    c.deliver(f.session, Delivery::Failed(f));
-                    Response::Accepted
-                }
-                _ => Response::Error(ErrorInfo::new(
-                    ErrorKind::BadRequest,
-                    "this node is a client, it serves no blocks",
-                )),
-            };
-            c.net().respond(m.channel, response).await;
-        }
-    });
-    client.connect(bootstrap, connect_timeout).await?;
-    Ok(client)
-}
-
-/// Longest wait for a node on the LAN to answer mDNS (they answer in milliseconds).
-const LAN_SEARCH: Duration = Duration::from_secs(3);
-
-/// Addresses of the nodes mDNS finds on the LAN within `timeout` (it keeps looking a
-/// moment after the first answer, for the others).
-async fn find_on_lan(net: &net::Network, timeout: Duration) -> anyhow::Result<Vec<Multiaddr>> {
-    let deadline = Instant::now() + timeout;
-    let mut first_seen: Option<Instant> = None;
-    loop {
-        let found = net.lan_peers().await?;
-        if !found.is_empty() {
-            let t = *first_seen.get_or_insert_with(Instant::now);
-            if t.elapsed() >= Duration::from_millis(300) || Instant::now() >= deadline {
-                return Ok(found
-                    .into_iter()
-                    .flat_map(|(peer, addrs)| {
-                        addrs
-                            .into_iter()
-                            .map(move |a| a.with_p2p(peer).unwrap_or_else(|a| a))
-                    })
-                    .collect());
-            }
-        } else if Instant::now() >= deadline {
-            bail!(
-                "no --bootstrap address, and no shoal node answered on the LAN (mDNS) within {timeout:?}: give the `listening` address of any node of the swarm, or use --local"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The client `generate` and `api` talk to the swarm through, as their shared options
-/// ask; `None` with `--local`.
-async fn swarm_client(
-    s: &crate::cli::SwarmClientArgs,
-    shaping: Option<net::Shaping>,
-) -> anyhow::Result<Option<Client>> {
-    if s.local {
-        return Ok(None);
-    }
-    let client = start_client(
-        &s.bootstrap,
-        Duration::from_secs_f64(s.connect_timeout),
-        shaping,
-        s.swarm_key.load()?,
-        s.identity.load()?,
-        !s.no_mdns,
-    )
-    .await?;
-    Ok(Some(client.with_verify_rate(s.verify_rate)))
-}
-
-/// Runs one generation through the swarm (or locally when `client` is `None`).
-pub async fn run_generation(
-    side: &ClientSide,
-    client: Option<&Client>,
-    req: &GenerateRequest,
-    wire: WireDType,
-    route_timeout: Duration,
-    on_text: impl FnMut(&str),
-) -> anyhow::Result<(Generation, Trip)> {
-    let cfg = side.file.config();
-    let prompt = prompt_tokens(&side.text, req)?;
-    let max_new = budget(
-        prompt.len(),
-        req.max_tokens,
-        cfg.max_seq_len.min(DEFAULT_MAX_SEQ_LEN),
-    )?;
-    let max_len = (prompt.len() + max_new) as u32;
-    match client {
-        None => {
-            let span = tokio::task::block_in_place(|| {
-                let s = Span::load(&side.file, 0, cfg.n_layers, &side.local_device, |_, _| {})?;
-                s.warm_up()?;
-                Ok::<_, shard::ShardError>(s)
-            })?;
-            let mut blocks = Blocks::Local {
-                cache: span.new_cache(max_len as usize),
-                span: &span,
-            };
-            let g = generate(
-                &side.head,
-                &side.text,
-                &mut blocks,
-                prompt,
-                max_new,
-                req,
-                on_text,
-            )
-            .await?;
-            let route = vec![RouteEntry {
-                peer: "local".into(),
-                start: 0,
-                end: cfg.n_layers as u32,
-                link: None,
-            }];
-            Ok((
-                g,
-                Trip {
-                    route,
-                    reroutes: Vec::new(),
-                },
-            ))
-        }
-        Some(client) => {
-            let mut session = client
-                .open_session(
-                    side.file.id(),
-                    cfg.n_layers as u32,
-                    max_len,
-                    wire,
-                    route_timeout,
-                    Box::new(|line: &str| eprintln!("{line}")),
-                )
-                .await?;
-            let mut blocks = Blocks::Swarm {
-                session: &mut session,
-                wire,
-            };
-            let result = generate(
-                &side.head,
-                &side.text,
-                &mut blocks,
-                prompt,
-                max_new,
-                req,
-                on_text,
-            )
-            .await;
-            let links = session.links().await;
-            let trip = Trip {
-                route: session
-                    .route()
-                    .iter()
-                    .map(|h| RouteEntry {
-                        peer: h.hop.peer.to_string(),
-                        start: h.hop.span.start,
-                        end: h.hop.span.end,
-                        link: links.get(&h.hop.peer).map(|l| l.to_string()),
-                    })
-                    .collect(),
-                reroutes: session.reroutes.clone(),
-            };
-            session.close().await;
-            Ok((result?, trip))
-        }
     }
 }
 
@@ -694,8 +393,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let device = shard::device::open(args.device)?;
     let device_args = vec!["--device".to_string(), args.device.to_string()];
     let side = ClientSide::load(ModelFile::open(&path)?)?.with_local_device(device.clone());
-    let n = side.file.config().n_layers;
-    let bound = tokio::task::block_in_place(|| blocks_bound(&side.file, &device))?;
+    let n = side.file().config().n_layers;
+    let bound = tokio::task::block_in_place(|| blocks_bound(side.file(), &device))?;
     // A decode prompt, and a prefill prompt of exactly --prompt-tokens tokens.
     let decode_req = GenerateRequest {
         prompt: "Write a long story about a lighthouse keeper.".into(),
@@ -707,9 +406,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let words: String = (0..args.prompt_tokens * 2)
         .map(|i| format!("w{i} "))
         .collect();
-    let ids = side.text.encode(&words, false)?;
+    let ids = side.text().encode(&words, false)?;
     let prefill_text = side
-        .text
+        .text()
         .decode(&ids[..args.prompt_tokens.min(ids.len())])?;
     let prefill_req = GenerateRequest {
         prompt: prefill_text,
@@ -760,13 +459,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Aggregate speed of N generations at once on the swarm (each its own session), and
     // the same N batched in this process: the ceiling.
-    let span = Span::load(&side.file, 0, n, &device, |_, _| {})?;
-    let decode_prompt = prompt_tokens(&side.text, &decode_req)?;
+    let span = Span::load(side.file(), 0, n, &device, |_, _| {})?;
+    let decode_prompt = prompt_tokens(side.text(), &decode_req)?;
     let mut concurrency = Vec::new();
     for &n in &args.sessions {
         let local_batch = tokio::task::block_in_place(|| {
             local_batch_rate(
-                side.head.head(),
+                side.head().head(),
                 &span,
                 &decode_prompt,
                 n.max(1),

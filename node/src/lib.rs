@@ -4,7 +4,8 @@
 //! - [`server`] runs a span's blocks on a dedicated compute thread and pushes each
 //!   step's output straight to the next server of the chain.
 //! - [`client`] finds servers in the DHT, plans a chain with `coordinator`, and runs a
-//!   session's steps through it; [`generate`] is the generation loop on top.
+//!   session's steps through it; [`generation`] is the generation loop on top, and
+//!   the runner `shoal generate` and the gateway share.
 //! - [`api`] is the OpenAI-compatible HTTP gateway (`shoal api`) with its dashboard;
 //!   [`metrics`] holds what servers and the gateway export to Prometheus.
 //! - [`commands`] wires these into the subcommands defined in [`cli`].
@@ -17,7 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod commands;
-pub mod generate;
+pub mod generation;
 pub mod hidden;
 pub mod metrics;
 pub mod model_cache;

