@@ -38,7 +38,7 @@ use crate::generation::{
     prompt_tokens, run_generation, ClientSide, GenerateRequest, Generation, RouteEntry, Trip,
 };
 use crate::metrics::GatewayMetrics;
-use crate::serving::DEFAULT_MAX_SEQ_LEN;
+use crate::server::serve::DEFAULT_MAX_SEQ_LEN;
 use crate::survey::{coverage, survey, Seen};
 
 /// Tokens generated when a request names no limit.

@@ -785,9 +785,9 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         "kv_heads": cfg.n_kv_heads,
         "context": cfg.max_seq_len,
         "block_bytes": block_bytes,
-        "block_memory_estimate": crate::serving::block_memory(&file, 0, 0),
+        "block_memory_estimate": crate::server::serve::block_memory(&file, 0, 0),
         "kv_bytes_per_token_per_block": cfg.kv_bytes_per_token(1),
-        "node_overhead_bytes": crate::serving::node_overhead(&file),
+        "node_overhead_bytes": crate::server::serve::node_overhead(&file),
         "params_total": file.params().0,
         "params_active": file.params().1,
     });

@@ -2,7 +2,8 @@
 //!
 //! - [`net`] owns the libp2p `Swarm` in one event-loop task behind a cloneable handle.
 //! - [`server`] runs a span's blocks on a dedicated compute thread and pushes each
-//!   step's output straight to the next server of the chain.
+//!   step's output straight to the next server of the chain; [`server::serve`] is
+//!   `shoal serve` around it (memory budget, span choice, loading, moving).
 //! - [`client`] finds servers in the DHT, plans a chain with `coordinator`, and runs a
 //!   session's steps through it; [`generation`] is the generation loop on top, and
 //!   the runner `shoal generate` and the gateway share.
@@ -25,5 +26,4 @@ pub mod model_cache;
 pub mod net;
 pub mod relay_server;
 pub mod server;
-pub mod serving;
 pub mod survey;

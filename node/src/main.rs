@@ -35,7 +35,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Commands::Serve(a) => shoal_node::serving::serve(a).await,
+            Commands::Serve(a) => shoal_node::server::serve::serve(a).await,
             Commands::Generate(a) => commands::generate_cmd(a).await,
             Commands::Demo(a) => commands::demo(a).await,
             Commands::Bench(a) => commands::bench(a).await,
@@ -43,7 +43,7 @@ fn main() -> std::process::ExitCode {
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
             Commands::Keygen(a) => commands::keygen(a),
-            Commands::Relay(a) => shoal_node::serving::relay(a).await,
+            Commands::Relay(a) => shoal_node::server::serve::relay(a).await,
             Commands::MakeModel(a) => commands::make_model(a),
             Commands::Sim(a) => commands::simulate(a),
         }

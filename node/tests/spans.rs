@@ -196,7 +196,7 @@ fn the_simulator_sizes_spans_as_serve_does() {
     for mib in [40u64, 64, 100, 150, 300, 1000] {
         let budget = mib << 20;
         for cache in [0, 1024, 4096] {
-            let serve = shoal_node::serving::blocks_for_budget(&file, budget, cache);
+            let serve = shoal_node::server::serve::blocks_for_budget(&file, budget, cache);
             assert_eq!(
                 shape.blocks_in(budget, cache),
                 serve,
@@ -204,7 +204,7 @@ fn the_simulator_sizes_spans_as_serve_does() {
             );
         }
     }
-    let one = shoal_node::serving::block_memory(&file, 0, 0) as f64;
+    let one = shoal_node::server::serve::block_memory(&file, 0, 0) as f64;
     let factor = one / file.block_bytes(0) as f64;
     assert!(
         (factor - coordinator::budget::WEIGHT_FACTOR).abs() < 1e-3,

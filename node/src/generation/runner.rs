@@ -16,7 +16,7 @@ use shard::{Head, ModelFile, Span, TextCodec};
 use super::{budget, generate, prompt_tokens, Blocks, ClientHead, GenerateRequest, Generation};
 use crate::client::{Client, Delivery, Reroute};
 use crate::net::{self, NetConfig};
-use crate::serving::DEFAULT_MAX_SEQ_LEN;
+use crate::server::serve::DEFAULT_MAX_SEQ_LEN;
 
 /// One hop of the route, as printed by `--json`.
 #[derive(Serialize, Debug, Clone)]
