@@ -34,8 +34,24 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async move {
+        // Signals are the binary's business: the library's long-running commands take a
+        // channel of stop requests. The first Ctrl-C asks for a graceful stop (a server
+        // hands its sessions over; while it is still loading, once loaded); a second
+        // quits at once, whatever is under way.
+        let stop = || {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() && tx.send(()).is_ok() {
+                    eprintln!("interrupted: stopping as soon as it can (Ctrl-C again to quit now)");
+                    let _ = tokio::signal::ctrl_c().await;
+                    eprintln!("interrupted again: quitting now");
+                    std::process::exit(130);
+                }
+            });
+            rx
+        };
         match cli.command {
-            Commands::Serve(a) => shoal_node::server::serve::serve(a).await,
+            Commands::Serve(a) => shoal_node::server::serve::serve(a, stop()).await,
             Commands::Generate(a) => commands::generate_cmd(a).await,
             Commands::Demo(a) => commands::demo(a).await,
             Commands::Bench(a) => commands::bench(a).await,
@@ -43,7 +59,7 @@ fn main() -> std::process::ExitCode {
             Commands::Status(a) => commands::status(a).await,
             Commands::Inspect(a) => commands::inspect(a).await,
             Commands::Keygen(a) => commands::keygen(a),
-            Commands::Relay(a) => shoal_node::server::serve::relay(a).await,
+            Commands::Relay(a) => shoal_node::server::serve::relay(a, stop()).await,
             Commands::MakeModel(a) => commands::make_model(a),
             Commands::Sim(a) => commands::simulate(a),
         }

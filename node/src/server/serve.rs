@@ -181,8 +181,13 @@ fn views(found: &[protocol::Announcement], me: &str) -> Vec<coordinator::SpanVie
         .collect()
 }
 
-/// `shoal serve`.
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// Requests to stop, one per signal (the binary sends one per Ctrl-C): the first starts
+/// a graceful shutdown ([`serve`] hands its sessions over; [`relay`] stops), a second
+/// during it quits at once. A dropped sender asks nothing.
+pub type StopSignals = tokio::sync::mpsc::UnboundedReceiver<()>;
+
+/// `shoal serve`, until `stop` asks it to leave.
+pub async fn serve(args: ServeArgs, mut stop: StopSignals) -> anyhow::Result<()> {
     let file = crate::model_cache::open_model(&args.model)?;
     let device = shard::device::open(args.device)?;
     tracing::info!(
@@ -365,8 +370,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 }
                 None => bail!("the network stopped"),
             },
-            _ = tokio::signal::ctrl_c() => {
-                return shutdown(&net, &handle, &public).await;
+            Some(()) = stop.recv() => {
+                return shutdown(&net, &handle, &public, &mut stop).await;
             }
         }
     }
@@ -381,12 +386,13 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(5);
 /// steps already queued and stops taking sessions and steps; every open session's
 /// client is told to move (an [`protocol::ErrorKind::Leaving`] report, on which it
 /// re-routes at once and replays what the replacement missed); the announcement is
-/// replaced by an expired one, so lookups stop finding this server. A second Ctrl-C
-/// quits at once.
+/// replaced by an expired one, so lookups stop finding this server. A second stop
+/// signal (Ctrl-C) quits at once.
 async fn shutdown(
     net: &Network,
     handle: &ServerHandle,
     public: &Mutex<protocol::Announcement>,
+    stop: &mut StopSignals,
 ) -> anyhow::Result<()> {
     tracing::info!(
         "interrupted: finishing queued steps and handing sessions over (Ctrl-C again to quit now)"
@@ -400,7 +406,7 @@ async fn shutdown(
             tracing::warn!("queued steps did not finish within {DRAIN_TIMEOUT:?}");
             Vec::new()
         }
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        Some(()) = stop.recv() => return Ok(()),
     };
     let me = net.peer_id().to_string();
     let notices = handovers.iter().map(|h| {
@@ -434,7 +440,7 @@ async fn shutdown(
     };
     tokio::select! {
         _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell) => {}
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        Some(()) = stop.recv() => return Ok(()),
     }
     tracing::info!(
         "left the swarm; {} session(s) handed over to other servers",
@@ -509,8 +515,8 @@ fn print_listening(addr: &Multiaddr) -> std::io::Result<()> {
 const REACHABILITY_SETTLE: Duration = Duration::from_millis(300);
 
 /// `shoal relay`: a node without a model that keeps the DHT, answers reachability
-/// probes and relays for servers behind NATs, until Ctrl-C.
-pub async fn relay(args: crate::cli::RelayArgs) -> anyhow::Result<()> {
+/// probes and relays for servers behind NATs, until `stop` asks it to.
+pub async fn relay(args: crate::cli::RelayArgs, mut stop: StopSignals) -> anyhow::Result<()> {
     let swarm_key = args.swarm_key.load()?;
     let listen = listen_or_default(&args.listen, swarm_key.is_none(), 4001);
     let (net, mut inbound) = net::start(NetConfig {
@@ -552,7 +558,7 @@ pub async fn relay(args: crate::cli::RelayArgs) -> anyhow::Result<()> {
                 }
                 None => bail!("the network stopped"),
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            Some(()) = stop.recv() => return Ok(()),
         }
     }
 }
