@@ -341,19 +341,9 @@ impl Moe {
             // highest only (llama.cpp's, for DeepSeek).
             let grouped: Vec<f32>;
             let mut group_gap = f32::INFINITY;
-            let score: &[f32] = match self.group_choice(score) {
-                Some((kept, gap)) => {
-                    let per = count / self.config.groups;
-                    group_gap = gap;
-                    grouped = (0..count)
-                        .map(|e| {
-                            if kept[e / per] {
-                                score[e]
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
-                        .collect();
+            let score: &[f32] = match self.group_limited(score) {
+                Some((masked, gap)) => {
+                    (grouped, group_gap) = (masked, gap);
                     &grouped
                 }
                 None => score,
@@ -415,10 +405,10 @@ impl Moe {
         groups
     }
 
-    /// For group-limited routing, which groups a row's experts may come from (the
-    /// `groups_used` whose two best scores sum highest, ties to the lower group), and
-    /// the gap between the last group kept and the first left out.
-    fn group_choice(&self, score: &[f32]) -> Option<(Vec<bool>, f32)> {
+    /// For group-limited routing, `score` with the experts of every group but the
+    /// `groups_used` whose two best scores sum highest (ties to the lower group) set to
+    /// minus infinity, and the gap between the last group kept and the first left out.
+    fn group_limited(&self, score: &[f32]) -> Option<(Vec<f32>, f32)> {
         let (groups, used) = (self.config.groups, self.config.groups_used);
         if groups <= 1 || used >= groups {
             return None;
@@ -443,11 +433,12 @@ impl Moe {
             .collect();
         let mut order: Vec<usize> = (0..groups).collect();
         order.sort_by(|&a, &b| sums[b].total_cmp(&sums[a]).then(a.cmp(&b)));
-        let mut kept = vec![false; groups];
+        let mut masked = vec![f32::NEG_INFINITY; score.len()];
+        let per = score.len() / groups;
         for &g in &order[..used] {
-            kept[g] = true;
+            masked[g * per..(g + 1) * per].copy_from_slice(&score[g * per..(g + 1) * per]);
         }
-        Some((kept, sums[order[used - 1]] - sums[order[used]]))
+        Some((masked, sums[order[used - 1]] - sums[order[used]]))
     }
 
     /// Every row through its experts. The rows of a batch (several sessions' tokens)
