@@ -7,6 +7,11 @@
 //! loaded weights ([`WEIGHT_FACTOR`] times their stored size) and the KV cache of the
 //! tokens it keeps room for.
 
+/// Upper bound on a session's length when the model allows more: the KV cache of a
+/// longer context would dwarf a volunteer's memory. Servers reserve no more per session
+/// (`shoal serve --max-seq-len` overrides it) and clients ask for no more.
+pub const DEFAULT_MAX_SEQ_LEN: usize = 8192;
+
 /// Memory a server needs besides its blocks: runtime, network stack, buffers. Measured
 /// on the default model: a 1-block node resident at 36 MiB, of which 2 MiB block.
 pub const BASE_OVERHEAD_BYTES: u64 = 64 << 20;

@@ -1,8 +1,8 @@
 //! The `shoal` binary: parse arguments, start logging, run the command.
 
 use clap::Parser;
-use shoal_node::cli::{Cli, Commands};
-use shoal_node::commands;
+use shoal_node::args::{Cli, Commands};
+use shoal_node::cli;
 
 fn main() -> std::process::ExitCode {
     // candle counts the cores (reading /proc/cpuinfo) on every f32 matmul unless this is
@@ -51,17 +51,21 @@ fn main() -> std::process::ExitCode {
             rx
         };
         match cli.command {
-            Commands::Serve(a) => shoal_node::server::serve::serve(a, stop()).await,
-            Commands::Generate(a) => commands::generate_cmd(a).await,
-            Commands::Demo(a) => commands::demo(a).await,
-            Commands::Bench(a) => commands::bench(a).await,
-            Commands::Api(a) => commands::api(a).await,
-            Commands::Status(a) => commands::status(a).await,
-            Commands::Inspect(a) => commands::inspect(a).await,
-            Commands::Keygen(a) => commands::keygen(a),
-            Commands::Relay(a) => shoal_node::server::serve::relay(a, stop()).await,
-            Commands::MakeModel(a) => commands::make_model(a),
-            Commands::Sim(a) => commands::simulate(a),
+            Commands::Serve(a) => shoal_node::server::serve::serve(a, stop())
+                .await
+                .map_err(anyhow::Error::from),
+            Commands::Generate(a) => cli::generate_cmd(a).await,
+            Commands::Demo(a) => cli::demo(a).await,
+            Commands::Bench(a) => cli::bench(a).await,
+            Commands::Api(a) => cli::api(a, stop()).await,
+            Commands::Status(a) => cli::status(a).await,
+            Commands::Inspect(a) => cli::inspect(a).await,
+            Commands::Keygen(a) => cli::keygen(a),
+            Commands::Relay(a) => shoal_node::server::serve::relay(a, stop())
+                .await
+                .map_err(anyhow::Error::from),
+            Commands::MakeModel(a) => cli::make_model(a),
+            Commands::Sim(a) => cli::simulate(a),
         }
     });
     // Do not wait for blocking tasks (a stuck dial, a compute thread) on the way out.

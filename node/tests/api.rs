@@ -233,18 +233,14 @@ fn a_client_that_hangs_up_frees_its_sessions() {
     }
     assert_eq!(sessions(&a.addr), vec![1], "the generation holds a session");
     drop(s);
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let now = sessions(&a.addr);
-        if now == vec![0] {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sessions still open 15 s after the client hung up: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_until(
+        "the session freed after the client hung up",
+        Duration::from_secs(15),
+        || match sessions(&a.addr) {
+            now if now == vec![0] => Ok(()),
+            now => Err(format!("sessions open: {now:?}")),
+        },
+    );
 }
 
 /// Debian's Chromium. Missing, the browser test is skipped with a note, unless
@@ -327,30 +323,30 @@ fn the_dashboard_shows_every_server_in_a_browser() {
     assert_eq!(status, 200, "{done}");
     let expected = [(&a, "0..10"), (&b, "10..30"), (&c, "0..30")];
     // The page shows what /api/swarm says: wait until it has found every server.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let view = swarm_view(&api);
-        let answering: Vec<&str> = view["servers"]
-            .as_array()
-            .expect("servers")
-            .iter()
-            .filter(|s| !s["rtt_ms"].is_null())
-            .filter_map(|s| s["peer_id"].as_str())
-            .collect();
-        if expected
-            .iter()
-            .all(|(s, _)| answering.contains(&s.peer.as_str()))
-        {
-            // 0..10 by alpha and gamma, 10..30 by the second and gamma.
-            assert_eq!(view["coverage"], serde_json::json!(vec![2; 30]), "{view}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the gateway did not find every server within 30 s: {view}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let view = wait_until(
+        "the gateway finds every server",
+        Duration::from_secs(30),
+        || {
+            let view = swarm_view(&api);
+            let answering: Vec<&str> = view["servers"]
+                .as_array()
+                .expect("servers")
+                .iter()
+                .filter(|s| !s["rtt_ms"].is_null())
+                .filter_map(|s| s["peer_id"].as_str())
+                .collect();
+            if expected
+                .iter()
+                .all(|(s, _)| answering.contains(&s.peer.as_str()))
+            {
+                Ok(view)
+            } else {
+                Err(view.to_string())
+            }
+        },
+    );
+    // 0..10 by alpha and gamma, 10..30 by the second and gamma.
+    assert_eq!(view["coverage"], serde_json::json!(vec![2; 30]), "{view}");
 
     let dom = String::from_utf8(headless(&chromium, &["--dump-dom"], &api.url).stdout)
         .expect("UTF-8 DOM");

@@ -42,7 +42,7 @@ fn no_generation_is_lost_under_churn() {
             initial.push((i, serve(&m, s, Some(&boot))));
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_servers(&boot, initial.len());
     // (span index, server) of every live server, shared with the clients for bootstrap.
     let live: Arc<Mutex<Vec<(usize, Server)>>> = Arc::new(Mutex::new(initial));
     let done = Arc::new(AtomicBool::new(false));

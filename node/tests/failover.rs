@@ -169,8 +169,8 @@ fn a_server_dying_mid_generation_changes_nothing() {
     for blocks in ["0..10", "10..20", "10..20", "20..30", "20..30"] {
         servers.push(serve(&m, blocks, Some(&boot)));
     }
-    // Let the last announcements spread before the first lookup.
-    std::thread::sleep(Duration::from_millis(500));
+    // The last announcements spread before the first lookup.
+    wait_for_servers(&boot, servers.len());
     for (hop, name) in [(0, "start"), (1, "middle"), (2, "end")] {
         // Keep a live bootstrap: the first server may be the one killed.
         let bootstrap = servers
@@ -225,7 +225,7 @@ fn a_server_stopped_with_ctrl_c_hands_its_session_over() {
     for blocks in ["15..30", "15..30"] {
         servers.push(serve(&m, blocks, Some(&boot)));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_servers(&boot, servers.len());
     let (text, routes, gap, victim, log) =
         generate_and_stop(&m, &boot, &mut servers, 1, stop_after, interrupt);
     eprintln!(
@@ -315,7 +315,7 @@ fn a_server_dying_mid_generation_on_experts_changes_nothing() {
     for blocks in ["0..2", "2..4", "2..4"] {
         servers.push(serve(&m, blocks, Some(&boot)));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_servers(&boot, servers.len());
     // The second hop dies, so the bootstrap server lives.
     let (text, routes, gap, victim, _log) =
         generate_and_stop(&m, &boot, &mut servers, 1, kill_after, kill);

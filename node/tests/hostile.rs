@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use libp2p::{Multiaddr, PeerId};
 use protocol::{
-    BlockSpan, ErrorInfo, ErrorKind, HiddenState, OpenSession, Request, Response, Step, StepFailed,
-    WireDType,
+    BlockSpan, ErrorInfo, ErrorKind, Frame, HiddenState, OpenSession, Request, Response, Step,
+    StepFailed, WireDType,
 };
 use shoal_node::net::{self, NetConfig, Network};
 use tokio::sync::mpsc;
@@ -73,7 +73,7 @@ impl Probe {
     async fn refused_step(&mut self, step: Step) -> ErrorInfo {
         let index = step.step;
         self.net
-            .send(self.server, vec![self.addr.clone()], Request::Step(step))
+            .send(self.server, vec![self.addr.clone()], Frame::Step(step))
             .await
             .expect("sent");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -128,7 +128,7 @@ fn hostile_input_is_refused_and_a_concurrent_generation_is_unchanged() {
             .expect("dial");
         let (tx, reports) = mpsc::unbounded_channel();
         net.on_data(Arc::new(move |m| {
-            if let Request::Failed(f) = m.request {
+            if let Frame::Failed(f) = m.frame {
                 let _ = tx.send(f);
             }
             true
@@ -199,7 +199,7 @@ fn hostile_input_is_refused_and_a_concurrent_generation_is_unchanged() {
             .send(
                 p.server,
                 vec![p.addr.clone()],
-                Request::Step(p.step(11, 6, 0, row(1, p.hidden))),
+                Frame::Step(p.step(11, 6, 0, row(1, p.hidden))),
             )
             .await
             .expect("sent");
@@ -280,7 +280,7 @@ fn a_lying_server_is_caught_and_banned_and_the_answer_is_right() {
     let liar = serve_with(&m, &["--blocks", "15..30", "--debug-lie"], Some(&a.addr));
     let _honest = serve(&m, "15..30", Some(&a.addr));
     let _honest2 = serve(&m, "15..30", Some(&a.addr));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_servers(&a.addr, 4);
     let args = ["--prompt", "The capital of France is", "--max-tokens", "12"];
     let reference = generate_json(&[&["--local"][..], &args[..]].concat());
 

@@ -129,6 +129,80 @@ fn node_modules_form_no_cycle() {
     }
 }
 
+/// The layers as node/src/lib.rs lists them: one `//! - ` item per layer, lowest first,
+/// naming its modules as [`links`]; each module with its layer's index.
+fn layers(lib_rs: &str, modules: &BTreeSet<String>) -> BTreeMap<String, usize> {
+    let mut layer = BTreeMap::new();
+    let mut index = None;
+    for line in lib_rs.lines() {
+        let Some(doc) = line.strip_prefix("//!") else {
+            continue;
+        };
+        if doc.starts_with(" - ") {
+            index = Some(index.map_or(0, |i| i + 1));
+        } else if !doc.starts_with("   ") {
+            index = None;
+        }
+        let Some(i) = index else { continue };
+        for (at, _) in doc.match_indices("[`") {
+            let name: String = doc[at + 2..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if modules.contains(&name) {
+                layer.entry(name).or_insert(i);
+            }
+        }
+    }
+    layer
+}
+
+/// Every module sits in one layer of lib.rs's list and uses only modules of its own
+/// layer or lower ones: the doc a newcomer reads first stays true.
+#[test]
+fn node_modules_keep_to_their_layers() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let files = sources(&src);
+    let modules: BTreeSet<String> = files.iter().filter_map(|f| module_of(&src, f)).collect();
+    let lib = std::fs::read_to_string(src.join("lib.rs")).expect("read lib.rs");
+    let layer = layers(&lib, &modules);
+    let unplaced: Vec<&String> = modules.iter().filter(|m| !layer.contains_key(*m)).collect();
+    assert!(
+        unplaced.is_empty(),
+        "modules missing from lib.rs's list of layers: {unplaced:?}"
+    );
+    let mut wrong = Vec::new();
+    for f in &files {
+        let Some(m) = module_of(&src, f) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(f).expect("read source");
+        for to in uses(&text, &modules) {
+            if layer[&to] > layer[&m] {
+                wrong.push(format!("{} ({m}) uses {to}", f.display()));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "a layer uses one above it:\n{}",
+        wrong.join("\n")
+    );
+}
+
+/// The list is read as written: one index per item, continuation lines included.
+#[test]
+fn the_layers_are_read_from_the_list() {
+    let modules: BTreeSet<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+    let doc = "//! Intro naming [`d`].\n//!\n//! - [`a`], [`b`]: low.\n//! - [`c`] above,\n//!   not [`a`] again.\n//!\n//! Later [`d`].";
+    let got = layers(doc, &modules);
+    let want: BTreeMap<String, usize> = [("a", 0), ("b", 0), ("c", 1)]
+        .iter()
+        .map(|(m, i)| (m.to_string(), *i))
+        .collect();
+    assert_eq!(got, want);
+}
+
 /// The scan sees the paths it must: a `use` list, a nested path, a full path in code.
 #[test]
 fn the_scan_reads_crate_paths() {

@@ -5,8 +5,7 @@
 //! each home router's outside, and homes behind routers that masquerade (iptables) and
 //! drop whatever comes in unasked, as home routers do. The public network uses 11.77.0.x:
 //! AutoNAT only trusts global addresses, and these namespaces reach nothing outside
-//! themselves. Needs root, `ip` and `iptables`; where namespaces cannot be made the tests
-//! say so and skip, unless `SHOAL_REQUIRE_NETNS` is set (`.ci/run` sets it).
+//! themselves. The namespaces come from `common::netns`.
 
 mod common;
 
@@ -15,140 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::netns::{namespaces, Nat};
 use common::*;
-
-/// How a home router maps ports.
-#[derive(Clone, Copy, PartialEq)]
-enum Nat {
-    /// Keeps a socket's port where it can (Linux's usual masquerade): hole punching works.
-    Friendly,
-    /// A new random port for every destination (`--random-fully`): hole punching
-    /// cannot guess it, connections stay relayed.
-    Symmetric,
-}
-
-/// Network namespaces, removed when dropped.
-struct Namespaces {
-    id: String,
-    made: Vec<String>,
-}
-
-impl Namespaces {
-    fn name(&self, short: &str) -> String {
-        format!("sh{}{short}", self.id)
-    }
-
-    /// Runs `ip` (and `iptables`, `sysctl`) commands; false at the first that fails.
-    fn sh(&self, script: &str) -> bool {
-        Command::new("sh")
-            .args(["-ec", script])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// The public network, with a host `short` on it at `ip`.
-    fn public_host(&mut self, short: &str, ip: &str) -> bool {
-        let (ns, public) = (self.name(short), self.name("pub"));
-        let (a, b) = (
-            format!("v{}{short}a", self.id),
-            format!("v{}{short}b", self.id),
-        );
-        self.made.push(ns.clone());
-        self.sh(&format!(
-            "ip netns add {ns}
-             ip link add {a} type veth peer name {b}
-             ip link set {a} netns {ns}
-             ip link set {b} netns {public}
-             ip -n {public} link set {b} master br0 up
-             ip -n {ns} addr add {ip}/24 dev {a}
-             ip -n {ns} link set {a} up
-             ip -n {ns} link set lo up"
-        ))
-    }
-
-    /// A home behind a router whose outside is `wan` on the public network; the home's
-    /// one machine is `lan_prefix.2` (`short`), the router `lan_prefix.1`. The router
-    /// drops whatever comes in unasked, to the home and to itself: a packet to itself
-    /// that it accepted would leave a connection-tracking entry that makes a later
-    /// mapping of the same ports pick another port, and hole punching fail.
-    fn home(&mut self, short: &str, wan: &str, lan_prefix: &str, nat: Nat) -> bool {
-        let router = format!("{short}r");
-        if !self.public_host(&router, wan) {
-            return false;
-        }
-        let (r, h) = (self.name(&router), self.name(short));
-        let (a, b) = (
-            format!("v{}{short}l", self.id),
-            format!("v{}{short}h", self.id),
-        );
-        let out = format!("v{}{router}a", self.id);
-        let random = if nat == Nat::Symmetric {
-            "--random-fully"
-        } else {
-            ""
-        };
-        self.made.push(h.clone());
-        self.sh(&format!(
-            "ip netns add {h}
-             ip link add {a} type veth peer name {b}
-             ip link set {a} netns {r}
-             ip link set {b} netns {h}
-             ip -n {r} addr add {lan_prefix}.1/24 dev {a}
-             ip -n {r} link set {a} up
-             ip -n {h} addr add {lan_prefix}.2/24 dev {b}
-             ip -n {h} link set {b} up
-             ip -n {h} link set lo up
-             ip -n {h} route add default via {lan_prefix}.1
-             ip netns exec {r} sysctl -qw net.ipv4.ip_forward=1
-             ip netns exec {r} iptables -t nat -A POSTROUTING -o {out} -j MASQUERADE {random}
-             ip netns exec {r} iptables -A FORWARD -i {out} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-             ip netns exec {r} iptables -A FORWARD -i {out} -j DROP
-             ip netns exec {r} iptables -A INPUT -i {out} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
-             ip netns exec {r} iptables -A INPUT -i {out} -j DROP"
-        ))
-    }
-
-    /// The public network alone; `None` where namespaces cannot be made here. `tag`
-    /// (one letter) keeps the namespaces of tests running at once apart.
-    fn new(tag: char) -> Option<Namespaces> {
-        let mut n = Namespaces {
-            id: format!("{}{tag}", std::process::id() % 1000),
-            made: Vec::new(),
-        };
-        let public = n.name("pub");
-        n.made.push(public.clone());
-        let ok = Command::new("iptables").arg("--version").output().is_ok()
-            && n.sh(&format!(
-                "ip netns add {public}
-                 ip -n {public} link add br0 type bridge
-                 ip -n {public} link set br0 up"
-            ));
-        ok.then_some(n)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in self.made.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// Makes the namespaces with `build`, or explains why the test skips (fails under
-/// `SHOAL_REQUIRE_NETNS`).
-fn namespaces(tag: char, build: impl FnOnce(&mut Namespaces) -> bool) -> Option<Namespaces> {
-    let made = Namespaces::new(tag).and_then(|mut n| build(&mut n).then_some(n));
-    if made.is_none() {
-        assert!(
-            std::env::var_os("SHOAL_REQUIRE_NETNS").is_none(),
-            "SHOAL_REQUIRE_NETNS is set but the namespaces cannot be made here (needs root, iproute2, iptables)"
-        );
-        eprintln!("SKIPPED: cannot create network namespaces with NAT here (needs root, `ip` and `iptables`)");
-    }
-    made
-}
 
 /// `shoal ARGS` in namespace `ns`, logging to a file, waiting for its `listening` line.
 fn start_in(ns: &str, args: &[&str], what: &str) -> Server {
@@ -192,18 +59,14 @@ fn home_server(ns: &str, blocks: &str, bootstrap: &[&str], what: &str) -> Server
 
 /// Waits until `server` has logged `needle` `times` times (at most `limit`).
 fn wait_for_log(server: &Server, needle: &str, times: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
+    wait_until(&format!("{needle:?} (x{times}) logged"), limit, || {
         let log = server.log_text();
         if log.matches(needle).count() >= times {
-            return;
+            Ok(())
+        } else {
+            Err(format!("log:\n{log}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} (x{times}) within {limit:?}; log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    });
 }
 
 const PROMPT: [&str; 5] = [
@@ -223,7 +86,7 @@ fn reference(max_tokens: &str) -> serde_json::Value {
 
 #[test]
 fn servers_behind_nats_are_reached_through_a_relay_and_by_hole_punching() {
-    let Some(n) = namespaces('p', |n| {
+    let Some(n) = namespaces('p', true, |n| {
         n.public_host("rl", "11.77.0.1")
             && n.public_host("cl", "11.77.0.30")
             && n.home("h1", "11.77.0.11", "192.168.1", Nat::Friendly)
@@ -375,7 +238,7 @@ fn watch_routes(child: &mut Child) -> (mpsc::Receiver<String>, std::thread::Join
 fn a_relayed_chain_survives_its_relay_dying() {
     // Every home (the client's too) behind a symmetric NAT: no hole punching, so the
     // whole chain runs through relays.
-    let Some(n) = namespaces('k', |n| {
+    let Some(n) = namespaces('k', true, |n| {
         n.public_host("ra", "11.77.0.1")
             && n.public_host("rb", "11.77.0.2")
             && n.home("h1", "11.77.0.11", "192.168.1", Nat::Symmetric)

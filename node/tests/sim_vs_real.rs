@@ -13,8 +13,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 const PROMPT: &str = "Write a long story about a lighthouse keeper.";
@@ -44,8 +42,8 @@ fn swarm(m: &std::path::Path, spans: &[&str], emulate: &[&str]) -> (Vec<Server>,
         args.extend_from_slice(emulate);
         servers.push(serve_with(m, &args, boot.as_deref()));
     }
-    std::thread::sleep(Duration::from_millis(500));
     let boot = servers[0].addr.clone();
+    wait_for_servers(&boot, servers.len());
     (servers, boot)
 }
 

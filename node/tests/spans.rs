@@ -40,21 +40,6 @@ fn coverage(st: &Value) -> Vec<u64> {
         .collect()
 }
 
-fn wait_for_servers(boot: &str, n: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let st = status(boot);
-        if spans(&st).len() == n {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{n} servers never showed up: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 /// Polls until the spans stay the same for three polls in a row; returns them.
 fn wait_until_settled(boot: &str, n: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -196,7 +181,7 @@ fn the_simulator_sizes_spans_as_serve_does() {
     for mib in [40u64, 64, 100, 150, 300, 1000] {
         let budget = mib << 20;
         for cache in [0, 1024, 4096] {
-            let serve = shoal_node::server::serve::blocks_for_budget(&file, budget, cache);
+            let serve = shoal_node::server::span::blocks_for_budget(&file, budget, cache);
             assert_eq!(
                 shape.blocks_in(budget, cache),
                 serve,
@@ -204,7 +189,7 @@ fn the_simulator_sizes_spans_as_serve_does() {
             );
         }
     }
-    let one = shoal_node::server::serve::block_memory(&file, 0, 0) as f64;
+    let one = shoal_node::server::span::block_memory(&file, 0, 0) as f64;
     let factor = one / file.block_bytes(0) as f64;
     assert!(
         (factor - coordinator::budget::WEIGHT_FACTOR).abs() < 1e-3,

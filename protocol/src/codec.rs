@@ -129,8 +129,8 @@ mod tests {
     use super::*;
     use crate::*;
 
-    fn sample_step() -> Request {
-        Request::Step(Step {
+    fn sample_step() -> Frame {
+        Frame::Step(Step {
             session: 42,
             step: 7,
             position: 19,
@@ -147,7 +147,7 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let msgs = vec![
+        let requests = vec![
             Request::Info,
             Request::Open(OpenSession {
                 session: 1,
@@ -156,19 +156,32 @@ mod tests {
                 max_len: 2048,
                 wire_dtype: WireDType::F16,
             }),
-            sample_step(),
             Request::Close { session: 9 },
-            Request::Failed(StepFailed {
+            Request::Leaving(StepFailed {
+                session: 1,
+                step: 2,
+                peer: "p".into(),
+                error: ErrorInfo::new(ErrorKind::Leaving, "bye"),
+            }),
+        ];
+        for m in requests {
+            let body = encode(&m).expect("encodes");
+            let back: Request = decode(&body).expect("decodes");
+            assert_eq!(back, m);
+        }
+        let frames = vec![
+            sample_step(),
+            Frame::Failed(StepFailed {
                 session: 1,
                 step: 2,
                 peer: "p".into(),
                 error: ErrorInfo::new(ErrorKind::Unreachable, "gone"),
             }),
         ];
-        for m in msgs {
-            let body = encode(&m).expect("encodes");
-            let back: Request = decode(&body).expect("decodes");
-            assert_eq!(back, m);
+        for f in frames {
+            let body = encode(&f).expect("encodes");
+            let back: Frame = decode(&body).expect("decodes");
+            assert_eq!(back, f);
         }
         let frame = encode_frame(&Response::Accepted).expect("encodes");
         let len = decode_frame_len(frame[..4].try_into().expect("4 bytes")).expect("fits");
@@ -181,20 +194,20 @@ mod tests {
     fn refuses_other_versions_truncation_and_trailing_bytes() {
         let mut body = encode(&sample_step()).expect("encodes");
         assert!(matches!(
-            decode::<Request>(&body[..1]),
+            decode::<Frame>(&body[..1]),
             Err(ProtocolError::Truncated { .. })
         ));
         for cut in 2..body.len() {
-            assert!(decode::<Request>(&body[..cut]).is_err(), "cut at {cut}");
+            assert!(decode::<Frame>(&body[..cut]).is_err(), "cut at {cut}");
         }
         body.push(0);
         assert!(matches!(
-            decode::<Request>(&body),
+            decode::<Frame>(&body),
             Err(ProtocolError::TrailingBytes { extra: 1 })
         ));
         body[0] = 99;
         assert!(matches!(
-            decode::<Request>(&body),
+            decode::<Frame>(&body),
             Err(ProtocolError::VersionMismatch { got: 99 })
         ));
         assert!(matches!(
@@ -227,12 +240,15 @@ mod tests {
                     let at = (next() as usize) % bytes.len();
                     bytes[at] = next() as u8;
                 }
-                bytes[0] = 1;
+                // Past the version check, to reach the message decoder.
+                let version = PROTOCOL_VERSION.to_le_bytes();
+                bytes[0] = version[0];
                 if bytes.len() > 1 {
-                    bytes[1] = 0;
+                    bytes[1] = version[1];
                 }
             }
             let _ = decode::<Request>(&bytes);
+            let _ = decode::<Frame>(&bytes);
             let _ = decode::<Response>(&bytes);
         }
     }

@@ -20,13 +20,14 @@ pub use messages::*;
 
 /// The libp2p protocol name of the inference protocol. The trailing number is bumped
 /// together with [`PROTOCOL_VERSION`] when the message layout changes.
-pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/3";
+pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/4";
 
 /// The libp2p protocol name of the data plane: one long-lived stream per pair of peers
-/// carrying steps, outputs and failure reports as one-way frames (no answer per frame),
-/// in the framing of [`encode_frame`]. Sessions, probes and lookups stay request-response
-/// on [`INFERENCE_PROTOCOL`].
-pub const DATA_PROTOCOL: &str = "/shoal/data/3";
+/// carrying [`Frame`]s (steps, outputs and failure reports; no answer per frame), in the
+/// framing of [`encode_frame`]. [`Request`]s (sessions, probes, lookups) stay
+/// request-response on [`INFERENCE_PROTOCOL`]; the two are separate types, so neither
+/// plane can be handed the other's message.
+pub const DATA_PROTOCOL: &str = "/shoal/data/4";
 
 /// Version carried in every frame. A frame with any other version is refused.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;

@@ -1,4 +1,5 @@
-//! The messages of `/shoal/inference/2`, and the announcement record kept in the DHT.
+//! The messages of the control plane ([`Request`], [`Response`]) and the data plane
+//! ([`Frame`]), and the announcement record kept in the DHT.
 //!
 //! A generation is a *session* opened on every server of a chain. The client sends each
 //! step to the first server; every server runs its blocks and pushes the output straight
@@ -203,27 +204,53 @@ pub struct StepFailed {
     pub error: ErrorInfo,
 }
 
-/// Requests of `/shoal/inference/2`.
+/// The control plane: requests of [`crate::INFERENCE_PROTOCOL`] (request-response),
+/// each answered by exactly one [`Response`]. Sessions, probes and lookups; nothing per
+/// token travels here.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Request {
     /// Ask a server what it serves.
     Info,
     /// Open a session.
     Open(OpenSession),
-    /// Run a step and push its output on.
-    Step(Step),
-    /// Final hidden states of a step, server to client.
-    Output(StepOutput),
-    /// A step failed somewhere in the chain, server to client.
-    Failed(StepFailed),
     /// Free a session's cache.
     Close {
         /// The session to close.
         session: SessionId,
     },
+    /// A server that is leaving tells a session's client to move it (the report's kind
+    /// is [`ErrorKind::Leaving`]). Sent as a request, not a [`Frame`]: the answer tells
+    /// the server the client has it before the process exits, where a frame written
+    /// just before exiting may never leave the machine.
+    Leaving(StepFailed),
 }
 
-/// Replies of `/shoal/inference/2`. Every request gets exactly one.
+/// The data plane: one-way frames of [`crate::DATA_PROTOCOL`], never answered. What
+/// travels per token: steps along the chain, and outputs and failure reports back to
+/// the client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// Run a step and push its output on.
+    Step(Step),
+    /// Final hidden states of a step (or a copy of a server's output), server to client.
+    Output(StepOutput),
+    /// A step failed somewhere in the chain, server to client.
+    Failed(StepFailed),
+}
+
+impl Frame {
+    /// Bytes of hidden states the frame carries (what a link's bandwidth is spent on).
+    pub fn hidden_bytes(&self) -> usize {
+        match self {
+            Frame::Step(s) => s.hidden.bytes.len(),
+            Frame::Output(o) => o.hidden.bytes.len(),
+            Frame::Failed(_) => 0,
+        }
+    }
+}
+
+/// Replies on the control plane ([`crate::INFERENCE_PROTOCOL`]). Every [`Request`]
+/// gets exactly one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub enum Response {
     /// Reply to [`Request::Info`].
@@ -235,7 +262,7 @@ pub enum Response {
         /// Granted maximum sequence length.
         max_len: u32,
     },
-    /// The request was taken; for a step, its output travels on separately.
+    /// The request was taken.
     Accepted,
     /// The request was refused.
     Error(ErrorInfo),

@@ -133,10 +133,14 @@ fn use_hidden(h: &HiddenState) {
 }
 
 fn request(bytes: &[u8]) -> Result<bool, String> {
-    let msg = round_trip::<Request>(bytes)?;
+    round_trip::<Request>(bytes).map(|m| m.is_some())
+}
+
+fn frame(bytes: &[u8]) -> Result<bool, String> {
+    let msg = round_trip::<Frame>(bytes)?;
     match &msg {
-        Some(Request::Step(s)) => use_hidden(&s.hidden),
-        Some(Request::Output(o)) => use_hidden(&o.hidden),
+        Some(Frame::Step(s)) => use_hidden(&s.hidden),
+        Some(Frame::Output(o)) => use_hidden(&o.hidden),
         _ => {}
     }
     Ok(msg.is_some())
@@ -162,7 +166,7 @@ fn frames(bytes: &[u8]) -> Result<bool, String> {
         if after.len() < len {
             break;
         }
-        any |= request(&after[..len])?;
+        any |= frame(&after[..len])?;
         rest = &after[len..];
     }
     Ok(any)
@@ -219,25 +223,33 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             max_len: 512,
             wire_dtype: WireDType::F16,
         }),
-        Request::Step(step.clone()),
-        Request::Step(Step {
-            hidden: hidden(1, WireDType::Bf16),
-            next: vec![],
-            ..step
-        }),
-        Request::Output(StepOutput {
-            session: 3,
-            step: 4,
-            position: 5,
-            hidden: hidden(3, WireDType::F16),
-        }),
-        Request::Failed(StepFailed {
+        Request::Close { session: 9 },
+        Request::Leaving(StepFailed {
             session: 3,
             step: 4,
             peer: "12D3KooWServer".into(),
             error: ErrorInfo::new(ErrorKind::Leaving, "bye"),
         }),
-        Request::Close { session: 9 },
+    ];
+    let frames = vec![
+        Frame::Step(step.clone()),
+        Frame::Step(Step {
+            hidden: hidden(1, WireDType::Bf16),
+            next: vec![],
+            ..step
+        }),
+        Frame::Output(StepOutput {
+            session: 3,
+            step: 4,
+            position: 5,
+            hidden: hidden(3, WireDType::F16),
+        }),
+        Frame::Failed(StepFailed {
+            session: 3,
+            step: 4,
+            peer: "12D3KooWServer".into(),
+            error: ErrorInfo::new(ErrorKind::Unreachable, "next hop gone"),
+        }),
     ];
     let responses = vec![
         Response::Info(announcement_msg.clone()),
@@ -252,9 +264,12 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     for r in &requests {
         out.push(("request", encode(r).expect("encode")));
     }
+    for f in &frames {
+        out.push(("frame", encode(f).expect("encode")));
+    }
     let mut stream = Vec::new();
-    for r in &requests {
-        stream.extend(encode_frame(r).expect("frame"));
+    for f in &frames {
+        stream.extend(encode_frame(f).expect("frame"));
     }
     out.push(("frames", stream));
     for r in &responses {
@@ -355,6 +370,11 @@ fn fuzz_request_decoder() {
 }
 
 #[test]
+fn fuzz_frame_decoder() {
+    fuzz("frame", frame);
+}
+
+#[test]
 fn fuzz_response_decoder() {
     fuzz("response", response);
 }
@@ -376,6 +396,7 @@ fn every_seed_decodes() {
     for (target, bytes) in seeds() {
         let ok = match target {
             "request" => request(&bytes),
+            "frame" => frame(&bytes),
             "response" => response(&bytes),
             "announcement" => announcement(&bytes),
             _ => frames(&bytes),

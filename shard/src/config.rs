@@ -171,10 +171,15 @@ pub struct Experts {
 /// ggml's `rope_yarn` does.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Yarn {
+    /// How many times the trained context the model is stretched to.
     pub factor: f32,
     /// Context length the model was trained with before scaling.
     pub original_context: usize,
+    /// YaRN's fast boundary: dimensions rotating more often than this many times over
+    /// the trained context keep their frequency.
     pub beta_fast: f32,
+    /// YaRN's slow boundary: dimensions rotating fewer times than this are interpolated
+    /// fully.
     pub beta_slow: f32,
     /// llama.cpp's `attn_factor`: 1, except for DeepSeek, where it cancels the
     /// magnitude (`1 / (1 + 0.1 ln(factor))`) because the attention scale carries it.

@@ -63,7 +63,7 @@ pub enum ShardError {
 /// A candle error's message alone. With `RUST_BACKTRACE` set, candle attaches a
 /// backtrace to some errors and its `Display` prints it: 35 frames of candle's internals
 /// under a one-line message, which a user asking why a file will not load does not need.
-pub fn candle_message(e: &candle_core::Error) -> String {
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
     use candle_core::Error;
     match e {
         Error::WithBacktrace { inner, .. } => candle_message(inner),

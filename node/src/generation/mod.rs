@@ -19,6 +19,7 @@ pub use runner::{run_generation, start_client, swarm_client, ClientSide, RouteEn
 
 use crate::client::RemoteSession;
 use crate::hidden::{from_wire, to_wire};
+use crate::NodeError;
 
 /// Prompt tokens sent per prefill step: long prompts go in chunks so each frame stays
 /// well under the protocol's limit (256 tokens x 8192 hidden x f32 = 8 MiB).
@@ -181,28 +182,30 @@ pub struct Generation {
 }
 
 /// Tokenises a request; the prompt must leave room for at least one new token.
-pub fn prompt_tokens(text: &TextCodec, req: &GenerateRequest) -> anyhow::Result<Vec<u32>> {
+pub fn prompt_tokens(text: &TextCodec, req: &GenerateRequest) -> Result<Vec<u32>, NodeError> {
+    let refused = |e: shard::ShardError| NodeError::InvalidRequest(e.to_string());
     let rendered = if !req.messages.is_empty() {
-        text.render_chat(&req.messages)?
+        text.render_chat(&req.messages).map_err(refused)?
     } else if req.chat {
-        text.render_chat(&[ChatMessage::new("user", &req.prompt)])?
+        text.render_chat(&[ChatMessage::new("user", &req.prompt)])
+            .map_err(refused)?
     } else {
         req.prompt.clone()
     };
     let ids = text.encode(&rendered, true)?;
     if ids.is_empty() {
-        bail!("the prompt is empty");
+        return Err(NodeError::InvalidRequest("the prompt is empty".into()));
     }
     Ok(ids)
 }
 
 /// Checks the prompt fits the context and returns how many tokens may be generated.
-pub fn budget(prompt_len: usize, max_tokens: usize, context: usize) -> anyhow::Result<usize> {
+pub fn budget(prompt_len: usize, max_tokens: usize, context: usize) -> Result<usize, NodeError> {
     if prompt_len >= context {
-        bail!(
+        return Err(NodeError::InvalidRequest(format!(
             "the prompt is {prompt_len} tokens, longer than the model's context of {context} tokens (at most {} fit with one new token)",
             context - 1
-        );
+        )));
     }
     Ok(max_tokens.min(context - prompt_len))
 }

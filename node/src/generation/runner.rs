@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use libp2p::Multiaddr;
-use protocol::{ErrorInfo, ErrorKind, Request, Response, WireDType};
+use protocol::{ErrorInfo, ErrorKind, Frame, Request, Response, WireDType};
 use serde::Serialize;
 use shard::candle_core::Device;
 use shard::{Head, ModelFile, Span, TextCodec};
@@ -16,7 +16,8 @@ use shard::{Head, ModelFile, Span, TextCodec};
 use super::{budget, generate, prompt_tokens, Blocks, ClientHead, GenerateRequest, Generation};
 use crate::client::{Client, Delivery, Reroute};
 use crate::net::{self, NetConfig};
-use crate::server::serve::DEFAULT_MAX_SEQ_LEN;
+use crate::NodeError;
+use coordinator::budget::DEFAULT_MAX_SEQ_LEN;
 
 /// One hop of the route, as printed by `--json`.
 #[derive(Serialize, Debug, Clone)]
@@ -28,7 +29,7 @@ pub struct RouteEntry {
     /// One past the last block.
     pub end: u32,
     /// How the client reached it at the end: "direct", "hole-punched" or
-    /// "relayed:<relay peer id>" (absent for a local generation).
+    /// `"relayed:<relay peer id>"` (absent for a local generation).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
 }
@@ -126,26 +127,25 @@ pub async fn start_client(
     // the session waiting for them.
     let direct = client.clone();
     net.on_data(Arc::new(move |m| {
-        match m.request {
-            Request::Output(o) => {
+        match m.frame {
+            Frame::Output(o) => {
                 direct.deliver(o.session, Delivery::Output(o));
             }
-            Request::Failed(f) => {
+            Frame::Failed(f) => {
                 direct.deliver(f.session, Delivery::Failed(f));
             }
-            _ => {}
+            Frame::Step(_) => {
+                tracing::debug!(peer = %m.peer, "a step sent to a client: dropped");
+            }
         }
         true
     }));
+    // On the control plane a client takes only the notices of servers that leave.
     let c = client.clone();
     tokio::spawn(async move {
         while let Some(m) = inbound.recv().await {
             let response = match m.request {
-                Request::Output(o) => {
-                    c.deliver(o.session, Delivery::Output(o));
-                    Response::Accepted
-                }
-                Request::Failed(f) => {
+                Request::Leaving(f) => {
                     c.deliver(f.session, Delivery::Failed(f));
                     Response::Accepted
                 }
@@ -195,7 +195,7 @@ async fn find_on_lan(net: &net::Network, timeout: Duration) -> anyhow::Result<Ve
 /// The client `generate` and `api` talk to the swarm through, as their shared options
 /// ask; `None` with `--local`.
 pub async fn swarm_client(
-    s: &crate::cli::SwarmClientArgs,
+    s: &crate::args::SwarmClientArgs,
     shaping: Option<net::Shaping>,
 ) -> anyhow::Result<Option<Client>> {
     if s.local {
@@ -221,7 +221,7 @@ pub async fn run_generation(
     wire: WireDType,
     route_timeout: Duration,
     on_text: impl FnMut(&str),
-) -> anyhow::Result<(Generation, Trip)> {
+) -> Result<(Generation, Trip), NodeError> {
     let cfg = side.file.config();
     let prompt = prompt_tokens(&side.text, req)?;
     let max_new = budget(
@@ -250,7 +250,8 @@ pub async fn run_generation(
                 req,
                 on_text,
             )
-            .await?;
+            .await
+            .map_err(NodeError::from)?;
             let route = vec![RouteEntry {
                 peer: "local".into(),
                 start: 0,
@@ -305,7 +306,7 @@ pub async fn run_generation(
                 reroutes: session.reroutes.clone(),
             };
             session.close().await;
-            Ok((result?, trip))
+            Ok((result.map_err(NodeError::from)?, trip))
         }
     }
 }

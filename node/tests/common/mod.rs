@@ -7,8 +7,51 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub(crate) mod netns;
+
+/// How often [`wait_until`] looks again.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// Polls `probe` until it returns `Ok`, and returns that value; past `limit`, panics with
+/// `what` was awaited and what `probe` last saw (its `Err`). For what comes true by
+/// itself (announcements spreading, sessions freed, a log line): a test waits as long as
+/// that takes and no longer, never a fixed "let it spread" sleep.
+pub(crate) fn wait_until<T>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {limit:?}; last seen: {seen}"
+            ),
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Waits until `shoal status` through `boot` lists `n` servers (their announcements have
+/// spread); returns what it listed.
+pub(crate) fn wait_for_servers(boot: &str, n: usize) -> serde_json::Value {
+    wait_until(
+        &format!("{n} servers listed"),
+        Duration::from_secs(30),
+        || {
+            let st = status(boot);
+            match st["servers"].as_array() {
+                Some(s) if s.len() == n => Ok(st),
+                _ => Err(st.to_string()),
+            }
+        },
+    )
+}
+
 /// The default model: `$SHOAL_TEST_MODEL`, or the cached (fetched if need be) one.
-pub fn model() -> PathBuf {
+pub(crate) fn model() -> PathBuf {
     if let Some(p) = std::env::var_os("SHOAL_TEST_MODEL") {
         return PathBuf::from(p);
     }
@@ -18,23 +61,23 @@ pub fn model() -> PathBuf {
 
 /// The binary under test, with LAN discovery off: concurrent tests' swarms must not
 /// find each other (node/tests/lan.rs turns it on in its own namespaces).
-pub fn shoal() -> Command {
+pub(crate) fn shoal() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
     cmd.env("SHOAL_NO_MDNS", "true");
     cmd
 }
 
 /// A `shoal serve` process, killed when dropped.
-pub struct Server {
-    pub child: Child,
+pub(crate) struct Server {
+    pub(crate) child: Child,
     /// Its `listening` address.
-    pub addr: String,
+    pub(crate) addr: String,
     /// Its peer id.
-    pub peer: String,
+    pub(crate) peer: String,
     /// Where its stderr (logs) goes.
-    pub log: PathBuf,
+    pub(crate) log: PathBuf,
     /// Its metrics URL, when started with `--metrics`.
-    pub metrics: Option<String>,
+    pub(crate) metrics: Option<String>,
 }
 
 impl Drop for Server {
@@ -51,24 +94,24 @@ impl Drop for Server {
 
 impl Server {
     /// Its log so far.
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 /// Starts `shoal serve --blocks` on loopback and waits for its `listening` line.
-pub fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> Server {
+pub(crate) fn serve(model: &std::path::Path, blocks: &str, bootstrap: Option<&str>) -> Server {
     serve_with(model, &["--blocks", blocks], bootstrap)
 }
 
 /// The first line `child` prints on stdout (at most 120 s); the rest is drained so it
 /// never blocks on a full pipe. Kills it and shows its log if the line does not come.
-pub fn first_line(child: &mut Child, log: &std::path::Path, what: &str) -> String {
+pub(crate) fn first_line(child: &mut Child, log: &std::path::Path, what: &str) -> String {
     first_lines(child, log, what, 1).remove(0)
 }
 
 /// The first `n` lines `child` prints on stdout (at most 120 s), as [`first_line`].
-pub fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usize) -> Vec<String> {
+pub(crate) fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usize) -> Vec<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -89,7 +132,7 @@ pub fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usiz
 
 /// Starts `shoal serve` with extra arguments on loopback (QUIC, unless `extra` has a
 /// `--listen`) and waits (at most 120 s) for its `listening` line.
-pub fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
+pub(crate) fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
@@ -149,7 +192,7 @@ fn listening(child: Child, line: &str, log: std::path::PathBuf, metrics: Option<
 
 /// `shoal ARGS` inside network namespace `ns` (`ip netns exec`), with `env`, logging to
 /// `log`; waits (at most 120 s) for its `listening` line.
-pub fn start_in_namespace(
+pub(crate) fn start_in_namespace(
     ns: &str,
     args: &[&str],
     env: &[(&str, &str)],
@@ -169,7 +212,7 @@ pub fn start_in_namespace(
 
 /// `shoal generate --model <default> --json ARGS` (ARGS may name another --model), which
 /// must succeed; its JSON.
-pub fn generate_json(args: &[&str]) -> serde_json::Value {
+pub(crate) fn generate_json(args: &[&str]) -> serde_json::Value {
     let mut cmd = shoal();
     cmd.arg("generate");
     if !args.contains(&"--model") {
@@ -186,7 +229,7 @@ pub fn generate_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// `shoal status --json` of the swarm reachable through `bootstrap`.
-pub fn status(bootstrap: &str) -> serde_json::Value {
+pub(crate) fn status(bootstrap: &str) -> serde_json::Value {
     let mut cmd = shoal();
     cmd.args(["status", "--json", "--bootstrap", bootstrap]);
     let (out, _) = run(cmd, Duration::from_secs(60));
@@ -200,7 +243,7 @@ pub fn status(bootstrap: &str) -> serde_json::Value {
 
 /// Runs a command to completion, killing it after `limit`; returns its output and the
 /// time it took.
-pub fn run(mut cmd: Command, limit: Duration) -> (Output, Duration) {
+pub(crate) fn run(mut cmd: Command, limit: Duration) -> (Output, Duration) {
     let start = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -239,12 +282,12 @@ pub fn run(mut cmd: Command, limit: Duration) -> (Output, Duration) {
 }
 
 /// Resident memory of a process, in bytes, from /proc.
-pub fn rss_bytes(pid: u32) -> u64 {
+pub(crate) fn rss_bytes(pid: u32) -> u64 {
     proc_status_bytes(pid, "VmRSS:")
 }
 
 /// The most resident memory a process has had so far (VmHWM), in bytes.
-pub fn peak_rss_bytes(pid: u32) -> u64 {
+pub(crate) fn peak_rss_bytes(pid: u32) -> u64 {
     proc_status_bytes(pid, "VmHWM:")
 }
 
@@ -260,7 +303,7 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
 
 /// A package from PyPI, installed with pip into the cache on first use (`module` is
 /// what it imports as); the directory to put on `PYTHONPATH`.
-pub fn python_package(name: &str, version: &str, module: &str) -> PathBuf {
+pub(crate) fn python_package(name: &str, version: &str, module: &str) -> PathBuf {
     let dir = shoal_node::model_cache::cache_dir().join(format!("{name}-py-{version}"));
     if !dir.join(module).exists() {
         eprintln!(
@@ -288,17 +331,17 @@ pub fn python_package(name: &str, version: &str, module: &str) -> PathBuf {
 /// llama-cpp-python, the reference implementation model code is checked against
 /// (tests/reference/): installed into the cache on first use, which builds llama.cpp
 /// from source (about 7 minutes on 2 cores; `.ci/run` does it before the tests).
-pub fn llama_cpp_python() -> PathBuf {
+pub(crate) fn llama_cpp_python() -> PathBuf {
     python_package("llama-cpp-python", LLAMA_CPP_PYTHON, "llama_cpp")
 }
 
 /// The llama-cpp-python release the tests and `bench/llama-cpp.sh` use.
-pub const LLAMA_CPP_PYTHON: &str = "0.3.36";
+pub(crate) const LLAMA_CPP_PYTHON: &str = "0.3.36";
 
 /// Runs `node/tests/reference/<script>` (a Python script on llama-cpp-python) with
 /// `args` and, if given, `stdin` as its input; its stdout, parsed as JSON. Panics with
 /// its stderr if it fails.
-pub fn llama_cpp_json(
+pub(crate) fn llama_cpp_json(
     script: &str,
     args: &[&std::ffi::OsStr],
     stdin: Option<&[u8]>,

@@ -69,6 +69,7 @@ pub struct Shape {
 /// DeepSeek's latent attention as a file holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LatentShape {
+    /// The ranks and head widths of the attention.
     pub attn: Latent,
     /// As llama.cpp's converter writes it now, for its MLA path: `W_kb` and `W_vb`
     /// apart (`attn_k_b`, `attn_v_b`), the query head's width in `key_length_mla`.

@@ -9,7 +9,7 @@ use protocol::{Request, Response};
 
 /// Frames [`Request`]s and [`Response`]s with `protocol`'s codec.
 #[derive(Clone, Default)]
-pub struct ShoalCodec;
+pub(crate) struct ShoalCodec;
 
 /// Reads one frame and decodes it; the length is checked against the limit first.
 pub(crate) async fn read_frame<T, M>(io: &mut T) -> io::Result<M>

@@ -179,7 +179,7 @@ pub struct MakeModelArgs {
     /// Fewer blocks than the shape has (same widths): a smaller file for quick checks.
     #[arg(long)]
     pub blocks: Option<usize>,
-    /// gguf-<dtype> (gguf-q4_0, gguf-q4_k_m, ...), safetensors-bf16 or safetensors-f16
+    /// `gguf-<dtype>` (gguf-q4_0, gguf-q4_k_m, ...), safetensors-bf16 or safetensors-f16
     /// (default gguf-q4_0).
     #[arg(long)]
     pub format: Option<shard::synth::SynthFormat>,
@@ -287,13 +287,16 @@ pub struct RelayArgs {
     /// relay starts the swarm.
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
+    /// Limits when relaying for others.
     #[command(flatten)]
     pub relay: RelayLimitArgs,
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// The private swarm's key, if any.
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    /// The node's identity, if kept in a file.
     #[command(flatten)]
     pub identity: IdentityArg,
 }
@@ -301,6 +304,7 @@ pub struct RelayArgs {
 /// `shoal serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The model file.
     #[command(flatten)]
     pub model: ModelArg,
     /// Blocks to serve, as START..END (END exclusive), e.g. 0..10. Without it the node
@@ -345,6 +349,7 @@ pub struct ServeArgs {
     /// --relay-circuit-mib; only nodes that reached this one directly ask it to.
     #[arg(long)]
     pub no_relay: bool,
+    /// Limits when relaying for others.
     #[command(flatten)]
     pub relay: RelayLimitArgs,
     /// Most generation sessions served at once.
@@ -361,13 +366,16 @@ pub struct ServeArgs {
     /// A name for this node, shown to others.
     #[arg(long, default_value = "")]
     pub name: String,
+    /// An emulated network link (testing).
     #[command(flatten)]
     pub emulate: EmulateArgs,
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// The private swarm's key, if any.
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    /// The node's identity, if kept in a file.
     #[command(flatten)]
     pub identity: IdentityArg,
     /// Open sessions only for the clients listed in FILE (one peer id per line; see
@@ -412,11 +420,13 @@ pub struct SamplingArgs {
 /// `shoal generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
+    /// The model file.
     #[command(flatten)]
     pub model: ModelArg,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
+    /// How tokens are sampled.
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// Wrap the prompt in the model's chat template, as a user message.
@@ -429,8 +439,10 @@ pub struct GenerateArgs {
     /// chosen, to see how close a choice was where two devices or swarms disagree.
     #[arg(long, default_value_t = 0, value_name = "K", requires = "json")]
     pub top_logits: usize,
+    /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,
+    /// An emulated network link (testing).
     #[command(flatten)]
     pub emulate: EmulateArgs,
 }
@@ -465,8 +477,10 @@ pub struct SwarmClientArgs {
     /// keep it small for long generations; 0 = off.
     #[arg(long, default_value_t = 0.0, value_name = "RATE")]
     pub verify_rate: f64,
+    /// The private swarm's key, if any.
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    /// The node's identity, if kept in a file.
     #[command(flatten)]
     pub identity: IdentityArg,
 }
@@ -494,11 +508,13 @@ pub struct DemoArgs {
 /// `shoal api`.
 #[derive(Args, Debug)]
 pub struct ApiArgs {
+    /// The model file.
     #[command(flatten)]
     pub model: ModelArg,
     /// Address and port to serve HTTP on (port 0: any free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,
 }
@@ -506,6 +522,7 @@ pub struct ApiArgs {
 /// `shoal bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// The model file.
     #[command(flatten)]
     pub model: ModelArg,
     /// Servers in the loopback swarm.
@@ -544,6 +561,7 @@ pub struct StatusArgs {
     /// Seconds to wait for a bootstrap node to answer.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// The private swarm's key, if any.
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
 }
@@ -564,6 +582,7 @@ pub struct SimArgs {
 /// `shoal inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
+    /// The model file.
     #[command(flatten)]
     pub model: ModelArg,
     /// Print JSON.

@@ -24,7 +24,7 @@ pub struct Seen {
     pub announcement: Announcement,
     /// Round trip of the `Info` request; `None` when it did not answer.
     pub rtt_ms: Option<f64>,
-    /// How this node reached it: "direct", "hole-punched" or "relayed:<relay>".
+    /// How this node reached it: "direct", "hole-punched" or `"relayed:<relay>"`.
     pub link: Option<String>,
 }
 

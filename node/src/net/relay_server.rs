@@ -22,7 +22,7 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 
 /// [`relay::Behaviour`] minus its messages to handlers of relayed connections.
-pub struct RelayServer {
+pub(crate) struct RelayServer {
     inner: relay::Behaviour,
     /// Connections running through a relay: their handler is the dummy.
     relayed: HashSet<ConnectionId>,
@@ -30,7 +30,7 @@ pub struct RelayServer {
 
 impl RelayServer {
     /// Wraps a relay server.
-    pub fn new(inner: relay::Behaviour) -> Self {
+    pub(crate) fn new(inner: relay::Behaviour) -> Self {
         RelayServer {
             inner,
             relayed: HashSet::new(),
@@ -38,7 +38,7 @@ impl RelayServer {
     }
 
     /// The wrapped server.
-    pub fn inner_mut(&mut self) -> &mut relay::Behaviour {
+    pub(crate) fn inner_mut(&mut self) -> &mut relay::Behaviour {
         &mut self.inner
     }
 }

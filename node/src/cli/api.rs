@@ -1,0 +1,37 @@
+//! `shoal api`: the OpenAI-compatible gateway over a swarm client.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::generation::{swarm_client, ClientSide};
+use crate::model_cache::open_model;
+
+/// `shoal api`: the OpenAI-compatible gateway.
+pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> anyhow::Result<()> {
+    let side = ClientSide::load(open_model(&args.model)?)?;
+    let client = swarm_client(&args.swarm, None).await?;
+    let state = Arc::new(crate::gateway::ApiState::new(
+        side,
+        client,
+        args.swarm.wire_dtype,
+        Duration::from_secs_f64(args.swarm.route_timeout),
+    ));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening http://{addr}")?;
+        out.flush()?;
+    }
+    axum::serve(listener, crate::gateway::router(state))
+        .with_graceful_shutdown(async move {
+            let _ = stop.recv().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The OpenAI endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
+//! with OpenAI's error shape and server-sent-event streaming.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shard::{ChatMessage, SamplingParams};
+
+use super::board::Tracker;
+use super::ApiState;
+use super::DEFAULT_MAX_TOKENS;
+use crate::generation::{prompt_tokens, run_generation, GenerateRequest, Generation, Trip};
+use crate::NodeError;
+use coordinator::budget::DEFAULT_MAX_SEQ_LEN;
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) kind: &'static str,
+    pub(super) code: Option<&'static str>,
+    pub(super) message: String,
+}
+
+impl ApiError {
+    pub(super) fn invalid(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// The status for each way a generation fails: the client's fault (400), the swarm's
+/// lack of servers (503, worth retrying), anything else (500).
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::InvalidRequest(message) => ApiError::invalid(message),
+            NodeError::NoRoute(e) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                kind: "server_error",
+                code: Some("no_route"),
+                message: format!("{e:#}"),
+            },
+            NodeError::Other(e) => ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                kind: "server_error",
+                code: None,
+                message: format!("{e:#}"),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": null,
+            "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A stop sequence or several.
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub(super) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Debug)]
+pub(super) struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize, Debug)]
+pub(super) struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields of a chat or text completion request that Shoal uses; others are
+/// accepted and ignored, as OpenAI-compatible servers commonly do.
+#[derive(Deserialize, Debug)]
+pub(super) struct CompletionParams {
+    model: Option<String>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize, Debug)]
+pub(super) struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    params: CompletionParams,
+}
+
+#[derive(Deserialize, Debug)]
+pub(super) struct TextRequest {
+    prompt: String,
+    #[serde(flatten)]
+    params: CompletionParams,
+}
+
+pub(super) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.model_name(), "object": "model", "created": 0, "owned_by": "shoal"}],
+    }))
+}
+
+/// Counts a request refused before it reached the model.
+pub(super) fn rejected(
+    state: &ApiState,
+    endpoint: &'static str,
+    r: Result<Response, ApiError>,
+) -> Response {
+    match r {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_client_error() {
+                state
+                    .metrics
+                    .requests
+                    .get_or_create(&[("endpoint", endpoint), ("outcome", "rejected")])
+                    .inc();
+            }
+            e.into_response()
+        }
+    }
+}
+
+pub(super) async fn chat_completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
+    let r = chat_completions_inner(state.clone(), body).await;
+    rejected(&state, CHAT, r)
+}
+
+pub(super) async fn completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Json<TextRequest>, JsonRejection>,
+) -> Response {
+    let r = completions_inner(state.clone(), body).await;
+    rejected(&state, TEXT, r)
+}
+
+/// Endpoint names in metrics and on the dashboard.
+pub(super) const CHAT: &str = "chat.completions";
+pub(super) const TEXT: &str = "completions";
+
+pub(super) async fn chat_completions_inner(
+    state: Arc<ApiState>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty"));
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage::new(&m.role, &m.content))
+        .collect();
+    let generate = GenerateRequest {
+        messages,
+        ..request(&state, &req.params)?
+    };
+    complete(state, generate, req.params, true).await
+}
+
+pub(super) async fn completions_inner(
+    state: Arc<ApiState>,
+    body: Result<Json<TextRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let generate = GenerateRequest {
+        prompt: req.prompt,
+        ..request(&state, &req.params)?
+    };
+    complete(state, generate, req.params, false).await
+}
+
+/// The generation a request's parameters ask for (no prompt yet).
+pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<GenerateRequest, ApiError> {
+    if let Some(model) = &p.model {
+        if !state.serves(model) {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: Some("model_not_found"),
+                message: format!(
+                    "the model `{model}` does not exist here; this gateway serves `{}`",
+                    state.model_name()
+                ),
+            });
+        }
+    }
+    let temperature = p.temperature.unwrap_or(1.0);
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !((0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid(
+            "temperature must be in [0, 2] and top_p in (0, 1]",
+        ));
+    }
+    let seed = p.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    Ok(GenerateRequest {
+        max_tokens: p
+            .max_tokens
+            .or(p.max_completion_tokens)
+            .unwrap_or(DEFAULT_MAX_TOKENS),
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            seed,
+            ..SamplingParams::default()
+        },
+        stop: match &p.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        },
+        step_latency: Some(state.metrics.step_seconds.clone()),
+        ..GenerateRequest::default()
+    })
+}
+
+/// Checks the prompt fits, then answers at once or as a stream of chunks.
+pub(super) async fn complete(
+    state: Arc<ApiState>,
+    req: GenerateRequest,
+    params: CompletionParams,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let prompt = prompt_tokens(state.side.text(), &req)?;
+    let context = state
+        .side
+        .file()
+        .config()
+        .max_seq_len
+        .min(DEFAULT_MAX_SEQ_LEN);
+    if prompt.len() >= context {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            message: format!(
+                "the prompt is {} tokens; this model's context is {context} tokens",
+                prompt.len()
+            ),
+        });
+    }
+    let id = format!(
+        "{}-{:x}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        rand::random::<u64>()
+    );
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let model = state.model_name();
+    let tracker = Tracker::start(&state, &id, if chat { CHAT } else { TEXT }, prompt.len());
+    if !params.stream {
+        let result = generate(&state, &req, |_| {}).await;
+        tracker.finish(&result);
+        let (g, _) = result?;
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": g.text},
+                   "finish_reason": g.finish_reason, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": null})
+        };
+        let object = if chat {
+            "chat.completion"
+        } else {
+            "text_completion"
+        };
+        return Ok(Json(json!({
+            "id": id, "object": object, "created": created, "model": model,
+            "choices": [choice], "usage": usage(&g),
+        }))
+        .into_response());
+    }
+    // Streaming: the generation runs in its own task and sends chunks as text arrives.
+    let include_usage = params.stream_options.is_some_and(|o| o.include_usage);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |choice: Value| -> Value {
+        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
+    };
+    if chat {
+        let _ = tx.send(chunk(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "finish_reason": null}),
+        ));
+    }
+    tokio::spawn(async move {
+        let piece_tx = tx.clone();
+        let piece_chunk = chunk.clone();
+        let generation = generate(&state, &req, move |piece| {
+            let choice = if chat {
+                json!({"index": 0, "delta": {"content": piece}, "finish_reason": null})
+            } else {
+                json!({"index": 0, "text": piece, "finish_reason": null})
+            };
+            let _ = piece_tx.send(piece_chunk(choice));
+        });
+        // A client that hangs up cancels its generation; dropping it closes its
+        // sessions on the servers (RemoteSession's Drop).
+        let result = tokio::select! {
+            r = generation => r,
+            () = tx.closed() => return,
+        };
+        tracker.finish(&result);
+        match result {
+            Ok((g, _)) => {
+                let last = if chat {
+                    json!({"index": 0, "delta": {}, "finish_reason": g.finish_reason})
+                } else {
+                    json!({"index": 0, "text": "", "finish_reason": g.finish_reason})
+                };
+                let _ = tx.send(chunk(last));
+                if include_usage {
+                    let mut u = chunk(Value::Null);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&g);
+                    let _ = tx.send(u);
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(json!({"error": {"message": e.message, "type": e.kind,
+                                                 "param": null, "code": e.code}}));
+            }
+        }
+    });
+    let events = futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Some(v) => Some((
+                Ok::<_, Infallible>(Event::default().data(v.to_string())),
+                Some(rx),
+            )),
+            None => Some((Ok(Event::default().data("[DONE]")), None)),
+        }
+    });
+    Ok(Sse::new(events).into_response())
+}
+
+pub(super) fn usage(g: &Generation) -> Value {
+    let (p, c) = (g.prompt_tokens.len(), g.completion_tokens.len());
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+}
+
+/// Runs a generation, sorting its failures into OpenAI's error kinds.
+pub(super) async fn generate(
+    state: &ApiState,
+    req: &GenerateRequest,
+    on_text: impl FnMut(&str),
+) -> Result<(Generation, Trip), ApiError> {
+    run_generation(
+        &state.side,
+        state.client.as_ref(),
+        req,
+        state.wire,
+        state.route_timeout,
+        on_text,
+    )
+    .await
+    .map_err(ApiError::from)
+}

@@ -1,0 +1,289 @@
+//! Sessions on a server: opening one (limits, allow list, cache), checking a step
+//! against its session, and ending sessions (closed, idle, client gone).
+
+//! the async runtime.
+
+use std::time::Instant;
+
+use libp2p::PeerId;
+use protocol::{
+    BlockSpan, ErrorInfo, ErrorKind, OpenSession, Request, Response, SessionId, Step, WireDType,
+};
+use shard::KvCache;
+
+use super::compute::Server;
+use super::compute::SESSION_IDLE_TIMEOUT;
+use crate::net::{Inbound, Presence};
+
+/// A session's cache lives until the first of: its client closes it, its client's
+/// presence ends (the client's last connection closed, or it came back as a new
+/// process: see [`Server::drop_departed`]), it has been idle [`SESSION_IDLE_TIMEOUT`],
+/// or the server moves to another span or shuts down.
+pub(super) struct Session {
+    /// The client that opened it (told when this server leaves).
+    pub(super) client: PeerId,
+    /// The client's presence when it opened the session; `None` if it was not
+    /// connected by then (the session goes at the next sweep).
+    pub(super) presence: Option<Presence>,
+    pub(super) cache: KvCache,
+    pub(super) wire: WireDType,
+    /// Index of the last step applied: a step must carry a larger one.
+    pub(super) last_step: Option<u64>,
+    pub(super) last_used: Instant,
+}
+
+impl Server {
+    pub(super) fn expire_idle(&mut self) {
+        let now = Instant::now();
+        self.end_sessions("it was idle too long", |s| {
+            now.duration_since(s.last_used) >= SESSION_IDLE_TIMEOUT
+        });
+    }
+
+    /// Drops the sessions whose client has gone: its presence ended (its last
+    /// connection closed, or it came back as a new process that knows nothing of them).
+    pub(super) fn drop_departed(&mut self) {
+        let net = self.net.clone();
+        self.end_sessions("its client has gone", |s| {
+            s.presence.is_none() || net.presence(&s.client) != s.presence
+        });
+    }
+
+    /// Ends every session `gone` picks, with all kept for it.
+    pub(super) fn end_sessions(&mut self, why: &str, mut gone: impl FnMut(&Session) -> bool) {
+        let ended: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| gone(s))
+            .map(|(id, _)| *id)
+            .collect();
+        if ended.is_empty() {
+            return;
+        }
+        for id in &ended {
+            if let Some(s) = self.sessions.remove(id) {
+                tracing::info!(session = id, client = %s.client, "session ended: {why}");
+            }
+        }
+        self.forwards.forget(&ended);
+        self.refresh_public();
+    }
+
+    pub(super) fn handle(&mut self, inbound: Inbound) {
+        let Inbound {
+            peer,
+            request,
+            channel,
+        } = inbound;
+        match request {
+            Request::Info => self
+                .net
+                .respond_blocking(channel, Response::Info(self.announcement())),
+            Request::Open(open) => {
+                let r = match self.open(open, peer) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.metrics
+                            .refused_sessions
+                            .get_or_create(&[("kind", e.kind.name())])
+                            .inc();
+                        Response::Error(e)
+                    }
+                };
+                self.net.respond_blocking(channel, r);
+                self.refresh_public();
+            }
+            Request::Close { session } => {
+                // Only its own client may close a session.
+                if self
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.client == peer)
+                {
+                    self.sessions.remove(&session);
+                    self.forwards.forget(&[session]);
+                }
+                self.net.respond_blocking(channel, Response::Accepted);
+                self.refresh_public();
+            }
+            Request::Leaving(_) => self.net.respond_blocking(
+                channel,
+                Response::Error(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    "this node is a server; notices of leaving servers go to clients",
+                )),
+            ),
+        }
+    }
+
+    pub(super) fn open(
+        &mut self,
+        open: OpenSession,
+        client: PeerId,
+    ) -> Result<Response, ErrorInfo> {
+        if self.draining {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                "this server is shutting down",
+            ));
+        }
+        if self
+            .limits
+            .allowed
+            .as_ref()
+            .is_some_and(|a| !a.contains(&client))
+        {
+            return Err(ErrorInfo::new(
+                ErrorKind::Forbidden,
+                format!("{client} is not on this server's --allow-peers list"),
+            ));
+        }
+        if open.model_id != self.model_id {
+            return Err(ErrorInfo::new(
+                ErrorKind::WrongModel,
+                format!("this server hosts {}, not {}", self.model_id, open.model_id),
+            ));
+        }
+        let served = BlockSpan::new(self.span.start() as u32, self.span.end() as u32);
+        if open.span.is_empty() || !served.contains(&open.span) {
+            return Err(ErrorInfo::new(
+                ErrorKind::SpanNotServed,
+                format!("blocks {} requested, {} served", open.span, served),
+            ));
+        }
+        if open.max_len as usize > self.limits.max_seq_len || open.max_len == 0 {
+            return Err(ErrorInfo::new(
+                ErrorKind::TooLong,
+                format!(
+                    "session of {} tokens requested, this server allows 1..={}",
+                    open.max_len, self.limits.max_seq_len
+                ),
+            ));
+        }
+        if self.sessions.contains_key(&open.session) {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                "session id already in use",
+            ));
+        }
+        if self.sessions.len() >= self.limits.max_sessions {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!("{} sessions open, the limit", self.sessions.len()),
+            ));
+        }
+        let mine = self
+            .sessions
+            .values()
+            .filter(|s| s.client == client)
+            .count();
+        if mine >= self.limits.max_sessions_per_peer {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "{mine} sessions open for this client, the limit per client (--max-sessions-per-peer)"
+                ),
+            ));
+        }
+        let free = self.free_cache_tokens();
+        if open.max_len as usize > free {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "session of {} tokens asked for, {free} cache tokens free (--max-cache-tokens {})",
+                    open.max_len, self.limits.max_cache_tokens
+                ),
+            ));
+        }
+        let cache = self
+            .span
+            .new_cache_for(
+                open.span.start as usize,
+                open.span.end as usize,
+                open.max_len as usize,
+            )
+            .map_err(|e| ErrorInfo::new(ErrorKind::SpanNotServed, e.to_string()))?;
+        self.sessions.insert(
+            open.session,
+            Session {
+                client,
+                presence: self.net.presence(&client),
+                cache,
+                wire: open.wire_dtype,
+                last_step: None,
+                last_used: Instant::now(),
+            },
+        );
+        Ok(Response::Opened {
+            session: open.session,
+            max_len: open.max_len,
+        })
+    }
+
+    pub(super) fn check_step(&self, step: &Step) -> Result<(), ErrorInfo> {
+        if self.draining {
+            return Err(ErrorInfo::new(
+                ErrorKind::Leaving,
+                "the server is shutting down",
+            ));
+        }
+        let s = self.sessions.get(&step.session).ok_or_else(|| {
+            ErrorInfo::new(
+                ErrorKind::UnknownSession,
+                format!("no session {}", step.session),
+            )
+        })?;
+        if let Some(last) = s.last_step.filter(|l| step.step <= *l) {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                format!("step {} already applied (last step {last})", step.step),
+            ));
+        }
+        if step.position as usize != s.cache.len() {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "step {} at position {}, but the session is at position {}",
+                    step.step,
+                    step.position,
+                    s.cache.len()
+                ),
+            ));
+        }
+        step.hidden
+            .validate()
+            .map_err(|e| ErrorInfo::new(ErrorKind::BadRequest, e.to_string()))?;
+        let hidden = self.span.config().hidden as u32;
+        match step.hidden.shape[..] {
+            [tokens, h] if h == hidden && tokens > 0 => {
+                if s.cache.len() + tokens as usize > s.cache.max_len() {
+                    return Err(ErrorInfo::new(
+                        ErrorKind::TooLong,
+                        format!(
+                            "{} tokens past position {} exceed the session's {}",
+                            tokens,
+                            s.cache.len(),
+                            s.cache.max_len()
+                        ),
+                    ));
+                }
+            }
+            _ => {
+                return Err(ErrorInfo::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "hidden states of shape {:?}, expected [tokens, {hidden}]",
+                        step.hidden.shape
+                    ),
+                ))
+            }
+        }
+        if step.reply_to.parse::<PeerId>().is_err() {
+            return Err(ErrorInfo::new(
+                ErrorKind::BadRequest,
+                "reply_to is not a peer id",
+            ));
+        }
+        Ok(())
+    }
+}
