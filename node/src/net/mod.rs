@@ -13,6 +13,11 @@
 //! (the data plane), `codec` (request-response framing), `relay_server`. Only this
 //! module's public items are for the rest of the node; none of the files below it is.
 //!
+//! Task lifetimes: nothing here outlives its owner. The event loop returns when the
+//! last [`Network`] handle is dropped, which drops the `Swarm` and closes every
+//! connection; the task accepting data streams ends with the swarm's stream behaviour,
+//! and each stream's reader with its stream; per-request tasks end with their request.
+//!
 //! Transports: QUIC (libp2p's quinn-based transport) first, TCP + Noise + Yamux as
 //! fallback. A private swarm (`--swarm-key`) uses TCP alone, each connection first
 //! passing libp2p's pre-shared-key handshake (pnet), which wraps a byte stream and so

@@ -7,12 +7,12 @@
 //! [`ServerHandle::submit`]). Steps come on the data plane (one-way frames,
 //! [`Network::send`]): a step is validated (a refusal goes to its client as a failure
 //! report), computed together with the other sessions' steps waiting at the same time,
+//! and its output pushed to the next server of the chain and a copy to the client, from
+//! the async runtime.
 //!
 //! Here: the thread, its state and its loop. Its inbox and the handle others hold are in
 //! `inbox`, sessions (opening, checking, ending) in `sessions`, running steps and
 //! passing their outputs on in `steps`.
-
-//! the async runtime.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;

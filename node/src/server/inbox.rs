@@ -1,8 +1,6 @@
 //! The compute thread's inbox: the jobs it takes, the handle others queue them with,
 //! and the limit past which requests are refused as busy.
 
-//! the async runtime.
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -170,5 +168,68 @@ impl ServerHandle {
     pub fn drain(&self) -> Option<tokio::sync::oneshot::Receiver<Vec<Handover>>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx.send(Job::Drain(tx)).ok().map(|_| rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc as std_mpsc;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use protocol::{HiddenState, Step, WireDType};
+
+    use super::{Inbox, Refused, ServerHandle, INBOX_LIMIT};
+
+    fn step(i: u64) -> Step {
+        Step {
+            session: 1,
+            step: i,
+            position: i as u32,
+            hidden: HiddenState::from_f32(&[0.5; 4], vec![1, 4], WireDType::F32),
+            next: vec![],
+            reply_to: String::new(),
+        }
+    }
+
+    /// The inbox takes [`INBOX_LIMIT`] requests, refuses the next as busy (handing it
+    /// back), takes one again once the compute thread has taken one out, and says so
+    /// when the thread is gone.
+    #[test]
+    fn a_full_inbox_refuses_as_busy_until_the_thread_takes_work() {
+        let (tx, rx) = std_mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let handle = ServerHandle {
+            tx,
+            queued: queued.clone(),
+        };
+        let inbox = Inbox { rx, queued };
+        for i in 0..INBOX_LIMIT as u64 {
+            assert!(handle.submit_step(step(i)).is_ok(), "step {i} refused");
+        }
+        match handle.submit_step(step(999)) {
+            Err(Refused::Busy(s)) => assert_eq!(s.step, 999),
+            other => panic!("a full inbox took a step: {other:?}"),
+        }
+        // The thread's own jobs are not counted against the limit.
+        assert!(handle.announce());
+        assert!(inbox.recv_timeout(Duration::from_secs(1)).is_ok());
+        assert!(handle.submit_step(step(1000)).is_ok());
+        assert!(matches!(
+            handle.submit_step(step(1001)),
+            Err(Refused::Busy(_))
+        ));
+        // Gone: the work comes back as stopped, and takes no place in the count.
+        drop(inbox);
+        let stopped = ServerHandle {
+            tx: handle.tx.clone(),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        assert!(matches!(
+            stopped.submit_step(step(2000)),
+            Err(Refused::Stopped)
+        ));
+        assert_eq!(stopped.queued.load(std::sync::atomic::Ordering::Acquire), 0);
     }
 }

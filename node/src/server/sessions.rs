@@ -1,8 +1,6 @@
 //! Sessions on a server: opening one (limits, allow list, cache), checking a step
 //! against its session, and ending sessions (closed, idle, client gone).
 
-//! the async runtime.
-
 use std::time::Instant;
 
 use libp2p::PeerId;

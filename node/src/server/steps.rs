@@ -2,8 +2,6 @@
 //! copy to the client, failures reported to the client, and what was passed to whom
 //! (so a lost connection to the next server is reported at once).
 
-//! the async runtime.
-
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;

@@ -111,7 +111,12 @@ pub(crate) fn first_line(child: &mut Child, log: &std::path::Path, what: &str) -
 }
 
 /// The first `n` lines `child` prints on stdout (at most 120 s), as [`first_line`].
-pub(crate) fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, n: usize) -> Vec<String> {
+pub(crate) fn first_lines(
+    child: &mut Child,
+    log: &std::path::Path,
+    what: &str,
+    n: usize,
+) -> Vec<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -132,7 +137,11 @@ pub(crate) fn first_lines(child: &mut Child, log: &std::path::Path, what: &str, 
 
 /// Starts `shoal serve` with extra arguments on loopback (QUIC, unless `extra` has a
 /// `--listen`) and waits (at most 120 s) for its `listening` line.
-pub(crate) fn serve_with(model: &std::path::Path, extra: &[&str], bootstrap: Option<&str>) -> Server {
+pub(crate) fn serve_with(
+    model: &std::path::Path,
+    extra: &[&str],
+    bootstrap: Option<&str>,
+) -> Server {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
