@@ -13,6 +13,11 @@
 //! values), and each output is one block dot product of one weight row and one
 //! activation row, so a row comes out the same whatever other rows share the product.
 //! Work is split over chunks of weight rows on [`crate::kernels::pool`].
+//!
+//! Q4_K, the most common type of today's downloads, runs on a kernel of our own instead
+//! ([`Q4KMatrix`]): repacked at load into octets as [`crate::kernels`] does for the
+//! 32-value formats, with the same Q8_K activations and integer arithmetic as ggml's
+//! product, so its rows equal candle's to rounding.
 
 use std::sync::Arc;
 
@@ -45,7 +50,9 @@ pub(crate) fn from_qtensor(q: &QTensor) -> Option<Arc<dyn BlockRows>> {
     match q.dtype() {
         GgmlDType::Q2K => Blocks::<BlockQ2K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q3K => Blocks::<BlockQ3K>::from_bytes(&bytes, rows, cols),
-        GgmlDType::Q4K => Blocks::<BlockQ4K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q4K => Q4KMatrix::from_bytes(&bytes, rows, cols)
+            .map(|m| Arc::new(m) as Arc<dyn BlockRows>)
+            .or_else(|| Blocks::<BlockQ4K>::from_bytes(&bytes, rows, cols)),
         GgmlDType::Q5K => Blocks::<BlockQ5K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q6K => Blocks::<BlockQ6K>::from_bytes(&bytes, rows, cols),
         _ => None,
@@ -117,6 +124,192 @@ impl<T: GgmlType + std::fmt::Debug + 'static> BlockRows for Blocks<T> {
     }
 }
 
+/// Values per super-block of the K-quants.
+pub(crate) const QK_K: usize = 256;
+/// Values per Q4_K sub-block (one scale and one min each).
+const SUB: usize = 32;
+/// Rows packed together, as in [`crate::kernels`].
+const OCTET: usize = 8;
+/// Bytes of one GGUF Q4_K block: d, dmin (f16), 12 bytes of 6-bit scales and mins, 128
+/// bytes of nibbles.
+const Q4K_BLOCK: usize = 2 + 2 + 12 + QK_K / 2;
+
+/// Where each part of a Q4_K octet block starts: first the 8 rows' 128 bytes of nibbles (in
+/// GGUF's order: per 64 values, the 32 low nibbles then the 32 high ones), then per
+/// sub-block the 8 rows' scales, then per sub-block their mins, then 8 d and 8 dmin.
+pub(crate) mod q4k_octet {
+    use super::{OCTET, QK_K, SUB};
+    /// `[sub-block][row]` 6-bit scales, one byte each.
+    pub(crate) const SCALES: usize = OCTET * QK_K / 2;
+    /// `[sub-block][row]` 6-bit mins.
+    pub(crate) const MINS: usize = SCALES + OCTET * QK_K / SUB;
+    /// 8 f16 super-block scales.
+    pub(crate) const D: usize = MINS + OCTET * QK_K / SUB;
+    /// 8 f16 super-block min scales.
+    pub(crate) const DMIN: usize = D + 2 * OCTET;
+    /// Bytes of one octet block.
+    pub(crate) const BYTES: usize = DMIN + 2 * OCTET;
+}
+
+/// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 packed bytes.
+fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// A Q4_K matrix `[rows, cols]` repacked into octets (see [`q4k_octet`]); rows past
+/// `rows` in the last octet are zero.
+#[derive(Debug)]
+pub(crate) struct Q4KMatrix {
+    rows: usize,
+    cols: usize,
+    pub(crate) data: Vec<u8>,
+}
+
+impl Q4KMatrix {
+    pub(crate) fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if cols == 0 || !cols.is_multiple_of(QK_K) || bytes.len() != rows * cols / QK_K * Q4K_BLOCK
+        {
+            return None;
+        }
+        let nb = cols / QK_K;
+        let mut data = vec![0u8; rows.div_ceil(OCTET) * nb * q4k_octet::BYTES];
+        for row in 0..rows {
+            let (o, i) = (row / OCTET, row % OCTET);
+            for b in 0..nb {
+                let src = &bytes[(row * nb + b) * Q4K_BLOCK..][..Q4K_BLOCK];
+                let dst = &mut data[(o * nb + b) * q4k_octet::BYTES..][..q4k_octet::BYTES];
+                dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[16..]);
+                for j in 0..QK_K / SUB {
+                    let (sc, m) = scale_min(j, &src[4..16]);
+                    dst[q4k_octet::SCALES + j * OCTET + i] = sc;
+                    dst[q4k_octet::MINS + j * OCTET + i] = m;
+                }
+                dst[q4k_octet::D + 2 * i..][..2].copy_from_slice(&src[..2]);
+                dst[q4k_octet::DMIN + 2 * i..][..2].copy_from_slice(&src[2..4]);
+            }
+        }
+        Some(Self { rows, cols, data })
+    }
+
+    /// The portable kernel: row `row` by activation row `r`, the arithmetic of the
+    /// vector kernels one value at a time.
+    pub(crate) fn scalar_product(&self, row: usize, xk: &Q8KRows, r: usize) -> f32 {
+        let nb = self.cols / QK_K;
+        let (o, i) = (row / OCTET, row % OCTET);
+        let mut acc = 0f32;
+        for b in 0..nb {
+            let c = &self.data[(o * nb + b) * q4k_octet::BYTES..][..q4k_octet::BYTES];
+            let nibbles = &c[i * QK_K / 2..][..QK_K / 2];
+            let at = r * nb + b;
+            let x = &xk.qs[at * QK_K..][..QK_K];
+            let (mut isum, mut msum) = (0i32, 0i32);
+            for j in 0..QK_K / SUB {
+                let (g, high) = (j / 2, j % 2 == 1);
+                let dot: i32 = (0..SUB)
+                    .map(|l| {
+                        let byte = nibbles[g * SUB + l];
+                        let q = if high { byte >> 4 } else { byte & 0x0F };
+                        i32::from(q) * i32::from(x[j * SUB + l])
+                    })
+                    .sum();
+                isum += i32::from(c[q4k_octet::SCALES + j * OCTET + i]) * dot;
+                msum += i32::from(c[q4k_octet::MINS + j * OCTET + i]) * xk.sums[at * 8 + j];
+            }
+            let d = f16_at(c, q4k_octet::D + 2 * i) * xk.d[at];
+            let dmin = f16_at(c, q4k_octet::DMIN + 2 * i) * xk.d[at];
+            acc += d * isum as f32 - dmin * msum as f32;
+        }
+        acc
+    }
+
+    /// Octet `o`'s 8 rows by every activation row, into `out` (`[8, m]`).
+    pub(crate) fn octet_products(&self, o: usize, xk: &Q8KRows, out: &mut [f32]) {
+        let nb = self.cols / QK_K;
+        let octet = &self.data[o * nb * q4k_octet::BYTES..(o + 1) * nb * q4k_octet::BYTES];
+        if crate::kernels::q4k_products(octet, xk, out) {
+            return;
+        }
+        for i in 0..OCTET {
+            let row = o * OCTET + i;
+            for r in 0..xk.m {
+                out[i * xk.m + r] = if row < self.rows {
+                    self.scalar_product(row, xk, r)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+impl BlockRows for Q4KMatrix {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let xk = Q8KRows::quantise(x, m, self.cols);
+        crate::kernels::octets_matmul(self.rows, m, |o, out| self.octet_products(o, &xk, out))
+    }
+}
+
+/// Activation rows quantised as ggml's Q8_K (and candle's, whose rounding this copies):
+/// per 256 values an f32 scale and 256 signed bytes, `x ≈ d * q`.
+pub(crate) struct Q8KRows {
+    /// Rows.
+    pub(crate) m: usize,
+    /// Super-blocks per row.
+    pub(crate) nb: usize,
+    /// `[m, cols]` quantised values.
+    pub(crate) qs: Vec<i8>,
+    /// `[m, nb]` scales.
+    pub(crate) d: Vec<f32>,
+    /// `[m, nb, 8]` sums of each 32 quantised values (for the mins).
+    pub(crate) sums: Vec<i32>,
+}
+
+impl Q8KRows {
+    pub(crate) fn quantise(x: &[f32], m: usize, cols: usize) -> Self {
+        let nb = cols / QK_K;
+        let mut qs = vec![0i8; m * cols];
+        let mut d = Vec::with_capacity(m * nb);
+        let mut sums = Vec::with_capacity(m * nb * 8);
+        for (xb, qb) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)) {
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in xb {
+                if amax < v.abs() {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            if amax == 0.0 {
+                d.push(0.0);
+            } else {
+                let iscale = -127.0 / max;
+                for (q, &v) in qb.iter_mut().zip(xb) {
+                    *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+                }
+                d.push(1.0 / iscale);
+            }
+            for s in qb.chunks_exact(SUB) {
+                sums.push(s.iter().map(|&q| i32::from(q)).sum());
+            }
+        }
+        Self { m, nb, qs, d, sums }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +349,45 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{dtype:?} m={m}: off by {worst}");
+            }
+        }
+    }
+
+    /// Q4_K's kernels: the portable one, AVX2 and the best this CPU has give the same
+    /// rows (the integers are the same; only the last float operations may round
+    /// apart), for every octet including a ragged last one.
+    #[test]
+    fn q4k_kernels_agree() {
+        let d = Device::Cpu;
+        let (rows, cols) = (75, 768);
+        let w = Tensor::randn(0f32, 0.05, (rows, cols), &d).expect("w");
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).expect("quantize");
+        let bytes = q.data().expect("bytes");
+        let mat = Q4KMatrix::from_bytes(&bytes, rows, cols).expect("Q4_K");
+        for m in [1, 3] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let xk = Q8KRows::quantise(&x, m, cols);
+            for o in 0..rows.div_ceil(OCTET) {
+                let mut fast = vec![0f32; OCTET * m];
+                mat.octet_products(o, &xk, &mut fast);
+                for i in 0..OCTET {
+                    let row = o * OCTET + i;
+                    for r in 0..m {
+                        let want = if row < rows {
+                            mat.scalar_product(row, &xk, r)
+                        } else {
+                            0.0
+                        };
+                        let got = fast[i * m + r];
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "octet {o} row {i} x {r}: {got} vs {want}"
+                        );
+                    }
+                }
+                crate::kernels::check_q4k_levels_agree(&mat.data, o, cols / QK_K, &xk, &fast);
             }
         }
     }

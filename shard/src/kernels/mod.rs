@@ -4,13 +4,16 @@
 //! every quantised product on a thread pool whose workers spin for 25,000 rounds after
 //! each product, which steals the cores from the other servers of a swarm sharing a
 //! machine (measured in issue 5: 70% of a local decode went to candle's scalar
-//! `vec_dot_unopt`). These kernels take over for the GGUF formats we meet most (Q4_0,
-//! Q4_1, Q8_0). Activations are quantised to 8 bits per 32-value block (as ggml's
-//! Q8_0/Q8_1) and each block product runs in integer arithmetic: AVX-VNNI (`vpdpbusd`)
-//! or AVX2 (`maddubs`) where the CPU has them, plain Rust elsewhere.
+//! `vec_dot_unopt`). These kernels take over for the GGUF formats of 32-value blocks
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; K-quant files keep many tensors in Q5_0 and Q8_0).
+//! Activations are quantised to 8 bits per 32-value block (as ggml's Q8_0/Q8_1) and
+//! each block product runs in integer arithmetic: AVX-VNNI (`vpdpbusd`) or AVX2
+//! (`maddubs`) where the CPU has them, plain Rust elsewhere.
 //!
 //! Weights are repacked at load into *octets*: for each group of 8 rows and each block,
-//! the 8 rows' quants side by side, then their 8 f16 scales (and, for Q4_1, 8 mins). A
+//! the 8 rows' quants side by side, then their 8 f16 scales (and, for Q4_1 and Q5_1, 8
+//! mins); for Q5_0/Q5_1 the quants are the 8 rows' 16 bytes of low nibbles, then their
+//! 8 words of fifth bits, which the kernel spreads into the nibbles' bytes. A
 //! product then unpacks two rows' nibbles per instruction, reduces the 8 rows' integer
 //! dot products into one vector, and applies 8 scales with one vector multiply, where
 //! GGUF's row-major layout needs a scalar conversion, broadcast and multiply per row and
@@ -25,6 +28,11 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+use x86::{avx2_kernels, vnni_kernels, x86_level, X86Level};
+
 /// Values per quantisation block, in every format here.
 const QK: usize = 32;
 
@@ -38,6 +46,10 @@ pub(crate) enum QFormat {
     Q4_0,
     /// f16 scale, f16 min, 32 unsigned nibbles; value = d * q + m.
     Q4_1,
+    /// f16 scale, 32-bit word of fifth bits, 32 unsigned nibbles; value = d * (q - 16).
+    Q5_0,
+    /// f16 scale, f16 min, fifth bits, 32 nibbles; value = d * q + m.
+    Q5_1,
     /// f16 scale, 32 signed bytes; value = d * q.
     Q8_0,
 }
@@ -47,6 +59,8 @@ impl QFormat {
         match d {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -57,16 +71,29 @@ impl QFormat {
         match self {
             Self::Q4_0 => 2 + QK / 2,
             Self::Q4_1 => 4 + QK / 2,
+            Self::Q5_0 => 2 + 4 + QK / 2,
+            Self::Q5_1 => 4 + 4 + QK / 2,
             Self::Q8_0 => 2 + QK,
         }
     }
 
-    /// Bytes of one block's quants.
+    /// Bytes of one block's quants (for Q5_0/Q5_1 the fifth bits' word included).
     const fn quant_bytes(self) -> usize {
         match self {
             Self::Q4_0 | Self::Q4_1 => QK / 2,
+            Self::Q5_0 | Self::Q5_1 => 4 + QK / 2,
             Self::Q8_0 => QK,
         }
+    }
+
+    /// Whether the block has a min (and so an octet 8 mins after its scales).
+    const fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    /// Whether values have a fifth bit, kept apart from the nibbles.
+    const fn has_fifth_bit(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 
     /// Where the quants start in a GGUF block (after the scale, and Q4_1's min).
@@ -118,6 +145,88 @@ pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// A product over octets of weight rows: `octet(o, out)` writes octet `o`'s 8 rows by
+/// the `m` activation rows into `out` (`[8, m]`); the octets are shared out over the
+/// pool and the result comes back as `[m, rows]`, row-major.
+pub(crate) fn octets_matmul(
+    rows: usize,
+    m: usize,
+    octet: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let octets = rows.div_ceil(OCTET);
+    // Output transposed and padded to whole octets, [octets * 8, m], so each task owns
+    // one contiguous stretch.
+    let mut out_t = vec![0f32; octets * OCTET * m];
+    let threads = pool().current_num_threads();
+    // A few tasks per thread balance the load; tiny tasks would cost more to hand out.
+    let per_task = octets.div_ceil(threads * 4).max(2);
+    let run = |out_t: &mut [f32]| {
+        out_t
+            .par_chunks_mut(per_task * OCTET * m)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (j, out) in chunk.chunks_mut(OCTET * m).enumerate() {
+                    octet(t * per_task + j, out);
+                }
+            });
+    };
+    on_pool(|| run(&mut out_t));
+    let mut out = vec![0f32; m * rows];
+    if m == 1 {
+        out.copy_from_slice(&out_t[..rows]);
+        return out;
+    }
+    for (i, col) in out_t.chunks_exact(m).take(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            out[r * rows + i] = v;
+        }
+    }
+    out
+}
+
+/// Q4_K octet `octet` by every row of `xk` into `out` (`[8, m]`) on this CPU's vector
+/// kernels; false where there are none (the caller runs the portable one).
+pub(crate) fn q4k_products(octet: &[u8], xk: &crate::kquants::Q8KRows, out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    match x86_level() {
+        // SAFETY (both): the CPU has the features the kernel is compiled for (checked by
+        // `x86_level`); the kernel checks the slices' lengths.
+        X86Level::Vnni => {
+            unsafe { vnni_kernels::q4k_products(octet, xk, out) };
+            return true;
+        }
+        X86Level::Avx2 => {
+            unsafe { avx2_kernels::q4k_products(octet, xk, out) };
+            return true;
+        }
+        X86Level::None => {}
+    }
+    let _ = (octet, xk, out);
+    false
+}
+
+/// Tests: Q4_K octet `o` on the AVX2 kernel gives `best` (what the best kernel of this
+/// CPU gave), where the CPU has AVX2.
+#[cfg(test)]
+pub(crate) fn check_q4k_levels_agree(
+    data: &[u8],
+    o: usize,
+    nb: usize,
+    xk: &crate::kquants::Q8KRows,
+    best: &[f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if x86_level() != X86Level::None {
+        let bytes = crate::kquants::q4k_octet::BYTES;
+        let octet = &data[o * nb * bytes..(o + 1) * nb * bytes];
+        let mut avx2 = vec![0f32; best.len()];
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+        unsafe { avx2_kernels::q4k_products(octet, xk, &mut avx2) };
+        assert_eq!(avx2, best, "AVX2 and {:?} Q4_K kernels differ", x86_level());
+    }
+    let _ = (data, o, nb, xk, best);
+}
+
 /// A weight matrix `[rows, cols]` in a GGUF block format, repacked into octets (see the
 /// module documentation); rows past `rows` in the last octet are zero.
 #[derive(Clone)]
@@ -135,11 +244,31 @@ impl std::fmt::Debug for QMatrix {
 }
 
 /// One row's block in an octet: its scale, its offset term per unit of activation sum
-/// (`-8 d` for Q4_0, the min for Q4_1, 0 for Q8_0) and its quants.
+/// (`-8 d` for Q4_0, `-16 d` for Q5_0, the min for Q4_1 and Q5_1, 0 for Q8_0), its
+/// quants (nibbles or bytes) and, for Q5_0/Q5_1, its fifth bits.
 struct RowBlock<'a> {
     d: f32,
     offset: f32,
     qs: &'a [u8],
+    high: u32,
+}
+
+impl RowBlock<'_> {
+    /// Value `j` of the block as an unsigned integer (the offset not applied), or for
+    /// Q8_0 as a signed one.
+    fn q(&self, format: QFormat, j: usize) -> i32 {
+        match format {
+            QFormat::Q8_0 => i32::from(self.qs[j] as i8),
+            _ => {
+                let nibble = if j < QK / 2 {
+                    self.qs[j] & 0x0F
+                } else {
+                    self.qs[j - QK / 2] >> 4
+                };
+                i32::from(nibble) | (((self.high >> j) & 1) as i32) << 4
+            }
+        }
+    }
 }
 
 impl QMatrix {
@@ -167,10 +296,18 @@ impl QMatrix {
             for b in 0..kb {
                 let src = &raw[(row * kb + b) * bb..][..bb];
                 let dst = &mut data[(o * kb + b) * ob..][..ob];
-                dst[i * qb..(i + 1) * qb].copy_from_slice(&src[qo..]);
+                if format.has_fifth_bit() {
+                    // GGUF: [d, (m), qh: u32, qs: 16]; here the 8 rows' qs, then their qh.
+                    let nibbles = QK / 2;
+                    dst[i * nibbles..(i + 1) * nibbles].copy_from_slice(&src[qo + 4..]);
+                    let high = OCTET * nibbles + 4 * i;
+                    dst[high..high + 4].copy_from_slice(&src[qo..qo + 4]);
+                } else {
+                    dst[i * qb..(i + 1) * qb].copy_from_slice(&src[qo..]);
+                }
                 let scales = OCTET * qb;
                 dst[scales + 2 * i..scales + 2 * i + 2].copy_from_slice(&src[..2]);
-                if format == QFormat::Q4_1 {
+                if format.has_min() {
                     let mins = scales + 2 * OCTET;
                     dst[mins + 2 * i..mins + 2 * i + 2].copy_from_slice(&src[2..4]);
                 }
@@ -225,32 +362,41 @@ impl QMatrix {
         let d = f16_le(chunk, scales + 2 * i);
         let offset = match f {
             QFormat::Q4_0 => -8.0 * d,
-            QFormat::Q4_1 => f16_le(chunk, scales + 2 * OCTET + 2 * i),
+            QFormat::Q5_0 => -16.0 * d,
+            QFormat::Q4_1 | QFormat::Q5_1 => f16_le(chunk, scales + 2 * OCTET + 2 * i),
             QFormat::Q8_0 => 0.0,
         };
-        RowBlock {
-            d,
-            offset,
-            qs: &chunk[i * qb..(i + 1) * qb],
+        if f.has_fifth_bit() {
+            let nibbles = QK / 2;
+            let high = OCTET * nibbles + 4 * i;
+            let word = [
+                chunk[high],
+                chunk[high + 1],
+                chunk[high + 2],
+                chunk[high + 3],
+            ];
+            RowBlock {
+                d,
+                offset,
+                qs: &chunk[i * nibbles..(i + 1) * nibbles],
+                high: u32::from_le_bytes(word),
+            }
+        } else {
+            RowBlock {
+                d,
+                offset,
+                qs: &chunk[i * qb..(i + 1) * qb],
+                high: 0,
+            }
         }
     }
 
     /// Row `i` as f32 values (an embedding lookup).
     pub(crate) fn dequantize_row(&self, i: usize, out: &mut [f32]) {
         for (b, out) in out.chunks_exact_mut(QK).enumerate() {
-            let RowBlock { d, offset, qs } = self.row_block(i, b);
-            match self.format {
-                QFormat::Q4_0 | QFormat::Q4_1 => {
-                    for (j, &q) in qs.iter().enumerate() {
-                        out[j] = d * f32::from(q & 0x0F) + offset;
-                        out[j + QK / 2] = d * f32::from(q >> 4) + offset;
-                    }
-                }
-                QFormat::Q8_0 => {
-                    for (o, &q) in out.iter_mut().zip(qs) {
-                        *o = d * f32::from(q as i8);
-                    }
-                }
+            let block = self.row_block(i, b);
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = block.d * block.q(self.format, j) as f32 + block.offset;
             }
         }
     }
@@ -259,35 +405,7 @@ impl QMatrix {
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         let xq = QRows::quantise(x, m, self.cols);
-        let octets = self.rows.div_ceil(OCTET);
-        // Output transposed and padded to whole octets, [octets * 8, m], so each task
-        // owns one contiguous stretch.
-        let mut out_t = vec![0f32; octets * OCTET * m];
-        let threads = pool().current_num_threads();
-        // A few tasks per thread balance the load; tiny tasks would cost more to hand out.
-        let per_task = octets.div_ceil(threads * 4).max(2);
-        let run = |out_t: &mut [f32]| {
-            out_t
-                .par_chunks_mut(per_task * OCTET * m)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (j, out) in chunk.chunks_mut(OCTET * m).enumerate() {
-                        self.octet_products(t * per_task + j, &xq, out);
-                    }
-                });
-        };
-        on_pool(|| run(&mut out_t));
-        let mut out = vec![0f32; m * self.rows];
-        if m == 1 {
-            out.copy_from_slice(&out_t[..self.rows]);
-            return out;
-        }
-        for (i, col) in out_t.chunks_exact(m).take(self.rows).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                out[r * self.rows + i] = v;
-            }
-        }
-        out
+        octets_matmul(self.rows, m, |o, out| self.octet_products(o, &xq, out))
     }
 
     /// Dot products of octet `o`'s 8 rows with every row of `xq`, into `out`
@@ -327,25 +445,15 @@ impl QMatrix {
     fn scalar_product(&self, row: usize, xq: &QRows, r: usize) -> f32 {
         let mut acc = 0f32;
         for b in 0..xq.kb {
-            let RowBlock { d, offset, qs } = self.row_block(row, b);
+            let block = self.row_block(row, b);
             let at = r * xq.kb + b;
             let xb = &xq.qs[at * QK..][..QK];
-            let dot: i32 = match self.format {
-                QFormat::Q4_0 | QFormat::Q4_1 => qs
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &q)| {
-                        i32::from(q & 0x0F) * i32::from(xb[j])
-                            + i32::from(q >> 4) * i32::from(xb[j + QK / 2])
-                    })
-                    .sum(),
-                QFormat::Q8_0 => qs
-                    .iter()
-                    .zip(xb)
-                    .map(|(&a, &b)| i32::from(a as i8) * i32::from(b))
-                    .sum(),
-            };
-            acc += dot as f32 * (d * xq.d[at]) + offset * xq.s[at];
+            let dot: i32 = xb
+                .iter()
+                .enumerate()
+                .map(|(j, &x)| block.q(self.format, j) * i32::from(x))
+                .sum();
+            acc += dot as f32 * (block.d * xq.d[at]) + block.offset * xq.s[at];
         }
         acc
     }
@@ -354,34 +462,6 @@ impl QMatrix {
 /// Reads the little-endian f16 at `at`.
 fn f16_le(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// The best kernel set this x86 CPU runs.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum X86Level {
-    None,
-    Avx2,
-    Vnni,
-}
-
-#[cfg(target_arch = "x86_64")]
-fn x86_level() -> X86Level {
-    static LEVEL: OnceLock<X86Level> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let avx2 = std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
-        let vnni = avx2 && std::is_x86_feature_detected!("avxvnni");
-        // SHOAL_KERNELS=avx2 or =portable picks a lesser set, to compare or to debug.
-        match std::env::var("SHOAL_KERNELS").as_deref() {
-            Ok("portable") => X86Level::None,
-            Ok("avx2") if avx2 => X86Level::Avx2,
-            _ if vnni => X86Level::Vnni,
-            _ if avx2 => X86Level::Avx2,
-            _ => X86Level::None,
-        }
-    })
 }
 
 /// Activation rows quantised to 8 bits per block of 32: `x ≈ d * q`.
@@ -421,163 +501,6 @@ impl QRows {
         }
         Self { m, kb, qs, d, s }
     }
-}
-
-/// The x86 kernels, stamped out once per instruction set: `$features` is the
-/// `target_feature` list and `$dot` the 32-byte unsigned x signed dot product (eight
-/// sums of four products each).
-#[cfg(target_arch = "x86_64")]
-macro_rules! x86_kernels {
-    ($name:ident, $features:literal, $dot:item) => {
-        mod $name {
-            use std::arch::x86_64::*;
-
-            use super::super::{QFormat, QRows, OCTET, QK};
-
-            $dot
-
-            /// Dot products of one octet (`kb` octet blocks) with every row of `xq`, into
-            /// `out` (`[8, m]`).
-            ///
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            pub(crate) unsafe fn products(format: QFormat, octet: &[u8], xq: &QRows, out: &mut [f32]) {
-                let m = xq.m;
-                assert!(octet.len() >= xq.kb * format.octet_bytes());
-                assert!(out.len() >= OCTET * m && xq.qs.len() >= m * xq.kb * QK);
-                for r in 0..m {
-                    // SAFETY: the bounds were checked above; the CPU check is the
-                    // caller's.
-                    let sums = unsafe {
-                        match format {
-                            QFormat::Q4_0 => kernel::<0>(octet.as_ptr(), xq, r),
-                            QFormat::Q4_1 => kernel::<1>(octet.as_ptr(), xq, r),
-                            QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r),
-                        }
-                    };
-                    for (i, v) in sums.iter().enumerate() {
-                        out[i * m + r] = *v;
-                    }
-                }
-            }
-
-            /// Sums of the 8 lanes of each of 8 vectors, as one vector (lane i = sum of
-            /// `v[i]`).
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn reduce8(v: [__m256i; 8]) -> __m256i {
-                let a = _mm256_hadd_epi32(v[0], v[1]);
-                let b = _mm256_hadd_epi32(v[2], v[3]);
-                let c = _mm256_hadd_epi32(v[4], v[5]);
-                let d = _mm256_hadd_epi32(v[6], v[7]);
-                // Lane-halves: [0..3 of rows 0-3 | 4..7 of rows 0-3], and rows 4-7.
-                let lo = _mm256_hadd_epi32(a, b);
-                let hi = _mm256_hadd_epi32(c, d);
-                let first = _mm256_permute2x128_si256(lo, hi, 0x20);
-                let second = _mm256_permute2x128_si256(lo, hi, 0x31);
-                _mm256_add_epi32(first, second)
-            }
-
-            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. One octet by activation row `r`: the
-            /// 8 rows' results.
-            ///
-            /// # Safety
-            /// The features of this module; `octet` points at `xq.kb` octet blocks of the format; row `r`
-            /// exists in `xq`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn kernel<const F: u8>(octet: *const u8, xq: &QRows, r: usize) -> [f32; 8] {
-                let format = match F {
-                    0 => QFormat::Q4_0,
-                    1 => QFormat::Q4_1,
-                    _ => QFormat::Q8_0,
-                };
-                let (qb, ob) = (format.quant_bytes(), format.octet_bytes());
-                let mask = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
-                // SAFETY: every pointer stays inside the octet's `kb` blocks or inside
-                // row `r` of `xq`, as the caller promised.
-                unsafe {
-                    for b in 0..xq.kb {
-                        let c = octet.add(b * ob);
-                        let at = r * xq.kb + b;
-                        let x = _mm256_loadu_si256(xq.qs.as_ptr().add(at * QK).cast());
-                        let mut dots = [_mm256_setzero_si256(); 8];
-                        for p in 0..4 {
-                            if F == 2 {
-                                for j in 0..2 {
-                                    let w = _mm256_loadu_si256(c.add((2 * p + j) * qb).cast());
-                                    // unsigned × signed: |w| and x with w's signs.
-                                    let u = _mm256_sign_epi8(w, w);
-                                    dots[2 * p + j] = dot_u8_i8(u, _mm256_sign_epi8(x, w));
-                                }
-                            } else {
-                                // Rows 2p and 2p+1: their 16 bytes of nibbles each.
-                                let v = _mm256_loadu_si256(c.add(2 * p * qb).cast());
-                                let lo = _mm256_and_si256(v, mask);
-                                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                                let u0 = _mm256_permute2x128_si256(lo, hi, 0x20);
-                                let u1 = _mm256_permute2x128_si256(lo, hi, 0x31);
-                                dots[2 * p] = dot_u8_i8(u0, x);
-                                dots[2 * p + 1] = dot_u8_i8(u1, x);
-                            }
-                        }
-                        let sums = _mm256_cvtepi32_ps(reduce8(dots));
-                        let scales = c.add(OCTET * qb);
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
-                        let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
-                        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
-                        if F != 2 {
-                            let offset = if F == 0 {
-                                _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
-                            } else {
-                                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()))
-                            };
-                            let sx = _mm256_set1_ps(*xq.s.get_unchecked(at));
-                            acc = _mm256_fmadd_ps(offset, sx, acc);
-                        }
-                    }
-                    let mut out = [0f32; 8];
-                    _mm256_storeu_ps(out.as_mut_ptr(), acc);
-                    out
-                }
-            }
-        }
-    };
-}
-
-/// AVX2 + FMA + F16C: `maddubs` (pairs into i16) then `madd` (into i32). Pair sums stay
-/// below i16's limit: a weight byte is at most 15 (4-bit) or 128 (|Q8_0|), an
-/// activation byte at most 127 in magnitude.
-#[cfg(target_arch = "x86_64")]
-mod avx2_kernels {
-    x86_kernels!(
-        k,
-        "avx2,fma,f16c",
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
-        }
-    );
-    pub(super) use k::products;
-}
-
-/// AVX-VNNI (Zen 4 and later, Alder Lake and later): one `vpdpbusd` per 32-byte dot
-/// product instead of two instructions, with no 16-bit intermediate.
-#[cfg(target_arch = "x86_64")]
-mod vnni_kernels {
-    x86_kernels!(
-        k,
-        "avx2,fma,f16c,avxvnni",
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x)
-        }
-    );
-    pub(super) use k::products;
 }
 
 #[cfg(test)]
@@ -651,7 +574,13 @@ mod tests {
 
     #[test]
     fn products_match_dequantised_weights() -> candle_core::Result<()> {
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             for m in [1, 3, 4, 7] {
                 check(dtype, 100, 256, m)?;
             }
@@ -664,7 +593,13 @@ mod tests {
     fn rows_dequantise_like_candle() -> candle_core::Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (13, 64), &dev)?;
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
             let q = QTensor::quantize(&w, dtype)?;
             let want: Vec<Vec<f32>> = q.dequantize(&dev)?.to_vec2()?;
             let mat = packed(&q);
