@@ -14,8 +14,8 @@
 //! activation row, so a row comes out the same whatever other rows share the product.
 //! Work is split over chunks of weight rows on [`crate::kernels::pool`].
 //!
-//! Q4_K, the most common type of today's downloads, runs on a kernel of our own instead
-//! ([`Q4KMatrix`]): repacked at load into octets as [`crate::kernels`] does for the
+//! Q4_K and Q6_K, the types of today's most common downloads, run on kernels of our own
+//! instead ([`SuperMatrix`]): repacked at load into octets as [`crate::kernels`] does for the
 //! 32-value formats, with the same Q8_K activations and integer arithmetic as ggml's
 //! product, so its rows equal candle's to rounding.
 
@@ -50,11 +50,13 @@ pub(crate) fn from_qtensor(q: &QTensor) -> Option<Arc<dyn BlockRows>> {
     match q.dtype() {
         GgmlDType::Q2K => Blocks::<BlockQ2K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q3K => Blocks::<BlockQ3K>::from_bytes(&bytes, rows, cols),
-        GgmlDType::Q4K => Q4KMatrix::from_bytes(&bytes, rows, cols)
+        GgmlDType::Q4K => SuperMatrix::from_bytes(Super::Q4K, &bytes, rows, cols)
             .map(|m| Arc::new(m) as Arc<dyn BlockRows>)
             .or_else(|| Blocks::<BlockQ4K>::from_bytes(&bytes, rows, cols)),
         GgmlDType::Q5K => Blocks::<BlockQ5K>::from_bytes(&bytes, rows, cols),
-        GgmlDType::Q6K => Blocks::<BlockQ6K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q6K => SuperMatrix::from_bytes(Super::Q6K, &bytes, rows, cols)
+            .map(|m| Arc::new(m) as Arc<dyn BlockRows>)
+            .or_else(|| Blocks::<BlockQ6K>::from_bytes(&bytes, rows, cols)),
         _ => None,
     }
 }
@@ -151,6 +153,25 @@ pub(crate) mod q4k_octet {
     pub(crate) const BYTES: usize = DMIN + 2 * OCTET;
 }
 
+/// Bytes of one GGUF Q6_K block: 128 bytes of low nibbles, 64 of high bit pairs, 16
+/// signed 8-bit scales (one per 16 values), f16 d.
+const Q6K_BLOCK: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
+
+/// Where each part of a Q6_K octet block starts: the 8 rows' 128 bytes of low nibbles,
+/// their 64 bytes of high bit pairs (both in GGUF's order, see [`q6`]), per 16 values
+/// the 8 rows' scales, then 8 f16 d. The same bytes as the 8 GGUF blocks.
+pub(crate) mod q6k_octet {
+    use super::{OCTET, QK_K};
+    /// `[row]` 64 bytes of high bit pairs.
+    pub(crate) const HIGH: usize = OCTET * QK_K / 2;
+    /// `[16 values][row]` signed scales.
+    pub(crate) const SCALES: usize = HIGH + OCTET * QK_K / 4;
+    /// 8 f16 super-block scales.
+    pub(crate) const D: usize = SCALES + OCTET * QK_K / 16;
+    /// Bytes of one octet block.
+    pub(crate) const BYTES: usize = D + 2 * OCTET;
+}
+
 /// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 packed bytes.
 fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -163,68 +184,135 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// A Q4_K matrix `[rows, cols]` repacked into octets (see [`q4k_octet`]); rows past
-/// `rows` in the last octet are zero.
+/// The super-block types with kernels of our own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Super {
+    /// Q4_K (see [`q4k_octet`]).
+    Q4K,
+    /// Q6_K (see [`q6k_octet`]).
+    Q6K,
+}
+
+impl Super {
+    /// Bytes of one GGUF block.
+    fn block_bytes(self) -> usize {
+        match self {
+            Super::Q4K => Q4K_BLOCK,
+            Super::Q6K => Q6K_BLOCK,
+        }
+    }
+
+    /// Bytes of one octet block.
+    pub(crate) fn octet_bytes(self) -> usize {
+        match self {
+            Super::Q4K => q4k_octet::BYTES,
+            Super::Q6K => q6k_octet::BYTES,
+        }
+    }
+}
+
+/// A Q4_K or Q6_K matrix `[rows, cols]` repacked into octets (see [`q4k_octet`],
+/// [`q6k_octet`]); rows past `rows` in the last octet are zero.
 #[derive(Debug)]
-pub(crate) struct Q4KMatrix {
+pub(crate) struct SuperMatrix {
+    kind: Super,
     rows: usize,
     cols: usize,
     pub(crate) data: Vec<u8>,
 }
 
-impl Q4KMatrix {
-    pub(crate) fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if cols == 0 || !cols.is_multiple_of(QK_K) || bytes.len() != rows * cols / QK_K * Q4K_BLOCK
-        {
+impl SuperMatrix {
+    pub(crate) fn from_bytes(kind: Super, bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let bb = kind.block_bytes();
+        if cols == 0 || !cols.is_multiple_of(QK_K) || bytes.len() != rows * cols / QK_K * bb {
             return None;
         }
         let nb = cols / QK_K;
-        let mut data = vec![0u8; rows.div_ceil(OCTET) * nb * q4k_octet::BYTES];
+        let ob = kind.octet_bytes();
+        let mut data = vec![0u8; rows.div_ceil(OCTET) * nb * ob];
         for row in 0..rows {
             let (o, i) = (row / OCTET, row % OCTET);
             for b in 0..nb {
-                let src = &bytes[(row * nb + b) * Q4K_BLOCK..][..Q4K_BLOCK];
-                let dst = &mut data[(o * nb + b) * q4k_octet::BYTES..][..q4k_octet::BYTES];
-                dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[16..]);
-                for j in 0..QK_K / SUB {
-                    let (sc, m) = scale_min(j, &src[4..16]);
-                    dst[q4k_octet::SCALES + j * OCTET + i] = sc;
-                    dst[q4k_octet::MINS + j * OCTET + i] = m;
+                let src = &bytes[(row * nb + b) * bb..][..bb];
+                let dst = &mut data[(o * nb + b) * ob..][..ob];
+                match kind {
+                    Super::Q4K => {
+                        dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[16..]);
+                        for j in 0..QK_K / SUB {
+                            let (sc, m) = scale_min(j, &src[4..16]);
+                            dst[q4k_octet::SCALES + j * OCTET + i] = sc;
+                            dst[q4k_octet::MINS + j * OCTET + i] = m;
+                        }
+                        dst[q4k_octet::D + 2 * i..][..2].copy_from_slice(&src[..2]);
+                        dst[q4k_octet::DMIN + 2 * i..][..2].copy_from_slice(&src[2..4]);
+                    }
+                    Super::Q6K => {
+                        // GGUF: ql[128], qh[64], scales[16] (i8), d (f16).
+                        dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[..128]);
+                        dst[q6k_octet::HIGH + i * QK_K / 4..][..QK_K / 4]
+                            .copy_from_slice(&src[128..192]);
+                        for g in 0..QK_K / 16 {
+                            dst[q6k_octet::SCALES + g * OCTET + i] = src[192 + g];
+                        }
+                        dst[q6k_octet::D + 2 * i..][..2].copy_from_slice(&src[208..210]);
+                    }
                 }
-                dst[q4k_octet::D + 2 * i..][..2].copy_from_slice(&src[..2]);
-                dst[q4k_octet::DMIN + 2 * i..][..2].copy_from_slice(&src[2..4]);
             }
         }
-        Some(Self { rows, cols, data })
+        Some(Self {
+            kind,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// The portable kernel: row `row` by activation row `r`, the arithmetic of the
     /// vector kernels one value at a time.
     pub(crate) fn scalar_product(&self, row: usize, xk: &Q8KRows, r: usize) -> f32 {
         let nb = self.cols / QK_K;
+        let ob = self.kind.octet_bytes();
         let (o, i) = (row / OCTET, row % OCTET);
         let mut acc = 0f32;
         for b in 0..nb {
-            let c = &self.data[(o * nb + b) * q4k_octet::BYTES..][..q4k_octet::BYTES];
-            let nibbles = &c[i * QK_K / 2..][..QK_K / 2];
+            let c = &self.data[(o * nb + b) * ob..][..ob];
             let at = r * nb + b;
             let x = &xk.qs[at * QK_K..][..QK_K];
-            let (mut isum, mut msum) = (0i32, 0i32);
-            for j in 0..QK_K / SUB {
-                let (g, high) = (j / 2, j % 2 == 1);
-                let dot: i32 = (0..SUB)
-                    .map(|l| {
-                        let byte = nibbles[g * SUB + l];
-                        let q = if high { byte >> 4 } else { byte & 0x0F };
-                        i32::from(q) * i32::from(x[j * SUB + l])
-                    })
-                    .sum();
-                isum += i32::from(c[q4k_octet::SCALES + j * OCTET + i]) * dot;
-                msum += i32::from(c[q4k_octet::MINS + j * OCTET + i]) * xk.sums[at * 8 + j];
-            }
-            let d = f16_at(c, q4k_octet::D + 2 * i) * xk.d[at];
-            let dmin = f16_at(c, q4k_octet::DMIN + 2 * i) * xk.d[at];
-            acc += d * isum as f32 - dmin * msum as f32;
+            acc += match self.kind {
+                Super::Q4K => {
+                    let nibbles = &c[i * QK_K / 2..][..QK_K / 2];
+                    let (mut isum, mut msum) = (0i32, 0i32);
+                    for j in 0..QK_K / SUB {
+                        let (g, high) = (j / 2, j % 2 == 1);
+                        let dot: i32 = (0..SUB)
+                            .map(|l| {
+                                let byte = nibbles[g * SUB + l];
+                                let q = if high { byte >> 4 } else { byte & 0x0F };
+                                i32::from(q) * i32::from(x[j * SUB + l])
+                            })
+                            .sum();
+                        isum += i32::from(c[q4k_octet::SCALES + j * OCTET + i]) * dot;
+                        let sum32 = xk.bsums[at * 16 + 2 * j] + xk.bsums[at * 16 + 2 * j + 1];
+                        msum += i32::from(c[q4k_octet::MINS + j * OCTET + i]) * sum32;
+                    }
+                    let d = f16_at(c, q4k_octet::D + 2 * i) * xk.d[at];
+                    let dmin = f16_at(c, q4k_octet::DMIN + 2 * i) * xk.d[at];
+                    d * isum as f32 - dmin * msum as f32
+                }
+                Super::Q6K => {
+                    let ql = &c[i * QK_K / 2..][..QK_K / 2];
+                    let qh = &c[q6k_octet::HIGH + i * QK_K / 4..][..QK_K / 4];
+                    let mut isum = 0i32;
+                    for g in 0..QK_K / 16 {
+                        let sc = i32::from(c[q6k_octet::SCALES + g * OCTET + i] as i8);
+                        let dot: i32 = (16 * g..16 * (g + 1))
+                            .map(|v| i32::from(q6(ql, qh, v)) * i32::from(x[v]))
+                            .sum();
+                        isum += sc * (dot - 32 * xk.bsums[at * 16 + g]);
+                    }
+                    f16_at(c, q6k_octet::D + 2 * i) * xk.d[at] * isum as f32
+                }
+            };
         }
         acc
     }
@@ -232,8 +320,9 @@ impl Q4KMatrix {
     /// Octet `o`'s 8 rows by every activation row, into `out` (`[8, m]`).
     pub(crate) fn octet_products(&self, o: usize, xk: &Q8KRows, out: &mut [f32]) {
         let nb = self.cols / QK_K;
-        let octet = &self.data[o * nb * q4k_octet::BYTES..(o + 1) * nb * q4k_octet::BYTES];
-        if crate::kernels::q4k_products(octet, xk, out) {
+        let ob = self.kind.octet_bytes();
+        let octet = &self.data[o * nb * ob..(o + 1) * nb * ob];
+        if crate::kernels::super_products(self.kind, octet, xk, out) {
             return;
         }
         for i in 0..OCTET {
@@ -249,11 +338,24 @@ impl Q4KMatrix {
     }
 }
 
+/// Value `v` (0..256) of a Q6_K block as an unsigned 6-bit integer (32 above its signed
+/// value), from its low nibbles `ql` and high bit pairs `qh` in GGUF's order: per half
+/// of 128 values, `ql[l]` holds values `l` (low) and `l + 64` (high), `ql[l + 32]`
+/// values `l + 32` and `l + 96`, and `qh[l]` the high pairs of those four, in that order.
+fn q6(ql: &[u8], qh: &[u8], v: usize) -> u8 {
+    let (half, w) = (v / 128, v % 128);
+    let (k, l) = (w / 32, w % 32);
+    let lo = ql[64 * half + l + 32 * (k % 2)];
+    let nibble = if k < 2 { lo & 0x0F } else { lo >> 4 };
+    let high = (qh[32 * half + l] >> (2 * k)) & 3;
+    nibble | (high << 4)
+}
+
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-impl BlockRows for Q4KMatrix {
+impl BlockRows for SuperMatrix {
     fn rows(&self) -> usize {
         self.rows
     }
@@ -275,8 +377,9 @@ pub(crate) struct Q8KRows {
     pub(crate) qs: Vec<i8>,
     /// `[m, nb]` scales.
     pub(crate) d: Vec<f32>,
-    /// `[m, nb, 8]` sums of each 32 quantised values (for the mins).
-    pub(crate) sums: Vec<i32>,
+    /// `[m, nb, 16]` sums of each 16 quantised values (ggml's `bsums`: for Q4_K's mins
+    /// and Q6_K's offset of 32).
+    pub(crate) bsums: Vec<i32>,
 }
 
 impl Q8KRows {
@@ -284,7 +387,7 @@ impl Q8KRows {
         let nb = cols / QK_K;
         let mut qs = vec![0i8; m * cols];
         let mut d = Vec::with_capacity(m * nb);
-        let mut sums = Vec::with_capacity(m * nb * 8);
+        let mut bsums = Vec::with_capacity(m * nb * 16);
         for (xb, qb) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)) {
             let (mut max, mut amax) = (0f32, 0f32);
             for &v in xb {
@@ -302,11 +405,17 @@ impl Q8KRows {
                 }
                 d.push(1.0 / iscale);
             }
-            for s in qb.chunks_exact(SUB) {
-                sums.push(s.iter().map(|&q| i32::from(q)).sum());
+            for s in qb.chunks_exact(16) {
+                bsums.push(s.iter().map(|&q| i32::from(q)).sum());
             }
         }
-        Self { m, nb, qs, d, sums }
+        Self {
+            m,
+            nb,
+            qs,
+            d,
+            bsums,
+        }
     }
 }
 
@@ -353,41 +462,43 @@ mod tests {
         }
     }
 
-    /// Q4_K's kernels: the portable one, AVX2 and the best this CPU has give the same
-    /// rows (the integers are the same; only the last float operations may round
-    /// apart), for every octet including a ragged last one.
+    /// Q4_K's and Q6_K's kernels: the portable one, AVX2 and the best this CPU has give
+    /// the same rows (the integers are the same; only the last float operations may
+    /// round apart), for every octet including a ragged last one.
     #[test]
-    fn q4k_kernels_agree() {
+    fn super_block_kernels_agree() {
         let d = Device::Cpu;
         let (rows, cols) = (75, 768);
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &d).expect("w");
-        let q = QTensor::quantize(&w, GgmlDType::Q4K).expect("quantize");
-        let bytes = q.data().expect("bytes");
-        let mat = Q4KMatrix::from_bytes(&bytes, rows, cols).expect("Q4_K");
-        for m in [1, 3] {
-            let x: Vec<f32> = (0..m * cols)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-                .collect();
-            let xk = Q8KRows::quantise(&x, m, cols);
-            for o in 0..rows.div_ceil(OCTET) {
-                let mut fast = vec![0f32; OCTET * m];
-                mat.octet_products(o, &xk, &mut fast);
-                for i in 0..OCTET {
-                    let row = o * OCTET + i;
-                    for r in 0..m {
-                        let want = if row < rows {
-                            mat.scalar_product(row, &xk, r)
-                        } else {
-                            0.0
-                        };
-                        let got = fast[i * m + r];
-                        assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "octet {o} row {i} x {r}: {got} vs {want}"
-                        );
+        for (dtype, kind) in [(GgmlDType::Q4K, Super::Q4K), (GgmlDType::Q6K, Super::Q6K)] {
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let bytes = q.data().expect("bytes");
+            let mat = SuperMatrix::from_bytes(kind, &bytes, rows, cols).expect("repacks");
+            for m in [1, 3] {
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                    .collect();
+                let xk = Q8KRows::quantise(&x, m, cols);
+                for o in 0..rows.div_ceil(OCTET) {
+                    let mut fast = vec![0f32; OCTET * m];
+                    mat.octet_products(o, &xk, &mut fast);
+                    for i in 0..OCTET {
+                        let row = o * OCTET + i;
+                        for r in 0..m {
+                            let want = if row < rows {
+                                mat.scalar_product(row, &xk, r)
+                            } else {
+                                0.0
+                            };
+                            let got = fast[i * m + r];
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{kind:?} octet {o} row {i} x {r}: {got} vs {want}"
+                            );
+                        }
                     }
+                    crate::kernels::check_super_levels_agree(kind, &mat.data, o, &xk, &fast);
                 }
-                crate::kernels::check_q4k_levels_agree(&mat.data, o, cols / QK_K, &xk, &fast);
             }
         }
     }

@@ -184,47 +184,58 @@ pub(crate) fn octets_matmul(
     out
 }
 
-/// Q4_K octet `octet` by every row of `xk` into `out` (`[8, m]`) on this CPU's vector
-/// kernels; false where there are none (the caller runs the portable one).
-pub(crate) fn q4k_products(octet: &[u8], xk: &crate::kquants::Q8KRows, out: &mut [f32]) -> bool {
+/// A super-block octet (`kind`'s layout) by every row of `xk` into `out` (`[8, m]`) on
+/// this CPU's vector kernels; false where there are none (the caller runs the portable
+/// one).
+pub(crate) fn super_products(
+    kind: crate::kquants::Super,
+    octet: &[u8],
+    xk: &crate::kquants::Q8KRows,
+    out: &mut [f32],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     match x86_level() {
         // SAFETY (both): the CPU has the features the kernel is compiled for (checked by
         // `x86_level`); the kernel checks the slices' lengths.
         X86Level::Vnni => {
-            unsafe { vnni_kernels::q4k_products(octet, xk, out) };
+            unsafe { vnni_kernels::super_products(kind, octet, xk, out) };
             return true;
         }
         X86Level::Avx2 => {
-            unsafe { avx2_kernels::q4k_products(octet, xk, out) };
+            unsafe { avx2_kernels::super_products(kind, octet, xk, out) };
             return true;
         }
         X86Level::None => {}
     }
-    let _ = (octet, xk, out);
+    let _ = (kind, octet, xk, out);
     false
 }
 
-/// Tests: Q4_K octet `o` on the AVX2 kernel gives `best` (what the best kernel of this
-/// CPU gave), where the CPU has AVX2.
+/// Tests: super-block octet `o` on the AVX2 kernel gives `best` (what the best kernel
+/// of this CPU gave), where the CPU has AVX2.
 #[cfg(test)]
-pub(crate) fn check_q4k_levels_agree(
+pub(crate) fn check_super_levels_agree(
+    kind: crate::kquants::Super,
     data: &[u8],
     o: usize,
-    nb: usize,
     xk: &crate::kquants::Q8KRows,
     best: &[f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if x86_level() != X86Level::None {
-        let bytes = crate::kquants::q4k_octet::BYTES;
-        let octet = &data[o * nb * bytes..(o + 1) * nb * bytes];
+        let bytes = xk.nb * kind.octet_bytes();
+        let octet = &data[o * bytes..(o + 1) * bytes];
         let mut avx2 = vec![0f32; best.len()];
         // SAFETY: the CPU has AVX2, FMA and F16C (checked).
-        unsafe { avx2_kernels::q4k_products(octet, xk, &mut avx2) };
-        assert_eq!(avx2, best, "AVX2 and {:?} Q4_K kernels differ", x86_level());
+        unsafe { avx2_kernels::super_products(kind, octet, xk, &mut avx2) };
+        assert_eq!(
+            avx2,
+            best,
+            "AVX2 and {:?} {kind:?} kernels differ",
+            x86_level()
+        );
     }
-    let _ = (data, o, nb, xk, best);
+    let _ = (kind, data, o, xk, best);
 }
 
 /// A weight matrix `[rows, cols]` in a GGUF block format, repacked into octets (see the

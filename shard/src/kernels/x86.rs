@@ -38,7 +38,7 @@ macro_rules! x86_kernels {
             use std::arch::x86_64::*;
 
             use crate::kernels::{QFormat, QRows, OCTET, QK};
-            use crate::kquants::{q4k_octet, Q8KRows, QK_K};
+            use crate::kquants::{q4k_octet, q6k_octet, Q8KRows, Super, QK_K};
 
             $dot
 
@@ -70,6 +70,131 @@ macro_rules! x86_kernels {
                 }
             }
 
+            /// One super-block octet of `kind` (`xk.nb` octet blocks) by every row of
+            /// `xk`, into `out` (`[8, m]`).
+            ///
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn super_products(kind: Super, octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
+                // SAFETY: the same CPU features; each kernel checks its slices.
+                unsafe {
+                    match kind {
+                        Super::Q4K => q4k_products(octet, xk, out),
+                        Super::Q6K => q6k_products(octet, xk, out),
+                    }
+                }
+            }
+
+            /// Q6_K: one octet (see [`q6k_octet`]) by every row of `xk`, into `out`
+            /// (`[8, m]`). Per 32 values, the 8 rows' unsigned 6-bit values (32 above
+            /// the signed ones) dotted with the activations, the dots of each 16 kept
+            /// apart and multiplied by their scales; the 32s come off through the
+            /// activations' sums of 16: ggml's integers for Q6_K x Q8_K.
+            ///
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_products(octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
+                let (m, nb) = (xk.m, xk.nb);
+                assert!(octet.len() >= nb * q6k_octet::BYTES);
+                assert!(out.len() >= OCTET * m && xk.qs.len() >= m * nb * QK_K);
+                assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
+                let mask = _mm256_set1_epi8(0x0F);
+                let pairs = _mm256_set1_epi8(0x03);
+                for r in 0..m {
+                    let mut acc = _mm256_setzero_ps();
+                    for b in 0..nb {
+                        let at = r * nb + b;
+                        // SAFETY: every pointer stays inside octet block `b` or inside
+                        // row `r`'s super-block `b` of `xk`, as checked above.
+                        unsafe {
+                            let c = octet.as_ptr().add(b * q6k_octet::BYTES);
+                            let x = xk.qs.as_ptr().add(at * QK_K);
+                            let mut isum = _mm256_setzero_si256();
+                            for half in 0..2 {
+                                // The four chunks of 32 values of this half, for 8 rows.
+                                let mut dots = [[_mm256_setzero_si256(); 8]; 4];
+                                let xs: [__m256i; 4] = std::array::from_fn(|k| {
+                                    _mm256_loadu_si256(x.add(128 * half + 32 * k).cast())
+                                });
+                                for i in 0..OCTET {
+                                    let ql = c.add(i * QK_K / 2 + 64 * half);
+                                    let qh = _mm256_loadu_si256(c.add(q6k_octet::HIGH + i * QK_K / 4 + 32 * half).cast());
+                                    let ql0 = _mm256_loadu_si256(ql.cast());
+                                    let ql1 = _mm256_loadu_si256(ql.add(32).cast());
+                                    let h = |shift: i32| {
+                                        let bits = match shift {
+                                            0 => qh,
+                                            2 => _mm256_srli_epi16(qh, 2),
+                                            4 => _mm256_srli_epi16(qh, 4),
+                                            _ => _mm256_srli_epi16(qh, 6),
+                                        };
+                                        _mm256_slli_epi16(_mm256_and_si256(bits, pairs), 4)
+                                    };
+                                    let q = [
+                                        _mm256_or_si256(_mm256_and_si256(ql0, mask), h(0)),
+                                        _mm256_or_si256(_mm256_and_si256(ql1, mask), h(2)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask), h(4)),
+                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask), h(6)),
+                                    ];
+                                    for k in 0..4 {
+                                        dots[k][i] = dot_u8_i8(q[k], xs[k]);
+                                    }
+                                }
+                                for (k, d) in dots.iter().enumerate() {
+                                    // Each row's dot of values 0-15 and of 16-31 apart.
+                                    let (first, second) = reduce8_halves(*d);
+                                    let g = 8 * half + 2 * k;
+                                    let sc = c.add(q6k_octet::SCALES + g * OCTET);
+                                    let s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
+                                    let s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
+                                    isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(first, s0));
+                                    isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(second, s1));
+                                }
+                            }
+                            // The 32s: Σ scale x (sum of the 16 activations), times 32.
+                            let mut offset = _mm256_setzero_si256();
+                            for g in 0..QK_K / 16 {
+                                let sc = c.add(q6k_octet::SCALES + g * OCTET);
+                                let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
+                                let bsum = _mm256_set1_epi32(*xk.bsums.get_unchecked(at * 16 + g));
+                                offset = _mm256_add_epi32(offset, _mm256_mullo_epi32(s, bsum));
+                            }
+                            let total = _mm256_sub_epi32(isum, _mm256_slli_epi32(offset, 5));
+                            let dx = _mm256_set1_ps(*xk.d.get_unchecked(at));
+                            let d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(c.add(q6k_octet::D).cast())), dx);
+                            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total), acc);
+                        }
+                    }
+                    let mut sums = [0f32; 8];
+                    // SAFETY: 8 floats into an array of 8.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
+                    for (i, v) in sums.iter().enumerate() {
+                        out[i * m + r] = *v;
+                    }
+                }
+            }
+
+            /// Of 8 vectors of 8 i32 lanes, each vector's sum of lanes 0-3 and sum of
+            /// lanes 4-7 (a dot product's first and second 16 bytes), as two vectors
+            /// (lane i: vector i's).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn reduce8_halves(v: [__m256i; 8]) -> (__m256i, __m256i) {
+                let a = _mm256_hadd_epi32(v[0], v[1]);
+                let b = _mm256_hadd_epi32(v[2], v[3]);
+                let c = _mm256_hadd_epi32(v[4], v[5]);
+                let d = _mm256_hadd_epi32(v[6], v[7]);
+                // [lanes 0-3 sums of v0..v3 | lanes 4-7 sums of v0..v3], and of v4..v7.
+                let lo = _mm256_hadd_epi32(a, b);
+                let hi = _mm256_hadd_epi32(c, d);
+                (
+                    _mm256_permute2x128_si256(lo, hi, 0x20),
+                    _mm256_permute2x128_si256(lo, hi, 0x31),
+                )
+            }
+
             /// Q4_K: one octet (`nb` octet blocks, see [`q4k_octet`]) by every row of
             /// `xk`, into `out` (`[8, m]`). Per sub-block of 32, the 8 rows' integer
             /// dots with the activations, times their 6-bit scales, summed over the
@@ -79,11 +204,11 @@ macro_rules! x86_kernels {
             /// # Safety
             /// The CPU must support the features this module is compiled for.
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn q4k_products(octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
+            unsafe fn q4k_products(octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
                 let (m, nb) = (xk.m, xk.nb);
                 assert!(octet.len() >= nb * q4k_octet::BYTES);
                 assert!(out.len() >= OCTET * m && xk.qs.len() >= m * nb * QK_K);
-                assert!(xk.sums.len() >= m * nb * 8 && xk.d.len() >= m * nb);
+                assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
                 let mask = _mm256_set1_epi8(0x0F);
                 for r in 0..m {
                     let mut acc = _mm256_setzero_ps();
@@ -115,7 +240,9 @@ macro_rules! x86_kernels {
                             for j in 0..QK_K / 32 {
                                 let mins = c.add(q4k_octet::MINS + j * OCTET);
                                 let mj = _mm256_cvtepu8_epi32(_mm_loadl_epi64(mins.cast()));
-                                let sj = _mm256_set1_epi32(*xk.sums.get_unchecked(at * 8 + j));
+                                let sum32 = *xk.bsums.get_unchecked(at * 16 + 2 * j)
+                                    + *xk.bsums.get_unchecked(at * 16 + 2 * j + 1);
+                                let sj = _mm256_set1_epi32(sum32);
                                 msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(mj, sj));
                             }
                             let dx = _mm256_set1_ps(*xk.d.get_unchecked(at));
@@ -257,7 +384,7 @@ pub(super) mod avx2_kernels {
             _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
         }
     );
-    pub(crate) use k::{products, q4k_products};
+    pub(crate) use k::{products, super_products};
 }
 
 /// AVX-VNNI (Zen 4 and later, Alder Lake and later): one `vpdpbusd` per 32-byte dot
@@ -272,5 +399,5 @@ pub(super) mod vnni_kernels {
             _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x)
         }
     );
-    pub(crate) use k::{products, q4k_products};
+    pub(crate) use k::{products, super_products};
 }
