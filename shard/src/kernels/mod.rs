@@ -31,7 +31,14 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-use x86::{avx2_kernels, vnni_kernels, x86_level, X86Level};
+use x86::{avx2_kernels, vnni512_kernels, vnni_kernels, x86_level, X86Level};
+
+/// Which encoding of `vpdpbusd` this CPU has (see [`X86Level::Vnni`]).
+#[cfg(target_arch = "x86_64")]
+fn avx_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::is_x86_feature_detected!("avxvnni"))
+}
 
 /// Values per quantisation block, in every format here.
 const QK: usize = 32;
@@ -198,7 +205,11 @@ pub(crate) fn super_products(
         // SAFETY (both): the CPU has the features the kernel is compiled for (checked by
         // `x86_level`); the kernel checks the slices' lengths.
         X86Level::Vnni => {
-            unsafe { vnni_kernels::super_products(kind, octet, xk, out) };
+            if avx_vnni() {
+                unsafe { vnni_kernels::super_products(kind, octet, xk, out) };
+            } else {
+                unsafe { vnni512_kernels::super_products(kind, octet, xk, out) };
+            }
             return true;
         }
         X86Level::Avx2 => {
@@ -430,7 +441,11 @@ impl QMatrix {
             // by `x86_level`); `octet` holds `kb` octet blocks and `out` 8 * m values
             // (both checked by the slicing above and by `products`).
             X86Level::Vnni => {
-                unsafe { vnni_kernels::products(self.format, octet, xq, out) };
+                if avx_vnni() {
+                    unsafe { vnni_kernels::products(self.format, octet, xq, out) };
+                } else {
+                    unsafe { vnni512_kernels::products(self.format, octet, xq, out) };
+                }
                 return;
             }
             X86Level::Avx2 => {

@@ -1,5 +1,6 @@
 //! The x86 kernels: the instruction set picked at run time, and the kernels stamped out
-//! once per set (AVX2, AVX-VNNI) from one macro, so both compute the same integers.
+//! once per set (AVX2, AVX-VNNI, AVX-512 VNNI on 256-bit vectors) from one macro, so
+//! all compute the same integers.
 
 use std::sync::OnceLock;
 
@@ -8,6 +9,8 @@ use std::sync::OnceLock;
 pub(super) enum X86Level {
     None,
     Avx2,
+    /// AVX-VNNI, or AVX-512 VNNI with AVX-512VL (its instruction on 256-bit vectors):
+    /// the same `vpdpbusd`, in the encoding the CPU has.
     Vnni,
 }
 
@@ -18,11 +21,15 @@ pub(super) fn x86_level() -> X86Level {
             && std::is_x86_feature_detected!("fma")
             && std::is_x86_feature_detected!("f16c");
         let vnni = avx2 && std::is_x86_feature_detected!("avxvnni");
+        // Zen 4 and the Xeons since Ice Lake have AVX-512 VNNI but some not AVX-VNNI.
+        let vnni512 = avx2
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl");
         // SHOAL_KERNELS=avx2 or =portable picks a lesser set, to compare or to debug.
         match std::env::var("SHOAL_KERNELS").as_deref() {
             Ok("portable") => X86Level::None,
             Ok("avx2") if avx2 => X86Level::Avx2,
-            _ if vnni => X86Level::Vnni,
+            _ if vnni || vnni512 => X86Level::Vnni,
             _ if avx2 => X86Level::Avx2,
             _ => X86Level::None,
         }
@@ -219,23 +226,25 @@ macro_rules! x86_kernels {
                         unsafe {
                             let c = octet.as_ptr().add(b * q4k_octet::BYTES);
                             let x = xk.qs.as_ptr().add(at * QK_K);
-                            let mut isum = _mm256_setzero_si256();
+                            // Per row, the scaled dots of every sub-block: each pair of
+                            // products (maddubs, at most 2 x 15 x 127) times its 6-bit
+                            // scale (madd), so the block needs one reduction, not eight.
+                            let mut rows = [_mm256_setzero_si256(); 8];
                             for g in 0..QK_K / 64 {
                                 let x_lo = _mm256_loadu_si256(x.add(64 * g).cast());
                                 let x_hi = _mm256_loadu_si256(x.add(64 * g + 32).cast());
-                                let mut lo = [_mm256_setzero_si256(); 8];
-                                let mut hi = [_mm256_setzero_si256(); 8];
-                                for i in 0..OCTET {
-                                    let v = _mm256_loadu_si256(c.add(i * QK_K / 2 + 32 * g).cast());
-                                    lo[i] = dot_u8_i8(_mm256_and_si256(v, mask), x_lo);
-                                    hi[i] = dot_u8_i8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x_hi);
-                                }
                                 let scales = c.add(q4k_octet::SCALES + 2 * g * OCTET);
-                                let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(scales.cast()));
-                                let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(scales.add(OCTET).cast()));
-                                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(reduce8(lo), s_lo));
-                                isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(reduce8(hi), s_hi));
+                                for (i, row) in rows.iter_mut().enumerate() {
+                                    let v = _mm256_loadu_si256(c.add(i * QK_K / 2 + 32 * g).cast());
+                                    let lo = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), x_lo);
+                                    let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x_hi);
+                                    let s_lo = _mm256_set1_epi16(i16::from(*scales.add(i)));
+                                    let s_hi = _mm256_set1_epi16(i16::from(*scales.add(OCTET + i)));
+                                    let both = _mm256_add_epi32(_mm256_madd_epi16(lo, s_lo), _mm256_madd_epi16(hi, s_hi));
+                                    *row = _mm256_add_epi32(*row, both);
+                                }
                             }
+                            let isum = reduce8(rows);
                             let mut msum = _mm256_setzero_si256();
                             for j in 0..QK_K / 32 {
                                 let mins = c.add(q4k_octet::MINS + j * OCTET);
@@ -397,6 +406,21 @@ pub(super) mod vnni_kernels {
         #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
         fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
             _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x)
+        }
+    );
+    pub(crate) use k::{products, super_products};
+}
+
+/// AVX-512 VNNI's `vpdpbusd` on 256-bit vectors (needs AVX-512VL): for CPUs with
+/// AVX-512 VNNI but not AVX-VNNI (Zen 4's EPYCs among them).
+pub(super) mod vnni512_kernels {
+    x86_kernels!(
+        k,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
         }
     );
     pub(crate) use k::{products, super_products};
