@@ -62,10 +62,10 @@ pub(crate) struct Linear {
 
 #[derive(Clone, Debug)]
 enum Weight {
-    /// Q4_0 / Q4_1 / Q8_0 on the CPU: our own kernels ([`crate::kernels`]).
+    /// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 on the CPU: our own kernels ([`crate::kernels`]).
     Packed(Arc<QMatrix>),
-    /// K-quants on the CPU: candle's block dot products over weights held once
-    /// ([`crate::kquants`]).
+    /// K-quants on the CPU ([`crate::kquants`]): Q4_K and Q6_K on our own kernels, the
+    /// others on candle's block dot products over weights held once.
     Blocks(Arc<dyn BlockRows>),
     /// Everything else (other GGUF formats, dense safetensors, GPU devices): candle.
     Candle(QMatMul),
