@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Shoal beside llama.cpp: decode speed on the same GGUF file with the same number of
-# threads, measured in one run, and the ratio.
+# Shoal beside llama.cpp: decode and prefill speed on the same GGUF file with the same
+# number of threads, measured in one run, and the ratios.
 #
 #   bench/llama-cpp.sh [--model FILE.gguf] [--threads N] [--tokens N] [--llama-only]
 #
@@ -9,7 +9,7 @@
 # On first use llama-cpp-python is installed from PyPI into the cache
 # ($SHOAL_CACHE_DIR, else ~/.cache/shoal); it builds llama.cpp from source, which takes
 # several minutes on 2 cores. Both sides report the best of 3 runs of decoding --tokens
-# tokens after a short prompt, greedy.
+# tokens after a short prompt, greedy, and of a prefill of a 256-token prompt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     --threads) threads=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
     --llama-only) llama_only=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -67,7 +67,16 @@ for _ in range(3):
         if n == tokens + 1:
             break
     best = max(best, tokens / (time.perf_counter() - start))
-print(json.dumps({"decode_tokens_per_second": best}))
+# Prefill: a prompt of exactly 256 tokens, evaluated in one batch (n_batch 512).
+text = b"The lighthouse keeper climbed the stairs every evening to light the lamp. " * 40
+long = llm.tokenize(text)[:256]
+prefill = 0.0
+for _ in range(3):
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(long)
+    prefill = max(prefill, len(long) / (time.perf_counter() - start))
+print(json.dumps({"decode_tokens_per_second": best, "prefill_tokens_per_second": prefill}))
 PY
 )
 
@@ -75,11 +84,11 @@ python3 - "$shoal_json" "$llama_json" "$model" "$threads" <<'PY'
 import json, sys
 
 shoal, llama = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-rows = {r["setup"]: r["decode_tokens_per_second"] for r in shoal["runs"]}
-ref = llama["decode_tokens_per_second"]
+ref, pref = llama["decode_tokens_per_second"], llama["prefill_tokens_per_second"]
 print(f"model: {sys.argv[3]}, {sys.argv[4]} threads")
-print(f"{'engine':<22} {'decode tok/s':>12} {'vs llama.cpp':>13}")
-print(f"{'llama.cpp':<22} {ref:>12.1f} {1.0:>13.2f}")
-for setup, tps in rows.items():
-    print(f"{'shoal ' + setup:<22} {tps:>12.1f} {tps / ref:>13.2f}")
+print(f"{'engine':<22} {'decode tok/s':>12} {'vs llama.cpp':>13} {'prefill tok/s':>14} {'vs llama.cpp':>13}")
+print(f"{'llama.cpp':<22} {ref:>12.1f} {1.0:>13.2f} {pref:>14.1f} {1.0:>13.2f}")
+for r in shoal["runs"]:
+    tps, ptps = r["decode_tokens_per_second"], r["prefill_tokens_per_second"]
+    print(f"{'shoal ' + r['setup']:<22} {tps:>12.1f} {tps / ref:>13.2f} {ptps:>14.1f} {ptps / pref:>13.2f}")
 PY
