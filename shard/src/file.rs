@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::{Arch, Experts, HfConfig, Latent, ModelConfig, SlidingWindow, Yarn};
 use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
-use crate::kernels::QMatrix;
+use crate::kernels::{QFormat, QMatrix};
 use crate::kquants::BlockRows;
 use crate::{Result, ShardError};
 
@@ -62,7 +62,8 @@ pub(crate) struct Linear {
 
 #[derive(Clone, Debug)]
 enum Weight {
-    /// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 on the CPU: our own kernels ([`crate::kernels`]).
+    /// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and the 4-bit table types on the CPU: our own
+    /// kernels ([`crate::kernels`]).
     Packed(Arc<QMatrix>),
     /// K-quants on the CPU ([`crate::kquants`]): Q4_K and Q6_K on our own kernels, the
     /// others on candle's block dot products over weights held once.
@@ -171,6 +172,29 @@ fn rows_forward(
         *last = rows;
     }
     Tensor::from_vec(y, dims, x.device())
+}
+
+/// The weight of a GGUF matrix from its stored bytes (`dims`: rows, columns). On the
+/// CPU the 4-bit table types (IQ4_NL, IQ4_XS, MXFP4) run on [`QFormat::Table4`], at
+/// their own size; elsewhere, or where that cannot hold them, they load widened (see
+/// [`qtensor_from_bytes`]).
+fn gguf_weight(
+    ty: crate::gguf::TensorType,
+    bytes: &[u8],
+    dims: Vec<usize>,
+    device: &Device,
+) -> candle_core::Result<Weight> {
+    if let (crate::gguf::TensorType::Widened(w), true, &[rows, cols]) =
+        (ty, device.is_cpu(), dims.as_slice())
+    {
+        if let Some((blocks, table)) = crate::gguf::to_table4(w, bytes) {
+            if let Some(m) = QMatrix::from_blocks(QFormat::Table4(table), &blocks, rows, cols) {
+                return Ok(Weight::Packed(Arc::new(m)));
+            }
+        }
+    }
+    cpu_weight(qtensor_from_bytes(ty, bytes, dims, device)?, device)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// The weight for a quantised matrix on `device`: our kernels or K-quant blocks on the
@@ -501,8 +525,15 @@ impl ModelFile {
     /// Loads a linear layer `name.weight` (+ `name.bias` if `bias`).
     pub(crate) fn linear(&self, name: &str, bias: bool, device: &Device) -> Result<Linear> {
         let weight = match &self.inner {
-            Inner::Gguf { .. } => {
-                cpu_weight(self.qtensor(&format!("{name}.weight"), device)?, device)?
+            Inner::Gguf { mmap, gguf } => {
+                let full = format!("{name}.weight");
+                let t = gguf
+                    .tensors
+                    .get(&full)
+                    .ok_or_else(|| Self::bad(&self.path, format!("no tensor {full}")))?;
+                gguf_weight(t.ty, gguf.data(mmap, t), t.dims.clone(), device).map_err(|e| {
+                    Self::bad(&self.path, format!("tensor {full}: {}", candle_message(&e)))
+                })?
             }
             Inner::Safetensors { .. } => Weight::Candle(QMatMul::Tensor(
                 self.dense(&format!("{name}.weight"), device)?,
@@ -542,9 +573,8 @@ impl ModelFile {
         (0..count)
             .map(|e| {
                 let bytes = &all[e * per..(e + 1) * per];
-                let q = qtensor_from_bytes(info.ty, bytes, vec![rows, cols], device)?;
                 Ok(Linear {
-                    weight: cpu_weight(q, device)?,
+                    weight: gguf_weight(info.ty, bytes, vec![rows, cols], device)?,
                     bias: None,
                 })
             })

@@ -15,7 +15,10 @@
 //! the integer products llama.cpp computes for these types (it also multiplies them
 //! with 8-bit activations), exactly for MXFP4 (power-of-two scales) and IQ4_NL (f16
 //! scales), and to within f16 rounding of each 32-value sub-block's scale for IQ4_XS.
-//! The price is memory: 8.5 bits a weight where the file has 4.25 to 4.5.
+//! The price is memory: 8.5 bits a weight where the file has 4.25 to 4.5. So on the CPU
+//! they are not widened but rewritten as 32-value blocks of nibbles and an f16 scale
+//! ([`to_table4`]), 4.5 bits a weight, whose kernel looks the nibbles up in the type's
+//! table and then multiplies exactly as the widened Q8_0 would: the same numbers.
 
 use std::collections::HashMap;
 
@@ -47,7 +50,7 @@ pub(crate) enum Widened {
 /// The E2M1 values of MXFP4, doubled (so integers), as ggml's `kvalues_mxfp4`.
 pub(crate) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 /// IQ4_NL's table (ggml's `kvalues_iq4nl`).
-const IQ4NL_VALUES: [i8; 16] = [
+pub(crate) const IQ4NL_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -100,7 +103,8 @@ impl TensorType {
         elems / block * size
     }
 
-    /// Bytes `elems` values take once loaded (widened types as Q8_0).
+    /// Bytes `elems` values take once loaded (widened types as Q8_0, as a GPU holds
+    /// them; the CPU holds them in 4.5 bits, so a CPU server's budget over-counts them).
     pub(crate) fn loaded_bytes(self, elems: usize) -> usize {
         match self {
             Self::Candle(d) => elems / d.block_size() * d.type_size(),
@@ -395,6 +399,26 @@ pub(crate) fn widen_to_q8_0(ty: Widened, bytes: &[u8]) -> Option<Vec<u8>> {
         out.extend(qs.iter().map(|b| table[(b >> 4) as usize] as u8));
     });
     exact.then_some(out)
+}
+
+/// Rewrites `bytes` of a widened type as 32-value blocks of an f16 scale and 16 bytes of
+/// nibbles (IQ4_NL's layout), for [`crate::kernels::QFormat::Table4`]; with the table
+/// the nibbles index. `None` where [`widen_to_q8_0`] would refuse too (an MXFP4 scale
+/// f16 does not hold).
+pub(crate) fn to_table4(ty: Widened, bytes: &[u8]) -> Option<(Vec<u8>, crate::kernels::Table)> {
+    let mut out = Vec::with_capacity(bytes.len() * 18 / 16);
+    let mut exact = true;
+    for_each_block(ty, bytes, |scale, _, qs| {
+        let d = f16::from_f32(scale);
+        exact &= ty != Widened::Mxfp4 || (d.to_f32() == scale && scale != 0.0);
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(qs);
+    });
+    let table = match ty {
+        Widened::Mxfp4 => crate::kernels::Table::Mxfp4,
+        Widened::Iq4Nl | Widened::Iq4Xs => crate::kernels::Table::Iq4Nl,
+    };
+    exact.then_some((out, table))
 }
 
 /// Dequantises `bytes` of a widened type to f32 (the fallback of [`widen_to_q8_0`]).

@@ -59,6 +59,29 @@ pub(crate) enum QFormat {
     Q5_1,
     /// f16 scale, 32 signed bytes; value = d * q.
     Q8_0,
+    /// f16 scale, 32 nibbles indexing a table of 16 signed bytes; value = d * table[q]:
+    /// IQ4_NL, IQ4_XS (its 32-value sub-blocks, each with its own scale) and MXFP4 (its
+    /// power-of-two scales, where f16 holds them), as [`crate::gguf`] rewrites them.
+    Table4(Table),
+}
+
+/// The value tables of [`QFormat::Table4`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Table {
+    /// IQ4_NL's non-linear table (IQ4_XS too).
+    Iq4Nl,
+    /// MXFP4's E2M1 values, doubled.
+    Mxfp4,
+}
+
+impl Table {
+    /// The 16 values.
+    pub(crate) fn values(self) -> &'static [i8; 16] {
+        match self {
+            Table::Iq4Nl => &crate::gguf::IQ4NL_VALUES,
+            Table::Mxfp4 => &crate::gguf::MXFP4_VALUES,
+        }
+    }
 }
 
 impl QFormat {
@@ -81,13 +104,14 @@ impl QFormat {
             Self::Q5_0 => 2 + 4 + QK / 2,
             Self::Q5_1 => 4 + 4 + QK / 2,
             Self::Q8_0 => 2 + QK,
+            Self::Table4(_) => 2 + QK / 2,
         }
     }
 
     /// Bytes of one block's quants (for Q5_0/Q5_1 the fifth bits' word included).
     const fn quant_bytes(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 => QK / 2,
+            Self::Q4_0 | Self::Q4_1 | Self::Table4(_) => QK / 2,
             Self::Q5_0 | Self::Q5_1 => 4 + QK / 2,
             Self::Q8_0 => QK,
         }
@@ -279,16 +303,17 @@ impl RowBlock<'_> {
     /// Value `j` of the block as an unsigned integer (the offset not applied), or for
     /// Q8_0 as a signed one.
     fn q(&self, format: QFormat, j: usize) -> i32 {
+        let nibble = || {
+            if j < QK / 2 {
+                self.qs[j] & 0x0F
+            } else {
+                self.qs[j - QK / 2] >> 4
+            }
+        };
         match format {
             QFormat::Q8_0 => i32::from(self.qs[j] as i8),
-            _ => {
-                let nibble = if j < QK / 2 {
-                    self.qs[j] & 0x0F
-                } else {
-                    self.qs[j - QK / 2] >> 4
-                };
-                i32::from(nibble) | (((self.high >> j) & 1) as i32) << 4
-            }
+            QFormat::Table4(t) => i32::from(t.values()[usize::from(nibble())]),
+            _ => i32::from(nibble()) | (((self.high >> j) & 1) as i32) << 4,
         }
     }
 }
@@ -298,10 +323,19 @@ impl QMatrix {
     pub(crate) fn from_qtensor(q: &QTensor) -> Option<Self> {
         let format = QFormat::from_ggml(q.dtype())?;
         let (rows, cols) = q.shape().dims2().ok()?;
-        if cols % QK != 0 || rows == 0 {
+        Self::from_blocks(format, &q.data().ok()?, rows, cols)
+    }
+
+    /// A matrix `[rows, cols]` from its GGUF blocks of `format`, row after row.
+    pub(crate) fn from_blocks(
+        format: QFormat,
+        raw: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<Self> {
+        if !cols.is_multiple_of(QK) || rows == 0 {
             return None;
         }
-        let raw = q.data().ok()?;
         let kb = cols / QK;
         let bb = format.block_bytes();
         if raw.len() != rows * kb * bb {
@@ -386,7 +420,7 @@ impl QMatrix {
             QFormat::Q4_0 => -8.0 * d,
             QFormat::Q5_0 => -16.0 * d,
             QFormat::Q4_1 | QFormat::Q5_1 => f16_le(chunk, scales + 2 * OCTET + 2 * i),
-            QFormat::Q8_0 => 0.0,
+            QFormat::Q8_0 | QFormat::Table4(_) => 0.0,
         };
         if f.has_fifth_bit() {
             let nibbles = QK / 2;
@@ -613,6 +647,93 @@ mod tests {
             check(dtype, 1536, 576, 2)?;
         }
         Ok(())
+    }
+
+    /// The 4-bit table formats (IQ4_NL's and MXFP4's tables): random blocks, our product
+    /// against the exact one over their values, and the portable, AVX2 and best kernels
+    /// against each other, one row or several.
+    #[test]
+    fn table_formats_match_their_values() {
+        let (rows, cols) = (19, 256);
+        let kb = cols / QK;
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for table in [Table::Iq4Nl, Table::Mxfp4] {
+            let mut raw = Vec::new();
+            let mut w = vec![0f32; rows * cols];
+            for row in 0..rows {
+                for b in 0..kb {
+                    let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5);
+                    raw.extend_from_slice(&d.to_le_bytes());
+                    let qs: Vec<u8> = (0..QK / 2).map(|_| next() as u8).collect();
+                    for (j, q) in qs.iter().enumerate() {
+                        let at = row * cols + b * QK;
+                        w[at + j] = d.to_f32() * f32::from(table.values()[usize::from(q & 0x0F)]);
+                        w[at + j + QK / 2] =
+                            d.to_f32() * f32::from(table.values()[usize::from(q >> 4)]);
+                    }
+                    raw.extend_from_slice(&qs);
+                }
+            }
+            let mat =
+                QMatrix::from_blocks(QFormat::Table4(table), &raw, rows, cols).expect("packs");
+            for m in [1, 3] {
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 29 % 97) as f32 - 48.0) / 11.0)
+                    .collect();
+                let got = mat.matmul(&x, m);
+                for r in 0..m {
+                    for i in 0..rows {
+                        let want: f32 = (0..cols).map(|k| w[i * cols + k] * x[r * cols + k]).sum();
+                        let scale = (0..cols)
+                            .map(|k| (w[i * cols + k] * x[r * cols + k]).abs())
+                            .sum::<f32>();
+                        let v = got[r * rows + i];
+                        assert!(
+                            (v - want).abs() <= 0.02 * scale.max(1e-3),
+                            "{table:?} {r},{i}: {v} vs {want}"
+                        );
+                    }
+                }
+                let xq = QRows::quantise(&x, m, cols);
+                for o in 0..rows.div_ceil(OCTET) {
+                    let mut fast = vec![0f32; OCTET * m];
+                    mat.octet_products(o, &xq, &mut fast);
+                    #[cfg(target_arch = "x86_64")]
+                    if x86_level() != X86Level::None {
+                        let ob = mat.format.octet_bytes();
+                        let octet = &mat.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
+                        let mut avx2 = vec![0f32; OCTET * m];
+                        // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+                        unsafe { avx2_kernels::products(mat.format, octet, &xq, &mut avx2) };
+                        assert_eq!(avx2, fast, "{table:?}: AVX2 and {:?} differ", x86_level());
+                    }
+                    for i in 0..OCTET {
+                        let row = o * OCTET + i;
+                        for r in 0..m {
+                            let want = if row < rows {
+                                mat.scalar_product(row, &xq, r)
+                            } else {
+                                0.0
+                            };
+                            let got = fast[i * m + r];
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{table:?}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+                let mut row = vec![0f32; cols];
+                mat.dequantize_row(5, &mut row);
+                assert_eq!(&row[..], &w[5 * cols..6 * cols], "{table:?} row 5");
+            }
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ macro_rules! x86_kernels {
                             QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r),
                             QFormat::Q5_0 => kernel::<3>(octet.as_ptr(), xq, r),
                             QFormat::Q5_1 => kernel::<4>(octet.as_ptr(), xq, r),
+                            QFormat::Table4(t) => table_kernel(octet.as_ptr(), xq, r, t.values()),
                         }
                     };
                     for (i, v) in sums.iter().enumerate() {
@@ -267,6 +268,56 @@ macro_rules! x86_kernels {
                     for (i, v) in sums.iter().enumerate() {
                         out[i * m + r] = *v;
                     }
+                }
+            }
+
+            /// [`QFormat::Table4`]: one octet by activation row `r`, the 8 rows' results.
+            /// The nibbles are looked up in `table` (a byte shuffle), then multiplied as
+            /// Q8_0's signed bytes are.
+            ///
+            /// # Safety
+            /// The features of this module; `octet` points at `xq.kb` octet blocks of the
+            /// format; row `r` exists in `xq`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn table_kernel(octet: *const u8, xq: &QRows, r: usize, table: &[i8; 16]) -> [f32; 8] {
+                let format = QFormat::Table4(crate::kernels::Table::Iq4Nl);
+                let (nb, ob) = (QK / 2, format.octet_bytes());
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = _mm256_setzero_ps();
+                // SAFETY: every pointer stays inside the octet's `kb` blocks, inside
+                // `table`, or inside row `r` of `xq`, as the caller promised.
+                unsafe {
+                    let values = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().cast()));
+                    for b in 0..xq.kb {
+                        let c = octet.add(b * ob);
+                        let at = r * xq.kb + b;
+                        let x = _mm256_loadu_si256(xq.qs.as_ptr().add(at * QK).cast());
+                        let mut dots = [_mm256_setzero_si256(); 8];
+                        for p in 0..4 {
+                            let v = _mm256_loadu_si256(c.add(2 * p * nb).cast());
+                            let lo = _mm256_and_si256(v, mask);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                            for (j, idx) in [
+                                _mm256_permute2x128_si256(lo, hi, 0x20),
+                                _mm256_permute2x128_si256(lo, hi, 0x31),
+                            ]
+                            .into_iter()
+                            .enumerate()
+                            {
+                                let w = _mm256_shuffle_epi8(values, idx);
+                                // unsigned × signed: |w| and x with w's signs.
+                                dots[2 * p + j] = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                            }
+                        }
+                        let sums = _mm256_cvtepi32_ps(reduce8(dots));
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(OCTET * nb).cast()));
+                        let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
+                        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
+                    }
+                    let mut out = [0f32; 8];
+                    _mm256_storeu_ps(out.as_mut_ptr(), acc);
+                    out
                 }
             }
 
