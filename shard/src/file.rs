@@ -183,7 +183,7 @@ fn gguf_weight(
     bytes: &[u8],
     dims: Vec<usize>,
     device: &Device,
-) -> candle_core::Result<Weight> {
+) -> Result<Weight> {
     if let (crate::gguf::TensorType::Widened(w), true, &[rows, cols]) =
         (ty, device.is_cpu(), dims.as_slice())
     {
@@ -194,7 +194,6 @@ fn gguf_weight(
         }
     }
     cpu_weight(qtensor_from_bytes(ty, bytes, dims, device)?, device)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
 /// The weight for a quantised matrix on `device`: our kernels or K-quant blocks on the
@@ -531,9 +530,8 @@ impl ModelFile {
                     .tensors
                     .get(&full)
                     .ok_or_else(|| Self::bad(&self.path, format!("no tensor {full}")))?;
-                gguf_weight(t.ty, gguf.data(mmap, t), t.dims.clone(), device).map_err(|e| {
-                    Self::bad(&self.path, format!("tensor {full}: {}", candle_message(&e)))
-                })?
+                gguf_weight(t.ty, gguf.data(mmap, t), t.dims.clone(), device)
+                    .map_err(|e| Self::bad(&self.path, format!("tensor {full}: {e}")))?
             }
             Inner::Safetensors { .. } => Weight::Candle(QMatMul::Tensor(
                 self.dense(&format!("{name}.weight"), device)?,

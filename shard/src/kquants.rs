@@ -21,9 +21,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
-};
+use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ5K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
@@ -51,12 +49,10 @@ pub(crate) fn from_qtensor(q: &QTensor) -> Option<Arc<dyn BlockRows>> {
         GgmlDType::Q2K => Blocks::<BlockQ2K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q3K => Blocks::<BlockQ3K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q4K => SuperMatrix::from_bytes(Super::Q4K, &bytes, rows, cols)
-            .map(|m| Arc::new(m) as Arc<dyn BlockRows>)
-            .or_else(|| Blocks::<BlockQ4K>::from_bytes(&bytes, rows, cols)),
+            .map(|m| Arc::new(m) as Arc<dyn BlockRows>),
         GgmlDType::Q5K => Blocks::<BlockQ5K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q6K => SuperMatrix::from_bytes(Super::Q6K, &bytes, rows, cols)
-            .map(|m| Arc::new(m) as Arc<dyn BlockRows>)
-            .or_else(|| Blocks::<BlockQ6K>::from_bytes(&bytes, rows, cols)),
+            .map(|m| Arc::new(m) as Arc<dyn BlockRows>),
         _ => None,
     }
 }

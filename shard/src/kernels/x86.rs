@@ -45,6 +45,9 @@ macro_rules! x86_kernels {
             use std::arch::x86_64::*;
 
             use crate::kernels::{QFormat, QRows, OCTET, QK};
+
+            /// The table argument of the kernels of formats without one.
+            const NO_TABLE: [i8; 16] = [0; 16];
             use crate::kquants::{q4k_octet, q6k_octet, Q8KRows, Super, QK_K};
 
             $dot
@@ -64,12 +67,12 @@ macro_rules! x86_kernels {
                     // caller's.
                     let sums = unsafe {
                         match format {
-                            QFormat::Q4_0 => kernel::<0>(octet.as_ptr(), xq, r),
-                            QFormat::Q4_1 => kernel::<1>(octet.as_ptr(), xq, r),
-                            QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r),
-                            QFormat::Q5_0 => kernel::<3>(octet.as_ptr(), xq, r),
-                            QFormat::Q5_1 => kernel::<4>(octet.as_ptr(), xq, r),
-                            QFormat::Table4(t) => table_kernel(octet.as_ptr(), xq, r, t.values()),
+                            QFormat::Q4_0 => kernel::<0>(octet.as_ptr(), xq, r, &NO_TABLE),
+                            QFormat::Q4_1 => kernel::<1>(octet.as_ptr(), xq, r, &NO_TABLE),
+                            QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r, &NO_TABLE),
+                            QFormat::Q5_0 => kernel::<3>(octet.as_ptr(), xq, r, &NO_TABLE),
+                            QFormat::Q5_1 => kernel::<4>(octet.as_ptr(), xq, r, &NO_TABLE),
+                            QFormat::Table4(t) => kernel::<5>(octet.as_ptr(), xq, r, t.values()),
                         }
                     };
                     for (i, v) in sums.iter().enumerate() {
@@ -271,56 +274,6 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// [`QFormat::Table4`]: one octet by activation row `r`, the 8 rows' results.
-            /// The nibbles are looked up in `table` (a byte shuffle), then multiplied as
-            /// Q8_0's signed bytes are.
-            ///
-            /// # Safety
-            /// The features of this module; `octet` points at `xq.kb` octet blocks of the
-            /// format; row `r` exists in `xq`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn table_kernel(octet: *const u8, xq: &QRows, r: usize, table: &[i8; 16]) -> [f32; 8] {
-                let format = QFormat::Table4(crate::kernels::Table::Iq4Nl);
-                let (nb, ob) = (QK / 2, format.octet_bytes());
-                let mask = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
-                // SAFETY: every pointer stays inside the octet's `kb` blocks, inside
-                // `table`, or inside row `r` of `xq`, as the caller promised.
-                unsafe {
-                    let values = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().cast()));
-                    for b in 0..xq.kb {
-                        let c = octet.add(b * ob);
-                        let at = r * xq.kb + b;
-                        let x = _mm256_loadu_si256(xq.qs.as_ptr().add(at * QK).cast());
-                        let mut dots = [_mm256_setzero_si256(); 8];
-                        for p in 0..4 {
-                            let v = _mm256_loadu_si256(c.add(2 * p * nb).cast());
-                            let lo = _mm256_and_si256(v, mask);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                            for (j, idx) in [
-                                _mm256_permute2x128_si256(lo, hi, 0x20),
-                                _mm256_permute2x128_si256(lo, hi, 0x31),
-                            ]
-                            .into_iter()
-                            .enumerate()
-                            {
-                                let w = _mm256_shuffle_epi8(values, idx);
-                                // unsigned × signed: |w| and x with w's signs.
-                                dots[2 * p + j] = dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                            }
-                        }
-                        let sums = _mm256_cvtepi32_ps(reduce8(dots));
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(OCTET * nb).cast()));
-                        let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
-                        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
-                    }
-                    let mut out = [0f32; 8];
-                    _mm256_storeu_ps(out.as_mut_ptr(), acc);
-                    out
-                }
-            }
-
             /// The 32 bits of `bits` as 32 bytes, 16 where the bit is set and 0 where it
             /// is not: the fifth bits of a Q5_0/Q5_1 block, ready to OR into its nibbles.
             #[inline]
@@ -353,20 +306,24 @@ macro_rules! x86_kernels {
                 _mm256_add_epi32(first, second)
             }
 
-            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1. One octet by
-            /// activation row `r`: the 8 rows' results.
+            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1, 5 = a 4-bit
+            /// table type, whose nibbles are looked up in `table` (one byte shuffle) and
+            /// then multiplied as Q8_0's signed bytes are. One octet by activation row
+            /// `r`: the 8 rows' results.
             ///
             /// # Safety
             /// The features of this module; `octet` points at `xq.kb` octet blocks of the format; row `r`
             /// exists in `xq`.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn kernel<const F: u8>(octet: *const u8, xq: &QRows, r: usize) -> [f32; 8] {
+            unsafe fn kernel<const F: u8>(octet: *const u8, xq: &QRows, r: usize, table: &[i8; 16]) -> [f32; 8] {
                 let format = match F {
                     0 => QFormat::Q4_0,
                     1 => QFormat::Q4_1,
                     3 => QFormat::Q5_0,
                     4 => QFormat::Q5_1,
+                    // Every table has the same layout.
+                    5 => QFormat::Table4(crate::kernels::Table::Iq4Nl),
                     _ => QFormat::Q8_0,
                 };
                 let (qb, ob) = (format.quant_bytes(), format.octet_bytes());
@@ -378,6 +335,7 @@ macro_rules! x86_kernels {
                 // SAFETY: every pointer stays inside the octet's `kb` blocks or inside
                 // row `r` of `xq`, as the caller promised.
                 unsafe {
+                    let values = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().cast()));
                     for b in 0..xq.kb {
                         let c = octet.add(b * ob);
                         let at = r * xq.kb + b;
@@ -403,8 +361,16 @@ macro_rules! x86_kernels {
                                     u0 = _mm256_or_si256(u0, fifth_bits(high.add(2 * p).read_unaligned()));
                                     u1 = _mm256_or_si256(u1, fifth_bits(high.add(2 * p + 1).read_unaligned()));
                                 }
-                                dots[2 * p] = dot_u8_i8(u0, x);
-                                dots[2 * p + 1] = dot_u8_i8(u1, x);
+                                if F == 5 {
+                                    for (j, u) in [u0, u1].into_iter().enumerate() {
+                                        let w = _mm256_shuffle_epi8(values, u);
+                                        let (u, xs) = (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                                        dots[2 * p + j] = dot_u8_i8(u, xs);
+                                    }
+                                } else {
+                                    dots[2 * p] = dot_u8_i8(u0, x);
+                                    dots[2 * p + 1] = dot_u8_i8(u1, x);
+                                }
                             }
                         }
                         let sums = _mm256_cvtepi32_ps(reduce8(dots));
@@ -412,7 +378,7 @@ macro_rules! x86_kernels {
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
                         let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
                         acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
-                        if F != 2 {
+                        if F != 2 && F != 5 {
                             let offset = if F == 0 || F == 3 {
                                 _mm256_mul_ps(d, _mm256_set1_ps(if F == 0 { -8.0 } else { -16.0 }))
                             } else {
