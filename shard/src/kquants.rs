@@ -132,9 +132,11 @@ const OCTET: usize = 8;
 /// bytes of nibbles.
 const Q4K_BLOCK: usize = 2 + 2 + 12 + QK_K / 2;
 
-/// Where each part of a Q4_K octet block starts: first the 8 rows' 128 bytes of nibbles (in
-/// GGUF's order: per 64 values, the 32 low nibbles then the 32 high ones), then per
-/// sub-block the 8 rows' scales, then per sub-block their mins, then 8 d and 8 dmin.
+/// Where each part of a Q4_K octet block starts: first the 8 rows' nibbles in lanes (as
+/// [`crate::kernels`] lays out 32-value blocks): per 64 values `g`, 8 vectors `v`, whose
+/// bytes `4i..4i+4` are row `i`'s GGUF bytes `32g + 4v..`, low nibbles values `64g + 4v..`
+/// (sub-block `2g`), high ones `64g + 32 + 4v..` (sub-block `2g + 1`); then per sub-block
+/// the 8 rows' scales, then per sub-block their mins, then 8 d and 8 dmin.
 pub(crate) mod q4k_octet {
     use super::{OCTET, QK_K, SUB};
     /// `[sub-block][row]` 6-bit scales, one byte each.
@@ -153,12 +155,14 @@ pub(crate) mod q4k_octet {
 /// signed 8-bit scales (one per 16 values), f16 d.
 const Q6K_BLOCK: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 
-/// Where each part of a Q6_K octet block starts: the 8 rows' 128 bytes of low nibbles,
-/// their 64 bytes of high bit pairs (both in GGUF's order, see [`q6`]), per 16 values
-/// the 8 rows' scales, then 8 f16 d. The same bytes as the 8 GGUF blocks.
+/// Where each part of a Q6_K octet block starts: the 8 rows' low nibbles in lanes, per 32
+/// values `n` 4 vectors `v` whose byte `4i + t` holds row `i`'s value `32n + 4v + t` (low
+/// nibble) and `32n + 16 + 4v + t` (high); their high bit pairs, per 32 values 2 vectors
+/// `h` whose byte `4i + t` holds the pairs of values `32n + 16h + 4k + t` for `k` in 0..4
+/// (bits `2k`, `2k + 1`); per 16 values the 8 rows' scales; then 8 f16 d.
 pub(crate) mod q6k_octet {
     use super::{OCTET, QK_K};
-    /// `[row]` 64 bytes of high bit pairs.
+    /// The high bit pairs.
     pub(crate) const HIGH: usize = OCTET * QK_K / 2;
     /// `[16 values][row]` signed scales.
     pub(crate) const SCALES: usize = HIGH + OCTET * QK_K / 4;
@@ -166,6 +170,32 @@ pub(crate) mod q6k_octet {
     pub(crate) const D: usize = SCALES + OCTET * QK_K / 16;
     /// Bytes of one octet block.
     pub(crate) const BYTES: usize = D + 2 * OCTET;
+}
+
+/// Bytes of a lanes vector, as in [`crate::kernels`].
+const LANES: usize = 32;
+
+/// Where row `i`'s byte of Q4_K value `v` lies in an octet block, and whether the value
+/// is its high nibble.
+fn q4k_at(i: usize, v: usize) -> (usize, bool) {
+    let (g, w) = (v / 64, v % 64);
+    let l = w % 32;
+    ((8 * g + l / 4) * LANES + 4 * i + l % 4, w >= 32)
+}
+
+/// Where row `i`'s low nibble of Q6_K value `v` lies in an octet block (and whether it is
+/// the high nibble of its byte), and where its bit pair lies (byte and shift).
+fn q6k_at(i: usize, v: usize) -> ((usize, bool), (usize, u32)) {
+    let (n, w) = (v / 32, v % 32);
+    let (h, l) = (w / 16, w % 16);
+    let t = 4 * i + l % 4;
+    (
+        ((4 * n + l / 4) * LANES + t, h == 1),
+        (
+            q6k_octet::HIGH + (2 * n + h) * LANES + t,
+            2 * (l / 4) as u32,
+        ),
+    )
 }
 
 /// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 packed bytes.
@@ -233,7 +263,11 @@ impl SuperMatrix {
                 let dst = &mut data[(o * nb + b) * ob..][..ob];
                 match kind {
                     Super::Q4K => {
-                        dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[16..]);
+                        for (j, &q) in src[16..].iter().enumerate() {
+                            // Byte j holds values 64(j/32) + j%32 and 32 above.
+                            let (at, _) = q4k_at(i, 64 * (j / 32) + j % 32);
+                            dst[at] = q;
+                        }
                         for j in 0..QK_K / SUB {
                             let (sc, m) = scale_min(j, &src[4..16]);
                             dst[q4k_octet::SCALES + j * OCTET + i] = sc;
@@ -244,9 +278,13 @@ impl SuperMatrix {
                     }
                     Super::Q6K => {
                         // GGUF: ql[128], qh[64], scales[16] (i8), d (f16).
-                        dst[i * QK_K / 2..][..QK_K / 2].copy_from_slice(&src[..128]);
-                        dst[q6k_octet::HIGH + i * QK_K / 4..][..QK_K / 4]
-                            .copy_from_slice(&src[128..192]);
+                        let (ql, qh) = (&src[..128], &src[128..192]);
+                        for v in 0..QK_K {
+                            let q = q6(ql, qh, v);
+                            let ((at, high), (bits, shift)) = q6k_at(i, v);
+                            dst[at] |= if high { (q & 0x0F) << 4 } else { q & 0x0F };
+                            dst[bits] |= (q >> 4) << shift;
+                        }
                         for g in 0..QK_K / 16 {
                             dst[q6k_octet::SCALES + g * OCTET + i] = src[192 + g];
                         }
@@ -274,17 +312,15 @@ impl SuperMatrix {
             let c = &self.data[(o * nb + b) * ob..][..ob];
             let at = r * nb + b;
             let x = &xk.qs[at * QK_K..][..QK_K];
-            acc += match self.kind {
+            acc = match self.kind {
                 Super::Q4K => {
-                    let nibbles = &c[i * QK_K / 2..][..QK_K / 2];
                     let (mut isum, mut msum) = (0i32, 0i32);
                     for j in 0..QK_K / SUB {
-                        let (g, high) = (j / 2, j % 2 == 1);
-                        let dot: i32 = (0..SUB)
-                            .map(|l| {
-                                let byte = nibbles[g * SUB + l];
-                                let q = if high { byte >> 4 } else { byte & 0x0F };
-                                i32::from(q) * i32::from(x[j * SUB + l])
+                        let dot: i32 = (j * SUB..(j + 1) * SUB)
+                            .map(|v| {
+                                let (at, high) = q4k_at(i, v);
+                                let q = if high { c[at] >> 4 } else { c[at] & 0x0F };
+                                i32::from(q) * i32::from(x[v])
                             })
                             .sum();
                         isum += i32::from(c[q4k_octet::SCALES + j * OCTET + i]) * dot;
@@ -293,27 +329,30 @@ impl SuperMatrix {
                     }
                     let d = f16_at(c, q4k_octet::D + 2 * i) * xk.d[at];
                     let dmin = f16_at(c, q4k_octet::DMIN + 2 * i) * xk.d[at];
-                    d * isum as f32 - dmin * msum as f32
+                    (-dmin).mul_add(msum as f32, d.mul_add(isum as f32, acc))
                 }
                 Super::Q6K => {
-                    let ql = &c[i * QK_K / 2..][..QK_K / 2];
-                    let qh = &c[q6k_octet::HIGH + i * QK_K / 4..][..QK_K / 4];
                     let mut isum = 0i32;
                     for g in 0..QK_K / 16 {
                         let sc = i32::from(c[q6k_octet::SCALES + g * OCTET + i] as i8);
                         let dot: i32 = (16 * g..16 * (g + 1))
-                            .map(|v| i32::from(q6(ql, qh, v)) * i32::from(x[v]))
+                            .map(|v| {
+                                let ((at, high), (bits, shift)) = q6k_at(i, v);
+                                let low = if high { c[at] >> 4 } else { c[at] & 0x0F };
+                                let q = low | ((c[bits] >> shift) & 3) << 4;
+                                i32::from(q) * i32::from(x[v])
+                            })
                             .sum();
                         isum += sc * (dot - 32 * xk.bsums[at * 16 + g]);
                     }
-                    f16_at(c, q6k_octet::D + 2 * i) * xk.d[at] * isum as f32
+                    (f16_at(c, q6k_octet::D + 2 * i) * xk.d[at]).mul_add(isum as f32, acc)
                 }
             };
         }
         acc
     }
 
-    /// Octet `o`'s 8 rows by every activation row, into `out` (`[8, m]`).
+    /// Octet `o`'s 8 rows by every activation row, into `out` (`[m, 8]`).
     pub(crate) fn octet_products(&self, o: usize, xk: &Q8KRows, out: &mut [f32]) {
         let nb = self.cols / QK_K;
         let ob = self.kind.octet_bytes();
@@ -324,7 +363,7 @@ impl SuperMatrix {
         for i in 0..OCTET {
             let row = o * OCTET + i;
             for r in 0..xk.m {
-                out[i * xk.m + r] = if row < self.rows {
+                out[r * OCTET + i] = if row < self.rows {
                     self.scalar_product(row, xk, r)
                 } else {
                     0.0
@@ -384,27 +423,33 @@ impl Q8KRows {
         let mut qs = vec![0i8; m * cols];
         let mut d = Vec::with_capacity(m * nb);
         let mut bsums = Vec::with_capacity(m * nb * 16);
-        for (xb, qb) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)) {
-            let (mut max, mut amax) = (0f32, 0f32);
-            for &v in xb {
-                if amax < v.abs() {
-                    amax = v.abs();
-                    max = v;
+        let blocks = x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K));
+        crate::kernels::with_vector_isa(
+            #[inline(always)]
+            || {
+                for (xb, qb) in blocks {
+                    let (mut max, mut amax) = (0f32, 0f32);
+                    for &v in xb {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    if amax == 0.0 {
+                        d.push(0.0);
+                    } else {
+                        let iscale = -127.0 / max;
+                        for (q, &v) in qb.iter_mut().zip(xb) {
+                            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+                        }
+                        d.push(1.0 / iscale);
+                    }
+                    for s in qb.chunks_exact(16) {
+                        bsums.push(s.iter().map(|&q| i32::from(q)).sum());
+                    }
                 }
-            }
-            if amax == 0.0 {
-                d.push(0.0);
-            } else {
-                let iscale = -127.0 / max;
-                for (q, &v) in qb.iter_mut().zip(xb) {
-                    *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
-                }
-                d.push(1.0 / iscale);
-            }
-            for s in qb.chunks_exact(16) {
-                bsums.push(s.iter().map(|&q| i32::from(q)).sum());
-            }
-        }
+            },
+        );
         Self {
             m,
             nb,
@@ -432,7 +477,7 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
         ] {
-            for m in [1, 5] {
+            for m in [1, 5, 8] {
                 let (rows, cols) = (72, 512);
                 let w = Tensor::randn(0f32, 0.05, (rows, cols), &d).expect("w");
                 let x = Tensor::randn(0f32, 1.0, (m, cols), &d).expect("x");
@@ -454,6 +499,9 @@ mod tests {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(worst < 1e-4, "{dtype:?} m={m}: off by {worst}");
+                // Each row comes out the same alone as in a batch (tiles of 4, 2, 1).
+                let last = &xs[(m - 1) * cols..];
+                assert_eq!(ours.matmul(last, 1), y[(m - 1) * rows..], "{dtype:?} m={m}");
             }
         }
     }
@@ -486,7 +534,7 @@ mod tests {
                             } else {
                                 0.0
                             };
-                            let got = fast[i * m + r];
+                            let got = fast[r * OCTET + i];
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
                                 "{kind:?} octet {o} row {i} x {r}: {got} vs {want}"

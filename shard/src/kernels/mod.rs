@@ -5,22 +5,30 @@
 //! each product, which steals the cores from the other servers of a swarm sharing a
 //! machine (measured in issue 5: 70% of a local decode went to candle's scalar
 //! `vec_dot_unopt`). These kernels take over for the GGUF formats of 32-value blocks
-//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; K-quant files keep many tensors in Q5_0 and Q8_0).
-//! Activations are quantised to 8 bits per 32-value block (as ggml's Q8_0/Q8_1) and
-//! each block product runs in integer arithmetic: AVX-VNNI (`vpdpbusd`) or AVX2
-//! (`maddubs`) where the CPU has them, plain Rust elsewhere.
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, and the 4-bit table types; K-quant files keep many
+//! tensors in Q5_0 and Q8_0). Activations are quantised to 8 bits per 32-value block (as
+//! ggml's Q8_0/Q8_1) and each block product runs in integer arithmetic: AVX-VNNI or
+//! AVX-512 VNNI (`vpdpbusd`) or AVX2 (`maddubs`) where the CPU has them, plain Rust
+//! elsewhere.
 //!
-//! Weights are repacked at load into *octets*: for each group of 8 rows and each block,
-//! the 8 rows' quants side by side, then their 8 f16 scales (and, for Q4_1 and Q5_1, 8
-//! mins); for Q5_0/Q5_1 the quants are the 8 rows' 16 bytes of low nibbles, then their
-//! 8 words of fifth bits, which the kernel spreads into the nibbles' bytes. A
-//! product then unpacks two rows' nibbles per instruction, reduces the 8 rows' integer
-//! dot products into one vector, and applies 8 scales with one vector multiply, where
-//! GGUF's row-major layout needs a scalar conversion, broadcast and multiply per row and
-//! block. Every row is computed the same way whatever the other rows of the product
-//! are, so a session's numbers do not depend on whom it is batched with.
-//! Work is split over octets on a [rayon] pool whose idle workers sleep instead of
-//! spinning (`SHOAL_THREADS` sets its size; default: every core).
+//! Weights are repacked at load into *octets* of 8 rows, laid out in *lanes*: per block,
+//! each 32-byte vector holds 4 consecutive values of each of the 8 rows (bytes `4i..4i+4`
+//! are row `i`'s), so one `vpdpbusd` against 4 activation bytes broadcast to every lane
+//! adds 4 products to each row's own 32-bit lane, and after the block's 8 such steps lane
+//! `i` is row `i`'s integer dot product: no horizontal reduction. 4-bit formats keep two
+//! values per byte (the low nibbles of a vector are values `4v..4v+4`, the high ones
+//! `16+4v..`, as in GGUF); Q5_0/Q5_1 add 32 bytes of fifth bits (byte `4i+t`, bit `c`:
+//! row `i`'s value `4c+t`), which two shifts and a mask put in place; Q8_0 is stored plus
+//! 128 (unsigned, as `vpdpbusd` wants; the 128s come off through the activation sums).
+//! Then the 8 rows' f16 scales (and, for Q4_1 and Q5_1, 8 mins), applied with one vector
+//! multiply.
+//!
+//! A product takes the activation rows up to 4 at a time: each weight block is unpacked
+//! once and used for all of them, so a batch (a prompt, or the steps of concurrent
+//! sessions) costs much less per row than one row alone. Every row is computed the same
+//! way whatever the other rows of the product are, so a session's numbers do not depend
+//! on whom it is batched with. Work is split over octets on a [rayon] pool whose idle
+//! workers sleep instead of spinning (`SHOAL_THREADS` sets its size; default: every core).
 
 use std::sync::OnceLock;
 
@@ -45,6 +53,12 @@ const QK: usize = 32;
 
 /// Rows packed together.
 const OCTET: usize = 8;
+
+/// Bytes of one lanes vector: 4 values of each of the 8 rows of an octet.
+const LANES: usize = 32;
+
+/// Where a Q5_0/Q5_1 octet block's fifth bits start (after its 4 vectors of nibbles).
+const FIFTH: usize = 4 * LANES;
 
 /// A GGUF block format these kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +191,7 @@ pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// A product over octets of weight rows: `octet(o, out)` writes octet `o`'s 8 rows by
-/// the `m` activation rows into `out` (`[8, m]`); the octets are shared out over the
+/// the `m` activation rows into `out` (`[m, 8]`); the octets are shared out over the
 /// pool and the result comes back as `[m, rows]`, row-major.
 pub(crate) fn octets_matmul(
     rows: usize,
@@ -185,14 +199,13 @@ pub(crate) fn octets_matmul(
     octet: impl Fn(usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let octets = rows.div_ceil(OCTET);
-    // Output transposed and padded to whole octets, [octets * 8, m], so each task owns
-    // one contiguous stretch.
-    let mut out_t = vec![0f32; octets * OCTET * m];
+    // Each octet's results, [octets, m, 8], so each task owns one contiguous stretch.
+    let mut parts = vec![0f32; octets * m * OCTET];
     let threads = pool().current_num_threads();
     // A few tasks per thread balance the load; tiny tasks would cost more to hand out.
     let per_task = octets.div_ceil(threads * 4).max(2);
-    let run = |out_t: &mut [f32]| {
-        out_t
+    let run = |parts: &mut [f32]| {
+        parts
             .par_chunks_mut(per_task * OCTET * m)
             .enumerate()
             .for_each(|(t, chunk)| {
@@ -201,21 +214,22 @@ pub(crate) fn octets_matmul(
                 }
             });
     };
-    on_pool(|| run(&mut out_t));
-    let mut out = vec![0f32; m * rows];
+    on_pool(|| run(&mut parts));
     if m == 1 {
-        out.copy_from_slice(&out_t[..rows]);
-        return out;
+        parts.truncate(rows);
+        return parts;
     }
-    for (i, col) in out_t.chunks_exact(m).take(rows).enumerate() {
-        for (r, &v) in col.iter().enumerate() {
-            out[r * rows + i] = v;
+    let mut out = vec![0f32; m * rows];
+    for (o, part) in parts.chunks_exact(m * OCTET).enumerate() {
+        let width = OCTET.min(rows - o * OCTET);
+        for (r, values) in part.chunks_exact(OCTET).enumerate() {
+            out[r * rows + o * OCTET..][..width].copy_from_slice(&values[..width]);
         }
     }
     out
 }
 
-/// A super-block octet (`kind`'s layout) by every row of `xk` into `out` (`[8, m]`) on
+/// A super-block octet (`kind`'s layout) by every row of `xk` into `out` (`[m, 8]`) on
 /// this CPU's vector kernels; false where there are none (the caller runs the portable
 /// one).
 pub(crate) fn super_products(
@@ -289,31 +303,32 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-/// One row's block in an octet: its scale, its offset term per unit of activation sum
-/// (`-8 d` for Q4_0, `-16 d` for Q5_0, the min for Q4_1 and Q5_1, 0 for Q8_0), its
-/// quants (nibbles or bytes) and, for Q5_0/Q5_1, its fifth bits.
+/// One row's block in an octet: its scale, its min (Q4_1, Q5_1; else 0), and where its
+/// values lie (the octet block and the row's lane).
 struct RowBlock<'a> {
     d: f32,
-    offset: f32,
-    qs: &'a [u8],
-    high: u32,
+    min: f32,
+    chunk: &'a [u8],
+    lane: usize,
 }
 
 impl RowBlock<'_> {
-    /// Value `j` of the block as an unsigned integer (the offset not applied), or for
-    /// Q8_0 as a signed one.
+    /// Value `j` of the block as the integer the kernels multiply: for Q4_0, Q5_0, Q8_0
+    /// and the tables the signed value (`d * q` is the weight), for Q4_1 and Q5_1 the
+    /// unsigned one (`d * q + min`).
     fn q(&self, format: QFormat, j: usize) -> i32 {
-        let nibble = || {
-            if j < QK / 2 {
-                self.qs[j] & 0x0F
-            } else {
-                self.qs[j - QK / 2] >> 4
-            }
-        };
+        let byte = self.chunk[(j % 16 / 4) * LANES + 4 * self.lane + j % 4];
+        let nibble = if j < QK / 2 { byte & 0x0F } else { byte >> 4 };
+        let fifth = || i32::from(self.chunk[FIFTH + 4 * self.lane + j % 4] >> (j / 4) & 1) << 4;
         match format {
-            QFormat::Q8_0 => i32::from(self.qs[j] as i8),
-            QFormat::Table4(t) => i32::from(t.values()[usize::from(nibble())]),
-            _ => i32::from(nibble()) | (((self.high >> j) & 1) as i32) << 4,
+            QFormat::Q8_0 => {
+                i32::from((self.chunk[(j / 4) * LANES + 4 * self.lane + j % 4] ^ 0x80) as i8)
+            }
+            QFormat::Table4(t) => i32::from(t.values()[usize::from(nibble)]),
+            QFormat::Q4_0 => i32::from(nibble) - 8,
+            QFormat::Q4_1 => i32::from(nibble),
+            QFormat::Q5_0 => (i32::from(nibble) | fifth()) - 16,
+            QFormat::Q5_1 => i32::from(nibble) | fifth(),
         }
     }
 }
@@ -352,14 +367,33 @@ impl QMatrix {
             for b in 0..kb {
                 let src = &raw[(row * kb + b) * bb..][..bb];
                 let dst = &mut data[(o * kb + b) * ob..][..ob];
-                if format.has_fifth_bit() {
-                    // GGUF: [d, (m), qh: u32, qs: 16]; here the 8 rows' qs, then their qh.
-                    let nibbles = QK / 2;
-                    dst[i * nibbles..(i + 1) * nibbles].copy_from_slice(&src[qo + 4..]);
-                    let high = OCTET * nibbles + 4 * i;
-                    dst[high..high + 4].copy_from_slice(&src[qo..qo + 4]);
-                } else {
-                    dst[i * qb..(i + 1) * qb].copy_from_slice(&src[qo..]);
+                let lane = |v: usize, t: usize| v * LANES + 4 * i + t;
+                match format {
+                    QFormat::Q8_0 => {
+                        for (j, &q) in src[qo..].iter().enumerate() {
+                            dst[lane(j / 4, j % 4)] = q ^ 0x80;
+                        }
+                    }
+                    _ => {
+                        // GGUF: [d, (m), (qh: u32), qs: 16].
+                        let nibbles = &src[bb - QK / 2..];
+                        for (j, &q) in nibbles.iter().enumerate() {
+                            dst[lane(j / 4, j % 4)] = q;
+                        }
+                        if format.has_fifth_bit() {
+                            let qh = u32::from_le_bytes([
+                                src[qo],
+                                src[qo + 1],
+                                src[qo + 2],
+                                src[qo + 3],
+                            ]);
+                            for j in 0..QK {
+                                if qh >> j & 1 == 1 {
+                                    dst[FIFTH + 4 * i + j % 4] |= 1 << (j / 4);
+                                }
+                            }
+                        }
+                    }
                 }
                 let scales = OCTET * qb;
                 dst[scales + 2 * i..scales + 2 * i + 2].copy_from_slice(&src[..2]);
@@ -411,39 +445,19 @@ impl QMatrix {
     /// Row `row`'s block `b`.
     fn row_block(&self, row: usize, b: usize) -> RowBlock<'_> {
         let f = self.format;
-        let (qb, ob, kb) = (f.quant_bytes(), f.octet_bytes(), self.cols / QK);
+        let (ob, kb) = (f.octet_bytes(), self.cols / QK);
         let (o, i) = (row / OCTET, row % OCTET);
         let chunk = &self.data[(o * kb + b) * ob..][..ob];
-        let scales = OCTET * qb;
-        let d = f16_le(chunk, scales + 2 * i);
-        let offset = match f {
-            QFormat::Q4_0 => -8.0 * d,
-            QFormat::Q5_0 => -16.0 * d,
-            QFormat::Q4_1 | QFormat::Q5_1 => f16_le(chunk, scales + 2 * OCTET + 2 * i),
-            QFormat::Q8_0 | QFormat::Table4(_) => 0.0,
-        };
-        if f.has_fifth_bit() {
-            let nibbles = QK / 2;
-            let high = OCTET * nibbles + 4 * i;
-            let word = [
-                chunk[high],
-                chunk[high + 1],
-                chunk[high + 2],
-                chunk[high + 3],
-            ];
-            RowBlock {
-                d,
-                offset,
-                qs: &chunk[i * nibbles..(i + 1) * nibbles],
-                high: u32::from_le_bytes(word),
-            }
-        } else {
-            RowBlock {
-                d,
-                offset,
-                qs: &chunk[i * qb..(i + 1) * qb],
-                high: 0,
-            }
+        let scales = OCTET * f.quant_bytes();
+        RowBlock {
+            d: f16_le(chunk, scales + 2 * i),
+            min: if f.has_min() {
+                f16_le(chunk, scales + 2 * OCTET + 2 * i)
+            } else {
+                0.0
+            },
+            chunk,
+            lane: i,
         }
     }
 
@@ -452,7 +466,7 @@ impl QMatrix {
         for (b, out) in out.chunks_exact_mut(QK).enumerate() {
             let block = self.row_block(i, b);
             for (j, o) in out.iter_mut().enumerate() {
-                *o = block.d * block.q(self.format, j) as f32 + block.offset;
+                *o = block.d * block.q(self.format, j) as f32 + block.min;
             }
         }
     }
@@ -465,7 +479,7 @@ impl QMatrix {
     }
 
     /// Dot products of octet `o`'s 8 rows with every row of `xq`, into `out`
-    /// (`[8, m]`).
+    /// (`[m, 8]`).
     fn octet_products(&self, o: usize, xq: &QRows, out: &mut [f32]) {
         let ob = self.format.octet_bytes();
         let octet = &self.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
@@ -491,7 +505,7 @@ impl QMatrix {
         for i in 0..OCTET {
             let row = o * OCTET + i;
             for r in 0..xq.m {
-                out[i * xq.m + r] = if row < self.rows {
+                out[r * OCTET + i] = if row < self.rows {
                     self.scalar_product(row, xq, r)
                 } else {
                     0.0
@@ -501,7 +515,7 @@ impl QMatrix {
     }
 
     /// The portable kernel: one row by one activation row, the same arithmetic as the
-    /// vector kernels (integer dot per block, then scale and offset), one value at a time.
+    /// vector kernels (integer dot per block, then scale, then min), one value at a time.
     fn scalar_product(&self, row: usize, xq: &QRows, r: usize) -> f32 {
         let mut acc = 0f32;
         for b in 0..xq.kb {
@@ -513,10 +527,25 @@ impl QMatrix {
                 .enumerate()
                 .map(|(j, &x)| block.q(self.format, j) * i32::from(x))
                 .sum();
-            acc += dot as f32 * (block.d * xq.d[at]) + block.offset * xq.s[at];
+            acc = (dot as f32).mul_add(block.d * xq.d[at], acc);
+            if self.format.has_min() {
+                acc = block.min.mul_add(xq.s[at], acc);
+            }
         }
         acc
     }
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it (plain code otherwise): for the
+/// activations' quantising, whose rounding is a library call without SSE4.1 and a few
+/// vector instructions with it (the same numbers either way).
+pub(crate) fn with_vector_isa<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(target_arch = "x86_64")]
+    if x86_level() != X86Level::None {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked by `x86_level`).
+        return unsafe { x86::avx2(f) };
+    }
+    f()
 }
 
 /// Reads the little-endian f16 at `at`.
@@ -533,8 +562,11 @@ struct QRows {
     qs: Vec<i8>,
     /// `[m, kb]` scales.
     d: Vec<f32>,
-    /// `[m, kb]` `d * Σq`, for the formats with an offset (Q4_0's -8, Q4_1's min).
+    /// `[m, kb]` `d * Σq`, for the formats with a min (Q4_1, Q5_1).
     s: Vec<f32>,
+    /// `[m, kb]` `Σq`: for the kernels' offsets (Q4_0's 8, Q5_0's 16, the 128 that makes
+    /// Q8_0 unsigned).
+    isum: Vec<i32>,
 }
 
 impl QRows {
@@ -543,23 +575,38 @@ impl QRows {
         let mut qs = vec![0i8; m * k];
         let mut d = Vec::with_capacity(m * kb);
         let mut s = Vec::with_capacity(m * kb);
-        for (xb, qb) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)) {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                // |v * inv| <= 127, so the cast cannot saturate.
-                *q = (v * inv).round() as i8;
-                sum += i32::from(*q);
-            }
-            // ggml (and so llama.cpp and candle) keeps the scale as f16: so do we, so
-            // that our products round as theirs do.
-            let scale = f16::from_f32(scale).to_f32();
-            d.push(scale);
-            s.push(scale * sum as f32);
+        let mut isum = Vec::with_capacity(m * kb);
+        let blocks = x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK));
+        with_vector_isa(
+            #[inline(always)]
+            || {
+                for (xb, qb) in blocks {
+                    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    let mut sum = 0i32;
+                    for (q, v) in qb.iter_mut().zip(xb) {
+                        // |v * inv| <= 127, so the cast cannot saturate.
+                        *q = (v * inv).round() as i8;
+                        sum += i32::from(*q);
+                    }
+                    // ggml (and so llama.cpp and candle) keeps the scale as f16: so do we, so
+                    // that our products round as theirs do.
+                    let scale = f16::from_f32(scale).to_f32();
+                    d.push(scale);
+                    s.push(scale * sum as f32);
+                    isum.push(sum);
+                }
+            },
+        );
+        Self {
+            m,
+            kb,
+            qs,
+            d,
+            s,
+            isum,
         }
-        Self { m, kb, qs, d, s }
     }
 }
 
@@ -613,7 +660,7 @@ mod tests {
                 let row = o * OCTET + i;
                 for r in 0..m {
                     let (a, b) = (
-                        fast[i * m + r],
+                        fast[r * OCTET + i],
                         if row < rows {
                             mat.scalar_product(row, &xq, r)
                         } else {
@@ -721,7 +768,7 @@ mod tests {
                             } else {
                                 0.0
                             };
-                            let got = fast[i * m + r];
+                            let got = fast[r * OCTET + i];
                             assert!(
                                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                                 "{table:?}: {got} vs {want}"

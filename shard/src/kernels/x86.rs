@@ -36,24 +36,39 @@ pub(super) fn x86_level() -> X86Level {
     })
 }
 
+/// `f`, inlined into a function compiled for AVX2 (so its loops vectorise with it).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn avx2<T>(f: impl FnOnce() -> T) -> T {
+    f()
+}
+
 /// The x86 kernels, stamped out once per instruction set: `$features` is the
-/// `target_feature` list and `$dot` the 32-byte unsigned x signed dot product (eight
-/// sums of four products each).
+/// `target_feature` list, `$vnni` whether its dot step has no saturation, and `$dot`
+/// that step, `dpb(acc, u, x)`: 32 unsigned bytes times 32 signed ones, each lane of
+/// `acc` (8 x i32) plus the sum of its 4 products.
 macro_rules! x86_kernels {
-    ($name:ident, $features:literal, $dot:item) => {
+    ($name:ident, $features:literal, $vnni:literal, $dot:item) => {
         mod $name {
             use std::arch::x86_64::*;
 
-            use crate::kernels::{QFormat, QRows, OCTET, QK};
-
-            /// The table argument of the kernels of formats without one.
-            const NO_TABLE: [i8; 16] = [0; 16];
+            use crate::kernels::{QFormat, QRows, FIFTH, LANES, OCTET, QK};
             use crate::kquants::{q4k_octet, q6k_octet, Q8KRows, Super, QK_K};
 
             $dot
 
+            /// Whether the 8-bit signed formats (Q8_0, the tables) run as unsigned bytes
+            /// (128 above the value; `vpdpbusd` has no saturation to fear) rather than
+            /// through AVX2's sign trick.
+            const VNNI: bool = $vnni;
+
+            /// The most activation rows one pass over a weight block serves.
+            const TILE: usize = 4;
+
             /// Dot products of one octet (`kb` octet blocks) with every row of `xq`, into
-            /// `out` (`[8, m]`).
+            /// `out` (`[m, 8]`): the rows 4 at a time, then 2, then 1.
             ///
             /// # Safety
             /// The CPU must support the features this module is compiled for.
@@ -62,261 +77,61 @@ macro_rules! x86_kernels {
                 let m = xq.m;
                 assert!(octet.len() >= xq.kb * format.octet_bytes());
                 assert!(out.len() >= OCTET * m && xq.qs.len() >= m * xq.kb * QK);
-                for r in 0..m {
+                assert!(xq.d.len() >= m * xq.kb && xq.s.len() >= m * xq.kb && xq.isum.len() >= m * xq.kb);
+                let values = match format {
+                    QFormat::Table4(t) => *t.values(),
+                    _ => [0; 16],
+                };
+                let mut r = 0;
+                while r < m {
+                    let n = if m - r >= TILE { TILE } else if m - r >= 2 { 2 } else { 1 };
                     // SAFETY: the bounds were checked above; the CPU check is the
                     // caller's.
-                    let sums = unsafe {
+                    unsafe {
                         match format {
-                            QFormat::Q4_0 => kernel::<0>(octet.as_ptr(), xq, r, &NO_TABLE),
-                            QFormat::Q4_1 => kernel::<1>(octet.as_ptr(), xq, r, &NO_TABLE),
-                            QFormat::Q8_0 => kernel::<2>(octet.as_ptr(), xq, r, &NO_TABLE),
-                            QFormat::Q5_0 => kernel::<3>(octet.as_ptr(), xq, r, &NO_TABLE),
-                            QFormat::Q5_1 => kernel::<4>(octet.as_ptr(), xq, r, &NO_TABLE),
-                            QFormat::Table4(t) => kernel::<5>(octet.as_ptr(), xq, r, t.values()),
+                            QFormat::Q4_0 => rows::<0>(octet.as_ptr(), xq, r, n, &values, out),
+                            QFormat::Q4_1 => rows::<1>(octet.as_ptr(), xq, r, n, &values, out),
+                            QFormat::Q8_0 => rows::<2>(octet.as_ptr(), xq, r, n, &values, out),
+                            QFormat::Q5_0 => rows::<3>(octet.as_ptr(), xq, r, n, &values, out),
+                            QFormat::Q5_1 => rows::<4>(octet.as_ptr(), xq, r, n, &values, out),
+                            QFormat::Table4(_) => rows::<5>(octet.as_ptr(), xq, r, n, &values, out),
                         }
-                    };
-                    for (i, v) in sums.iter().enumerate() {
-                        out[i * m + r] = *v;
                     }
+                    r += n;
                 }
             }
 
-            /// One super-block octet of `kind` (`xk.nb` octet blocks) by every row of
-            /// `xk`, into `out` (`[8, m]`).
+            /// [`tile`] for `n` (1, 2 or 4) rows from `r`.
             ///
             /// # Safety
-            /// The CPU must support the features this module is compiled for.
+            /// As [`tile`].
+            #[inline]
             #[target_feature(enable = $features)]
-            pub(crate) unsafe fn super_products(kind: Super, octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
-                // SAFETY: the same CPU features; each kernel checks its slices.
+            unsafe fn rows<const F: u8>(octet: *const u8, xq: &QRows, r: usize, n: usize, table: &[i8; 16], out: &mut [f32]) {
+                // SAFETY: passed on.
                 unsafe {
-                    match kind {
-                        Super::Q4K => q4k_products(octet, xk, out),
-                        Super::Q6K => q6k_products(octet, xk, out),
+                    match n {
+                        4 => tile::<F, 4>(octet, xq, r, table, out),
+                        2 => tile::<F, 2>(octet, xq, r, table, out),
+                        _ => tile::<F, 1>(octet, xq, r, table, out),
                     }
                 }
             }
 
-            /// Q6_K: one octet (see [`q6k_octet`]) by every row of `xk`, into `out`
-            /// (`[8, m]`). Per 32 values, the 8 rows' unsigned 6-bit values (32 above
-            /// the signed ones) dotted with the activations, the dots of each 16 kept
-            /// apart and multiplied by their scales; the 32s come off through the
-            /// activations' sums of 16: ggml's integers for Q6_K x Q8_K.
+            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1, 5 = a 4-bit table
+            /// type (nibbles looked up in `table` with one byte shuffle). One octet by
+            /// activation rows `r..r + R`, into their columns of `out` (`[m, 8]`): per
+            /// block, the 8 rows' values unpacked once into 8 lanes vectors, then for each
+            /// activation row 8 dot steps against its broadcast bytes, the offset taken
+            /// off in integers (ggml's order), and the scales applied.
             ///
             /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            unsafe fn q6k_products(octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
-                let (m, nb) = (xk.m, xk.nb);
-                assert!(octet.len() >= nb * q6k_octet::BYTES);
-                assert!(out.len() >= OCTET * m && xk.qs.len() >= m * nb * QK_K);
-                assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
-                let mask = _mm256_set1_epi8(0x0F);
-                let pairs = _mm256_set1_epi8(0x03);
-                for r in 0..m {
-                    let mut acc = _mm256_setzero_ps();
-                    for b in 0..nb {
-                        let at = r * nb + b;
-                        // SAFETY: every pointer stays inside octet block `b` or inside
-                        // row `r`'s super-block `b` of `xk`, as checked above.
-                        unsafe {
-                            let c = octet.as_ptr().add(b * q6k_octet::BYTES);
-                            let x = xk.qs.as_ptr().add(at * QK_K);
-                            let mut isum = _mm256_setzero_si256();
-                            for half in 0..2 {
-                                // The four chunks of 32 values of this half, for 8 rows.
-                                let mut dots = [[_mm256_setzero_si256(); 8]; 4];
-                                let xs: [__m256i; 4] = std::array::from_fn(|k| {
-                                    _mm256_loadu_si256(x.add(128 * half + 32 * k).cast())
-                                });
-                                for i in 0..OCTET {
-                                    let ql = c.add(i * QK_K / 2 + 64 * half);
-                                    let qh = _mm256_loadu_si256(c.add(q6k_octet::HIGH + i * QK_K / 4 + 32 * half).cast());
-                                    let ql0 = _mm256_loadu_si256(ql.cast());
-                                    let ql1 = _mm256_loadu_si256(ql.add(32).cast());
-                                    let h = |shift: i32| {
-                                        let bits = match shift {
-                                            0 => qh,
-                                            2 => _mm256_srli_epi16(qh, 2),
-                                            4 => _mm256_srli_epi16(qh, 4),
-                                            _ => _mm256_srli_epi16(qh, 6),
-                                        };
-                                        _mm256_slli_epi16(_mm256_and_si256(bits, pairs), 4)
-                                    };
-                                    let q = [
-                                        _mm256_or_si256(_mm256_and_si256(ql0, mask), h(0)),
-                                        _mm256_or_si256(_mm256_and_si256(ql1, mask), h(2)),
-                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask), h(4)),
-                                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask), h(6)),
-                                    ];
-                                    for k in 0..4 {
-                                        dots[k][i] = dot_u8_i8(q[k], xs[k]);
-                                    }
-                                }
-                                for (k, d) in dots.iter().enumerate() {
-                                    // Each row's dot of values 0-15 and of 16-31 apart.
-                                    let (first, second) = reduce8_halves(*d);
-                                    let g = 8 * half + 2 * k;
-                                    let sc = c.add(q6k_octet::SCALES + g * OCTET);
-                                    let s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
-                                    let s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
-                                    isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(first, s0));
-                                    isum = _mm256_add_epi32(isum, _mm256_mullo_epi32(second, s1));
-                                }
-                            }
-                            // The 32s: Σ scale x (sum of the 16 activations), times 32.
-                            let mut offset = _mm256_setzero_si256();
-                            for g in 0..QK_K / 16 {
-                                let sc = c.add(q6k_octet::SCALES + g * OCTET);
-                                let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
-                                let bsum = _mm256_set1_epi32(*xk.bsums.get_unchecked(at * 16 + g));
-                                offset = _mm256_add_epi32(offset, _mm256_mullo_epi32(s, bsum));
-                            }
-                            let total = _mm256_sub_epi32(isum, _mm256_slli_epi32(offset, 5));
-                            let dx = _mm256_set1_ps(*xk.d.get_unchecked(at));
-                            let d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(c.add(q6k_octet::D).cast())), dx);
-                            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total), acc);
-                        }
-                    }
-                    let mut sums = [0f32; 8];
-                    // SAFETY: 8 floats into an array of 8.
-                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
-                    for (i, v) in sums.iter().enumerate() {
-                        out[i * m + r] = *v;
-                    }
-                }
-            }
-
-            /// Of 8 vectors of 8 i32 lanes, each vector's sum of lanes 0-3 and sum of
-            /// lanes 4-7 (a dot product's first and second 16 bytes), as two vectors
-            /// (lane i: vector i's).
+            /// The features of this module; `octet` points at `xq.kb` octet blocks of the
+            /// format; rows `r..r + R` exist in `xq` (its vectors as long as `products`
+            /// checks) and columns `r..r + R` in `out`.
             #[inline]
             #[target_feature(enable = $features)]
-            fn reduce8_halves(v: [__m256i; 8]) -> (__m256i, __m256i) {
-                let a = _mm256_hadd_epi32(v[0], v[1]);
-                let b = _mm256_hadd_epi32(v[2], v[3]);
-                let c = _mm256_hadd_epi32(v[4], v[5]);
-                let d = _mm256_hadd_epi32(v[6], v[7]);
-                // [lanes 0-3 sums of v0..v3 | lanes 4-7 sums of v0..v3], and of v4..v7.
-                let lo = _mm256_hadd_epi32(a, b);
-                let hi = _mm256_hadd_epi32(c, d);
-                (
-                    _mm256_permute2x128_si256(lo, hi, 0x20),
-                    _mm256_permute2x128_si256(lo, hi, 0x31),
-                )
-            }
-
-            /// Q4_K: one octet (`nb` octet blocks, see [`q4k_octet`]) by every row of
-            /// `xk`, into `out` (`[8, m]`). Per sub-block of 32, the 8 rows' integer
-            /// dots with the activations, times their 6-bit scales, summed over the
-            /// super-block; the mins against the activations' sums of 32; then the f16
-            /// super-block scales: ggml's arithmetic for Q4_K x Q8_K.
-            ///
-            /// # Safety
-            /// The CPU must support the features this module is compiled for.
-            #[target_feature(enable = $features)]
-            unsafe fn q4k_products(octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
-                let (m, nb) = (xk.m, xk.nb);
-                assert!(octet.len() >= nb * q4k_octet::BYTES);
-                assert!(out.len() >= OCTET * m && xk.qs.len() >= m * nb * QK_K);
-                assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
-                let mask = _mm256_set1_epi8(0x0F);
-                for r in 0..m {
-                    let mut acc = _mm256_setzero_ps();
-                    for b in 0..nb {
-                        let at = r * nb + b;
-                        // SAFETY: every pointer stays inside octet block `b` or inside
-                        // row `r`'s super-block `b` of `xk`, as checked above.
-                        unsafe {
-                            let c = octet.as_ptr().add(b * q4k_octet::BYTES);
-                            let x = xk.qs.as_ptr().add(at * QK_K);
-                            // Per row, the scaled dots of every sub-block: each pair of
-                            // products (maddubs, at most 2 x 15 x 127) times its 6-bit
-                            // scale (madd), so the block needs one reduction, not eight.
-                            let mut rows = [_mm256_setzero_si256(); 8];
-                            for g in 0..QK_K / 64 {
-                                let x_lo = _mm256_loadu_si256(x.add(64 * g).cast());
-                                let x_hi = _mm256_loadu_si256(x.add(64 * g + 32).cast());
-                                let scales = c.add(q4k_octet::SCALES + 2 * g * OCTET);
-                                for (i, row) in rows.iter_mut().enumerate() {
-                                    let v = _mm256_loadu_si256(c.add(i * QK_K / 2 + 32 * g).cast());
-                                    let lo = _mm256_maddubs_epi16(_mm256_and_si256(v, mask), x_lo);
-                                    let hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), x_hi);
-                                    let s_lo = _mm256_set1_epi16(i16::from(*scales.add(i)));
-                                    let s_hi = _mm256_set1_epi16(i16::from(*scales.add(OCTET + i)));
-                                    let both = _mm256_add_epi32(_mm256_madd_epi16(lo, s_lo), _mm256_madd_epi16(hi, s_hi));
-                                    *row = _mm256_add_epi32(*row, both);
-                                }
-                            }
-                            let isum = reduce8(rows);
-                            let mut msum = _mm256_setzero_si256();
-                            for j in 0..QK_K / 32 {
-                                let mins = c.add(q4k_octet::MINS + j * OCTET);
-                                let mj = _mm256_cvtepu8_epi32(_mm_loadl_epi64(mins.cast()));
-                                let sum32 = *xk.bsums.get_unchecked(at * 16 + 2 * j)
-                                    + *xk.bsums.get_unchecked(at * 16 + 2 * j + 1);
-                                let sj = _mm256_set1_epi32(sum32);
-                                msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(mj, sj));
-                            }
-                            let dx = _mm256_set1_ps(*xk.d.get_unchecked(at));
-                            let d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::D).cast())), dx);
-                            let dmin = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::DMIN).cast())), dx);
-                            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc);
-                            acc = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(msum), acc);
-                        }
-                    }
-                    let mut sums = [0f32; 8];
-                    // SAFETY: 8 floats into an array of 8.
-                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
-                    for (i, v) in sums.iter().enumerate() {
-                        out[i * m + r] = *v;
-                    }
-                }
-            }
-
-            /// The 32 bits of `bits` as 32 bytes, 16 where the bit is set and 0 where it
-            /// is not: the fifth bits of a Q5_0/Q5_1 block, ready to OR into its nibbles.
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn fifth_bits(bits: u32) -> __m256i {
-                // Byte j takes byte j / 8 of the word, keeps bit j % 8 and tests it.
-                let spread = _mm256_shuffle_epi8(
-                    _mm256_set1_epi32(bits as i32),
-                    _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
-                );
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-            }
-
-            /// Sums of the 8 lanes of each of 8 vectors, as one vector (lane i = sum of
-            /// `v[i]`).
-            #[inline]
-            #[target_feature(enable = $features)]
-            fn reduce8(v: [__m256i; 8]) -> __m256i {
-                let a = _mm256_hadd_epi32(v[0], v[1]);
-                let b = _mm256_hadd_epi32(v[2], v[3]);
-                let c = _mm256_hadd_epi32(v[4], v[5]);
-                let d = _mm256_hadd_epi32(v[6], v[7]);
-                // Lane-halves: [0..3 of rows 0-3 | 4..7 of rows 0-3], and rows 4-7.
-                let lo = _mm256_hadd_epi32(a, b);
-                let hi = _mm256_hadd_epi32(c, d);
-                let first = _mm256_permute2x128_si256(lo, hi, 0x20);
-                let second = _mm256_permute2x128_si256(lo, hi, 0x31);
-                _mm256_add_epi32(first, second)
-            }
-
-            /// `F`: 0 = Q4_0, 1 = Q4_1, 2 = Q8_0, 3 = Q5_0, 4 = Q5_1, 5 = a 4-bit
-            /// table type, whose nibbles are looked up in `table` (one byte shuffle) and
-            /// then multiplied as Q8_0's signed bytes are. One octet by activation row
-            /// `r`: the 8 rows' results.
-            ///
-            /// # Safety
-            /// The features of this module; `octet` points at `xq.kb` octet blocks of the format; row `r`
-            /// exists in `xq`.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn kernel<const F: u8>(octet: *const u8, xq: &QRows, r: usize, table: &[i8; 16]) -> [f32; 8] {
+            unsafe fn tile<const F: u8, const R: usize>(octet: *const u8, xq: &QRows, r: usize, table: &[i8; 16], out: &mut [f32]) {
                 let format = match F {
                     0 => QFormat::Q4_0,
                     1 => QFormat::Q4_1,
@@ -326,118 +141,338 @@ macro_rules! x86_kernels {
                     5 => QFormat::Table4(crate::kernels::Table::Iq4Nl),
                     _ => QFormat::Q8_0,
                 };
-                let (qb, ob) = (format.quant_bytes(), format.octet_bytes());
-                // Nibbles of two rows per 32-byte load: 16 bytes a row, in every 4- and
-                // 5-bit format.
-                let nb = QK / 2;
+                let (qb, ob, kb) = (format.quant_bytes(), format.octet_bytes(), xq.kb);
+                // Signed weights on AVX2: |w| against x carrying w's signs.
+                let signed = !VNNI && (F == 2 || F == 5);
+                // What the integer dot carries above the weights' own: the offset of
+                // Q4_0 (8) and Q5_0 (16), and VNNI's 128 on the signed formats.
+                let shift = match F {
+                    0 => 3,
+                    3 => 4,
+                    2 | 5 if VNNI => 7,
+                    _ => 0,
+                };
                 let mask = _mm256_set1_epi8(0x0F);
-                let mut acc = _mm256_setzero_ps();
+                let mut acc = [_mm256_setzero_ps(); R];
                 // SAFETY: every pointer stays inside the octet's `kb` blocks or inside
-                // row `r` of `xq`, as the caller promised.
+                // rows `r..r + R` of `xq`, as the caller promised.
                 unsafe {
-                    let values = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().cast()));
-                    for b in 0..xq.kb {
+                    let mut table = _mm256_broadcastsi128_si256(_mm_loadu_si128(table.as_ptr().cast()));
+                    if VNNI {
+                        table = _mm256_xor_si256(table, _mm256_set1_epi8(-128));
+                    }
+                    for b in 0..kb {
                         let c = octet.add(b * ob);
-                        let at = r * xq.kb + b;
-                        let x = _mm256_loadu_si256(xq.qs.as_ptr().add(at * QK).cast());
-                        let mut dots = [_mm256_setzero_si256(); 8];
-                        for p in 0..4 {
-                            if F == 2 {
-                                for j in 0..2 {
-                                    let w = _mm256_loadu_si256(c.add((2 * p + j) * qb).cast());
-                                    // unsigned × signed: |w| and x with w's signs.
-                                    let u = _mm256_sign_epi8(w, w);
-                                    dots[2 * p + j] = dot_u8_i8(u, _mm256_sign_epi8(x, w));
+                        let mut u = [_mm256_setzero_si256(); 8];
+                        if F == 2 {
+                            for (v, u) in u.iter_mut().enumerate() {
+                                *u = _mm256_loadu_si256(c.add(v * LANES).cast());
+                                if !VNNI {
+                                    *u = _mm256_xor_si256(*u, _mm256_set1_epi8(-128));
                                 }
-                            } else {
-                                // Rows 2p and 2p+1: their 16 bytes of nibbles each.
-                                let v = _mm256_loadu_si256(c.add(2 * p * nb).cast());
-                                let lo = _mm256_and_si256(v, mask);
-                                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                                let mut u0 = _mm256_permute2x128_si256(lo, hi, 0x20);
-                                let mut u1 = _mm256_permute2x128_si256(lo, hi, 0x31);
-                                if F >= 3 {
-                                    let high = c.add(OCTET * nb).cast::<u32>();
-                                    u0 = _mm256_or_si256(u0, fifth_bits(high.add(2 * p).read_unaligned()));
-                                    u1 = _mm256_or_si256(u1, fifth_bits(high.add(2 * p + 1).read_unaligned()));
+                            }
+                        } else {
+                            for v in 0..4 {
+                                let q = _mm256_loadu_si256(c.add(v * LANES).cast());
+                                u[v] = _mm256_and_si256(q, mask);
+                                u[v + 4] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                            }
+                            if F == 3 || F == 4 {
+                                let h = _mm256_loadu_si256(c.add(FIFTH).cast());
+                                for (k, u) in u.iter_mut().enumerate() {
+                                    *u = _mm256_or_si256(*u, fifth_bits(h, k));
                                 }
-                                if F == 5 {
-                                    for (j, u) in [u0, u1].into_iter().enumerate() {
-                                        let w = _mm256_shuffle_epi8(values, u);
-                                        let (u, xs) = (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                                        dots[2 * p + j] = dot_u8_i8(u, xs);
-                                    }
-                                } else {
-                                    dots[2 * p] = dot_u8_i8(u0, x);
-                                    dots[2 * p + 1] = dot_u8_i8(u1, x);
+                            }
+                            if F == 5 {
+                                for u in u.iter_mut() {
+                                    *u = _mm256_shuffle_epi8(table, *u);
                                 }
                             }
                         }
-                        let sums = _mm256_cvtepi32_ps(reduce8(dots));
                         let scales = c.add(OCTET * qb);
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
-                        let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
-                        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(d, dx), acc);
-                        if F != 2 && F != 5 {
-                            let offset = if F == 0 || F == 3 {
-                                _mm256_mul_ps(d, _mm256_set1_ps(if F == 0 { -8.0 } else { -16.0 }))
-                            } else {
-                                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()))
-                            };
-                            let sx = _mm256_set1_ps(*xq.s.get_unchecked(at));
-                            acc = _mm256_fmadd_ps(offset, sx, acc);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let at = (r + k) * kb + b;
+                            let x = xq.qs.as_ptr().add(at * QK).cast::<i32>();
+                            let mut dots = [_mm256_setzero_si256(); 2];
+                            for (j, u) in u.iter().enumerate() {
+                                let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+                                let dot = &mut dots[j % 2];
+                                *dot = if signed {
+                                    dpb(*dot, _mm256_sign_epi8(*u, *u), _mm256_sign_epi8(xj, *u))
+                                } else {
+                                    dpb(*dot, *u, xj)
+                                };
+                            }
+                            let mut dot = _mm256_add_epi32(dots[0], dots[1]);
+                            if shift > 0 {
+                                let off = *xq.isum.get_unchecked(at) << shift;
+                                dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(off));
+                            }
+                            let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), *acc);
+                            if F == 1 || F == 4 {
+                                let mins = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()));
+                                let sx = _mm256_set1_ps(*xq.s.get_unchecked(at));
+                                *acc = _mm256_fmadd_ps(mins, sx, *acc);
+                            }
                         }
                     }
-                    let mut out = [0f32; 8];
-                    _mm256_storeu_ps(out.as_mut_ptr(), acc);
-                    out
+                }
+                store_tile(&acc, r, out);
+            }
+
+            /// One super-block octet of `kind` (`xk.nb` octet blocks) by every row of
+            /// `xk`, into `out` (`[m, 8]`): the rows 4 at a time, then 2, then 1.
+            ///
+            /// # Safety
+            /// The CPU must support the features this module is compiled for.
+            #[target_feature(enable = $features)]
+            pub(crate) unsafe fn super_products(kind: Super, octet: &[u8], xk: &Q8KRows, out: &mut [f32]) {
+                let (m, nb) = (xk.m, xk.nb);
+                assert!(octet.len() >= nb * kind.octet_bytes());
+                assert!(out.len() >= OCTET * m && xk.qs.len() >= m * nb * QK_K);
+                assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
+                let mut r = 0;
+                while r < m {
+                    let n = if m - r >= TILE { TILE } else if m - r >= 2 { 2 } else { 1 };
+                    // SAFETY: the bounds were checked above; the CPU check is the
+                    // caller's.
+                    unsafe {
+                        match (kind, n) {
+                            (Super::Q4K, 4) => q4k_tile::<4>(octet.as_ptr(), xk, r, out),
+                            (Super::Q4K, 2) => q4k_tile::<2>(octet.as_ptr(), xk, r, out),
+                            (Super::Q4K, _) => q4k_tile::<1>(octet.as_ptr(), xk, r, out),
+                            (Super::Q6K, 4) => q6k_tile::<4>(octet.as_ptr(), xk, r, out),
+                            (Super::Q6K, 2) => q6k_tile::<2>(octet.as_ptr(), xk, r, out),
+                            (Super::Q6K, _) => q6k_tile::<1>(octet.as_ptr(), xk, r, out),
+                        }
+                    }
+                    r += n;
                 }
             }
+
+            /// Writes `acc[k]` (the 8 rows' results for activation row `r + k`) into
+            /// `out` (`[m, 8]`).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn store_tile<const R: usize>(acc: &[__m256; R], r: usize, out: &mut [f32]) {
+                let out = &mut out[OCTET * r..OCTET * (r + R)];
+                for (acc, out) in acc.iter().zip(out.chunks_exact_mut(OCTET)) {
+                    // SAFETY: 8 floats into a slice of 8.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
+                }
+            }
+
+            /// Q6_K: one octet (see [`q6k_octet`]) by activation rows `r..r + R`. Per 32
+            /// values, the 8 rows' unsigned 6-bit values (32 above the signed ones)
+            /// unpacked once into 8 lanes vectors, then per activation row the dots of
+            /// each 16 values, less 32 times the activations' sum of those 16, times
+            /// their scales: ggml's integers for Q6_K x Q8_K.
+            ///
+            /// # Safety
+            /// The features of this module; `octet` holds `xk.nb` octet blocks; rows
+            /// `r..r + R` exist in `xk` and their columns in `out` (as
+            /// `super_products` checks).
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_tile<const R: usize>(octet: *const u8, xk: &Q8KRows, r: usize, out: &mut [f32]) {
+                let nb = xk.nb;
+                let mask = _mm256_set1_epi8(0x0F);
+                let pair = _mm256_set1_epi8(0x30);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    // SAFETY: every pointer stays inside octet block `b` or inside rows
+                    // `r..r + R`'s super-block `b` of `xk`, as the caller promised.
+                    unsafe {
+                        let c = octet.add(b * q6k_octet::BYTES);
+                        let mut isum = [_mm256_setzero_si256(); R];
+                        for n in 0..QK_K / 32 {
+                            let mut u = [_mm256_setzero_si256(); 8];
+                            for v in 0..4 {
+                                let q = _mm256_loadu_si256(c.add((4 * n + v) * LANES).cast());
+                                u[v] = _mm256_and_si256(q, mask);
+                                u[v + 4] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                            }
+                            for h in 0..2 {
+                                let bits = _mm256_loadu_si256(c.add(q6k_octet::HIGH + (2 * n + h) * LANES).cast());
+                                // Pair k of each byte to bits 4 and 5.
+                                let pairs = [
+                                    _mm256_slli_epi16(bits, 4),
+                                    _mm256_slli_epi16(bits, 2),
+                                    bits,
+                                    _mm256_srli_epi16(bits, 2),
+                                ];
+                                for (k, p) in pairs.into_iter().enumerate() {
+                                    u[4 * h + k] = _mm256_or_si256(u[4 * h + k], _mm256_and_si256(p, pair));
+                                }
+                            }
+                            let sc = c.add(q6k_octet::SCALES + 2 * n * OCTET);
+                            let s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
+                            let s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
+                            for (k, isum) in isum.iter_mut().enumerate() {
+                                let at = (r + k) * nb + b;
+                                let x = xk.qs.as_ptr().add(at * QK_K + 32 * n).cast::<i32>();
+                                let mut dots = [_mm256_setzero_si256(); 4];
+                                for (j, u) in u.iter().enumerate() {
+                                    let xj = _mm256_set1_epi32(x.add(j).read_unaligned());
+                                    let dot = &mut dots[2 * (j / 4) + j % 2];
+                                    *dot = dpb(*dot, *u, xj);
+                                }
+                                let bsum = |g: usize| _mm256_set1_epi32(32 * *xk.bsums.get_unchecked(at * 16 + g));
+                                let first = _mm256_sub_epi32(_mm256_add_epi32(dots[0], dots[1]), bsum(2 * n));
+                                let second = _mm256_sub_epi32(_mm256_add_epi32(dots[2], dots[3]), bsum(2 * n + 1));
+                                let scaled = _mm256_add_epi32(_mm256_mullo_epi32(first, s0), _mm256_mullo_epi32(second, s1));
+                                *isum = _mm256_add_epi32(*isum, scaled);
+                            }
+                        }
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q6k_octet::D).cast()));
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let dx = _mm256_set1_ps(*xk.d.get_unchecked((r + k) * nb + b));
+                            *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[k]), *acc);
+                        }
+                    }
+                }
+                store_tile(&acc, r, out);
+            }
+
+            /// Q4_K: one octet (see [`q4k_octet`]) by activation rows `r..r + R`. Per 64
+            /// values, the 8 rows' nibbles unpacked once into 16 lanes vectors, then per
+            /// activation row each sub-block's dots times its 6-bit scales, summed over
+            /// the super-block; the mins against the activations' sums of 32; then the
+            /// f16 super-block scales: ggml's arithmetic for Q4_K x Q8_K.
+            ///
+            /// # Safety
+            /// As [`q6k_tile`], for Q4_K octet blocks.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_tile<const R: usize>(octet: *const u8, xk: &Q8KRows, r: usize, out: &mut [f32]) {
+                let nb = xk.nb;
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    // SAFETY: every pointer stays inside octet block `b` or inside rows
+                    // `r..r + R`'s super-block `b` of `xk`, as the caller promised.
+                    unsafe {
+                        let c = octet.add(b * q4k_octet::BYTES);
+                        let mut isum = [_mm256_setzero_si256(); R];
+                        for g in 0..QK_K / 64 {
+                            let mut lo = [_mm256_setzero_si256(); 8];
+                            let mut hi = [_mm256_setzero_si256(); 8];
+                            for v in 0..8 {
+                                let q = _mm256_loadu_si256(c.add((8 * g + v) * LANES).cast());
+                                lo[v] = _mm256_and_si256(q, mask);
+                                hi[v] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                            }
+                            let sc = c.add(q4k_octet::SCALES + 2 * g * OCTET);
+                            let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.cast()));
+                            let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
+                            for (k, isum) in isum.iter_mut().enumerate() {
+                                let at = (r + k) * nb + b;
+                                let x = xk.qs.as_ptr().add(at * QK_K + 64 * g).cast::<i32>();
+                                let mut dots = [_mm256_setzero_si256(); 4];
+                                for v in 0..8 {
+                                    let x_lo = _mm256_set1_epi32(x.add(v).read_unaligned());
+                                    let x_hi = _mm256_set1_epi32(x.add(8 + v).read_unaligned());
+                                    dots[v % 2] = dpb(dots[v % 2], lo[v], x_lo);
+                                    dots[2 + v % 2] = dpb(dots[2 + v % 2], hi[v], x_hi);
+                                }
+                                let first = _mm256_mullo_epi32(_mm256_add_epi32(dots[0], dots[1]), s_lo);
+                                let second = _mm256_mullo_epi32(_mm256_add_epi32(dots[2], dots[3]), s_hi);
+                                *isum = _mm256_add_epi32(*isum, _mm256_add_epi32(first, second));
+                            }
+                        }
+                        let mins: [__m256i; QK_K / 32] = std::array::from_fn(|j| {
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::MINS + j * OCTET).cast()))
+                        });
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::D).cast()));
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::DMIN).cast()));
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            let at = (r + k) * nb + b;
+                            let mut msum = _mm256_setzero_si256();
+                            for (j, mj) in mins.iter().enumerate() {
+                                let sum32 = *xk.bsums.get_unchecked(at * 16 + 2 * j)
+                                    + *xk.bsums.get_unchecked(at * 16 + 2 * j + 1);
+                                msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(*mj, _mm256_set1_epi32(sum32)));
+                            }
+                            let dx = _mm256_set1_ps(*xk.d.get_unchecked(at));
+                            *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(isum[k]), *acc);
+                            *acc = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, dx), _mm256_cvtepi32_ps(msum), *acc);
+                        }
+                    }
+                }
+                store_tile(&acc, r, out);
+            }
+
+            /// Lanes vector `k`'s fifth bits (bit `k` of each byte of `h`, see
+            /// [`crate::kernels`]) as 16 or 0 in each byte, ready to OR into its nibbles.
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn fifth_bits(h: __m256i, k: usize) -> __m256i {
+                let bits = _mm256_and_si256(h, _mm256_set1_epi8(1 << k));
+                // Bit k to bit 4, within each byte (the mask keeps shifts from crossing).
+                match k {
+                    0 => _mm256_slli_epi16(bits, 4),
+                    1 => _mm256_slli_epi16(bits, 3),
+                    2 => _mm256_slli_epi16(bits, 2),
+                    3 => _mm256_slli_epi16(bits, 1),
+                    4 => bits,
+                    5 => _mm256_srli_epi16(bits, 1),
+                    6 => _mm256_srli_epi16(bits, 2),
+                    _ => _mm256_srli_epi16(bits, 3),
+                }
+            }
+
         }
     };
 }
 
 /// AVX2 + FMA + F16C: `maddubs` (pairs into i16) then `madd` (into i32). Pair sums stay
-/// below i16's limit: a weight byte is at most 15 (4-bit) or 128 (|Q8_0|), an
-/// activation byte at most 127 in magnitude.
+/// below i16's limit: a weight byte is at most 63 (6-bit) or 128 (|Q8_0|, through the
+/// sign trick), an activation byte at most 128 in magnitude.
 pub(super) mod avx2_kernels {
     x86_kernels!(
         k,
         "avx2,fma,f16c",
+        false,
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
+        fn dpb(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+            let pairs = _mm256_maddubs_epi16(u, x);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
         }
     );
     pub(crate) use k::{products, super_products};
 }
 
 /// AVX-VNNI (Zen 4 and later, Alder Lake and later): one `vpdpbusd` per 32-byte dot
-/// product instead of two instructions, with no 16-bit intermediate.
+/// step instead of three instructions, with no 16-bit intermediate.
 pub(super) mod vnni_kernels {
     x86_kernels!(
         k,
         "avx2,fma,f16c,avxvnni",
+        true,
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x)
+        fn dpb(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, u, x)
         }
     );
     pub(crate) use k::{products, super_products};
 }
 
-/// AVX-512 VNNI's `vpdpbusd` on 256-bit vectors (needs AVX-512VL): for CPUs with
-/// AVX-512 VNNI but not AVX-VNNI (Zen 4's EPYCs among them).
+/// AVX-512 VNNI's `vpdpbusd` on 256-bit vectors (needs AVX-512VL, which also gives the
+/// compiler 32 vector registers): for CPUs with AVX-512 VNNI but not AVX-VNNI (Zen 4's
+/// EPYCs among them).
 pub(super) mod vnni512_kernels {
     x86_kernels!(
         k,
         "avx2,fma,f16c,avx512vnni,avx512vl",
+        true,
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-        fn dot_u8_i8(u: __m256i, x: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+        fn dpb(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(acc, u, x)
         }
     );
     pub(crate) use k::{products, super_products};
