@@ -290,12 +290,12 @@ macro_rules! x86_kernels {
                         for n in 0..QK_K / 32 {
                             let mut u = [_mm256_setzero_si256(); 8];
                             for v in 0..4 {
-                                let q = _mm256_loadu_si256(c.add((4 * n + v) * LANES).cast());
+                                let q = _mm256_loadu_si256(c.add(q6k_octet::unit(n) + v * LANES).cast());
                                 u[v] = _mm256_and_si256(q, mask);
                                 u[v + 4] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
                             }
                             for h in 0..2 {
-                                let bits = _mm256_loadu_si256(c.add(q6k_octet::HIGH + (2 * n + h) * LANES).cast());
+                                let bits = _mm256_loadu_si256(c.add(q6k_octet::high(n, h)).cast());
                                 // Pair k of each byte to bits 4 and 5.
                                 let pairs = [
                                     _mm256_slli_epi16(bits, 4),
@@ -307,9 +307,8 @@ macro_rules! x86_kernels {
                                     u[4 * h + k] = _mm256_or_si256(u[4 * h + k], _mm256_and_si256(p, pair));
                                 }
                             }
-                            let sc = c.add(q6k_octet::SCALES + 2 * n * OCTET);
-                            let s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.cast()));
-                            let s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
+                            let s0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(c.add(q6k_octet::scales(2 * n)).cast()));
+                            let s1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(c.add(q6k_octet::scales(2 * n + 1)).cast()));
                             for (k, isum) in isum.iter_mut().enumerate() {
                                 let at = (r + k) * nb + b;
                                 let x = xk.qs.as_ptr().add(at * QK_K + 32 * n).cast::<i32>();
@@ -360,13 +359,12 @@ macro_rules! x86_kernels {
                             let mut lo = [_mm256_setzero_si256(); 8];
                             let mut hi = [_mm256_setzero_si256(); 8];
                             for v in 0..8 {
-                                let q = _mm256_loadu_si256(c.add((8 * g + v) * LANES).cast());
+                                let q = _mm256_loadu_si256(c.add(q4k_octet::group(g) + v * LANES).cast());
                                 lo[v] = _mm256_and_si256(q, mask);
                                 hi[v] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
                             }
-                            let sc = c.add(q4k_octet::SCALES + 2 * g * OCTET);
-                            let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.cast()));
-                            let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.add(OCTET).cast()));
+                            let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(2 * g)).cast()));
+                            let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(2 * g + 1)).cast()));
                             for (k, isum) in isum.iter_mut().enumerate() {
                                 let at = (r + k) * nb + b;
                                 let x = xk.qs.as_ptr().add(at * QK_K + 64 * g).cast::<i32>();
@@ -383,7 +381,7 @@ macro_rules! x86_kernels {
                             }
                         }
                         let mins: [__m256i; QK_K / 32] = std::array::from_fn(|j| {
-                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::MINS + j * OCTET).cast()))
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::mins(j)).cast()))
                         });
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::D).cast()));
                         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::DMIN).cast()));
