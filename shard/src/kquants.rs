@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, BlockQ5K, GgmlType};
+use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
@@ -50,7 +50,8 @@ pub(crate) fn from_qtensor(q: &QTensor) -> Option<Arc<dyn BlockRows>> {
         GgmlDType::Q3K => Blocks::<BlockQ3K>::from_bytes(&bytes, rows, cols),
         GgmlDType::Q4K => SuperMatrix::from_bytes(Super::Q4K, &bytes, rows, cols)
             .map(|m| Arc::new(m) as Arc<dyn BlockRows>),
-        GgmlDType::Q5K => Blocks::<BlockQ5K>::from_bytes(&bytes, rows, cols),
+        GgmlDType::Q5K => SuperMatrix::from_bytes(Super::Q5K, &bytes, rows, cols)
+            .map(|m| Arc::new(m) as Arc<dyn BlockRows>),
         GgmlDType::Q6K => SuperMatrix::from_bytes(Super::Q6K, &bytes, rows, cols)
             .map(|m| Arc::new(m) as Arc<dyn BlockRows>),
         _ => None,
@@ -132,36 +133,53 @@ const OCTET: usize = 8;
 /// bytes of nibbles.
 const Q4K_BLOCK: usize = 2 + 2 + 12 + QK_K / 2;
 
-/// Where each part of a Q4_K octet block starts. Per 64 values `g`, one stretch: the 8
-/// rows' nibbles in lanes (as [`crate::kernels`] lays out 32-value blocks), 8 vectors `v`
-/// whose bytes `4i..4i+4` are row `i`'s GGUF bytes `32g + 4v..` (low nibbles: values
-/// `64g + 4v..`, sub-block `2g`; high ones `64g + 32 + 4v..`, sub-block `2g + 1`); then
-/// the two sub-blocks' 8 scales, then their 8 mins. After the 4 stretches, 8 d and 8 dmin.
-/// A product reads the block front to back, one stream (the scales apart from the
+/// Where each part of a Q4_K or Q5_K (`five`) octet block starts. Per 64 values `g`, one
+/// stretch: the 8 rows' nibbles in lanes (as [`crate::kernels`] lays out 32-value
+/// blocks), 8 vectors `v` whose bytes `4i..4i+4` are row `i`'s GGUF bytes `32g + 4v..`
+/// (low nibbles: values `64g + 4v..`, sub-block `2g`; high ones `64g + 32 + 4v..`,
+/// sub-block `2g + 1`); for Q5_K the two sub-blocks' fifth bits, a vector each, laid out
+/// as Q5_0's (byte `4i + t`, bit `k`: row `i`'s value `4k + t` of the sub-block); then
+/// the two sub-blocks' 8 scales, then their 8 mins. After the 4 stretches, 8 d and 8
+/// dmin. A product reads the block front to back, one stream (the scales apart from the
 /// nibbles cost a cache miss each: measured 3x slower on Q6_K's equivalent).
 pub(crate) mod q4k_octet {
-    use super::{OCTET, QK_K};
+    use super::{LANES, OCTET, QK_K};
     /// Bytes of one 64-value stretch.
-    const GROUP: usize = OCTET * 32 + 4 * OCTET;
+    const fn stretch(five: bool) -> usize {
+        OCTET * 32 + if five { 2 * LANES } else { 0 } + 4 * OCTET
+    }
     /// Where stretch `g` (values `64g..64g + 64`) starts: its nibbles.
-    pub(crate) const fn group(g: usize) -> usize {
-        g * GROUP
+    pub(crate) const fn group(five: bool, g: usize) -> usize {
+        g * stretch(five)
+    }
+    /// Q5_K: the fifth bits of stretch `g`'s sub-block `2g + h`.
+    pub(crate) const fn fifth(g: usize, h: usize) -> usize {
+        group(true, g) + OCTET * 32 + h * LANES
     }
     /// Sub-block `j`'s 8 rows' 6-bit scales, one byte each.
-    pub(crate) const fn scales(j: usize) -> usize {
-        group(j / 2) + OCTET * 32 + (j % 2) * OCTET
+    pub(crate) const fn scales(five: bool, j: usize) -> usize {
+        group(five, j / 2) + OCTET * 32 + if five { 2 * LANES } else { 0 } + (j % 2) * OCTET
     }
     /// Sub-block `j`'s 8 rows' 6-bit mins.
-    pub(crate) const fn mins(j: usize) -> usize {
-        scales(j) + 2 * OCTET
+    pub(crate) const fn mins(five: bool, j: usize) -> usize {
+        scales(five, j) + 2 * OCTET
     }
     /// 8 f16 super-block scales.
-    pub(crate) const D: usize = group(QK_K / 64);
+    pub(crate) const fn d(five: bool) -> usize {
+        group(five, QK_K / 64)
+    }
     /// 8 f16 super-block min scales.
-    pub(crate) const DMIN: usize = D + 2 * OCTET;
+    pub(crate) const fn dmin(five: bool) -> usize {
+        d(five) + 2 * OCTET
+    }
     /// Bytes of one octet block.
-    pub(crate) const BYTES: usize = DMIN + 2 * OCTET;
+    pub(crate) const fn bytes(five: bool) -> usize {
+        dmin(five) + 2 * OCTET
+    }
 }
+
+/// Bytes of one GGUF Q5_K block: Q4_K's, with 32 bytes of fifth bits before the nibbles.
+const Q5K_BLOCK: usize = Q4K_BLOCK + QK_K / 8;
 
 /// Bytes of one GGUF Q6_K block: 128 bytes of low nibbles, 64 of high bit pairs, 16
 /// signed 8-bit scales (one per 16 values), f16 d.
@@ -198,14 +216,16 @@ pub(crate) mod q6k_octet {
 /// Bytes of a lanes vector, as in [`crate::kernels`].
 const LANES: usize = 32;
 
-/// Where row `i`'s byte of Q4_K value `v` lies in an octet block, and whether the value
-/// is its high nibble.
-fn q4k_at(i: usize, v: usize) -> (usize, bool) {
+/// Where row `i`'s byte of Q4_K/Q5_K value `v` lies in an octet block, whether the value
+/// is its high nibble, and (Q5_K) where its fifth bit lies (byte and bit).
+fn q4k_at(five: bool, i: usize, v: usize) -> (usize, bool, (usize, u32)) {
     let (g, w) = (v / 64, v % 64);
     let l = w % 32;
+    let t = 4 * i + l % 4;
     (
-        q4k_octet::group(g) + (l / 4) * LANES + 4 * i + l % 4,
+        q4k_octet::group(five, g) + (l / 4) * LANES + t,
         w >= 32,
+        (q4k_octet::fifth(g, w / 32) + t, (l / 4) as u32),
     )
 }
 
@@ -238,6 +258,8 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 pub(crate) enum Super {
     /// Q4_K (see [`q4k_octet`]).
     Q4K,
+    /// Q5_K (see [`q4k_octet`]).
+    Q5K,
     /// Q6_K (see [`q6k_octet`]).
     Q6K,
 }
@@ -247,6 +269,7 @@ impl Super {
     fn block_bytes(self) -> usize {
         match self {
             Super::Q4K => Q4K_BLOCK,
+            Super::Q5K => Q5K_BLOCK,
             Super::Q6K => Q6K_BLOCK,
         }
     }
@@ -254,13 +277,19 @@ impl Super {
     /// Bytes of one octet block.
     pub(crate) fn octet_bytes(self) -> usize {
         match self {
-            Super::Q4K => q4k_octet::BYTES,
+            Super::Q4K => q4k_octet::bytes(false),
+            Super::Q5K => q4k_octet::bytes(true),
             Super::Q6K => q6k_octet::BYTES,
         }
     }
+
+    /// Whether values have a fifth bit (Q5_K).
+    pub(crate) fn five(self) -> bool {
+        self == Super::Q5K
+    }
 }
 
-/// A Q4_K or Q6_K matrix `[rows, cols]` repacked into octets (see [`q4k_octet`],
+/// A Q4_K, Q5_K or Q6_K matrix `[rows, cols]` repacked into octets (see [`q4k_octet`],
 /// [`q6k_octet`]); rows past `rows` in the last octet are zero.
 #[derive(Debug)]
 pub(crate) struct SuperMatrix {
@@ -285,19 +314,33 @@ impl SuperMatrix {
                 let src = &bytes[(row * nb + b) * bb..][..bb];
                 let dst = &mut data[(o * nb + b) * ob..][..ob];
                 match kind {
-                    Super::Q4K => {
-                        for (j, &q) in src[16..].iter().enumerate() {
+                    Super::Q4K | Super::Q5K => {
+                        // GGUF: d, dmin, 12 bytes of scales and mins, (Q5_K: 32 bytes of
+                        // fifth bits), 128 bytes of nibbles.
+                        let five = kind.five();
+                        let qs = &src[bb - QK_K / 2..];
+                        for (j, &q) in qs.iter().enumerate() {
                             // Byte j holds values 64(j/32) + j%32 and 32 above.
-                            let (at, _) = q4k_at(i, 64 * (j / 32) + j % 32);
+                            let (at, _, _) = q4k_at(five, i, 64 * (j / 32) + j % 32);
                             dst[at] = q;
+                        }
+                        if five {
+                            let qh = &src[16..48];
+                            for v in 0..QK_K {
+                                let (g, h, l) = (v / 64, v % 64 / 32, v % 32);
+                                if qh[l] >> (2 * g + h) & 1 == 1 {
+                                    let (_, _, (at, bit)) = q4k_at(five, i, v);
+                                    dst[at] |= 1 << bit;
+                                }
+                            }
                         }
                         for j in 0..QK_K / SUB {
                             let (sc, m) = scale_min(j, &src[4..16]);
-                            dst[q4k_octet::scales(j) + i] = sc;
-                            dst[q4k_octet::mins(j) + i] = m;
+                            dst[q4k_octet::scales(five, j) + i] = sc;
+                            dst[q4k_octet::mins(five, j) + i] = m;
                         }
-                        dst[q4k_octet::D + 2 * i..][..2].copy_from_slice(&src[..2]);
-                        dst[q4k_octet::DMIN + 2 * i..][..2].copy_from_slice(&src[2..4]);
+                        dst[q4k_octet::d(five) + 2 * i..][..2].copy_from_slice(&src[..2]);
+                        dst[q4k_octet::dmin(five) + 2 * i..][..2].copy_from_slice(&src[2..4]);
                     }
                     Super::Q6K => {
                         // GGUF: ql[128], qh[64], scales[16] (i8), d (f16).
@@ -336,22 +379,26 @@ impl SuperMatrix {
             let at = r * nb + b;
             let x = &xk.qs[at * QK_K..][..QK_K];
             acc = match self.kind {
-                Super::Q4K => {
+                Super::Q4K | Super::Q5K => {
+                    let five = self.kind.five();
                     let (mut isum, mut msum) = (0i32, 0i32);
                     for j in 0..QK_K / SUB {
                         let dot: i32 = (j * SUB..(j + 1) * SUB)
                             .map(|v| {
-                                let (at, high) = q4k_at(i, v);
-                                let q = if high { c[at] >> 4 } else { c[at] & 0x0F };
+                                let (at, high, (fat, bit)) = q4k_at(five, i, v);
+                                let mut q = if high { c[at] >> 4 } else { c[at] & 0x0F };
+                                if five {
+                                    q |= (c[fat] >> bit & 1) << 4;
+                                }
                                 i32::from(q) * i32::from(x[v])
                             })
                             .sum();
-                        isum += i32::from(c[q4k_octet::scales(j) + i]) * dot;
+                        isum += i32::from(c[q4k_octet::scales(five, j) + i]) * dot;
                         let sum32 = xk.bsums[at * 16 + 2 * j] + xk.bsums[at * 16 + 2 * j + 1];
-                        msum += i32::from(c[q4k_octet::mins(j) + i]) * sum32;
+                        msum += i32::from(c[q4k_octet::mins(five, j) + i]) * sum32;
                     }
-                    let d = f16_at(c, q4k_octet::D + 2 * i) * xk.d[at];
-                    let dmin = f16_at(c, q4k_octet::DMIN + 2 * i) * xk.d[at];
+                    let d = f16_at(c, q4k_octet::d(five) + 2 * i) * xk.d[at];
+                    let dmin = f16_at(c, q4k_octet::dmin(five) + 2 * i) * xk.d[at];
                     (-dmin).mul_add(msum as f32, d.mul_add(isum as f32, acc))
                 }
                 Super::Q6K => {
@@ -537,7 +584,11 @@ mod tests {
         let d = Device::Cpu;
         let (rows, cols) = (75, 768);
         let w = Tensor::randn(0f32, 0.05, (rows, cols), &d).expect("w");
-        for (dtype, kind) in [(GgmlDType::Q4K, Super::Q4K), (GgmlDType::Q6K, Super::Q6K)] {
+        for (dtype, kind) in [
+            (GgmlDType::Q4K, Super::Q4K),
+            (GgmlDType::Q5K, Super::Q5K),
+            (GgmlDType::Q6K, Super::Q6K),
+        ] {
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let bytes = q.data().expect("bytes");
             let mat = SuperMatrix::from_bytes(kind, &bytes, rows, cols).expect("repacks");

@@ -240,9 +240,12 @@ macro_rules! x86_kernels {
                     // caller's.
                     unsafe {
                         match (kind, n) {
-                            (Super::Q4K, 4) => q4k_tile::<4>(octet.as_ptr(), xk, r, out),
-                            (Super::Q4K, 2) => q4k_tile::<2>(octet.as_ptr(), xk, r, out),
-                            (Super::Q4K, _) => q4k_tile::<1>(octet.as_ptr(), xk, r, out),
+                            (Super::Q4K, 4) => q4k_tile::<4, false>(octet.as_ptr(), xk, r, out),
+                            (Super::Q4K, 2) => q4k_tile::<2, false>(octet.as_ptr(), xk, r, out),
+                            (Super::Q4K, _) => q4k_tile::<1, false>(octet.as_ptr(), xk, r, out),
+                            (Super::Q5K, 4) => q4k_tile::<4, true>(octet.as_ptr(), xk, r, out),
+                            (Super::Q5K, 2) => q4k_tile::<2, true>(octet.as_ptr(), xk, r, out),
+                            (Super::Q5K, _) => q4k_tile::<1, true>(octet.as_ptr(), xk, r, out),
                             (Super::Q6K, 4) => q6k_tile::<4>(octet.as_ptr(), xk, r, out),
                             (Super::Q6K, 2) => q6k_tile::<2>(octet.as_ptr(), xk, r, out),
                             (Super::Q6K, _) => q6k_tile::<1>(octet.as_ptr(), xk, r, out),
@@ -335,17 +338,18 @@ macro_rules! x86_kernels {
                 store_tile(&acc, r, out);
             }
 
-            /// Q4_K: one octet (see [`q4k_octet`]) by activation rows `r..r + R`. Per 64
-            /// values, the 8 rows' nibbles unpacked once into 16 lanes vectors, then per
+            /// Q4_K, or Q5_K where `FIVE`: one octet (see [`q4k_octet`]) by activation rows
+            /// `r..r + R`. Per 64 values, the 8 rows' nibbles (and fifth bits) unpacked
+            /// once into 16 lanes vectors, then per
             /// activation row each sub-block's dots times its 6-bit scales, summed over
             /// the super-block; the mins against the activations' sums of 32; then the
-            /// f16 super-block scales: ggml's arithmetic for Q4_K x Q8_K.
+            /// f16 super-block scales: ggml's arithmetic for Q4_K (Q5_K) x Q8_K.
             ///
             /// # Safety
             /// As [`q6k_tile`], for Q4_K octet blocks.
             #[inline]
             #[target_feature(enable = $features)]
-            unsafe fn q4k_tile<const R: usize>(octet: *const u8, xk: &Q8KRows, r: usize, out: &mut [f32]) {
+            unsafe fn q4k_tile<const R: usize, const FIVE: bool>(octet: *const u8, xk: &Q8KRows, r: usize, out: &mut [f32]) {
                 let nb = xk.nb;
                 let mask = _mm256_set1_epi8(0x0F);
                 let mut acc = [_mm256_setzero_ps(); R];
@@ -353,18 +357,26 @@ macro_rules! x86_kernels {
                     // SAFETY: every pointer stays inside octet block `b` or inside rows
                     // `r..r + R`'s super-block `b` of `xk`, as the caller promised.
                     unsafe {
-                        let c = octet.add(b * q4k_octet::BYTES);
+                        let c = octet.add(b * q4k_octet::bytes(FIVE));
                         let mut isum = [_mm256_setzero_si256(); R];
                         for g in 0..QK_K / 64 {
                             let mut lo = [_mm256_setzero_si256(); 8];
                             let mut hi = [_mm256_setzero_si256(); 8];
                             for v in 0..8 {
-                                let q = _mm256_loadu_si256(c.add(q4k_octet::group(g) + v * LANES).cast());
+                                let q = _mm256_loadu_si256(c.add(q4k_octet::group(FIVE, g) + v * LANES).cast());
                                 lo[v] = _mm256_and_si256(q, mask);
                                 hi[v] = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
                             }
-                            let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(2 * g)).cast()));
-                            let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(2 * g + 1)).cast()));
+                            if FIVE {
+                                let h_lo = _mm256_loadu_si256(c.add(q4k_octet::fifth(g, 0)).cast());
+                                let h_hi = _mm256_loadu_si256(c.add(q4k_octet::fifth(g, 1)).cast());
+                                for v in 0..8 {
+                                    lo[v] = _mm256_or_si256(lo[v], fifth_bits(h_lo, v));
+                                    hi[v] = _mm256_or_si256(hi[v], fifth_bits(h_hi, v));
+                                }
+                            }
+                            let s_lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(FIVE, 2 * g)).cast()));
+                            let s_hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::scales(FIVE, 2 * g + 1)).cast()));
                             for (k, isum) in isum.iter_mut().enumerate() {
                                 let at = (r + k) * nb + b;
                                 let x = xk.qs.as_ptr().add(at * QK_K + 64 * g).cast::<i32>();
@@ -381,10 +393,10 @@ macro_rules! x86_kernels {
                             }
                         }
                         let mins: [__m256i; QK_K / 32] = std::array::from_fn(|j| {
-                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::mins(j)).cast()))
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(q4k_octet::mins(FIVE, j)).cast()))
                         });
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::D).cast()));
-                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::DMIN).cast()));
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::d(FIVE)).cast()));
+                        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(c.add(q4k_octet::dmin(FIVE)).cast()));
                         for (k, acc) in acc.iter_mut().enumerate() {
                             let at = (r + k) * nb + b;
                             let mut msum = _mm256_setzero_si256();
