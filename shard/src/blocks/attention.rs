@@ -78,7 +78,10 @@ impl Span {
         let cap = cfg.attn_softcap;
         if self.decodes_in_rust(seq) {
             if let Some(l) = kv.as_ref() {
-                return decode_attention(&q, l, nh / nkv, scale, window, cap, sinks);
+                let q = q.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; nh * hd];
+                decode_attention(&q, l, nh / nkv, scale, window, cap, sinks, &mut out)?;
+                return Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?);
             }
         }
         let total = k.dim(1)?;
@@ -118,6 +121,92 @@ impl Span {
             .transpose(0, 1)?
             .reshape((seq, nh * hd))?)
     }
+
+    /// True when every segment is a single token (a decode step) and such steps run in
+    /// plain Rust here ([`Span::decode_batch`]).
+    pub(super) fn decodes_batch_in_rust(&self, segments: &[Segment]) -> bool {
+        self.decodes_in_rust(1) && segments.iter().all(|s| s.seq == 1 && s.rows.is_some())
+    }
+
+    /// Attention for a batch of single-token segments (`q`, `k`, `v`: `[n, heads *
+    /// head_dim]`, row `i` segment `i`'s) in plain Rust: rope, the cache append and
+    /// [`decode_attention`] per row straight from slices, where [`Span::attention`] runs
+    /// a score of tensor ops per segment and block (measured: most of what 8 concurrent
+    /// sessions cost beyond the weights' products). The arithmetic is the general
+    /// path's (candle's rope formulas, unfused), and a lone decode step comes here too,
+    /// so a session's numbers do not depend on its batch. `[n, heads * head_dim]`.
+    pub(super) fn decode_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        segments: &[Segment],
+        kvs: &mut [&mut Option<LayerKv>],
+        block: &Block,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let n = segments.len();
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        let (qw, kw) = (nh * hd, nkv * hd);
+        if q.len() != n * qw || k.len() != n * kw || v.len() != n * kw || kvs.len() != n {
+            return Err(ShardError::BadInput(format!(
+                "decode batch of {n}: q, k, v of {}, {}, {} values",
+                q.len(),
+                k.len(),
+                v.len()
+            )));
+        }
+        let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
+        let sinks = block.sinks.as_deref();
+        let mut out = vec![0f32; n * qw];
+        let rows = q
+            .chunks_exact_mut(qw)
+            .zip(k.chunks_exact_mut(kw))
+            .zip(v.chunks_exact(kw))
+            .zip(out.chunks_exact_mut(qw));
+        for ((((qi, ki), vi), oi), (seg, kv)) in rows.zip(segments.iter().zip(kvs.iter_mut())) {
+            let (table, window) = match (&seg.local, block.local) {
+                (Some(l), true) => (l.rows.as_ref(), cfg.sliding_window.as_ref().map(|w| w.size)),
+                _ => (seg.rows.as_ref(), None),
+            };
+            let Some(table) = table else {
+                return Err(ShardError::BadInput(
+                    "a decode row without rope rows".into(),
+                ));
+            };
+            for head in qi.chunks_exact_mut(hd).chain(ki.chunks_exact_mut(hd)) {
+                self.rope_row(head, table);
+            }
+            let device = &self.device;
+            let kt = Tensor::from_slice(ki, (nkv, 1, hd), device)?;
+            let vt = Tensor::from_slice(vi, (nkv, 1, hd), device)?;
+            LayerKv::append(kv, &kt, &vt, seg.max_len)?;
+            let Some(l) = kv.as_ref() else {
+                return Err(ShardError::BadInput("key/value cache missing".into()));
+            };
+            decode_attention(qi, l, nh / nkv, scale, window, cfg.attn_softcap, sinks, oi)?;
+        }
+        Ok(Tensor::from_vec(out, (n, qw), &self.device)?)
+    }
+
+    /// Rope of one head's values at one position, in place: the first `rope_dims`
+    /// turned as candle's single-token kernels turn them (the same products and sums,
+    /// so the same numbers), the rest left.
+    fn rope_row(&self, x: &mut [f32], table: &RopeRows) {
+        let half = self.config.rope_dims / 2;
+        for (j, (&c, &s)) in table.cos.iter().zip(&table.sin).take(half).enumerate() {
+            let (i1, i2) = match self.config.rope_style {
+                RopeStyle::Interleaved => (2 * j, 2 * j + 1),
+                RopeStyle::Half => (j, j + half),
+            };
+            let (a, b) = (x[i1], x[i2]);
+            x[i1] = a * c - b * s;
+            x[i2] = a * s + b * c;
+        }
+    }
 }
 
 /// Attention of one token (`q`: `[1, heads, 1, head_dim]`, rope applied) over a cache,
@@ -126,21 +215,29 @@ impl Span {
 /// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
 ///
 /// A `window` keeps the last `window` positions only; `softcap` caps the scores.
+#[allow(clippy::too_many_arguments)]
 fn decode_attention(
-    q: &Tensor,
+    q: &[f32],
     l: &LayerKv,
     n_rep: usize,
     scale: f32,
     window: Option<usize>,
     softcap: Option<f32>,
     sinks: Option<&[f32]>,
-) -> Result<Tensor> {
+    out: &mut [f32],
+) -> Result<()> {
     use rayon::prelude::*;
     let (nkv, cap, hd) = l.k.dims3()?;
     let nh = nkv * n_rep;
     let total = l.len;
     let first = window.map_or(0, |w| total.saturating_sub(w));
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    if q.len() != nh * hd || out.len() != nh * hd {
+        return Err(ShardError::BadInput(format!(
+            "decode attention: {} query values, {} out, for {nh} heads of {hd}",
+            q.len(),
+            out.len()
+        )));
+    }
     let (ks, kl) = l.k.storage_and_layout();
     let Some(v) = &l.v else {
         return Err(ShardError::BadInput(
@@ -155,7 +252,7 @@ fn decode_attention(
     };
     let keys = &kc.as_slice::<f32>()?[kl.start_offset()..][..nkv * cap * hd];
     let values = &vc.as_slice::<f32>()?[vl.start_offset()..][..nkv * cap * hd];
-    let mut out = vec![0f32; nh * hd];
+    out.fill(0.0);
     let head = |h: usize, o: &mut [f32]| {
         let base = (h / n_rep) * cap * hd;
         let qh = &q[h * hd..(h + 1) * hd];
@@ -195,7 +292,7 @@ fn decode_attention(
         }
     }
     drop((ks, vs));
-    Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?)
+    Ok(())
 }
 
 /// Dot product in eight independent lanes (which the compiler turns into vector code).
@@ -216,8 +313,18 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A single token's rope factors as plain numbers (`[freqs]` each), for
+/// [`Span::decode_batch`].
+#[derive(Clone)]
+pub(super) struct RopeRows {
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
+}
+
 /// One session's rows in a batch: how many, and their rope tables and causal mask.
 pub(super) struct Segment {
+    /// For a single token, its rope factors as plain numbers.
+    pub(super) rows: Option<RopeRows>,
     /// Rope tables and window mask of the sliding-window layers, for models with them.
     pub(super) local: Option<LocalRope>,
     pub(super) seq: usize,
@@ -235,6 +342,8 @@ pub(super) struct LocalRope {
     /// `[seq, pos + seq]`, the window applied; `None` where the decode path, which
     /// applies the window itself, takes the row.
     pub(super) mask: Option<Tensor>,
+    /// For a single token, its local rope factors as plain numbers.
+    pub(super) rows: Option<RopeRows>,
 }
 
 /// `[seq, pos + seq]`: 0 where query `i` (at position `pos + i`) may see key `j`,

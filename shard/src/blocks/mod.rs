@@ -26,7 +26,7 @@ mod latent;
 
 pub use cache::KvCache;
 
-use attention::{causal_mask, LocalRope, Segment};
+use attention::{causal_mask, LocalRope, RopeRows, Segment};
 use cache::LayerKv;
 use ffn::{Ffn, Projection};
 use latent::LatentAttention;
@@ -371,12 +371,12 @@ impl Span {
                     max: cache.max_len,
                 });
             }
-            let (cos, sin) = self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq)?;
+            let (cos, sin, rows) = self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq)?;
             let local = match &self.config.sliding_window {
                 Some(w) => {
-                    let (cos, sin) = match &self.local_rope {
+                    let (cos, sin, rows) = match &self.local_rope {
                         Some(freqs) => self.rope_tables(freqs, 1.0, pos, seq)?,
-                        None => (cos.clone(), sin.clone()),
+                        None => (cos.clone(), sin.clone(), rows.clone()),
                     };
                     // The decode path applies the window itself.
                     let mask = if self.decodes_in_rust(seq) {
@@ -385,7 +385,12 @@ impl Span {
                         let m = causal_mask(seq, pos, Some(w.size), &self.device)?;
                         Some(m.to_dtype(self.dtype)?)
                     };
-                    Some(LocalRope { cos, sin, mask })
+                    Some(LocalRope {
+                        cos,
+                        sin,
+                        mask,
+                        rows,
+                    })
                 }
                 None => None,
             };
@@ -397,6 +402,7 @@ impl Span {
             segments.push(Segment {
                 seq,
                 max_len: cache.max_len,
+                rows,
                 cos,
                 sin,
                 mask,
@@ -430,13 +436,16 @@ impl Span {
         Ok(out)
     }
 
+    /// Rope tables for positions `pos..pos + seq`, `[seq, freqs]` each (times `mscale`),
+    /// and for a single token the same numbers as plain rows too (for
+    /// [`Span::decode_batch`]).
     fn rope_tables(
         &self,
         inv_freq: &[f32],
         mscale: f32,
         pos: usize,
         seq: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Option<RopeRows>)> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
@@ -447,9 +456,14 @@ impl Span {
                 sin.push(a.sin() * mscale);
             }
         }
+        let rows = (seq == 1).then(|| RopeRows {
+            cos: cos.clone(),
+            sin: sin.clone(),
+        });
         Ok((
             Tensor::from_vec(cos, (seq, half), &self.device)?.to_dtype(self.dtype)?,
             Tensor::from_vec(sin, (seq, half), &self.device)?.to_dtype(self.dtype)?,
+            rows,
         ))
     }
 
@@ -486,9 +500,13 @@ impl Span {
                     }
                     None => (q, k),
                 };
-                per_segment(segments, kvs, &[q, k, v], |[q, k, v], seg, kv| {
-                    self.attention(q, k, v, seg, kv, b)
-                })?
+                if self.decodes_batch_in_rust(segments) {
+                    self.decode_batch(&q, &k, &v, segments, kvs, b)?
+                } else {
+                    per_segment(segments, kvs, &[q, k, v], |[q, k, v], seg, kv| {
+                        self.attention(q, k, v, seg, kv, b)
+                    })?
+                }
             }
             Attn::Latent(l) => {
                 let (q, rows) = l.project(&h, eps)?;

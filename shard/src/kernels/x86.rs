@@ -163,6 +163,7 @@ macro_rules! x86_kernels {
                     }
                     for b in 0..kb {
                         let c = octet.add(b * ob);
+                        prefetch(c, ob);
                         let mut u = [_mm256_setzero_si256(); 8];
                         if F == 2 {
                             for (v, u) in u.iter_mut().enumerate() {
@@ -289,6 +290,7 @@ macro_rules! x86_kernels {
                     // `r..r + R`'s super-block `b` of `xk`, as the caller promised.
                     unsafe {
                         let c = octet.add(b * q6k_octet::BYTES);
+                        prefetch(c, q6k_octet::BYTES);
                         let mut isum = [_mm256_setzero_si256(); R];
                         for n in 0..QK_K / 32 {
                             let mut u = [_mm256_setzero_si256(); 8];
@@ -358,6 +360,7 @@ macro_rules! x86_kernels {
                     // `r..r + R`'s super-block `b` of `xk`, as the caller promised.
                     unsafe {
                         let c = octet.add(b * q4k_octet::bytes(FIVE));
+                        prefetch(c, q4k_octet::bytes(FIVE));
                         let mut isum = [_mm256_setzero_si256(); R];
                         for g in 0..QK_K / 64 {
                             let mut lo = [_mm256_setzero_si256(); 8];
@@ -412,6 +415,25 @@ macro_rules! x86_kernels {
                     }
                 }
                 store_tile(&acc, r, out);
+            }
+
+            /// Bytes ahead of the block being computed that [`prefetch`] asks for.
+            const AHEAD: usize = 4096;
+
+            /// Asks for the `len` bytes [`AHEAD`] of `at` to come into the cache. With
+            /// several activation rows a weight block's products take long enough that
+            /// the loop keeps too few loads in flight for the hardware prefetchers to
+            /// hide memory's latency (measured: a tile of 4 rows over a 4096x4096 Q8_0
+            /// matrix took 3x a single row, the next tile over the then cached weights
+            /// 1.1x). Prefetches past the end of the weights are harmless (they never
+            /// fault).
+            #[inline]
+            #[target_feature(enable = $features)]
+            fn prefetch(at: *const u8, len: usize) {
+                let ahead = at.wrapping_add(AHEAD);
+                for line in (0..len).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
             }
 
             /// Lanes vector `k`'s fifth bits (bit `k` of each byte of `h`, see
