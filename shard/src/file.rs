@@ -17,7 +17,7 @@ use crate::config::{Arch, Experts, HfConfig, Latent, ModelConfig, SlidingWindow,
 use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::{QFormat, QMatrix};
-use crate::kquants::BlockRows;
+use crate::kquants::{BlockRows, SuperMatrix};
 use crate::{Result, ShardError};
 
 /// How the weights are stored.
@@ -84,13 +84,6 @@ impl Linear {
     /// One layer computing all of `parts` (which read the same input) side by side, when
     /// they all run on our kernels in one format; `None` otherwise.
     pub(crate) fn stack(parts: &[&Linear]) -> Option<Linear> {
-        let weights: Vec<&QMatrix> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                Weight::Packed(q) => Some(q.as_ref()),
-                Weight::Blocks(_) | Weight::Candle(_) => None,
-            })
-            .collect::<Option<_>>()?;
         let bias = match parts.iter().filter(|p| p.bias.is_some()).count() {
             0 => None,
             n if n == parts.len() => {
@@ -99,10 +92,27 @@ impl Linear {
             }
             _ => return None,
         };
-        Some(Linear {
-            weight: Weight::Packed(Arc::new(QMatrix::stack(&weights)?)),
-            bias,
-        })
+        let packed: Option<Vec<&QMatrix>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Packed(q) => Some(q.as_ref()),
+                Weight::Blocks(_) | Weight::Candle(_) => None,
+            })
+            .collect();
+        let weight = match packed {
+            Some(weights) => Weight::Packed(Arc::new(QMatrix::stack(&weights)?)),
+            None => {
+                let weights: Vec<&SuperMatrix> = parts
+                    .iter()
+                    .map(|p| match &p.weight {
+                        Weight::Blocks(b) => b.as_super(),
+                        Weight::Packed(_) | Weight::Candle(_) => None,
+                    })
+                    .collect::<Option<_>>()?;
+                Weight::Blocks(Arc::new(SuperMatrix::stack(&weights)?))
+            }
+        };
+        Some(Linear { weight, bias })
     }
 
     /// The same layer with a bias added to its output.

@@ -31,6 +31,10 @@ pub(crate) trait BlockRows: Send + Sync + std::fmt::Debug {
     fn rows(&self) -> usize;
     /// `x` (`[m, cols]` row-major) times the matrix transposed: `[m, rows]` row-major.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32>;
+    /// This matrix as one on our own kernels, where it is one (to stack it with others).
+    fn as_super(&self) -> Option<&SuperMatrix> {
+        None
+    }
 }
 
 /// A row-major matrix of blocks of type `T`.
@@ -367,6 +371,28 @@ impl SuperMatrix {
         })
     }
 
+    /// Stacks matrices that read the same input (gate and up; q, k and v) into one, so
+    /// one product (and one quantising of the input) serves them all. `None` when their
+    /// types or widths differ, or when a part other than the last does not fill its
+    /// octets.
+    pub(crate) fn stack(parts: &[&SuperMatrix]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        let n = parts.len();
+        if rest
+            .iter()
+            .any(|p| p.kind != first.kind || p.cols != first.cols)
+            || parts[..n - 1].iter().any(|p| p.rows % OCTET != 0)
+        {
+            return None;
+        }
+        Some(Self {
+            kind: first.kind,
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        })
+    }
+
     /// The portable kernel: row `row` by activation row `r`, the arithmetic of the
     /// vector kernels one value at a time.
     pub(crate) fn scalar_product(&self, row: usize, xk: &Q8KRows, r: usize) -> f32 {
@@ -463,6 +489,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 impl BlockRows for SuperMatrix {
     fn rows(&self) -> usize {
         self.rows
+    }
+
+    fn as_super(&self) -> Option<&SuperMatrix> {
+        Some(self)
     }
 
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
@@ -574,6 +604,42 @@ mod tests {
                 assert_eq!(ours.matmul(last, 1), y[(m - 1) * rows..], "{dtype:?} m={m}");
             }
         }
+    }
+
+    /// Stacked super-block matrices give each part's product side by side, and refuse
+    /// parts they cannot stack.
+    #[test]
+    fn stacked_matrices_give_the_concatenated_product() {
+        let d = Device::Cpu;
+        let cols = 512;
+        let quantised = |rows: usize, dtype: GgmlDType| {
+            let w = Tensor::randn(0f32, 0.05, (rows, cols), &d).expect("w");
+            let bytes = QTensor::quantize(&w, dtype)
+                .expect("q")
+                .data()
+                .expect("b")
+                .to_vec();
+            let kind = if dtype == GgmlDType::Q4K {
+                Super::Q4K
+            } else {
+                Super::Q6K
+            };
+            SuperMatrix::from_bytes(kind, &bytes, rows, cols).expect("repacks")
+        };
+        let (a, b) = (quantised(40, GgmlDType::Q4K), quantised(20, GgmlDType::Q4K));
+        let both = SuperMatrix::stack(&[&a, &b]).expect("same type and width");
+        let x: Vec<f32> = (0..2 * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (got, ya, yb) = (both.matmul(&x, 2), a.matmul(&x, 2), b.matmul(&x, 2));
+        for r in 0..2 {
+            assert_eq!(&got[r * 60..r * 60 + 40], &ya[r * 40..(r + 1) * 40]);
+            assert_eq!(&got[r * 60 + 40..(r + 1) * 60], &yb[r * 20..(r + 1) * 20]);
+        }
+        let q6 = quantised(40, GgmlDType::Q6K);
+        assert!(SuperMatrix::stack(&[&a, &q6]).is_none(), "types differ");
+        assert!(
+            SuperMatrix::stack(&[&b, &a]).is_none(),
+            "20 rows do not fill octets"
+        );
     }
 
     /// Q4_K's and Q6_K's kernels: the portable one, AVX2 and the best this CPU has give
