@@ -376,20 +376,16 @@ impl SuperMatrix {
     /// types or widths differ, or when a part other than the last does not fill its
     /// octets.
     pub(crate) fn stack(parts: &[&SuperMatrix]) -> Option<Self> {
-        let (first, rest) = parts.split_first()?;
-        let n = parts.len();
-        if rest
+        let parts: Vec<_> = parts
             .iter()
-            .any(|p| p.kind != first.kind || p.cols != first.cols)
-            || parts[..n - 1].iter().any(|p| p.rows % OCTET != 0)
-        {
-            return None;
-        }
+            .map(|p| (p.kind, p.rows, p.cols, &p.data[..]))
+            .collect();
+        let (kind, rows, cols, data) = crate::kernels::stack_octets(&parts)?;
         Some(Self {
-            kind: first.kind,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            kind,
+            rows,
+            cols,
+            data,
         })
     }
 

@@ -415,20 +415,16 @@ impl QMatrix {
     /// one product serves them all. `None` when their formats or widths differ, or when
     /// a part other than the last does not fill its octets.
     pub(crate) fn stack(parts: &[&QMatrix]) -> Option<Self> {
-        let (first, rest) = parts.split_first()?;
-        let n = parts.len();
-        if rest
+        let parts: Vec<_> = parts
             .iter()
-            .any(|p| p.format != first.format || p.cols != first.cols)
-            || parts[..n - 1].iter().any(|p| p.rows % OCTET != 0)
-        {
-            return None;
-        }
+            .map(|p| (p.format, p.rows, p.cols, &p.data[..]))
+            .collect();
+        let (format, rows, cols, data) = stack_octets(&parts)?;
         Some(Self {
-            format: first.format,
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+            format,
+            rows,
+            cols,
+            data,
         })
     }
 
@@ -546,6 +542,28 @@ pub(crate) fn with_vector_isa<T>(f: impl FnOnce() -> T) -> T {
         return unsafe { x86::avx2(f) };
     }
     f()
+}
+
+/// Matrices of octets stacked into one, `(kind, rows, cols, data)` each: `None` unless
+/// all have one kind and width and every part but the last fills its octets (so rows
+/// stay where each part's product expects them).
+pub(crate) fn stack_octets<K: Copy + PartialEq>(
+    parts: &[(K, usize, usize, &[u8])],
+) -> Option<(K, usize, usize, Vec<u8>)> {
+    let (&(kind, _, cols, _), _) = parts.split_first()?;
+    let n = parts.len();
+    if parts.iter().any(|p| p.0 != kind || p.2 != cols)
+        || parts[..n - 1].iter().any(|p| p.1 % OCTET != 0)
+    {
+        return None;
+    }
+    let rows = parts.iter().map(|p| p.1).sum();
+    Some((
+        kind,
+        rows,
+        cols,
+        parts.iter().flat_map(|p| p.3.iter().copied()).collect(),
+    ))
 }
 
 /// Reads the little-endian f16 at `at`.
