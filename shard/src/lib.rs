@@ -34,7 +34,7 @@ pub use config::{Arch, Experts, Latent, ModelConfig, RopeStyle, SlidingWindow, Y
 pub use error::ShardError;
 pub use file::{hf_name, ModelFile, WeightFormat};
 pub use head::Head;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{argmax, Sampler, SamplingParams};
 pub use text::{ChatMessage, TextCodec};
 
 /// Result type of this crate.

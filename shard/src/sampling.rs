@@ -110,7 +110,7 @@ impl Sampler {
 }
 
 /// Index of the largest logit (the first one on ties).
-pub(crate) fn argmax(logits: &[f32]) -> u32 {
+pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, l) in logits.iter().enumerate() {
         if *l > logits[best] {
