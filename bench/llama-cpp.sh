@@ -42,8 +42,9 @@ if ! PYTHONPATH=$pylib python3 -c "import llama_cpp" 2>/dev/null; then
   python3 -m pip install --quiet --target "$pylib" "llama-cpp-python==0.3.36"
 fi
 
-cargo build --quiet --bin shoal
-shoal=target/debug/shoal
+# The release build users run (the dev profile leaves the node crate unoptimised).
+cargo build --release --quiet --bin shoal
+shoal=target/release/shoal
 if [ -z "$model" ]; then
   model=$("$shoal" inspect --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["path"])')
 fi
