@@ -446,13 +446,29 @@ impl Moe {
     /// row's outputs are summed in expert order, so it comes out the same alone or in
     /// any batch.
     fn forward(&self, h: &Tensor, margins: Option<&mut [f32]>) -> Result<Tensor> {
-        let (rows, hidden) = h.dims2()?;
+        let (_, hidden) = h.dims2()?;
         let dtype = h.dtype();
         let values = h
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let groups = self.route(&values, hidden, margins);
+        let mut out = if h.device().is_cpu() && dtype == candle_core::DType::F32 {
+            self.mix_on_cpu(h, groups)?
+        } else {
+            self.mix(h, groups)?
+        };
+        if let Some(shared) = &self.shared {
+            out = (out + shared.forward(h)?)?;
+        }
+        Ok(out)
+    }
+
+    /// The chosen experts' outputs, weighted and summed per row in expert order, on
+    /// tensors (any device and type).
+    fn mix(&self, h: &Tensor, groups: Vec<Vec<(u32, f32)>>) -> Result<Tensor> {
+        let (rows, hidden) = h.dims2()?;
+        let dtype = h.dtype();
         let mut out = Tensor::zeros((rows, hidden), dtype, h.device())?;
         for (expert, group) in self.experts.iter().zip(groups) {
             if group.is_empty() {
@@ -470,9 +486,36 @@ impl Moe {
             let y = expert.forward(&x)?.broadcast_mul(&weights)?;
             out = out.index_add(&ids, &y, 0)?;
         }
-        if let Some(shared) = &self.shared {
-            out = (out + shared.forward(h)?)?;
-        }
         Ok(out)
+    }
+
+    /// [`Self::mix`] for f32 rows on the CPU, the weighting and sums in plain Rust (the
+    /// same products and sums, so the same numbers): the tensor version runs about ten
+    /// ops around each chosen expert's products, and remakes the output at each one,
+    /// some 4,000 ops per token on a 48-block, 8-of-128-expert model.
+    fn mix_on_cpu(&self, h: &Tensor, groups: Vec<Vec<(u32, f32)>>) -> Result<Tensor> {
+        let (rows, hidden) = h.dims2()?;
+        let mut out = vec![0f32; rows * hidden];
+        for (expert, group) in self.experts.iter().zip(groups) {
+            if group.is_empty() {
+                continue;
+            }
+            let (ids, weights): (Vec<u32>, Vec<f32>) = group.into_iter().unzip();
+            let n = ids.len();
+            // A group of every row lists them in order (rows are routed in order).
+            let x = if n == rows {
+                h.clone()
+            } else {
+                h.index_select(&Tensor::from_slice(&ids, n, h.device())?, 0)?
+            };
+            let y = expert.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for ((&id, &w), y) in ids.iter().zip(&weights).zip(y.chunks_exact(hidden)) {
+                let row = &mut out[id as usize * hidden..][..hidden];
+                for (o, v) in row.iter_mut().zip(y) {
+                    *o += v * w;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (rows, hidden), h.device())?)
     }
 }
