@@ -494,22 +494,38 @@ impl Moe {
     /// ops around each chosen expert's products, and remakes the output at each one,
     /// some 4,000 ops per token on a 48-block, 8-of-128-expert model.
     fn mix_on_cpu(&self, h: &Tensor, groups: Vec<Vec<(u32, f32)>>) -> Result<Tensor> {
+        use rayon::prelude::*;
         let (rows, hidden) = h.dims2()?;
+        let chosen: Vec<(&Mlp, Vec<u32>, Vec<f32>)> = self
+            .experts
+            .iter()
+            .zip(groups)
+            .filter(|(_, group)| !group.is_empty())
+            .map(|(expert, group)| {
+                let (ids, weights) = group.into_iter().unzip();
+                (expert, ids, weights)
+            })
+            .collect();
+        // The chosen experts side by side on the pool (each thread streaming its own
+        // expert's weights, where one small product at a time split over the threads
+        // pays a hand-out per product), then summed in expert order.
+        let outputs: Vec<Result<Vec<f32>>> = chosen
+            .par_iter()
+            .map(|(expert, ids, _)| {
+                let n = ids.len();
+                // A group of every row lists them in order (rows are routed in order).
+                let x = if n == rows {
+                    h.clone()
+                } else {
+                    h.index_select(&Tensor::from_slice(ids, n, h.device())?, 0)?
+                };
+                Ok(expert.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+            })
+            .collect();
         let mut out = vec![0f32; rows * hidden];
-        for (expert, group) in self.experts.iter().zip(groups) {
-            if group.is_empty() {
-                continue;
-            }
-            let (ids, weights): (Vec<u32>, Vec<f32>) = group.into_iter().unzip();
-            let n = ids.len();
-            // A group of every row lists them in order (rows are routed in order).
-            let x = if n == rows {
-                h.clone()
-            } else {
-                h.index_select(&Tensor::from_slice(&ids, n, h.device())?, 0)?
-            };
-            let y = expert.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
-            for ((&id, &w), y) in ids.iter().zip(&weights).zip(y.chunks_exact(hidden)) {
+        for ((_, ids, weights), y) in chosen.iter().zip(outputs) {
+            let y = y?;
+            for ((&id, &w), y) in ids.iter().zip(weights).zip(y.chunks_exact(hidden)) {
                 let row = &mut out[id as usize * hidden..][..hidden];
                 for (o, v) in row.iter_mut().zip(y) {
                     *o += v * w;
