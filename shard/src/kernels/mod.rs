@@ -23,8 +23,8 @@
 //! Then the 8 rows' f16 scales (and, for Q4_1 and Q5_1, 8 mins), applied with one vector
 //! multiply.
 //!
-//! A product takes the activation rows up to 4 at a time: each weight block is unpacked
-//! once and used for all of them, so a batch (a prompt, or the steps of concurrent
+//! A product takes the activation rows up to 8 at a time (4 for the K-quants' super-blocks):
+//! each weight block is unpacked once and used for all of them, so a batch (a prompt, or the steps of concurrent
 //! sessions) costs much less per row than one row alone. Every row is computed the same
 //! way whatever the other rows of the product are, so a session's numbers do not depend
 //! on whom it is batched with. Work is split over octets on a [rayon] pool whose idle
@@ -706,7 +706,7 @@ mod tests {
             GgmlDType::Q5_1,
             GgmlDType::Q8_0,
         ] {
-            for m in [1, 3, 4, 7] {
+            for m in [1, 3, 4, 7, 8, 11] {
                 check(dtype, 100, 256, m)?;
             }
             check(dtype, 1536, 576, 2)?;
@@ -747,7 +747,7 @@ mod tests {
             }
             let mat =
                 QMatrix::from_blocks(QFormat::Table4(table), &raw, rows, cols).expect("packs");
-            for m in [1, 3] {
+            for m in [1, 3, 11] {
                 let x: Vec<f32> = (0..m * cols)
                     .map(|i| ((i * 29 % 97) as f32 - 48.0) / 11.0)
                     .collect();

@@ -64,11 +64,15 @@ macro_rules! x86_kernels {
             /// through AVX2's sign trick.
             const VNNI: bool = $vnni;
 
-            /// The most activation rows one pass over a weight block serves.
-            const TILE: usize = 4;
+            /// The most activation rows one pass over a 32-value weight block serves
+            /// (8 measured 4% faster than 4 on a prompt; more would spill registers).
+            const TILE: usize = 8;
+
+            /// The same for a super-block: its tiles keep 16 unpacked vectors live.
+            const SUPER_TILE: usize = 4;
 
             /// Dot products of one octet (`kb` octet blocks) with every row of `xq`, into
-            /// `out` (`[m, 8]`): the rows 4 at a time, then 2, then 1.
+            /// `out` (`[m, 8]`): the rows 8 at a time, then 4, 2, 1.
             ///
             /// # Safety
             /// The CPU must support the features this module is compiled for.
@@ -84,7 +88,7 @@ macro_rules! x86_kernels {
                 };
                 let mut r = 0;
                 while r < m {
-                    let n = if m - r >= TILE { TILE } else if m - r >= 2 { 2 } else { 1 };
+                    let n = if m - r >= TILE { TILE } else if m - r >= 4 { 4 } else if m - r >= 2 { 2 } else { 1 };
                     // SAFETY: the bounds were checked above; the CPU check is the
                     // caller's.
                     unsafe {
@@ -101,7 +105,7 @@ macro_rules! x86_kernels {
                 }
             }
 
-            /// [`tile`] for `n` (1, 2 or 4) rows from `r`.
+            /// [`tile`] for `n` (1, 2, 4 or 8) rows from `r`.
             ///
             /// # Safety
             /// As [`tile`].
@@ -111,6 +115,7 @@ macro_rules! x86_kernels {
                 // SAFETY: passed on.
                 unsafe {
                     match n {
+                        8 => tile::<F, 8>(octet, xq, r, table, out),
                         4 => tile::<F, 4>(octet, xq, r, table, out),
                         2 => tile::<F, 2>(octet, xq, r, table, out),
                         _ => tile::<F, 1>(octet, xq, r, table, out),
@@ -236,7 +241,7 @@ macro_rules! x86_kernels {
                 assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
                 let mut r = 0;
                 while r < m {
-                    let n = if m - r >= TILE { TILE } else if m - r >= 2 { 2 } else { 1 };
+                    let n = if m - r >= SUPER_TILE { SUPER_TILE } else if m - r >= 2 { 2 } else { 1 };
                     // SAFETY: the bounds were checked above; the CPU check is the
                     // caller's.
                     unsafe {
