@@ -65,8 +65,8 @@ enum Weight {
     /// Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and the 4-bit table types on the CPU: our own
     /// kernels ([`crate::kernels`]).
     Packed(Arc<QMatrix>),
-    /// K-quants on the CPU ([`crate::kquants`]): Q4_K and Q6_K on our own kernels, the
-    /// others on candle's block dot products over weights held once.
+    /// K-quants on the CPU ([`crate::kquants`]): Q4_K, Q5_K and Q6_K on our own kernels,
+    /// Q2_K and Q3_K on candle's block dot products, over weights held once.
     Blocks(Arc<dyn BlockRows>),
     /// Everything else (other GGUF formats, dense safetensors, GPU devices): candle.
     Candle(QMatMul),

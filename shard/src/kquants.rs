@@ -1,23 +1,22 @@
-//! Products with K-quant weights (Q2_K to Q6_K) on the CPU: candle's per-block dot
-//! products (AVX2 where the CPU has it), driven here, over weights held once.
+//! Products with K-quant weights (Q2_K to Q6_K) on the CPU, over weights held once.
 //!
-//! candle 0.11's own product for these types repacks a Q4_K matrix (and, for batches of
-//! rows, a Q6_K one) into tiles the first time it is used, and keeps the tiles beside the
-//! original: a second copy of the weights that grows as a mixture of experts first uses
-//! each expert. Measured: two nodes serving 24 of a Qwen3-30B-A3B Q4_K_M file's 48 blocks
-//! each, with `--memory-budget 10.75G`, peaked at 12.1 GB and 11.3 GB resident after 32
-//! tokens, over the budget, and growing as more experts were touched. Here a matrix is
-//! one `Vec` of candle's block type, built from the file's bytes at load.
+//! Q4_K, Q5_K and Q6_K, the types of today's most common downloads, run on kernels of
+//! our own ([`SuperMatrix`]): repacked at load into octets in lanes as [`crate::kernels`]
+//! does for the 32-value formats (see [`q4k_octet`], [`q6k_octet`]), each weight block
+//! unpacked once for up to 4 activation rows, with the same Q8_K activations (8 bits per
+//! 256 values, as ggml quantises them for these types) and integer arithmetic as ggml's
+//! product, so its rows equal candle's to rounding. Q2_K and Q3_K run on candle's
+//! per-block dot products (AVX2 where the CPU has it), driven here: each output one
+//! block dot of one weight row and one activation row. Either way a row comes out the
+//! same whatever other rows share the product, and work is split over weight rows on
+//! [`crate::kernels::pool`].
 //!
-//! Activations are quantised per row as ggml does for these types (Q8_K: 8 bits per 256
-//! values), and each output is one block dot product of one weight row and one
-//! activation row, so a row comes out the same whatever other rows share the product.
-//! Work is split over chunks of weight rows on [`crate::kernels::pool`].
-//!
-//! Q4_K and Q6_K, the types of today's most common downloads, run on kernels of our own
-//! instead ([`SuperMatrix`]): repacked at load into octets as [`crate::kernels`] does for the
-//! 32-value formats, with the same Q8_K activations and integer arithmetic as ggml's
-//! product, so its rows equal candle's to rounding.
+//! Not candle's own product: for these types it repacks a Q4_K matrix (and, for batches
+//! of rows, a Q6_K one) into tiles the first time it is used, and keeps the tiles beside
+//! the original, a second copy of the weights that grows as a mixture of experts first
+//! uses each expert. Measured: two nodes serving 24 of a Qwen3-30B-A3B Q4_K_M file's 48
+//! blocks each, with `--memory-budget 10.75G`, peaked at 12.1 GB and 11.3 GB resident
+//! after 32 tokens, over the budget, and growing as more experts were touched.
 
 use std::sync::Arc;
 
