@@ -73,7 +73,7 @@ pub(crate) enum QFormat {
     Q5_1,
     /// f16 scale, 32 signed bytes; value = d * q.
     Q8_0,
-    /// f16 scale, 32 nibbles indexing a table of 16 signed bytes; value = d * table[q]:
+    /// f16 scale, 32 nibbles indexing a table of 16 signed bytes; value = `d * table[q]`:
     /// IQ4_NL, IQ4_XS (its 32-value sub-blocks, each with its own scale) and MXFP4 (its
     /// power-of-two scales, where f16 holds them), as [`crate::gguf`] rewrites them.
     Table4(Table),

@@ -11,7 +11,7 @@
 //!
 //! GGUF output is one file, written tensor by tensor as the values are drawn
 //! (`gguf`); safetensors output is a directory with one file per block
-//! ([`safetensors`]). Either way memory stays at about one block's size.
+//! (`safetensors`). Either way memory stays at about one block's size.
 
 use std::path::Path;
 use std::str::FromStr;
