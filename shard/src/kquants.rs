@@ -24,6 +24,8 @@ use candle_core::quantized::k_quants::{BlockQ2K, BlockQ3K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
+use crate::kernels::{LANES, OCTET};
+
 /// A matrix of quantised rows whose product with f32 activations this module computes.
 pub(crate) trait BlockRows: Send + Sync + std::fmt::Debug {
     /// Output features.
@@ -130,8 +132,6 @@ impl<T: GgmlType + std::fmt::Debug + 'static> BlockRows for Blocks<T> {
 pub(crate) const QK_K: usize = 256;
 /// Values per Q4_K sub-block (one scale and one min each).
 const SUB: usize = 32;
-/// Rows packed together, as in [`crate::kernels`].
-const OCTET: usize = 8;
 /// Bytes of one GGUF Q4_K block: d, dmin (f16), 12 bytes of 6-bit scales and mins, 128
 /// bytes of nibbles.
 const Q4K_BLOCK: usize = 2 + 2 + 12 + QK_K / 2;
@@ -215,9 +215,6 @@ pub(crate) mod q6k_octet {
     /// Bytes of one octet block.
     pub(crate) const BYTES: usize = D + 2 * OCTET;
 }
-
-/// Bytes of a lanes vector, as in [`crate::kernels`].
-const LANES: usize = 32;
 
 /// Where row `i`'s byte of Q4_K/Q5_K value `v` lies in an octet block, whether the value
 /// is its high nibble, and (Q5_K) where its fifth bit lies (byte and bit).

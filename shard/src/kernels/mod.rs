@@ -52,10 +52,10 @@ fn avx_vnni() -> bool {
 const QK: usize = 32;
 
 /// Rows packed together.
-const OCTET: usize = 8;
+pub(crate) const OCTET: usize = 8;
 
 /// Bytes of one lanes vector: 4 values of each of the 8 rows of an octet.
-const LANES: usize = 32;
+pub(crate) const LANES: usize = 32;
 
 /// Where a Q5_0/Q5_1 octet block's fifth bits start (after its 4 vectors of nibbles).
 const FIFTH: usize = 4 * LANES;
@@ -661,33 +661,7 @@ mod tests {
         }
         let xq = QRows::quantise(&xs, m, cols);
         for o in [0, rows.div_ceil(OCTET) - 1] {
-            let mut fast = vec![0f32; OCTET * m];
-            mat.octet_products(o, &xq, &mut fast);
-            // The AVX2 kernel (which the VNNI one replaces where the CPU has it) gives
-            // the same integer dots, so the same floats.
-            #[cfg(target_arch = "x86_64")]
-            if x86_level() != X86Level::None {
-                let ob = mat.format.octet_bytes();
-                let octet = &mat.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
-                let mut avx2 = vec![0f32; OCTET * m];
-                // SAFETY: the CPU has AVX2, FMA and F16C (checked).
-                unsafe { avx2_kernels::products(mat.format, octet, &xq, &mut avx2) };
-                assert_eq!(avx2, fast, "AVX2 and {:?} kernels differ", x86_level());
-            }
-            for i in 0..OCTET {
-                let row = o * OCTET + i;
-                for r in 0..m {
-                    let (a, b) = (
-                        fast[r * OCTET + i],
-                        if row < rows {
-                            mat.scalar_product(row, &xq, r)
-                        } else {
-                            0.0
-                        },
-                    );
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-                }
-            }
+            check_octet_kernels(&mat, &xq, o);
         }
         // A row comes out the same alone as in a batch.
         if m > 1 {
@@ -695,6 +669,47 @@ mod tests {
             assert_eq!(&alone[..], &got[..rows], "row 0 alone vs batched");
         }
         Ok(())
+    }
+
+    /// Octet `o` by every row of `xq` on the best kernel of this CPU: equal to the AVX2
+    /// kernel's (which the VNNI ones replace where the CPU has them: the same integer
+    /// dots, so the same floats), and to the portable kernel's to rounding (zero for the
+    /// padding rows past the matrix).
+    fn check_octet_kernels(mat: &QMatrix, xq: &QRows, o: usize) {
+        let m = xq.m;
+        let mut fast = vec![0f32; OCTET * m];
+        mat.octet_products(o, xq, &mut fast);
+        #[cfg(target_arch = "x86_64")]
+        if x86_level() != X86Level::None {
+            let ob = mat.format.octet_bytes();
+            let octet = &mat.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
+            let mut avx2 = vec![0f32; OCTET * m];
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked).
+            unsafe { avx2_kernels::products(mat.format, octet, xq, &mut avx2) };
+            let f = mat.format;
+            assert_eq!(
+                avx2,
+                fast,
+                "{f:?}: AVX2 and {:?} kernels differ",
+                x86_level()
+            );
+        }
+        for i in 0..OCTET {
+            let row = o * OCTET + i;
+            for r in 0..m {
+                let want = if row < mat.rows {
+                    mat.scalar_product(row, xq, r)
+                } else {
+                    0.0
+                };
+                let got = fast[r * OCTET + i];
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{:?} octet {o} row {i} x {r}: {got} vs {want}",
+                    mat.format
+                );
+            }
+        }
     }
 
     #[test]
@@ -767,32 +782,7 @@ mod tests {
                 }
                 let xq = QRows::quantise(&x, m, cols);
                 for o in 0..rows.div_ceil(OCTET) {
-                    let mut fast = vec![0f32; OCTET * m];
-                    mat.octet_products(o, &xq, &mut fast);
-                    #[cfg(target_arch = "x86_64")]
-                    if x86_level() != X86Level::None {
-                        let ob = mat.format.octet_bytes();
-                        let octet = &mat.data[o * xq.kb * ob..(o + 1) * xq.kb * ob];
-                        let mut avx2 = vec![0f32; OCTET * m];
-                        // SAFETY: the CPU has AVX2, FMA and F16C (checked).
-                        unsafe { avx2_kernels::products(mat.format, octet, &xq, &mut avx2) };
-                        assert_eq!(avx2, fast, "{table:?}: AVX2 and {:?} differ", x86_level());
-                    }
-                    for i in 0..OCTET {
-                        let row = o * OCTET + i;
-                        for r in 0..m {
-                            let want = if row < rows {
-                                mat.scalar_product(row, &xq, r)
-                            } else {
-                                0.0
-                            };
-                            let got = fast[r * OCTET + i];
-                            assert!(
-                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                                "{table:?}: {got} vs {want}"
-                            );
-                        }
-                    }
+                    check_octet_kernels(&mat, &xq, o);
                 }
                 let mut row = vec![0f32; cols];
                 mat.dequantize_row(5, &mut row);

@@ -71,6 +71,11 @@ macro_rules! x86_kernels {
             /// The same for a super-block: its tiles keep 16 unpacked vectors live.
             const SUPER_TILE: usize = 4;
 
+            /// Rows the next tile takes: the largest of `most`, 4, 2, 1 not over `left`.
+            fn tile_len(left: usize, most: usize) -> usize {
+                [most, 4, 2].into_iter().find(|&n| n <= left).unwrap_or(1)
+            }
+
             /// Dot products of one octet (`kb` octet blocks) with every row of `xq`, into
             /// `out` (`[m, 8]`): the rows 8 at a time, then 4, 2, 1.
             ///
@@ -88,7 +93,7 @@ macro_rules! x86_kernels {
                 };
                 let mut r = 0;
                 while r < m {
-                    let n = if m - r >= TILE { TILE } else if m - r >= 4 { 4 } else if m - r >= 2 { 2 } else { 1 };
+                    let n = tile_len(m - r, TILE);
                     // SAFETY: the bounds were checked above; the CPU check is the
                     // caller's.
                     unsafe {
@@ -197,6 +202,13 @@ macro_rules! x86_kernels {
                         }
                         let scales = c.add(OCTET * qb);
                         let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.cast()));
+                        // Q4_1 and Q5_1: the 8 mins after the scales (the other formats'
+                        // blocks end at their scales).
+                        let mins = if F == 1 || F == 4 {
+                            _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
                         for (k, acc) in acc.iter_mut().enumerate() {
                             let at = (r + k) * kb + b;
                             let x = xq.qs.as_ptr().add(at * QK).cast::<i32>();
@@ -218,7 +230,6 @@ macro_rules! x86_kernels {
                             let dx = _mm256_set1_ps(*xq.d.get_unchecked(at));
                             *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, dx), *acc);
                             if F == 1 || F == 4 {
-                                let mins = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * OCTET).cast()));
                                 let sx = _mm256_set1_ps(*xq.s.get_unchecked(at));
                                 *acc = _mm256_fmadd_ps(mins, sx, *acc);
                             }
@@ -241,7 +252,7 @@ macro_rules! x86_kernels {
                 assert!(xk.bsums.len() >= m * nb * 16 && xk.d.len() >= m * nb);
                 let mut r = 0;
                 while r < m {
-                    let n = if m - r >= SUPER_TILE { SUPER_TILE } else if m - r >= 2 { 2 } else { 1 };
+                    let n = tile_len(m - r, SUPER_TILE);
                     // SAFETY: the bounds were checked above; the CPU check is the
                     // caller's.
                     unsafe {
