@@ -2,9 +2,10 @@
 //! stream text. The same loop serves `--local` (the reference) and the swarm, so the two
 //! can only differ in where the blocks run.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use prometheus_client::metrics::histogram::Histogram;
@@ -36,10 +37,75 @@ type LogitsJob = (
 /// the generations waiting as one product. The head is the largest matrix of a small
 /// model (SmolLM2's tied 49152 x 576 embedding): one product for 8 rows costs 1.2x one
 /// for a single row, so concurrent sessions (the API, `shoal bench`) share it.
+///
+/// Taking only the rows already queued is not enough: measured with 8 concurrent
+/// sessions on a 3-server loopback swarm, about two thirds of the products ran a single
+/// row, because once one session's row goes alone the sessions drift apart and never
+/// line up again (the servers hold steps back for the same reason: `Server::due_soon`).
+/// So a generation whose decode step is on its way marks itself ([`ClientHead::stepping`]),
+/// and the head, holding a row, waits for the rows still on their way, at most as long
+/// as its last product took (worst case: a row's logits come one product later).
 #[derive(Clone)]
 pub struct ClientHead {
     head: Arc<Head>,
     tx: std_mpsc::Sender<LogitsJob>,
+    on_the_way: Arc<AtomicUsize>,
+}
+
+/// A decode step on its way to the LM head: counted by the head's gathering until the
+/// step's row reaches the head, or the step fails.
+pub struct Stepping(Arc<AtomicUsize>);
+
+impl Drop for Stepping {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The LM head's thread: each product takes every row queued, and the rows of steps
+/// still on their way if they come within the last product's time.
+fn head_loop(head: &Head, rx: &std_mpsc::Receiver<LogitsJob>, on_the_way: &AtomicUsize) {
+    // The longest the head waits for a row: the last product's time, within bounds.
+    let mut patience = Duration::from_millis(1);
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + patience;
+        loop {
+            while let Ok(more) = rx.try_recv() {
+                jobs.push(more);
+            }
+            let now = Instant::now();
+            if on_the_way.load(Ordering::Acquire) == 0 || now >= deadline {
+                break;
+            }
+            // Short naps: a step's mark is dropped just after its row is sent.
+            let nap = (deadline - now).min(Duration::from_micros(200));
+            if let Ok(more) = rx.recv_timeout(nap) {
+                jobs.push(more);
+            }
+        }
+        let started = Instant::now();
+        let rows: Vec<&Tensor> = jobs.iter().map(|(row, _)| row).collect();
+        let logits = Tensor::cat(&rows, 0)
+            .map_err(anyhow::Error::from)
+            .and_then(|x| Ok(head.logits(&x)?));
+        patience = started
+            .elapsed()
+            .clamp(Duration::from_micros(200), Duration::from_millis(10));
+        match logits {
+            Ok(all) => {
+                for (i, (_, reply)) in jobs.into_iter().enumerate() {
+                    let row = all.get(i).and_then(|r| r.to_vec1::<f32>());
+                    let _ = reply.send(row.map_err(anyhow::Error::from));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in jobs {
+                    let _ = reply.send(Err(anyhow!("LM head: {e:#}")));
+                }
+            }
+        }
+    }
 }
 
 impl ClientHead {
@@ -47,35 +113,16 @@ impl ClientHead {
     pub fn start(head: Head) -> std::io::Result<Self> {
         let head = Arc::new(head);
         let (tx, rx) = std_mpsc::channel::<LogitsJob>();
-        let shared = head.clone();
+        let on_the_way = Arc::new(AtomicUsize::new(0));
+        let (shared, counted) = (head.clone(), on_the_way.clone());
         std::thread::Builder::new()
             .name("shoal-head".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut jobs = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        jobs.push(more);
-                    }
-                    let rows: Vec<&Tensor> = jobs.iter().map(|(row, _)| row).collect();
-                    let logits = Tensor::cat(&rows, 0)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|x| Ok(shared.logits(&x)?));
-                    match logits {
-                        Ok(all) => {
-                            for (i, (_, reply)) in jobs.into_iter().enumerate() {
-                                let row = all.get(i).and_then(|r| r.to_vec1::<f32>());
-                                let _ = reply.send(row.map_err(anyhow::Error::from));
-                            }
-                        }
-                        Err(e) => {
-                            for (_, reply) in jobs {
-                                let _ = reply.send(Err(anyhow!("LM head: {e:#}")));
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(Self { head, tx })
+            .spawn(move || head_loop(&shared, &rx, &counted))?;
+        Ok(Self {
+            head,
+            tx,
+            on_the_way,
+        })
     }
 
     /// Embeddings, norm and the model's shape.
@@ -83,8 +130,20 @@ impl ClientHead {
         &self.head
     }
 
-    /// Logits of the last row of `hidden` (`[tokens, hidden]`).
-    pub async fn last_logits(&self, hidden: &Tensor) -> anyhow::Result<Vec<f32>> {
+    /// Marks a decode step as on its way: the head waits a little for its row before
+    /// running the rows it has. Pass the mark to [`ClientHead::last_logits`].
+    pub fn stepping(&self) -> Stepping {
+        self.on_the_way.fetch_add(1, Ordering::AcqRel);
+        Stepping(self.on_the_way.clone())
+    }
+
+    /// Logits of the last row of `hidden` (`[tokens, hidden]`); `step`, the mark of the
+    /// step that made `hidden`, is dropped once the row is queued.
+    pub async fn last_logits(
+        &self,
+        hidden: &Tensor,
+        step: Option<Stepping>,
+    ) -> anyhow::Result<Vec<f32>> {
         let n = hidden.dim(0)?;
         if n == 0 {
             bail!("no hidden states");
@@ -93,6 +152,7 @@ impl ClientHead {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let gone = || anyhow!("the LM head's thread has stopped");
         self.tx.send((last, reply)).map_err(|_| gone())?;
+        drop(step);
         answer.await.map_err(|_| gone())?
     }
 }
@@ -250,8 +310,10 @@ pub async fn generate(
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
     let mut top_logits = Vec::new();
+    // The mark of the decode step on its way (none for the prompt's last chunk).
+    let mut step = None;
     while completion.len() < max_tokens {
-        let logits = client_head.last_logits(&h).await?;
+        let logits = client_head.last_logits(&h, step.take()).await?;
         if req.top_logits > 0 {
             top_logits.push(highest(&logits, req.top_logits));
         }
@@ -289,6 +351,7 @@ pub async fn generate(
         }
         let x = head.embed(&[tok])?;
         let t = Instant::now();
+        step = Some(client_head.stepping());
         h = blocks.forward(&x, &device, hidden).await?;
         timed(t);
     }

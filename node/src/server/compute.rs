@@ -6,9 +6,9 @@
 //! most [`INBOX_LIMIT`] of them, past which they are refused as busy (see
 //! [`ServerHandle::submit`]). Steps come on the data plane (one-way frames,
 //! [`Network::send`]): a step is validated (a refusal goes to its client as a failure
-//! report), computed together with the other sessions' steps waiting at the same time,
-//! and its output pushed to the next server of the chain and a copy to the client, from
-//! the async runtime.
+//! report), computed together with the other sessions' steps waiting at the same time
+//! or due at once (see [`Server::due_soon`]), and its output pushed to the next server
+//! of the chain and a copy to the client, from the async runtime.
 //!
 //! Here: the thread, its state and its loop. Its inbox and the handle others hold are in
 //! `inbox`, sessions (opening, checking, ending) in `sessions`, running steps and
@@ -37,6 +37,10 @@ use crate::net::{unix_ms, Network, ANNOUNCE_TTL};
 /// A session unused this long is dropped and its cache freed: a client that vanished
 /// without closing must not hold memory forever.
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The longest the compute thread holds a step back to batch it with steps of other
+/// sessions that are due (see [`Server::due_soon`]).
+const MAX_GATHER: Duration = Duration::from_millis(5);
 
 /// Requests and steps the compute thread's inbox holds before it refuses more as busy.
 /// A healthy server holds about one step per open session there; a step is at most a
@@ -83,6 +87,11 @@ pub struct Server {
     pub(super) draining: bool,
     /// The last step of each session passed on to each next server.
     pub(super) forwards: Arc<Forwards>,
+    /// How long the last batch of steps took: the longest the thread waits for steps
+    /// that are due (see [`Server::due_soon`]).
+    pub(super) batch_time: Duration,
+    /// Batches of steps run so far.
+    pub(super) batches: u64,
 }
 
 impl Server {
@@ -123,6 +132,8 @@ impl Server {
             metrics: ServerMetrics::default(),
             draining: false,
             forwards: Arc::default(),
+            batch_time: Duration::ZERO,
+            batches: 0,
         };
         server
             .metrics
@@ -254,13 +265,28 @@ impl Server {
             let wait = next_announce.saturating_duration_since(Instant::now());
             match inbox.recv_timeout(wait) {
                 Ok(first @ (Job::Request(_) | Job::Step(_))) => {
-                    // Everything queued behind it too: steps of different sessions that
-                    // wait together are computed as one batch.
+                    // Everything queued behind it too, and the steps due soon: steps of
+                    // different sessions that wait together are computed as one batch.
                     let mut queued = Vec::new();
                     queued.extend(Work::of(first));
                     let mut after = None;
                     let mut departed = false;
-                    while let Ok(job) = inbox.try_recv() {
+                    let deadline = Instant::now() + self.batch_time.min(MAX_GATHER);
+                    loop {
+                        let job = match inbox.try_recv() {
+                            Ok(job) => job,
+                            Err(_) => {
+                                let now = Instant::now();
+                                if now >= deadline || !self.due_soon(&queued, now) {
+                                    break;
+                                }
+                                let nap = (deadline - now).min(Duration::from_micros(100));
+                                match inbox.recv_timeout(nap) {
+                                    Ok(job) => job,
+                                    Err(_) => continue,
+                                }
+                            }
+                        };
                         match job {
                             Job::Request(_) | Job::Step(_) => queued.extend(Work::of(job)),
                             Job::Announce => next_announce = Instant::now(),
@@ -293,6 +319,37 @@ impl Server {
             }
             self.expire_idle();
         }
+    }
+
+    /// True when a step in `queued` has a companion still on its way: a session that ran
+    /// in the same batch last time, has no step queued, and is due (its last step ended
+    /// less than 1.5 of its period ago). Taking only the steps already queued is not
+    /// enough for concurrent sessions to batch: measured with 8 sessions on a 3-server
+    /// loopback swarm (default model), 890 of 1,470 batches ran a single step, as each
+    /// server started on the first step of a burst and the sessions drifted apart for
+    /// good. Waiting for *any* due session was worse (the sessions settled into groups
+    /// of 3 and 5 that waited for each other: 177 against ~240 tok/s); waiting for last
+    /// time's companions, for at most one batch's time ([`MAX_GATHER`] at most), keeps
+    /// them in batches of 8 (aggregate +6% to +17% in three interleaved runs).
+    pub(super) fn due_soon(&self, queued: &[Work], now: Instant) -> bool {
+        let stepping: Vec<SessionId> = queued
+            .iter()
+            .filter_map(|w| match w {
+                Work::Step(s) => Some(s.session),
+                Work::Request(_) => None,
+            })
+            .collect();
+        let cohorts: Vec<u64> = stepping
+            .iter()
+            .filter_map(|id| self.sessions.get(id).map(|s| s.batch))
+            .filter(|&b| b > 0)
+            .collect();
+        self.sessions.iter().any(|(id, s)| {
+            cohorts.contains(&s.batch)
+                && s.period
+                    .is_some_and(|p| now.duration_since(s.last_used) < p + p / 2)
+                && !stepping.contains(id)
+        })
     }
 
     /// Stops taking work and gives up every session (their clients are told by the

@@ -1,7 +1,7 @@
 //! Sessions on a server: opening one (limits, allow list, cache), checking a step
 //! against its session, and ending sessions (closed, idle, client gone).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use protocol::{
@@ -28,6 +28,11 @@ pub(super) struct Session {
     /// Index of the last step applied: a step must carry a larger one.
     pub(super) last_step: Option<u64>,
     pub(super) last_used: Instant,
+    /// Time between this session's last two steps: when its next one is due (see
+    /// [`Server::due_soon`]).
+    pub(super) period: Option<Duration>,
+    /// The batch its last step ran in (see [`Server::due_soon`]).
+    pub(super) batch: u64,
 }
 
 impl Server {
@@ -210,6 +215,8 @@ impl Server {
                 wire: open.wire_dtype,
                 last_step: None,
                 last_used: Instant::now(),
+                period: None,
+                batch: 0,
             },
         );
         Ok(Response::Opened {

@@ -135,11 +135,16 @@ impl Server {
             let started = Instant::now();
             let tokens: usize = items.iter().map(|(x, _)| x.dims()[0]).sum();
             let outputs = self.span.forward_batch(items);
-            let took = started.elapsed().as_secs_f64();
+            self.batch_time = started.elapsed();
+            let took = self.batch_time.as_secs_f64();
             let mut done = Vec::with_capacity(taken.len());
+            self.batches += 1;
             for (step, _, mut session) in taken {
                 session.last_step = Some(step.step);
-                session.last_used = Instant::now();
+                session.batch = self.batches;
+                let now = Instant::now();
+                session.period = Some(now.duration_since(session.last_used));
+                session.last_used = now;
                 let wire = session.wire;
                 self.sessions.insert(step.session, session);
                 done.push((step, wire));
