@@ -223,6 +223,35 @@ pub struct ModelArg {
     pub model: Option<PathBuf>,
 }
 
+/// A node started without --model but with --bootstrap takes part in the swarm's
+/// model, fetching the weights it needs from the swarm into the cache.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FromSwarmArgs {
+    /// Which of the swarm's models to join when it serves several (`shoal status` lists
+    /// them). Only without --model.
+    #[arg(long, value_name = "ID")]
+    pub model_id: Option<String>,
+    /// Where fetched parts of models (and the default model) are kept.
+    /// Default: $XDG_CACHE_HOME/shoal or ~/.cache/shoal.
+    #[arg(long, value_name = "DIR", env = "SHOAL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most bytes the fetched parts of models may take in the cache, e.g. 20G; the parts
+    /// used longest ago are removed first. Default: no limit but the disk's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_budget: Option<u64>,
+}
+
+impl FromSwarmArgs {
+    /// The store of fetched parts these options describe.
+    pub fn store(&self) -> crate::weights::PartStore {
+        let dir = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(crate::model_cache::cache_dir);
+        crate::weights::PartStore::new(&dir, self.cache_budget)
+    }
+}
+
 /// Emulated links, for checking the simulator against real nodes on one machine.
 #[derive(Args, Debug, Clone, Default)]
 pub struct EmulateArgs {
@@ -304,9 +333,23 @@ pub struct RelayArgs {
 /// `shoal serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The model file.
+    /// The model file. Without it, a node given --bootstrap serves the swarm's model,
+    /// fetching its blocks from the swarm (the default model where the swarm has none).
     #[command(flatten)]
     pub model: ModelArg,
+    /// Fetching the model from the swarm.
+    #[command(flatten)]
+    pub from_swarm: FromSwarmArgs,
+    /// Megabits per second of weights this node uploads to nodes that fetch from the
+    /// swarm (0: no limit); the data plane's steps are not counted.
+    #[arg(long, default_value_t = 400.0, value_name = "MBPS")]
+    pub share_mbps: f64,
+    /// Weight transfers served at once; more are told to try another node.
+    #[arg(long, default_value_t = 8)]
+    pub share_transfers: usize,
+    /// Testing only: corrupt every chunk of weights sent (a lying peer, to be caught).
+    #[arg(long, hide = true)]
+    pub debug_corrupt_chunks: bool,
     /// Blocks to serve, as START..END (END exclusive), e.g. 0..10. Without it the node
     /// picks as many blocks as --memory-budget allows, where the swarm is weakest, and
     /// moves later if the swarm would gain from it.
@@ -480,6 +523,9 @@ pub struct SwarmClientArgs {
     /// The private swarm's key, if any.
     #[command(flatten)]
     pub swarm_key: SwarmKeyArg,
+    /// Fetching the model's embeddings and LM head from the swarm (without --model).
+    #[command(flatten)]
+    pub from_swarm: FromSwarmArgs,
     /// The node's identity, if kept in a file.
     #[command(flatten)]
     pub identity: IdentityArg,

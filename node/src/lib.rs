@@ -40,6 +40,7 @@ pub mod model_cache;
 pub mod net;
 pub mod patience;
 pub mod server;
+pub mod weights;
 
 pub use error::NodeError;
 

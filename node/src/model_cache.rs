@@ -31,6 +31,12 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("shoal")
 }
 
+/// The default model's path if it is in the cache already (nothing is fetched).
+pub fn cached_default_model() -> Option<PathBuf> {
+    let path = cache_dir().join("models").join(FILE_NAME);
+    path.is_file().then_some(path)
+}
+
 /// Path of the default model, fetching it first if it is not cached.
 pub fn default_model() -> anyhow::Result<PathBuf> {
     // One fetch at a time within a process (parallel tests ask together); other

@@ -13,10 +13,12 @@
 pub mod codec;
 mod hidden;
 mod messages;
+mod weights;
 
 pub use codec::{decode, decode_frame_len, encode, encode_frame, ProtocolError, MAX_FRAME_BYTES};
 pub use hidden::{HiddenState, WireDType};
 pub use messages::*;
+pub use weights::{WeightsRequest, WeightsResponse};
 
 /// The libp2p protocol name of the inference protocol. The trailing number is bumped
 /// together with [`PROTOCOL_VERSION`] when the message layout changes.
@@ -28,6 +30,11 @@ pub const INFERENCE_PROTOCOL: &str = "/shoal/inference/4";
 /// request-response on [`INFERENCE_PROTOCOL`]; the two are separate types, so neither
 /// plane can be handed the other's message.
 pub const DATA_PROTOCOL: &str = "/shoal/data/4";
+
+/// The libp2p protocol name of the weights protocol: a stream per request, carrying one
+/// [`WeightsRequest`] and its [`WeightsResponse`] (a model's manifest, which tensors a
+/// peer holds, a chunk of a tensor).
+pub const WEIGHTS_PROTOCOL: &str = "/shoal/weights/1";
 
 /// Version carried in every frame. A frame with any other version is refused.
 pub const PROTOCOL_VERSION: u16 = 4;

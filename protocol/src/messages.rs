@@ -292,6 +292,9 @@ pub enum ErrorKind {
     Leaving,
     /// The server serves only the clients on its allow list.
     Forbidden,
+    /// The weights asked for are not held here (another model, or a tensor outside
+    /// this node's part of the model).
+    NotHeld,
 }
 
 impl ErrorKind {
@@ -308,6 +311,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::Leaving => "leaving",
             ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotHeld => "not_held",
         }
     }
 }

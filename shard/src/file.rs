@@ -18,6 +18,7 @@ use crate::error::candle_message;
 use crate::gguf::{Gguf, TensorEntry, TensorType};
 use crate::kernels::{QFormat, QMatrix};
 use crate::kquants::{BlockRows, SuperMatrix};
+use crate::manifest::Manifest;
 use crate::{Result, ShardError};
 
 /// How the weights are stored.
@@ -34,6 +35,9 @@ enum Inner {
         /// The whole file, mapped; tensors are copied out of it one by one.
         mmap: memmap2::Mmap,
         gguf: Gguf,
+        /// For a file of part of a model's tensors (fetched from the swarm): the whole
+        /// model's manifest, whose table gives the model's sizes.
+        part_of: Option<Arc<Manifest>>,
     },
     Safetensors {
         st: candle_core::safetensors::MmapedSafetensors,
@@ -46,7 +50,11 @@ enum Inner {
 pub struct ModelFile {
     path: PathBuf,
     config: ModelConfig,
-    id: String,
+    /// A GGUF file's id comes from its manifest, computed on first use (it reads the
+    /// whole file once; see [`crate::manifest`]).
+    id: std::sync::OnceLock<String>,
+    /// A whole GGUF file's manifest, once computed or read.
+    manifest: std::sync::OnceLock<Arc<Manifest>>,
     inner: Inner,
     /// Compute 16-bit checkpoints in this type whatever the device (see
     /// [`ModelFile::with_compute_dtype`]).
@@ -254,6 +262,20 @@ impl ModelFile {
         }
     }
 
+    /// A tensor this file does not hold: not in the model, or in a part of it held
+    /// elsewhere.
+    fn missing(&self, name: &str) -> ShardError {
+        let reason = match &self.inner {
+            Inner::Gguf {
+                part_of: Some(_), ..
+            } if self.has(name) => {
+                format!("tensor {name} is not in this file, which holds part of the model")
+            }
+            _ => format!("no tensor {name}"),
+        };
+        Self::bad(&self.path, reason)
+    }
+
     fn bad(path: &Path, reason: impl Into<String>) -> ShardError {
         ShardError::BadModel {
             path: path.to_path_buf(),
@@ -275,7 +297,27 @@ impl ModelFile {
         // Reads the header and checks every tensor's type and extent before anything
         // loads.
         let gguf = Gguf::read(&mmap).map_err(|e| Self::bad(&path, e))?;
-        let mut config = gguf_config(&gguf).map_err(|e| match e {
+        // A file of part of a model names the model; the model's manifest beside it
+        // gives the whole table (sizes, which tensors the model has) and its shape.
+        let part_of = match gguf.metadata.get(crate::gguf::PART_OF_KEY) {
+            Some(gguf_file::Value::String(id)) => {
+                let m = Manifest::for_file(&path).map_err(|e| Self::bad(&path, e.to_string()))?;
+                let got = m.id().map_err(|e| Self::bad(&path, e.to_string()))?;
+                if &got != id {
+                    return Err(Self::bad(
+                        &path,
+                        format!("part of model {id}, but the manifest beside it is model {got}'s"),
+                    ));
+                }
+                Some((Arc::new(m), id.clone()))
+            }
+            _ => None,
+        };
+        let whole = match &part_of {
+            Some((m, _)) => Some(m.table().map_err(|e| Self::bad(&path, e.to_string()))?),
+            None => None,
+        };
+        let mut config = gguf_config(whole.as_ref().unwrap_or(&gguf)).map_err(|e| match e {
             ShardError::BadModel { reason, .. } => Self::bad(&path, reason),
             other => Self::bad(&path, other.to_string()),
         })?;
@@ -290,18 +332,64 @@ impl ModelFile {
             config.rope_freq_factors = Some(t);
             config.validate().map_err(|e| Self::bad(&path, e))?;
         }
-        let mut table: Vec<String> = gguf
-            .tensors
-            .iter()
-            .map(|(n, t)| format!("{n}:{:?}:{}", t.dims, t.ty.name()))
-            .collect();
-        table.sort();
-        let id = model_id(&config, &table);
+        let id = std::sync::OnceLock::new();
+        let part_of = part_of.map(|(m, part_id)| {
+            let _ = id.set(part_id);
+            m
+        });
         Ok(ModelFile {
             path,
             config,
             id,
-            inner: Inner::Gguf { mmap, gguf },
+            manifest: std::sync::OnceLock::new(),
+            inner: Inner::Gguf {
+                mmap,
+                gguf,
+                part_of,
+            },
+            dtype_override: None,
+        })
+    }
+
+    /// A model known only by its manifest (fetched from the swarm, no tensor held yet):
+    /// its shape, id and sizes, for planning what to fetch. Loading any tensor from it
+    /// is an error.
+    pub fn of_manifest(manifest: Arc<Manifest>) -> Result<Self> {
+        let id = manifest
+            .id()
+            .map_err(|e| ShardError::BadInput(e.to_string()))?;
+        let path = PathBuf::from(format!("{id} (not fetched)"));
+        let whole = manifest
+            .table()
+            .map_err(|e| Self::bad(&path, e.to_string()))?;
+        let config = gguf_config(&whole)?;
+        let empty = memmap2::MmapOptions::new()
+            .len(1)
+            .map_anon()
+            .and_then(|m| m.make_read_only())
+            .map_err(|source| ShardError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let held = Gguf {
+            metadata: whole.metadata,
+            tensors: HashMap::new(),
+            data_offset: 0,
+            version: whole.version,
+            kv: whole.kv,
+            table_bytes: 0..0,
+            alignment: whole.alignment,
+        };
+        Ok(ModelFile {
+            path,
+            config,
+            id: std::sync::OnceLock::from(id),
+            manifest: std::sync::OnceLock::new(),
+            inner: Inner::Gguf {
+                mmap: empty,
+                gguf: held,
+                part_of: Some(manifest),
+            },
             dtype_override: None,
         })
     }
@@ -342,11 +430,12 @@ impl ModelFile {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
         }
-        let id = model_id(&config, &table);
+        let id = std::sync::OnceLock::from(id_from(&config, &format!("{:016x}", fnv1a(&table))));
         Ok(ModelFile {
             path,
             config,
             id,
+            manifest: std::sync::OnceLock::new(),
             inner: Inner::Safetensors { st, names },
             dtype_override: None,
         })
@@ -360,7 +449,70 @@ impl ModelFile {
     /// A short id that names this exact model (shape and tensor table): servers and
     /// clients must agree on it to work together.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.get_or_init(|| match self.manifest() {
+            Ok(m) => m.id().unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{}: no model id from its manifest: {e}",
+                    self.path.display()
+                );
+                String::new()
+            }),
+            Err(e) => {
+                tracing::warn!("{}: no manifest: {e}", self.path.display());
+                String::new()
+            }
+        })
+    }
+
+    /// The model's manifest (GGUF files only): for a whole file, kept beside it or
+    /// computed from it (reading it all once); for a part of a model, the model's.
+    pub fn manifest(&self) -> Result<Arc<Manifest>> {
+        match &self.inner {
+            Inner::Gguf {
+                part_of: Some(m), ..
+            } => Ok(m.clone()),
+            Inner::Gguf { .. } => {
+                if let Some(m) = self.manifest.get() {
+                    return Ok(m.clone());
+                }
+                let m = Arc::new(
+                    Manifest::for_file(&self.path)
+                        .map_err(|e| Self::bad(&self.path, e.to_string()))?,
+                );
+                Ok(self.manifest.get_or_init(|| m).clone())
+            }
+            Inner::Safetensors { .. } => Err(Self::bad(
+                &self.path,
+                "only GGUF files have a manifest (weights are shared from GGUF files)",
+            )),
+        }
+    }
+
+    /// The names of the model's tensors this file holds (all of them for a whole file).
+    pub fn held_tensors(&self) -> Vec<String> {
+        match &self.inner {
+            Inner::Gguf { gguf, .. } => gguf.tensors.keys().cloned().collect(),
+            Inner::Safetensors { names, .. } => names.iter().cloned().collect(),
+        }
+    }
+
+    /// The stored bytes of tensor `name`, if this file holds it (GGUF files only).
+    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        match &self.inner {
+            Inner::Gguf { mmap, gguf, .. } => gguf.tensors.get(name).map(|t| gguf.data(mmap, t)),
+            Inner::Safetensors { .. } => None,
+        }
+    }
+
+    /// The whole model's tensor table: the file's own, or for a part its model's.
+    fn table(&self) -> Option<std::borrow::Cow<'_, HashMap<String, TensorEntry>>> {
+        match &self.inner {
+            Inner::Gguf {
+                part_of: Some(m), ..
+            } => m.table().ok().map(|g| std::borrow::Cow::Owned(g.tensors)),
+            Inner::Gguf { gguf, .. } => Some(std::borrow::Cow::Borrowed(&gguf.tensors)),
+            Inner::Safetensors { .. } => None,
+        }
     }
 
     /// Path it was opened from.
@@ -411,8 +563,9 @@ impl ModelFile {
     /// experts it does not use): `(total, active)`.
     pub fn params(&self) -> (u64, u64) {
         let sizes: Vec<(String, u64)> = match &self.inner {
-            Inner::Gguf { gguf, .. } => gguf
-                .tensors
+            Inner::Gguf { .. } => self
+                .table()
+                .unwrap_or_default()
                 .iter()
                 .map(|(n, t)| (n.clone(), t.elems() as u64))
                 .collect(),
@@ -443,9 +596,10 @@ impl ModelFile {
     /// (numerator, denominator).
     fn weighed_block_bytes(&self, i: usize, share: impl Fn(&str) -> (u64, u64)) -> u64 {
         let sizes: Vec<(String, u64)> = match &self.inner {
-            Inner::Gguf { gguf, .. } => {
+            Inner::Gguf { .. } => {
                 let prefix = format!("blk.{i}.");
-                gguf.tensors
+                self.table()
+                    .unwrap_or_default()
                     .iter()
                     .filter(|(n, _)| n.starts_with(&prefix))
                     .map(|(n, t)| (n.clone(), t.ty.loaded_bytes(t.elems()) as u64))
@@ -483,7 +637,7 @@ impl ModelFile {
     /// True when the file holds a tensor of this (GGUF-style) name.
     pub(crate) fn has(&self, name: &str) -> bool {
         match &self.inner {
-            Inner::Gguf { gguf, .. } => gguf.tensors.contains_key(name),
+            Inner::Gguf { .. } => self.table().is_some_and(|t| t.contains_key(name)),
             Inner::Safetensors { names, .. } => names.contains(&hf_name(name)),
         }
     }
@@ -492,11 +646,8 @@ impl ModelFile {
     /// (safetensors), for matmuls and embeddings.
     pub(crate) fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         match &self.inner {
-            Inner::Gguf { mmap, gguf } => {
-                let t = gguf
-                    .tensors
-                    .get(name)
-                    .ok_or_else(|| Self::bad(&self.path, format!("no tensor {name}")))?;
+            Inner::Gguf { mmap, gguf, .. } => {
+                let t = gguf.tensors.get(name).ok_or_else(|| self.missing(name))?;
                 gguf_qtensor(gguf, mmap, t, device).map_err(|e| {
                     Self::bad(&self.path, format!("tensor {name}: {}", candle_message(&e)))
                 })
@@ -534,12 +685,9 @@ impl ModelFile {
     /// Loads a linear layer `name.weight` (+ `name.bias` if `bias`).
     pub(crate) fn linear(&self, name: &str, bias: bool, device: &Device) -> Result<Linear> {
         let weight = match &self.inner {
-            Inner::Gguf { mmap, gguf } => {
+            Inner::Gguf { mmap, gguf, .. } => {
                 let full = format!("{name}.weight");
-                let t = gguf
-                    .tensors
-                    .get(&full)
-                    .ok_or_else(|| Self::bad(&self.path, format!("no tensor {full}")))?;
+                let t = gguf.tensors.get(&full).ok_or_else(|| self.missing(&full))?;
                 gguf_weight(t.ty, gguf.data(mmap, t), t.dims.clone(), device)
                     .map_err(|e| Self::bad(&self.path, format!("tensor {full}: {e}")))?
             }
@@ -560,16 +708,13 @@ impl ModelFile {
     /// the mapped file, so the stack is never held whole beside its parts.
     pub(crate) fn experts(&self, name: &str, device: &Device) -> Result<Vec<Linear>> {
         let name = format!("{name}.weight");
-        let Inner::Gguf { mmap, gguf } = &self.inner else {
+        let Inner::Gguf { mmap, gguf, .. } = &self.inner else {
             return Err(Self::bad(
                 &self.path,
                 format!("{name}: experts load from GGUF files only"),
             ));
         };
-        let info = gguf
-            .tensors
-            .get(&name)
-            .ok_or_else(|| Self::bad(&self.path, format!("no tensor {name}")))?;
+        let info = gguf.tensors.get(&name).ok_or_else(|| self.missing(&name))?;
         let &[count, rows, cols] = info.dims.as_slice() else {
             return Err(Self::bad(
                 &self.path,
@@ -663,7 +808,7 @@ fn qtensor_from_bytes(
     }
 }
 
-fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
+pub(crate) fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
     let md = &gguf.metadata;
     let bad = |reason: String| ShardError::BadModel {
         path: PathBuf::new(),
@@ -880,10 +1025,9 @@ fn gguf_config(gguf: &Gguf) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// A stable short id: the model's name, its shape, and an FNV-1a hash of its tensor
-/// table (names, shapes, types). Two files agree exactly when they hold the same
-/// tensors in the same formats, which is what a swarm needs.
-fn model_id(config: &ModelConfig, table: &[String]) -> String {
+/// FNV-1a over the lines of a sorted tensor table (names, shapes, types): a
+/// Hugging Face directory's id (GGUF files are named by their manifest's hash).
+fn fnv1a(table: &[String]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for line in table {
         for b in line.bytes().chain(std::iter::once(b'\n')) {
@@ -891,6 +1035,12 @@ fn model_id(config: &ModelConfig, table: &[String]) -> String {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
+    h
+}
+
+/// A model id: the model's name and shape for people, then `hash`, which names the
+/// exact bytes (a manifest's hash; see [`crate::manifest`]).
+pub(crate) fn id_from(config: &ModelConfig, hash: &str) -> String {
     let slug: String = config
         .name
         .chars()
@@ -903,7 +1053,7 @@ fn model_id(config: &ModelConfig, table: &[String]) -> String {
         })
         .collect();
     format!(
-        "{}-{}x{}-{h:016x}",
+        "{}-{}x{}-{hash}",
         slug.trim_matches('-'),
         config.n_layers,
         config.hidden

@@ -173,6 +173,72 @@ pub(crate) struct Gguf {
     pub tensors: HashMap<String, TensorEntry>,
     /// Where the data section starts in the file.
     pub data_offset: u64,
+    /// The format version (2 or 3).
+    pub version: u32,
+    /// Where the metadata key/values lie in the header, and how many there are: copied
+    /// as they are into a file of some of the tensors ([`Gguf::subset_header`]).
+    pub kv: (std::ops::Range<usize>, u64),
+    /// Where the tensor table lies in the header.
+    pub table_bytes: std::ops::Range<usize>,
+    /// `general.alignment`: tensor data starts at multiples of it.
+    pub alignment: u64,
+}
+
+/// The metadata key a file of some of a model's tensors carries: the whole model's id
+/// (a span downloaded from the swarm names the model it is part of).
+pub(crate) const PART_OF_KEY: &str = "shoal.part_of";
+
+/// The metadata entry a part of a model carries last: [`PART_OF_KEY`] = `id`.
+pub(crate) fn part_of_entry(id: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for s in [PART_OF_KEY, id] {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+        if s == PART_OF_KEY {
+            out.extend_from_slice(&8u32.to_le_bytes()); // a string
+        }
+    }
+    out
+}
+
+/// The header of the whole model a part was cut from, rebuilt from the part's header
+/// (whose metadata is the model's, byte for byte, then [`part_of_entry`]) and the
+/// model's tensor table: `None` if the part's metadata does not end that way.
+pub(crate) fn whole_header(
+    part_header: &[u8],
+    part: &Gguf,
+    part_of: &str,
+    n_tensors: u64,
+    table: &[u8],
+    header_len: u64,
+) -> Option<Vec<u8>> {
+    let (range, n_kv) = &part.kv;
+    let kv = part_header.get(range.clone())?;
+    let ours = part_of_entry(part_of);
+    let theirs = kv.strip_suffix(ours.as_slice())?;
+    let mut out = Vec::with_capacity(header_len as usize);
+    out.extend_from_slice(b"GGUF");
+    out.extend_from_slice(&part.version.to_le_bytes());
+    out.extend_from_slice(&n_tensors.to_le_bytes());
+    out.extend_from_slice(&(n_kv.checked_sub(1)?).to_le_bytes());
+    out.extend_from_slice(theirs);
+    out.extend_from_slice(table);
+    if out.len() as u64 > header_len {
+        return None;
+    }
+    out.resize(header_len as usize, 0);
+    Some(out)
+}
+
+/// Where things go in a file of some of a model's tensors ([`Gguf::subset_header`]).
+#[derive(Debug, Clone)]
+pub(crate) struct SubsetLayout {
+    /// The file's first bytes, up to its tensor data.
+    pub header: Vec<u8>,
+    /// Where each tensor's data starts in the file.
+    pub offsets: HashMap<String, u64>,
+    /// The file's length.
+    pub len: u64,
 }
 
 /// A little-endian reader over the file's bytes that reports where it ran out.
@@ -258,6 +324,27 @@ impl Gguf {
     /// Reads the header of the GGUF file whose bytes are `bytes`, and checks that every
     /// tensor is of a type this crate loads and lies inside the file.
     pub(crate) fn read(bytes: &[u8]) -> Result<Gguf, String> {
+        let gguf = Self::read_header(bytes)?;
+        // Every tensor inside the file: a truncated download is reported now, not
+        // halfway through loading a span.
+        for (name, t) in &gguf.tensors {
+            let end = gguf
+                .data_offset
+                .saturating_add(t.offset)
+                .saturating_add(t.ty.stored_bytes(t.elems()) as u64);
+            if end > bytes.len() as u64 {
+                return Err(format!(
+                    "tensor {name} ends at byte {end} but the file has {} bytes (truncated download?)",
+                    bytes.len()
+                ));
+            }
+        }
+        Ok(gguf)
+    }
+
+    /// Reads a GGUF header (`bytes` may end anywhere after it: a manifest holds the
+    /// header alone) and checks every tensor's type, not where its data lies.
+    pub(crate) fn read_header(bytes: &[u8]) -> Result<Gguf, String> {
         let mut r = Reader { bytes, at: 0 };
         let magic = r
             .array::<4>()
@@ -273,6 +360,7 @@ impl Gguf {
         }
         let n_tensors = r.count(24)?;
         let n_kv = r.count(12)?;
+        let kv_start = r.at;
         let mut metadata = HashMap::with_capacity(n_kv);
         for _ in 0..n_kv {
             let key = r.string()?;
@@ -280,6 +368,8 @@ impl Gguf {
             let value = r.value(ty, 0).map_err(|e| format!("metadata {key}: {e}"))?;
             metadata.insert(key, value);
         }
+        let kv = (kv_start..r.at, n_kv as u64);
+        let table_start = r.at;
         let mut tensors = HashMap::with_capacity(n_tensors);
         for _ in 0..n_tensors {
             let name = r.string()?;
@@ -316,24 +406,74 @@ impl Gguf {
             Some(Value::U64(a)) if *a > 0 => *a as usize,
             _ => 32,
         };
+        let table_bytes = table_start..r.at;
         let data_offset = r.at.div_ceil(alignment) * alignment;
-        // Every tensor inside the file: a truncated download is reported now, not
-        // halfway through loading a span.
-        for (name, t) in &tensors {
-            let end = (data_offset as u64)
-                .saturating_add(t.offset)
-                .saturating_add(t.ty.stored_bytes(t.elems()) as u64);
-            if end > bytes.len() as u64 {
-                return Err(format!(
-                    "tensor {name} ends at byte {end} but the file has {} bytes (truncated download?)",
-                    bytes.len()
-                ));
-            }
-        }
         Ok(Gguf {
             metadata,
             tensors,
             data_offset: data_offset as u64,
+            version,
+            kv,
+            table_bytes,
+            alignment: alignment as u64,
+        })
+    }
+
+    /// The layout of a GGUF file holding only the tensors `names` of this header's model
+    /// (`header`: the bytes this was read from): its header (this one's version and
+    /// metadata, byte for byte, plus [`PART_OF_KEY`] = `part_of`, and a table of those
+    /// tensors), padded to the alignment, and where each tensor's data then goes, from
+    /// the start of the file. Unknown names are an error.
+    pub(crate) fn subset_header(
+        &self,
+        header: &[u8],
+        names: &[String],
+        part_of: &str,
+    ) -> Result<SubsetLayout, String> {
+        let put_str = |out: &mut Vec<u8>, s: &str| {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        let (range, n_kv) = &self.kv;
+        let Some(kv_bytes) = header.get(range.clone()) else {
+            return Err("the header is shorter than its own metadata".into());
+        };
+        let mut out = Vec::with_capacity(kv_bytes.len() + 64 * names.len() + 256);
+        out.extend_from_slice(b"GGUF");
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(names.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(n_kv + 1).to_le_bytes());
+        out.extend_from_slice(kv_bytes);
+        out.extend_from_slice(&part_of_entry(part_of));
+        let align = self.alignment;
+        let mut at = 0u64;
+        let mut relative = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(t) = self.tensors.get(name) else {
+                return Err(format!("no tensor {name} in the model"));
+            };
+            let Some(id) = ggml_type_id(t.ty) else {
+                return Err(format!("tensor {name}: a type with no ggml id"));
+            };
+            put_str(&mut out, name);
+            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in t.dims.iter().rev() {
+                out.extend_from_slice(&(*d as u64).to_le_bytes());
+            }
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&at.to_le_bytes());
+            relative.push((name.clone(), at));
+            at = (at + t.ty.stored_bytes(t.elems()) as u64).div_ceil(align) * align;
+        }
+        let data_offset = (out.len() as u64).div_ceil(align) * align;
+        out.resize(data_offset as usize, 0);
+        Ok(SubsetLayout {
+            header: out,
+            offsets: relative
+                .into_iter()
+                .map(|(n, o)| (n, data_offset + o))
+                .collect(),
+            len: data_offset + at,
         })
     }
 

@@ -24,6 +24,7 @@ mod gguf;
 mod head;
 pub mod kernels;
 mod kquants;
+pub mod manifest;
 mod sampling;
 pub mod synth;
 mod text;

@@ -7,12 +7,17 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::generation::{swarm_client, ClientSide};
-use crate::model_cache::open_model;
 
 /// `shoal api`: the OpenAI-compatible gateway.
 pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> anyhow::Result<()> {
-    let side = ClientSide::load(open_model(&args.model)?)?;
     let client = swarm_client(&args.swarm, None).await?;
+    let file = crate::weights::client_model(
+        &args.model,
+        &args.swarm.from_swarm,
+        client.as_ref().map(|c| c.net()),
+    )
+    .await?;
+    let side = ClientSide::load(file)?;
     let state = Arc::new(crate::gateway::ApiState::new(
         side,
         client,

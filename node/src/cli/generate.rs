@@ -14,7 +14,6 @@ use crate::client::Reroute;
 use crate::generation::{
     run_generation, swarm_client, ClientSide, GenerateRequest, Generation, RouteEntry,
 };
-use crate::model_cache::open_model;
 
 #[derive(Serialize)]
 struct GenerateJson {
@@ -26,7 +25,14 @@ struct GenerateJson {
 
 /// `shoal generate`.
 pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
-    let side = ClientSide::load(open_model(&args.model)?)?;
+    let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;
+    let file = crate::weights::client_model(
+        &args.model,
+        &args.swarm.from_swarm,
+        client.as_ref().map(|c| c.net()),
+    )
+    .await?;
+    let side = ClientSide::load(file)?;
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
         chat: args.chat,
@@ -35,7 +41,6 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         top_logits: args.top_logits,
         ..Default::default()
     };
-    let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;
     let json = args.json;
     let mut stdout = std::io::stdout();
     let result = run_generation(

@@ -27,7 +27,7 @@ where
     protocol::decode(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn write_frame<T, M>(io: &mut T, msg: &M) -> io::Result<()>
+pub(crate) async fn write_frame<T, M>(io: &mut T, msg: &M) -> io::Result<()>
 where
     T: AsyncWrite + Unpin + Send,
     M: serde::Serialize,

@@ -132,6 +132,17 @@ impl Network {
         peer: PeerId,
         addrs: &[Multiaddr],
     ) -> anyhow::Result<libp2p::Stream> {
+        self.open_stream(peer, addrs, protocol::DATA_PROTOCOL).await
+    }
+
+    /// Opens a new stream of `protocol` to `peer` (dialling `addrs` if need be), for
+    /// protocols of a stream per exchange (the weights protocol).
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        protocol: &'static str,
+    ) -> anyhow::Result<libp2p::Stream> {
         if !addrs.is_empty() {
             let addrs = addrs.to_vec();
             self.call(|reply| Command::AddAddresses { peer, addrs, reply })
@@ -143,12 +154,31 @@ impl Network {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let open = control.open_stream(peer, StreamProtocol::new(protocol::DATA_PROTOCOL));
+        let open = control.open_stream(peer, StreamProtocol::new(protocol));
         match tokio::time::timeout(OPEN_DATA_TIMEOUT, open).await {
             Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(anyhow!("cannot open a data stream to {peer}: {e}")),
-            Err(_) => Err(anyhow!("cannot open a data stream to {peer}: timed out")),
+            Ok(Err(e)) => Err(anyhow!("cannot open a {protocol} stream to {peer}: {e}")),
+            Err(_) => Err(anyhow!(
+                "cannot open a {protocol} stream to {peer}: timed out"
+            )),
         }
+    }
+
+    /// The streams of `protocol` other peers open to this node (one taker per protocol:
+    /// a second call for the same one fails).
+    pub fn accept_streams(
+        &self,
+        protocol: &'static str,
+    ) -> anyhow::Result<libp2p_stream::IncomingStreams> {
+        let mut control = self
+            .data
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        control
+            .accept(StreamProtocol::new(protocol))
+            .map_err(|e| anyhow!("cannot take {protocol} streams: {e}"))
     }
 
     /// Hands every inbound data-plane frame (steps, outputs, failure reports) to `sink`,

@@ -45,7 +45,7 @@
 //! well under that, and the 3-server swarm went from 1.53x to 1.17x the per-token time of
 //! one process.
 
-mod codec;
+pub(crate) mod codec;
 mod data;
 mod dht;
 mod event_loop;

@@ -87,7 +87,14 @@ pub async fn serve(args: ServeArgs, stop: StopSignals) -> Result<(), NodeError> 
 }
 
 async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::Result<()> {
-    let file = crate::model_cache::open_model(&args.model)?;
+    // Without --model but with --bootstrap, the model is the swarm's (see below); a
+    // given file is opened first, so a bad one fails before anything else.
+    let fileless = args.model.model.is_none() && !args.bootstrap.is_empty();
+    let given = if fileless {
+        None
+    } else {
+        Some(crate::model_cache::open_model(&args.model)?)
+    };
     let device = shard::device::open(args.device)?;
     tracing::info!(
         "blocks run on {} (this build: cpu{})",
@@ -97,21 +104,6 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
             .map(|b| format!(", {b}"))
             .collect::<String>()
     );
-    let cfg = file.config().clone();
-    if let Some((start, end)) = args.blocks {
-        if end > cfg.n_layers {
-            bail!(
-                "--blocks {start}..{end} is outside the model: {} has blocks 0..{}",
-                file.path().display(),
-                cfg.n_layers
-            );
-        }
-    }
-    let max_seq_len = args
-        .max_seq_len
-        .unwrap_or(cfg.max_seq_len.min(budget::DEFAULT_MAX_SEQ_LEN))
-        .min(cfg.max_seq_len);
-    let mut max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
     // Bound before anything slow, so a bad address fails at once.
     let metrics_listener = match &args.metrics {
         Some(addr) => Some(
@@ -139,6 +131,34 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
         Duration::from_secs_f64(args.connect_timeout),
     )
     .await?;
+    let store = args.from_swarm.store();
+    // The model: the file given, or the swarm's (a file here with its id, or its
+    // manifest, from which the span is planned and then fetched).
+    let (file, from_swarm) = match given {
+        Some(f) => (f, None),
+        None => match join_swarm_model(&net, &args).await? {
+            SwarmJoin::File(f) => (*f, None),
+            SwarmJoin::Fetch(model, manifest) => (
+                shard::ModelFile::of_manifest(manifest.clone())?,
+                Some((model, manifest)),
+            ),
+        },
+    };
+    let cfg = file.config().clone();
+    if let Some((start, end)) = args.blocks {
+        if end > cfg.n_layers {
+            bail!(
+                "--blocks {start}..{end} is outside the model: {} has blocks 0..{}",
+                file.path().display(),
+                cfg.n_layers
+            );
+        }
+    }
+    let max_seq_len = args
+        .max_seq_len
+        .unwrap_or(cfg.max_seq_len.min(budget::DEFAULT_MAX_SEQ_LEN))
+        .min(cfg.max_seq_len);
+    let mut max_cache_tokens = args.max_cache_tokens.unwrap_or(max_seq_len * 4);
     let me = net.peer_id().to_string();
     let n_blocks = cfg.n_layers as u32;
     let (start, end) = match args.blocks {
@@ -180,12 +200,50 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
             (s as usize, e as usize)
         }
     };
+    // A node fetching from the swarm fetches its span's tensors now, then opens them.
+    let file = match &from_swarm {
+        None => file,
+        Some((model, manifest)) => {
+            let names = crate::weights::span_tensors(manifest, start, end);
+            let label = format!("blocks-{start}-{end}");
+            let fetched =
+                crate::weights::fetch_part(&net, manifest, &names, &model.sources, &store, &label)
+                    .await?;
+            shard::ModelFile::open(&fetched.path)?
+        }
+    };
     tracing::info!(
         model = file.id(),
         "loading blocks {start}..{end} of {}",
         cfg.n_layers
     );
     let (span, throughput) = tokio::task::block_in_place(|| load_span(&file, start, end, &device))?;
+    let file = Arc::new(file);
+    let sharing = crate::weights::Sharing::new(
+        file.clone(),
+        crate::weights::ShareLimits {
+            bytes_per_second: (args.share_mbps > 0.0)
+                .then_some((args.share_mbps * 125_000.0) as u64),
+            max_transfers: args.share_transfers,
+            corrupt: args.debug_corrupt_chunks,
+        },
+    );
+    let sharing = match sharing {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::info!("not sharing weights: {e:#}");
+            None
+        }
+    };
+    let files = match from_swarm {
+        None => crate::weights::SpanFiles::Whole(file.clone()),
+        Some((_, manifest)) => crate::weights::SpanFiles::Fetched {
+            current: file.clone(),
+            manifest,
+            store,
+            sharing: sharing.clone(),
+        },
+    };
     let addrs = wait_listen_addrs(&net).await?;
     let shown = best_addr(&addrs).context("no listen address")?;
     let limits = ServerLimits {
@@ -217,6 +275,9 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
     // The server's background tasks: each runs until the server stops (see
     // `shutdown` for the order things stop in).
     let background = Background::default();
+    if let Some(s) = sharing {
+        background.spawn(crate::weights::share(&net, s)?);
+    }
     if let Some(listener) = metrics_listener {
         let mut registry = crate::metrics::registry();
         metrics.register(&mut registry);
@@ -238,7 +299,7 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
             throughput,
         }));
         background.spawn(rebalance(
-            file,
+            files,
             device.clone(),
             net.clone(),
             handle.clone(),
@@ -298,6 +359,41 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
             }
         }
     }
+}
+
+/// The model of a node started without --model.
+enum SwarmJoin {
+    /// A file here (the default model, or the one the swarm serves, found here).
+    File(Box<shard::ModelFile>),
+    /// The swarm's model, to be fetched: its servers and manifest.
+    Fetch(crate::weights::SwarmModel, Arc<shard::manifest::Manifest>),
+}
+
+/// The swarm's model for a node started without --model: found here if the default
+/// model is that model, else fetched; the default model when the swarm serves none.
+async fn join_swarm_model(net: &Network, args: &ServeArgs) -> anyhow::Result<SwarmJoin> {
+    let here: Vec<std::path::PathBuf> = crate::model_cache::cached_default_model()
+        .into_iter()
+        .collect();
+    let joined =
+        crate::weights::join_model(net, args.from_swarm.model_id.as_deref(), &here).await?;
+    Ok(match joined {
+        None => {
+            tracing::info!("the swarm serves no model yet: serving the default model");
+            SwarmJoin::File(Box::new(crate::model_cache::open_model(&args.model)?))
+        }
+        Some(crate::weights::Joined::Here(path)) => {
+            SwarmJoin::File(Box::new(shard::ModelFile::open(path)?))
+        }
+        Some(crate::weights::Joined::FromSwarm { model, manifest }) => {
+            tracing::info!(
+                "joining model {} from the swarm ({} servers hold it)",
+                model.id,
+                model.sources.len()
+            );
+            SwarmJoin::Fetch(model, manifest)
+        }
+    })
 }
 
 /// Tells a step's client that this server's inbox is full (see

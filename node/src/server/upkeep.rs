@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shard::candle_core::Device;
-use shard::ModelFile;
 
 use super::span::load_span;
 use crate::net::Network;
 use crate::server::ServerHandle;
+use crate::weights::SpanFiles;
 
 pub(super) fn views(found: &[protocol::Announcement], me: &str) -> Vec<coordinator::SpanView> {
     found
@@ -84,7 +84,7 @@ pub(super) const REACHABILITY_SETTLE: Duration = Duration::from_millis(300);
 /// Every `interval` (jittered), asks `coordinator::should_move` whether this server's
 /// span should move, and moves it when it should.
 pub(super) async fn rebalance(
-    file: ModelFile,
+    mut files: SpanFiles,
     device: Device,
     net: Network,
     handle: ServerHandle,
@@ -93,11 +93,12 @@ pub(super) async fn rebalance(
     threshold: f32,
 ) {
     let me = net.peer_id().to_string();
-    let n_blocks = file.config().n_layers as u32;
+    let n_blocks = files.file().config().n_layers as u32;
+    let model_id = files.file().id().to_string();
     let mut rng: rand::rngs::StdRng = rand::make_rng();
     loop {
         tokio::time::sleep(coordinator::jittered(interval, &mut rng)).await;
-        let Ok(found) = net.find_servers(file.id()).await else {
+        let Ok(found) = net.find_servers(&model_id).await else {
             return;
         };
         let mine = *current.lock().unwrap_or_else(|p| p.into_inner());
@@ -110,6 +111,13 @@ pub(super) async fn rebalance(
             mine.start,
             mine.end
         );
+        let file = match files.for_span(&net, s as usize, e as usize).await {
+            Ok(f) => f,
+            Err(err) => {
+                tracing::warn!("cannot fetch blocks {s}..{e}: {err:#}");
+                continue;
+            }
+        };
         let loaded =
             tokio::task::block_in_place(|| load_span(&file, s as usize, e as usize, &device));
         match loaded {
@@ -122,6 +130,7 @@ pub(super) async fn rebalance(
                 if !handle.replace(span, throughput) {
                     return;
                 }
+                files.settle(file);
             }
             Err(e) => tracing::warn!("cannot load the new span: {e:#}"),
         }
