@@ -242,13 +242,24 @@ pub struct FromSwarmArgs {
 }
 
 impl FromSwarmArgs {
+    /// The cache directory: --cache-dir, or the usual one.
+    pub fn dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(crate::model_cache::cache_dir)
+    }
+
     /// The store of fetched parts these options describe.
     pub fn store(&self) -> crate::weights::PartStore {
-        let dir = self
-            .cache_dir
-            .clone()
-            .unwrap_or_else(crate::model_cache::cache_dir);
-        crate::weights::PartStore::new(&dir, self.cache_budget)
+        crate::weights::PartStore::new(&self.dir(), self.cache_budget)
+    }
+
+    /// Model files already here that may be the swarm's model: the default model, if
+    /// it is in the cache directory.
+    pub fn here(&self) -> Vec<PathBuf> {
+        crate::model_cache::cached_default_model(&self.dir())
+            .into_iter()
+            .collect()
     }
 }
 

@@ -31,9 +31,10 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("shoal")
 }
 
-/// The default model's path if it is in the cache already (nothing is fetched).
-pub fn cached_default_model() -> Option<PathBuf> {
-    let path = cache_dir().join("models").join(FILE_NAME);
+/// The default model's path if it is in cache directory `cache` already (nothing is
+/// fetched).
+pub fn cached_default_model(cache: &Path) -> Option<PathBuf> {
+    let path = cache.join("models").join(FILE_NAME);
     path.is_file().then_some(path)
 }
 

@@ -69,15 +69,6 @@ fn make_model(dir: &Path, shape: &str, dtype: &str) -> PathBuf {
     out
 }
 
-fn ids(v: &Value, key: &str) -> Vec<u64> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
-        .iter()
-        .map(|t| t.as_u64().expect("token id"))
-        .collect()
-}
-
 /// Shoal's greedy generation on `model` (`--local`, or the swarm behind `bootstrap`).
 fn shoal_greedy(model: &Path, bootstrap: Option<&str>) -> Value {
     let m = model.to_string_lossy();

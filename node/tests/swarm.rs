@@ -5,16 +5,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-fn ids(v: &Value, key: &str) -> Vec<u64> {
-    v[key]
-        .as_array()
-        .unwrap_or_else(|| panic!("no {key} in {v}"))
-        .iter()
-        .map(|x| x.as_u64().expect("id"))
-        .collect()
-}
 
 /// Greedy generation through three servers equals the one-process reference, token for
 /// token, on three prompts of 32 new tokens: one at a time, then all three at once.
@@ -53,17 +43,7 @@ fn three_servers_match_local_token_for_token() {
         );
         assert_eq!(l, s, "swarm differs from local for {prompt:?}");
         assert_eq!(local["text"], swarm["text"]);
-        let route: Vec<(u64, u64)> = swarm["route"]
-            .as_array()
-            .expect("route")
-            .iter()
-            .map(|h| {
-                (
-                    h["start"].as_u64().expect("start"),
-                    h["end"].as_u64().expect("end"),
-                )
-            })
-            .collect();
+        let route = route_spans(&swarm);
         assert_eq!(route, vec![(0, 10), (10, 20), (20, 30)]);
     }
     // All three at once: the servers batch the steps that arrive together, and each

@@ -372,9 +372,7 @@ enum SwarmJoin {
 /// The swarm's model for a node started without --model: found here if the default
 /// model is that model, else fetched; the default model when the swarm serves none.
 async fn join_swarm_model(net: &Network, args: &ServeArgs) -> anyhow::Result<SwarmJoin> {
-    let here: Vec<std::path::PathBuf> = crate::model_cache::cached_default_model()
-        .into_iter()
-        .collect();
+    let here = args.from_swarm.here();
     let joined =
         crate::weights::join_model(net, args.from_swarm.model_id.as_deref(), &here).await?;
     Ok(match joined {

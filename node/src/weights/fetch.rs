@@ -208,6 +208,7 @@ pub async fn fetch_part(
     let written = read_journal(&journal);
     let mut queue = VecDeque::new();
     let mut resumed = 0;
+    let mut resumed_bytes = 0u64;
     let mut buf = Vec::new();
     for c in all {
         if written.contains(&(c.tensor.clone(), c.index)) {
@@ -216,6 +217,7 @@ pub async fn fetch_part(
                 && manifest.check_chunk(&c.tensor, c.index, &buf).is_ok()
             {
                 resumed += 1;
+                resumed_bytes += c.len;
                 continue;
             }
         }
@@ -225,7 +227,8 @@ pub async fn fetch_part(
     let total_bytes: u64 = queue.iter().map(|c| c.len).sum();
     if resumed > 0 {
         tracing::info!(
-            "resuming {label} of {model_id}: {resumed} chunks already here, {} to fetch ({} MiB)",
+            "resuming {label} of {model_id}: {resumed} chunks ({} MiB) already here, {} to fetch ({} MiB)",
+            resumed_bytes >> 20,
             queue.len(),
             total_bytes >> 20
         );

@@ -113,10 +113,7 @@ pub async fn client_model(
         Some(n) if model.model.is_none() => n,
         _ => return crate::model_cache::open_model(model),
     };
-    let here: Vec<PathBuf> = crate::model_cache::cached_default_model()
-        .into_iter()
-        .collect();
-    match join_model(net, from.model_id.as_deref(), &here).await? {
+    match join_model(net, from.model_id.as_deref(), &from.here()).await? {
         None => crate::model_cache::open_model(model),
         Some(Joined::Here(path)) => Ok(shard::ModelFile::open(path)?),
         Some(Joined::FromSwarm { model, manifest }) => {

@@ -142,6 +142,16 @@ pub(crate) fn serve_with(
     extra: &[&str],
     bootstrap: Option<&str>,
 ) -> Server {
+    start_serve(Some(model), extra, bootstrap)
+}
+
+/// `shoal serve` with no --model through `bootstrap` (it serves the swarm's model,
+/// fetching its span into `--cache-dir`, which `extra` should give), as [`serve_with`].
+pub(crate) fn serve_fileless(extra: &[&str], bootstrap: &str) -> Server {
+    start_serve(None, extra, Some(bootstrap))
+}
+
+fn start_serve(model: Option<&std::path::Path>, extra: &[&str], bootstrap: Option<&str>) -> Server {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = std::env::temp_dir().join(format!("shoal-test-{}-{n}.log", std::process::id()));
@@ -151,9 +161,10 @@ pub(crate) fn serve_with(
     if !extra.contains(&"--listen") {
         cmd.args(["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"]);
     }
-    cmd.arg("--model")
-        .arg(model)
-        .args(extra)
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    cmd.args(extra)
         .env(
             "RUST_LOG",
             std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -235,6 +246,31 @@ pub(crate) fn generate_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+/// The array of numbers `key` of a JSON object (token ids of a generation).
+pub(crate) fn ids(v: &serde_json::Value, key: &str) -> Vec<u64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in {v}"))
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+/// The spans of a generation's route (its JSON's `route`), in order.
+pub(crate) fn route_spans(generation: &serde_json::Value) -> Vec<(u64, u64)> {
+    generation["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .map(|h| {
+            (
+                h["start"].as_u64().expect("start"),
+                h["end"].as_u64().expect("end"),
+            )
+        })
+        .collect()
 }
 
 /// `shoal status --json` of the swarm reachable through `bootstrap`.
