@@ -94,6 +94,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             .map(|a| describe_params(a.params))
             .unwrap_or_default();
         println!("\n{model}: {n} blocks{size}, servers per block:");
+        if coverage.len() > 1 {
+            println!("  (a node with no model file joins it with --model-id {model})");
+        }
         let mut at = 0usize;
         while at < counts.len() {
             let mut end = at;

@@ -187,3 +187,94 @@ pub fn share(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// A part of the default model holding block 1 (and the small tensors every span
+    /// holds), cut from the whole file as a fetch would write it.
+    fn part_of_default(dir: &std::path::Path) -> anyhow::Result<(ModelFile, Vec<String>)> {
+        let whole = ModelFile::open(crate::model_cache::default_model()?)?;
+        let manifest = whole.manifest()?;
+        let names = crate::weights::span_tensors(&manifest, 1, 2);
+        let layout = manifest.part_layout(&names)?;
+        let path = dir.join("part.gguf");
+        let f = std::fs::File::create(&path)?;
+        f.set_len(layout.len)?;
+        f.write_all_at(&layout.header, 0)?;
+        for n in &names {
+            let bytes = whole.tensor_bytes(n).expect("the whole file holds it");
+            f.write_all_at(bytes, layout.offsets[n])?;
+        }
+        drop(f);
+        manifest.keep_beside(&path)?;
+        Ok((ModelFile::open(&path)?, names))
+    }
+
+    fn refusal(r: WeightsResponse) -> ErrorInfo {
+        match r {
+            WeightsResponse::Error(e) => e,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_not_held_is_refused_clearly() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (part, names) = part_of_default(dir.path())?;
+        let id = part.id().to_string();
+        let manifest = part.manifest()?;
+        let limits = ShareLimits {
+            bytes_per_second: None,
+            max_transfers: 2,
+            corrupt: false,
+        };
+        let sharing = Sharing::new(Arc::new(part), limits)?;
+        let chunk = |tensor: &str, index| WeightsRequest::Chunk {
+            model_id: id.clone(),
+            tensor: tensor.into(),
+            index,
+        };
+        // A tensor of another block: not held here, said so.
+        let e = refusal(sharing.answer(chunk("blk.0.attn_q.weight", 0)).await);
+        assert_eq!(e.kind, ErrorKind::NotHeld);
+        assert!(e.message.contains("not held here"), "{e}");
+        // Another model: not held either.
+        let other = WeightsRequest::Manifest {
+            model_id: "another-1x1-00".into(),
+        };
+        let e = refusal(sharing.answer(other).await);
+        assert_eq!(e.kind, ErrorKind::NotHeld);
+        // A chunk past a tensor's end, or of no tensor: a bad request.
+        let held = names
+            .iter()
+            .find(|n| n.starts_with("blk.1."))
+            .expect("a tensor of block 1");
+        for req in [chunk(held, 99), chunk("no.such.tensor", 0)] {
+            let e = refusal(sharing.answer(req).await);
+            assert_eq!(e.kind, ErrorKind::BadRequest, "{e}");
+            assert!(e.message.contains("no chunk"), "{e}");
+        }
+        // What it holds: the right bytes, and its holdings are its part.
+        match sharing.answer(chunk(held, 0)).await {
+            WeightsResponse::Chunk(bytes) => manifest.check_chunk(held, 0, &bytes)?,
+            other => panic!("no chunk: {other:?}"),
+        }
+        let holdings = WeightsRequest::Holdings {
+            model_id: id.clone(),
+        };
+        match sharing.answer(holdings).await {
+            WeightsResponse::Holdings { all, tensors } => {
+                let mut want = names.clone();
+                want.sort();
+                assert!(!all);
+                assert_eq!(tensors, want);
+            }
+            other => panic!("no holdings: {other:?}"),
+        }
+        Ok(())
+    }
+}
