@@ -142,6 +142,16 @@ impl PartStore {
             })
         };
         let mut files = self.files();
+        let in_use: u64 = files.iter().filter(|f| kept(&f.0)).map(|f| f.1).sum();
+        if in_use + needed > budget {
+            // Refused before anything is removed: removing could not make it fit.
+            bail!(
+                "--cache-budget {} MiB cannot hold this part ({} MiB) beside the parts in use ({} MiB)",
+                budget >> 20,
+                needed >> 20,
+                in_use >> 20
+            );
+        }
         let mut used: u64 = files.iter().map(|f| f.1).sum();
         // Oldest first; a part's files go together.
         files.sort_by_key(|f| f.2);
@@ -163,9 +173,8 @@ impl PartStore {
         }
         if used + needed > budget {
             bail!(
-                "--cache-budget {} MiB cannot hold this part ({} MiB) beside the parts in use ({} MiB)",
+                "--cache-budget {} MiB: {} MiB are taken by files that could not be removed",
                 budget >> 20,
-                needed >> 20,
                 used >> 20
             );
         }
@@ -203,4 +212,56 @@ fn base_of(p: &Path) -> PathBuf {
         }
     }
     p.to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake part of `bytes` bytes (and a small manifest beside it), written `age`
+    /// seconds ago.
+    fn fake_part(store: &PartStore, label: &str, bytes: u64, age: u64) -> PathBuf {
+        let path = store.path("m", label);
+        store.prepare(&path).expect("dir");
+        let f = std::fs::File::create(&path).expect("part");
+        f.set_len(bytes).expect("len");
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(age);
+        f.set_modified(then).expect("time");
+        std::fs::write(Manifest::sidecar(&path), b"manifest").expect("manifest");
+        let m = std::fs::File::options()
+            .write(true)
+            .open(Manifest::sidecar(&path))
+            .expect("manifest");
+        m.set_modified(then).expect("time");
+        path
+    }
+
+    #[test]
+    fn the_budget_removes_the_oldest_parts_never_those_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartStore::new(dir.path(), Some(1000));
+        let old = fake_part(&store, "old", 400, 300);
+        let kept = fake_part(&store, "kept", 400, 600);
+        let new = fake_part(&store, "new", 100, 10);
+        // 300 more bytes: the oldest part not kept goes, the rest stay.
+        store
+            .make_room(300, std::slice::from_ref(&kept))
+            .expect("room");
+        assert!(!old.exists() && !Manifest::sidecar(&old).exists());
+        assert!(kept.exists() && new.exists());
+        // More than the budget holds beside what is kept: refused, nothing removed.
+        let e = store
+            .make_room(700, std::slice::from_ref(&kept))
+            .expect_err("a part larger than the budget allows was given room");
+        assert!(e.to_string().contains("--cache-budget"), "{e}");
+        assert!(kept.exists());
+        let e = store
+            .make_room(2000, &[])
+            .expect_err("larger than the budget");
+        assert!(e.to_string().contains("--cache-budget"), "{e}");
+        // No budget: anything goes.
+        PartStore::new(dir.path(), None)
+            .make_room(u64::MAX, &[])
+            .expect("no budget");
+    }
 }
