@@ -72,18 +72,8 @@ fn moves(servers: &[Server]) -> usize {
 #[test]
 fn spans_from_a_memory_budget_cover_the_model_and_settle() {
     let m = model();
-    let mut cmd = shoal();
-    cmd.args(["inspect", "--json", "--model"]).arg(&m);
-    let (out, _) = run(cmd, Duration::from_secs(60));
-    let info: Value = serde_json::from_slice(&out.stdout).expect("inspect json");
-    let blocks = info["blocks"].as_u64().expect("blocks");
-    let cache_tokens = 1024u64;
-    let per_block = info["block_memory_estimate"].as_u64().expect("estimate")
-        + cache_tokens * info["kv_bytes_per_token_per_block"].as_u64().expect("kv");
     // Half the model's blocks, and half a block of slack.
-    let budget = info["node_overhead_bytes"].as_u64().expect("overhead")
-        + per_block * blocks / 2
-        + per_block / 2;
+    let (blocks, budget) = half_model_budget(1024);
     let budget = budget.to_string();
     let args = [
         "--memory-budget",

@@ -282,3 +282,81 @@ fn an_interrupted_fetch_resumes() {
     );
     drop((a, b));
 }
+
+/// A server with no file that moves to another span fetches the new span's tensors
+/// (from a holder of the whole file) and frees the old ones.
+#[test]
+fn a_fileless_server_that_moves_fetches_the_new_span_and_frees_the_old() {
+    let m = model();
+    // A budget of half the model's blocks.
+    let (blocks, budget) = half_model_budget(1024);
+    let budget = budget.to_string();
+    let a = serve_with(&m, &["--blocks", "0..30"], None);
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let dir = dirs.path().join("b");
+    let b = serve_fileless(
+        &[
+            "--memory-budget",
+            &budget,
+            "--max-cache-tokens",
+            "1024",
+            "--rebalance-interval",
+            "2",
+            "--cache-dir",
+            &dir.to_string_lossy(),
+        ],
+        &a.addr,
+    );
+    let first = wait_until("B's span listed", Duration::from_secs(30), || {
+        let st = status(&a.addr);
+        let found = st["servers"].as_array().and_then(|s| {
+            s.iter()
+                .find(|x| x["peer_id"] == b.peer.as_str())
+                .map(|x| (x["span"]["start"].as_u64(), x["span"]["end"].as_u64()))
+        });
+        match found {
+            Some((Some(s), Some(e))) => Ok((s, e)),
+            _ => Err(st.to_string()),
+        }
+    });
+    assert_eq!(first.1 - first.0, blocks / 2, "B takes half the model");
+    // C holds the whole file and serves B's half; then A, the only server of the other
+    // half, leaves: B must move there, fetching it from C.
+    let c_blocks = format!("{}..{}", first.0, first.1);
+    let c = serve_with(&m, &["--blocks", &c_blocks], Some(&a.addr));
+    wait_for_servers(&a.addr, 3);
+    drop(a);
+    let moved = wait_until("B moved", Duration::from_secs(90), || {
+        let log = b.log_text();
+        let removed = log.contains("removed the previous span's part");
+        if removed {
+            Ok(log)
+        } else {
+            Err(log)
+        }
+    });
+    let old = format!("blocks-{}-{}", first.0, first.1);
+    assert!(moved.contains("moving from blocks"), "{moved}");
+    let parts = files_ending(&dir, ".gguf");
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    assert!(
+        !parts[0].to_string_lossy().contains(&old),
+        "the old part {old} is still kept: {parts:?}"
+    );
+    // The swarm answers through B's new span and C, as one process does.
+    let prompt = "Seven lighthouses stood along the coast, and";
+    let swarm = generate_json(&[
+        "--bootstrap",
+        &c.addr,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "16",
+    ]);
+    let local = generate_json(&["--local", "--prompt", prompt, "--max-tokens", "16"]);
+    assert_eq!(
+        ids(&swarm, "completion_tokens"),
+        ids(&local, "completion_tokens")
+    );
+    drop((b, c));
+}

@@ -273,6 +273,22 @@ pub(crate) fn route_spans(generation: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// The default model's block count, and a memory budget that fits half its blocks with
+/// `cache_tokens` of KV cache each (and half a block of slack), from `shoal inspect`.
+pub(crate) fn half_model_budget(cache_tokens: u64) -> (u64, u64) {
+    let mut cmd = shoal();
+    cmd.args(["inspect", "--json", "--model"]).arg(model());
+    let (out, _) = run(cmd, Duration::from_secs(60));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect json");
+    let blocks = info["blocks"].as_u64().expect("blocks");
+    let per_block = info["block_memory_estimate"].as_u64().expect("estimate")
+        + cache_tokens * info["kv_bytes_per_token_per_block"].as_u64().expect("kv");
+    let budget = info["node_overhead_bytes"].as_u64().expect("overhead")
+        + per_block * blocks / 2
+        + per_block / 2;
+    (blocks, budget)
+}
+
 /// `shoal status --json` of the swarm reachable through `bootstrap`.
 pub(crate) fn status(bootstrap: &str) -> serde_json::Value {
     let mut cmd = shoal();
