@@ -195,6 +195,11 @@ impl Manifest {
             )));
         }
         let started = std::time::Instant::now();
+        tracing::info!(
+            "hashing {} ({} MiB) for its manifest, once: the model's id names its bytes",
+            path.display(),
+            map.len() >> 20
+        );
         let m = Self::hash(&map, &gguf)?;
         tracing::info!(
             "hashed {} ({} MiB) in {:.1}s for its manifest",
