@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use libp2p::Multiaddr;
 use protocol::WireDType;
 
@@ -223,6 +223,27 @@ pub struct ModelArg {
     pub model: Option<PathBuf>,
 }
 
+/// How tokens are proposed for verification.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Speculate {
+    /// One token per step.
+    #[default]
+    Off,
+    /// Prompt lookup: the tokens that followed the latest earlier occurrence of the
+    /// context's last few tokens (no model; pays where answers repeat their context).
+    Ngram,
+    /// A small model sharing the vocabulary (`--draft-model`), run here, proposes its
+    /// most likely tokens.
+    Draft,
+    /// Prompt lookup where it pays: drafts are verified while the measured time of a
+    /// verify step, against a plain step's and the acceptance so far, gives more tokens
+    /// per second (`generation::speculate`'s pacing).
+    Auto,
+}
+
 /// A node started without --model but with --bootstrap takes part in the swarm's
 /// model, fetching the weights it needs from the swarm into the cache.
 #[derive(Args, Debug, Clone, Default)]
@@ -239,28 +260,6 @@ pub struct FromSwarmArgs {
     /// used longest ago are removed first. Default: no limit but the disk's.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_budget: Option<u64>,
-}
-
-impl FromSwarmArgs {
-    /// The cache directory: --cache-dir, or the usual one.
-    pub fn dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(crate::model_cache::cache_dir)
-    }
-
-    /// The store of fetched parts these options describe.
-    pub fn store(&self) -> crate::weights::PartStore {
-        crate::weights::PartStore::new(&self.dir(), self.cache_budget)
-    }
-
-    /// Model files already here that may be the swarm's model: the default model, if
-    /// it is in the cache directory.
-    pub fn here(&self) -> Vec<PathBuf> {
-        crate::model_cache::cached_default_model(&self.dir())
-            .into_iter()
-            .collect()
-    }
 }
 
 /// Emulated links, for checking the simulator against real nodes on one machine.
@@ -493,6 +492,21 @@ pub struct GenerateArgs {
     /// chosen, to see how close a choice was where two devices or swarms disagree.
     #[arg(long, default_value_t = 0, value_name = "K", requires = "json")]
     pub top_logits: usize,
+    /// Speculative decoding: `draft` proposes what --draft-model finds most likely;
+    /// `ngram` proposes the tokens that followed the context's
+    /// last few tokens earlier on and verifies them all in one pass through the chain
+    /// (one round trip), keeping what the model would have chosen itself: the same
+    /// text, fewer round trips where the answer repeats its context. `auto` does so
+    /// only while the measured step times and acceptance say it pays; `off` decodes one
+    /// token per step. Greedy text is exactly the same; sampled text keeps its
+    /// distribution (drafts pass the standard speculative-sampling rule), and a --seed
+    /// repeats it.
+    #[arg(long, value_enum, default_value = "off")]
+    pub speculate: Speculate,
+    /// The model `--speculate draft` drafts with: a small GGUF sharing the model's
+    /// vocabulary (a smaller quantisation of the same model will do), run here.
+    #[arg(long, value_name = "PATH")]
+    pub draft_model: Option<PathBuf>,
     /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,
@@ -571,6 +585,13 @@ pub struct ApiArgs {
     /// Address and port to serve HTTP on (port 0: any free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Speculative decoding for requests that do not choose (a request may send
+    /// `"speculate": "off" | "ngram" | "draft" | "auto"`); see `shoal generate --help`.
+    #[arg(long, value_enum, default_value = "off")]
+    pub speculate: Speculate,
+    /// The model `draft` speculation drafts with (see `shoal generate --help`).
+    #[arg(long, value_name = "PATH")]
+    pub draft_model: Option<PathBuf>,
     /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,

@@ -11,6 +11,9 @@
 //!   transports, behaviours, the DHT, NAT traversal, peer guarding, the data plane.
 //! - [`args`] is the command line's shape (clap), read by the layers that take options;
 //!   [`model_cache`] finds the model file an option names (fetching the default one).
+//! - [`weights`] shares the weights this node holds and fetches from the swarm the part
+//!   of a model a node without its file needs (manifests, checked chunks, resumable
+//!   parts in the cache).
 //! - [`server`] runs a span's blocks on a dedicated compute thread and pushes each
 //!   step's output straight to the next server of the chain; [`server::serve`] is
 //!   `shoal serve` around it (memory budget, span choice, loading, moving).

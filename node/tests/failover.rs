@@ -38,6 +38,19 @@ fn text_len_of_first(m: &std::path::Path, reference: &Value, n: usize) -> usize 
     text.decode(&ids).expect("decode").len()
 }
 
+/// Two servers of each of two spans of `m`, the first the bootstrap: its address and
+/// the servers, once all are listed.
+fn two_replicas(m: &std::path::Path, first: &str, second: &str) -> (String, Vec<Server>) {
+    let a = serve(m, first, None);
+    let boot = a.addr.clone();
+    let mut servers = vec![a];
+    for blocks in [first, second, second] {
+        servers.push(serve(m, blocks, Some(&boot)));
+    }
+    wait_for_servers(&boot, servers.len());
+    (boot, servers)
+}
+
 /// Kills a server at once (SIGKILL): it has no chance to tell anyone.
 fn kill(s: &mut Server) {
     s.child.kill().expect("kill");
@@ -64,12 +77,27 @@ fn generate_and_stop(
     stop_after: usize,
     stop: fn(&mut Server),
 ) -> (String, Vec<String>, Duration, String, String) {
+    generate_and_stop_with(m, bootstrap, servers, hop, stop_after, stop, PROMPT, &[])
+}
+
+/// [`generate_and_stop`] of `prompt`, with `extra` arguments for `shoal generate`.
+#[allow(clippy::too_many_arguments)]
+fn generate_and_stop_with(
+    m: &std::path::Path,
+    bootstrap: &str,
+    servers: &mut [Server],
+    hop: usize,
+    stop_after: usize,
+    stop: fn(&mut Server),
+    prompt: &str,
+    extra: &[&str],
+) -> (String, Vec<String>, Duration, String, String) {
     let mut child = shoal()
         .args([
             "generate",
             "--chat",
             "--prompt",
-            PROMPT,
+            prompt,
             "--max-tokens",
             TOKENS,
             "--bootstrap",
@@ -77,6 +105,7 @@ fn generate_and_stop(
             "--model",
         ])
         .arg(m)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -309,13 +338,7 @@ fn a_server_dying_mid_generation_on_experts_changes_nothing() {
     assert!(n >= 16, "the reference stopped after {n} tokens");
     let kill_after = text_len_of_first(&m, &reference, 8);
 
-    let first = serve(&m, "0..2", None);
-    let boot = first.addr.clone();
-    let mut servers = vec![first];
-    for blocks in ["0..2", "2..4", "2..4"] {
-        servers.push(serve(&m, blocks, Some(&boot)));
-    }
-    wait_for_servers(&boot, servers.len());
+    let (boot, mut servers) = two_replicas(&m, "0..2", "2..4");
     // The second hop dies, so the bootstrap server lives.
     let (text, routes, gap, victim, _log) =
         generate_and_stop(&m, &boot, &mut servers, 1, kill_after, kill);
@@ -333,4 +356,53 @@ fn a_server_dying_mid_generation_on_experts_changes_nothing() {
         !routes.last().expect("route").contains(&victim),
         "still routed through the dead server"
     );
+}
+
+/// Speculative decoding through a chain whose second server dies mid-generation: the
+/// failover replays only accepted positions (the client cut its kept hidden states when
+/// drafts were rejected), and the output is exactly the one-token-at-a-time one.
+#[test]
+fn a_server_dying_during_speculative_decoding_changes_nothing() {
+    let m = model();
+    // An answer that repeats its prompt: drafts are accepted many at a time.
+    let prompt = "Repeat this paragraph exactly: The lighthouse keeper climbed the hundred steps every evening, lit the great lamp, wound the clockwork that turned it, and sat by the window to watch the ships pass safely along the rocky coast.";
+    let reference = generate_json(&[
+        "--local",
+        "--chat",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        TOKENS,
+    ]);
+    let expected = reference["text"].as_str().expect("text").to_string();
+    let kill_after = text_len_of_first(&m, &reference, 8);
+    let (boot, mut servers) = two_replicas(&m, "0..15", "15..30");
+    let (text, routes, gap, victim, log) = generate_and_stop_with(
+        &m,
+        &boot,
+        &mut servers,
+        1,
+        kill_after,
+        kill,
+        prompt,
+        &["--speculate", "ngram"],
+    );
+    eprintln!(
+        "killed {victim}: next text {:.0} ms later; routes: {routes:#?}\n{log}",
+        gap.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        expected,
+        "output changed after killing a server during speculative decoding"
+    );
+    assert!(routes.len() >= 2, "no re-route: {routes:?}");
+    // Drafts were verified (and some accepted) in this generation.
+    let accepted: usize = log
+        .split("drafts: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no drafts reported:\n{log}"));
+    assert!(accepted > 0, "no draft accepted:\n{log}");
 }

@@ -48,6 +48,46 @@ impl Sampler {
 
     /// Picks a token from `logits`, given the tokens of the sequence so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        match self.distribution(logits, history) {
+            Chosen::Greedy(t) => t,
+            Chosen::Among(idx, probs) => self.draw(&idx, &probs),
+        }
+    }
+
+    /// Whether draft token `draft` stands where the sampler would pick from `logits`
+    /// (speculative decoding): `Ok(())` keeps it, `Err(token)` is the token to take
+    /// instead. Greedy: kept if it is the most likely token, else that token. Sampled
+    /// (the standard speculative-sampling rule for a draft proposed with certainty):
+    /// kept with its probability `p(draft)`, else a token drawn from `p` without the
+    /// draft, renormalised; so the token that stands is distributed exactly as
+    /// [`Sampler::sample`]'s.
+    pub fn accept_draft(&mut self, logits: &[f32], history: &[u32], draft: u32) -> Result<(), u32> {
+        match self.distribution(logits, history) {
+            Chosen::Greedy(t) if t == draft => Ok(()),
+            Chosen::Greedy(t) => Err(t),
+            Chosen::Among(idx, mut probs) => {
+                let total: f32 = probs.iter().sum();
+                probs.iter_mut().for_each(|p| *p /= total);
+                let at = idx.iter().position(|&t| t == draft);
+                let p_draft = at.map_or(0.0, |i| probs[i]);
+                if p_draft > 0.0 && self.rng.random::<f32>() < p_draft {
+                    return Ok(());
+                }
+                if let Some(i) = at {
+                    probs[i] = 0.0;
+                }
+                if probs.iter().sum::<f32>() <= 0.0 {
+                    return Ok(());
+                }
+                Err(self.draw(&idx, &probs))
+            }
+        }
+    }
+
+    /// What the sampler picks from: the most likely token (greedy), or candidates and
+    /// their weights after penalty, temperature, top-k and top-p (top-p's cut leaves
+    /// them summing to less than one; [`Sampler::draw`] scales by their sum).
+    fn distribution(&self, logits: &[f32], history: &[u32]) -> Chosen {
         let mut logits = logits.to_vec();
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
@@ -65,7 +105,7 @@ impl Sampler {
             }
         }
         if p.temperature <= 0.0 {
-            return argmax(&logits);
+            return Chosen::Greedy(argmax(&logits));
         }
         // Candidates sorted by logit, best first; NaN sorts last.
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -97,9 +137,14 @@ impl Sampler {
             probs.truncate(keep);
             idx.truncate(keep);
         }
+        Chosen::Among(idx, probs)
+    }
+
+    /// Draws one of `idx` with probabilities `probs`.
+    fn draw(&mut self, idx: &[u32], probs: &[f32]) -> u32 {
         let total: f32 = probs.iter().sum();
         let mut r = self.rng.random::<f32>() * total;
-        for (pr, id) in probs.iter().zip(&idx) {
+        for (pr, id) in probs.iter().zip(idx) {
             if r < *pr {
                 return *id;
             }
@@ -107,6 +152,12 @@ impl Sampler {
         }
         *idx.last().unwrap_or(&0)
     }
+}
+
+/// What a sampler picks from.
+enum Chosen {
+    Greedy(u32),
+    Among(Vec<u32>, Vec<f32>),
 }
 
 /// Index of the largest logit (the first one on ties).
@@ -134,6 +185,65 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&logits, &[1]), 2);
+    }
+
+    /// Speculative sampling changes no distribution: over many seeded trials, the
+    /// token that stands after a draft is checked (the draft, or its replacement) is
+    /// distributed as plain sampling's, whichever token was drafted; and greedy keeps
+    /// exactly the most likely token.
+    #[test]
+    fn drafts_checked_by_the_sampler_keep_its_distribution() {
+        let logits: Vec<f32> = (0..12).map(|i| (i as f32 * 0.71).cos() * 2.0).collect();
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 8,
+            top_p: 0.97,
+            repetition_penalty: 1.2,
+            seed: 3,
+        };
+        let history = [2u32, 5];
+        let n = 40_000;
+        let freq = |tokens: &mut dyn FnMut() -> u32| {
+            let mut f = vec![0f64; logits.len()];
+            for _ in 0..n {
+                f[tokens() as usize] += 1.0 / n as f64;
+            }
+            f
+        };
+        let mut plain = Sampler::new(params.clone());
+        let want = freq(&mut || plain.sample(&logits, &history));
+        for draft in [argmax(&logits), 7, 11] {
+            let mut spec = Sampler::new(SamplingParams {
+                seed: 11 + draft as u64,
+                ..params.clone()
+            });
+            let got = freq(&mut || match spec.accept_draft(&logits, &history, draft) {
+                Ok(()) => draft,
+                Err(t) => t,
+            });
+            for (t, (w, g)) in want.iter().zip(&got).enumerate() {
+                // Binomial standard error of a frequency near 0.3 over 40,000 draws is
+                // ~0.0023: 0.012 is five of them.
+                assert!(
+                    (w - g).abs() < 0.012,
+                    "token {t} (draft {draft}): {w:.4} vs {g:.4}"
+                );
+            }
+        }
+        // A draft the sampler can never pick is always replaced.
+        let mut spec = Sampler::new(params.clone());
+        let worst = (0..logits.len() as u32)
+            .min_by(|&a, &b| logits[a as usize].total_cmp(&logits[b as usize]))
+            .expect("tokens");
+        assert!((0..200).all(|_| spec.accept_draft(&logits, &history, worst).is_err()));
+        // Greedy: the most likely token stands, any other is replaced by it.
+        let mut greedy = Sampler::new(SamplingParams::default());
+        let best = argmax(&logits);
+        assert_eq!(greedy.accept_draft(&logits, &[], best), Ok(()));
+        assert_eq!(
+            greedy.accept_draft(&logits, &[], (best + 1) % 12),
+            Err(best)
+        );
     }
 
     #[test]

@@ -18,12 +18,18 @@ pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> an
     )
     .await?;
     let side = ClientSide::load(file)?;
-    let state = Arc::new(crate::gateway::ApiState::new(
+    let mut state = crate::gateway::ApiState::new(
         side,
         client,
         args.swarm.wire_dtype,
         Duration::from_secs_f64(args.swarm.route_timeout),
-    ));
+    );
+    state.speculate = args.speculate;
+    if let Some(path) = &args.draft_model {
+        let vocab = state.side.head().head().config().vocab;
+        state.draft_model = Some(Arc::new(crate::generation::DraftModel::load(path, vocab)?));
+    }
+    let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -39,6 +39,14 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.sampling.max_tokens,
         sampling: sampling_params(&args.sampling),
         top_logits: args.top_logits,
+        speculate: args.speculate,
+        draft_model: match &args.draft_model {
+            Some(path) => Some(std::sync::Arc::new(crate::generation::DraftModel::load(
+                path,
+                side.head().head().config().vocab,
+            )?)),
+            None => None,
+        },
         ..Default::default()
     };
     let json = args.json;
@@ -72,8 +80,17 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         );
     } else {
         println!();
+        let drafts = &generation.drafts;
+        let drafted = if drafts.drafted > 0 {
+            format!(
+                ", drafts: {} of {} accepted in {} verify steps",
+                drafts.accepted, drafts.drafted, drafts.steps
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "[{} tokens, {:.1} tokens/s, route: {}]",
+            "[{} tokens, {:.1} tokens/s{drafted}, route: {}]",
             generation.completion_tokens.len(),
             generation.tokens_per_second,
             trip.route

@@ -305,6 +305,31 @@ impl RemoteSession {
         )))
     }
 
+    /// Tokens processed so far: the position the next step starts at.
+    pub fn position(&self) -> u32 {
+        self.position
+    }
+
+    /// Takes the session back to position `to` (drafted tokens a verify step rejected):
+    /// the next step starts there, and each server drops its cache past it as it runs
+    /// that step (no round trip of its own). The hidden states kept for failover are
+    /// cut to match, so a replay feeds only what was accepted.
+    pub fn rewind(&mut self, to: u32) {
+        if to >= self.position {
+            return;
+        }
+        self.position = to;
+        for by_position in self.inputs.values_mut() {
+            by_position.retain(|&at, _| at < to);
+            if let Some((&at, h)) = by_position.iter_mut().next_back() {
+                let n = h.shape.first().copied().unwrap_or(0);
+                if at + n > to {
+                    *h = rows(h, 0, (to - at) as usize);
+                }
+            }
+        }
+    }
+
     /// Closes the session on every server (best effort) and forgets it.
     pub async fn close(mut self) {
         let hops = std::mem::take(&mut self.hops);

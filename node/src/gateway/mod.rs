@@ -65,6 +65,10 @@ pub struct ApiState {
     pub route_timeout: Duration,
     /// What the gateway counts (exported at `/metrics`).
     pub metrics: GatewayMetrics,
+    /// Speculative decoding for requests that do not choose.
+    pub speculate: crate::generation::Speculate,
+    /// The model `draft` speculation drafts with.
+    pub draft_model: Option<std::sync::Arc<crate::generation::DraftModel>>,
     board: Board,
 }
 
@@ -116,6 +120,8 @@ impl ApiState {
             wire,
             route_timeout,
             metrics: GatewayMetrics::default(),
+            speculate: crate::generation::Speculate::Off,
+            draft_model: None,
             board: Board {
                 started: Instant::now(),
                 recent: Mutex::new(VecDeque::new()),

@@ -110,6 +110,9 @@ pub(super) struct CompletionParams {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Shoal's own: speculative decoding for this request (`off`, `ngram`, `auto`);
+    /// the gateway's `--speculate` when absent.
+    speculate: Option<crate::generation::Speculate>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -250,6 +253,8 @@ pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<Generate
             Some(Stop::Many(v)) => v.clone(),
         },
         step_latency: Some(state.metrics.step_seconds.clone()),
+        speculate: p.speculate.unwrap_or(state.speculate),
+        draft_model: state.draft_model.clone(),
         ..GenerateRequest::default()
     })
 }

@@ -2,6 +2,7 @@
 //! stream text. The same loop serves `--local` (the reference) and the swarm, so the two
 //! can only differ in where the blocks run.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -15,8 +16,11 @@ use shard::candle_core::{Device, Tensor};
 use shard::{ChatMessage, Head, KvCache, Sampler, SamplingParams, Span, TextCodec};
 
 mod runner;
+mod speculate;
 
 pub use runner::{run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip};
+use speculate::next_draft_len;
+pub use speculate::{ngram_draft, DraftModel, Drafts, Speculate};
 
 use crate::client::RemoteSession;
 use crate::hidden::{from_wire, to_wire};
@@ -192,6 +196,22 @@ impl Blocks<'_> {
             }
         }
     }
+
+    /// Tokens the blocks have seen: where the next one goes.
+    fn position(&self) -> usize {
+        match self {
+            Blocks::Local { cache, .. } => cache.len(),
+            Blocks::Swarm { session, .. } => session.position() as usize,
+        }
+    }
+
+    /// Forgets the positions from `to` on (drafts a verify step rejected).
+    fn rewind(&mut self, to: usize) {
+        match self {
+            Blocks::Local { cache, .. } => cache.truncate(to),
+            Blocks::Swarm { session, .. } => session.rewind(to as u32),
+        }
+    }
 }
 
 /// What to generate.
@@ -217,6 +237,11 @@ pub struct GenerateRequest {
     /// Record the K highest logits before each token is chosen (0 = none): to see how
     /// close a choice was when two devices or chains disagree.
     pub top_logits: usize,
+    /// Speculative decoding: greedy output is exactly the same; sampled output has the
+    /// same distribution (and a seed repeats it).
+    pub speculate: Speculate,
+    /// The model `Speculate::Draft` drafts with (and `Auto`, when given).
+    pub draft_model: Option<Arc<DraftModel>>,
 }
 
 /// The result of a generation.
@@ -239,6 +264,8 @@ pub struct Generation {
     /// ([`GenerateRequest::top_logits`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_logits: Vec<Vec<(u32, f32)>>,
+    /// Tokens drafted and accepted by speculative decoding.
+    pub drafts: Drafts,
 }
 
 /// Tokenises a request; the prompt must leave room for at least one new token.
@@ -310,50 +337,131 @@ pub async fn generate(
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
     let mut top_logits = Vec::new();
+    // Tokens chosen and not yet emitted, each with the logits it was chosen from: one
+    // after a plain step, the accepted drafts and the next token after a verify step.
+    let mut chosen: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
+    let speculating = req.speculate != Speculate::Off;
+    let mut drafter = match (req.speculate, &req.draft_model) {
+        (Speculate::Draft | Speculate::Auto, Some(m)) => {
+            Some(speculate::Drafter::new(m, prompt.len() + max_tokens + 1))
+        }
+        (Speculate::Draft, None) => bail!("--speculate draft needs a --draft-model"),
+        _ => None,
+    };
+    let mut drafts = Drafts::default();
+    let mut draft_len = 4;
+    let mut pacing = speculate::Pacing::default();
+    let mut plain_started: Option<Instant> = None;
     // The mark of the decode step on its way (none for the prompt's last chunk).
     let mut step = None;
-    while completion.len() < max_tokens {
-        let logits = client_head.last_logits(&h, step.take()).await?;
-        if req.top_logits > 0 {
-            top_logits.push(highest(&logits, req.top_logits));
+    'generation: while completion.len() < max_tokens {
+        if chosen.is_empty() {
+            let logits = client_head.last_logits(&h, step.take()).await?;
+            let tok = sampler.sample(&logits, &history);
+            chosen.push_back((tok, logits));
+            // A plain step's time: feeding a token to having the next one.
+            if let Some(t) = plain_started.take() {
+                pacing.plain(t.elapsed().as_secs_f64());
+            }
         }
-        let tok = sampler.sample(&logits, &history);
-        if completion.is_empty() {
-            prefill_seconds = started.elapsed().as_secs_f64();
-            decode_started = Instant::now();
-        }
-        if text.is_stop(tok) {
-            finish = "stop";
-            break;
-        }
-        completion.push(tok);
-        history.push(tok);
-        if let Some(piece) = stream.push(tok)? {
-            held.push_str(&piece);
-            if let Some(at) = find_stop(&out_text, &held, stop) {
-                held.truncate(at);
-                on_text(&held);
-                out_text.push_str(&held);
-                stopped_by_text = true;
+        let mut last = None;
+        while let Some((tok, logits)) = chosen.pop_front() {
+            if req.top_logits > 0 {
+                top_logits.push(highest(&logits, req.top_logits));
+            }
+            if completion.is_empty() {
+                prefill_seconds = started.elapsed().as_secs_f64();
+                decode_started = Instant::now();
+            }
+            if text.is_stop(tok) {
                 finish = "stop";
-                break;
+                break 'generation;
             }
-            // Text that could still become a stop sequence waits for the next piece.
-            let safe = held.len() - stop_prefix_len(&held, stop);
-            if safe > 0 {
-                on_text(&held[..safe]);
-                out_text.push_str(&held[..safe]);
-                held.drain(..safe);
+            completion.push(tok);
+            history.push(tok);
+            if let Some(piece) = stream.push(tok)? {
+                held.push_str(&piece);
+                if let Some(at) = find_stop(&out_text, &held, stop) {
+                    held.truncate(at);
+                    on_text(&held);
+                    out_text.push_str(&held);
+                    stopped_by_text = true;
+                    finish = "stop";
+                    break 'generation;
+                }
+                // Text that could still become a stop sequence waits for the next piece.
+                let safe = held.len() - stop_prefix_len(&held, stop);
+                if safe > 0 {
+                    on_text(&held[..safe]);
+                    out_text.push_str(&held[..safe]);
+                    held.drain(..safe);
+                }
             }
+            if completion.len() == max_tokens {
+                break 'generation;
+            }
+            last = Some(tok);
         }
-        if completion.len() == max_tokens {
-            break;
-        }
-        let x = head.embed(&[tok])?;
+        let Some(tok) = last else { break };
+        // Feed the last token chosen, with drafts to verify when speculating (no more
+        // than could still be used).
+        let room = draft_len.min(max_tokens - completion.len() - 1);
+        let proposed =
+            if !speculating || (req.speculate == Speculate::Auto && !pacing.worth_it(room)) {
+                Vec::new()
+            } else if let Some(d) = drafter.as_mut() {
+                tokio::task::block_in_place(|| d.propose(&history, room))?
+            } else {
+                ngram_draft(&history, room)
+            };
+        let fed: Vec<u32> = std::iter::once(tok)
+            .chain(proposed.iter().copied())
+            .collect();
+        let x = head.embed(&fed)?;
+        let at = blocks.position();
         let t = Instant::now();
-        step = Some(client_head.stepping());
+        if proposed.is_empty() {
+            step = Some(client_head.stepping());
+        }
         h = blocks.forward(&x, &device, hidden).await?;
         timed(t);
+        if proposed.is_empty() {
+            plain_started = Some(t);
+            continue;
+        }
+        // Verify: row i is the choice after `fed[..=i]`; each draft stands if the
+        // sampler keeps it there, and the first that does not is replaced.
+        let rows = tokio::task::block_in_place(|| head.logits(&h))?.to_vec2::<f32>()?;
+        let mut seen = history.clone();
+        let mut accepted = 0;
+        for (i, row) in rows.into_iter().enumerate() {
+            let Some(&draft) = proposed.get(i) else {
+                // After the last draft: a token for free.
+                let tok = sampler.sample(&row, &seen);
+                chosen.push_back((tok, row));
+                break;
+            };
+            match sampler.accept_draft(&row, &seen, draft) {
+                Ok(()) => {
+                    chosen.push_back((draft, row));
+                    seen.push(draft);
+                    accepted += 1;
+                }
+                Err(instead) => {
+                    chosen.push_back((instead, row));
+                    break;
+                }
+            }
+        }
+        // A verify step's time: feeding its tokens to having its choices.
+        pacing.verify(t.elapsed().as_secs_f64(), proposed.len(), accepted);
+        drafts.steps += 1;
+        drafts.drafted += proposed.len();
+        drafts.accepted += accepted;
+        draft_len = next_draft_len(draft_len, proposed.len(), accepted);
+        // The blocks keep the token fed and the accepted drafts; the last token chosen
+        // is fed next (after all drafts were accepted: the choice after the last one).
+        blocks.rewind(at + 1 + accepted);
     }
     if !stopped_by_text {
         // What never completed a character goes out replaced (U+FFFD).
@@ -378,6 +486,7 @@ pub async fn generate(
         prefill_seconds,
         finish_reason: finish.to_string(),
         top_logits,
+        drafts,
     })
 }
 

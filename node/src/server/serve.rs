@@ -131,7 +131,7 @@ async fn serve_until_stopped(args: ServeArgs, mut stop: StopSignals) -> anyhow::
         Duration::from_secs_f64(args.connect_timeout),
     )
     .await?;
-    let store = args.from_swarm.store();
+    let store = crate::weights::store(&args.from_swarm);
     // The model: the file given, or the swarm's (a file here with its id, or its
     // manifest, from which the span is planned and then fetched).
     let (file, from_swarm) = match given {
@@ -372,7 +372,7 @@ enum SwarmJoin {
 /// The swarm's model for a node started without --model: found here if the default
 /// model is that model, else fetched; the default model when the swarm serves none.
 async fn join_swarm_model(net: &Network, args: &ServeArgs) -> anyhow::Result<SwarmJoin> {
-    let here = args.from_swarm.here();
+    let here = crate::weights::here(&args.from_swarm);
     let joined =
         crate::weights::join_model(net, args.from_swarm.model_id.as_deref(), &here).await?;
     Ok(match joined {

@@ -244,7 +244,9 @@ impl Server {
                 format!("step {} already applied (last step {last})", step.step),
             ));
         }
-        if step.position as usize != s.cache.len() {
+        // A step may start before the session's end: the positions from there on were
+        // drafts its client has rejected (speculative decoding), dropped as it runs.
+        if step.position as usize > s.cache.len() {
             return Err(ErrorInfo::new(
                 ErrorKind::BadRequest,
                 format!(
@@ -261,13 +263,13 @@ impl Server {
         let hidden = self.span.config().hidden as u32;
         match step.hidden.shape[..] {
             [tokens, h] if h == hidden && tokens > 0 => {
-                if s.cache.len() + tokens as usize > s.cache.max_len() {
+                if step.position as usize + tokens as usize > s.cache.max_len() {
                     return Err(ErrorInfo::new(
                         ErrorKind::TooLong,
                         format!(
                             "{} tokens past position {} exceed the session's {}",
                             tokens,
-                            s.cache.len(),
+                            step.position,
                             s.cache.max_len()
                         ),
                     ));

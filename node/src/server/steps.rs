@@ -124,7 +124,9 @@ impl Server {
             // The sessions leave the map while the batch borrows their caches.
             let mut taken: Vec<(Step, Tensor, Session)> = Vec::new();
             for (step, x) in group {
-                if let Some(session) = self.sessions.remove(&step.session) {
+                if let Some(mut session) = self.sessions.remove(&step.session) {
+                    // Drafts the client rejected go before the step runs.
+                    session.cache.truncate(step.position as usize);
                     taken.push((step, x, session));
                 }
             }

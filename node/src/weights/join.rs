@@ -5,10 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::bail;
-use libp2p::PeerId;
 use shard::manifest::Manifest;
 
 use super::fetch::{fetch_manifest, Source};
@@ -36,15 +34,18 @@ pub enum Joined {
     },
 }
 
-/// The models the swarm's servers announce now.
+/// The models the swarm's servers announce now (their records in the DHT; a record
+/// past its expiry is left out).
 pub async fn swarm_models(net: &Network) -> Vec<SwarmModel> {
-    let seen = crate::client::survey::survey(net, None, Duration::from_secs(5)).await;
+    let peers = net.find_all_servers().await.unwrap_or_default();
+    let records = futures::future::join_all(peers.iter().map(|p| net.server_record(*p))).await;
+    let now = crate::net::unix_ms();
     let mut models: BTreeMap<String, Vec<Source>> = BTreeMap::new();
-    for s in seen.iter().filter(|s| s.answering()) {
-        let a = &s.announcement;
-        let Ok(peer) = a.peer_id.parse::<PeerId>() else {
+    for (peer, record) in peers.into_iter().zip(records) {
+        let Ok(Some(a)) = record else { continue };
+        if a.expires_unix_ms < now {
             continue;
-        };
+        }
         let addrs = a.addrs.iter().filter_map(|x| x.parse().ok()).collect();
         models
             .entry(a.model_id.clone())
@@ -113,7 +114,7 @@ pub async fn client_model(
         Some(n) if model.model.is_none() => n,
         _ => return crate::model_cache::open_model(model),
     };
-    match join_model(net, from.model_id.as_deref(), &from.here()).await? {
+    match join_model(net, from.model_id.as_deref(), &here(from)).await? {
         None => crate::model_cache::open_model(model),
         Some(Joined::Here(path)) => Ok(shard::ModelFile::open(path)?),
         Some(Joined::FromSwarm { model, manifest }) => {
@@ -123,11 +124,31 @@ pub async fn client_model(
                 &manifest,
                 &names,
                 &model.sources,
-                &from.store(),
+                &store(from),
                 "head",
             )
             .await?;
             Ok(shard::ModelFile::open(&fetched.path)?)
         }
     }
+}
+
+/// The cache directory the options name: --cache-dir, or the usual one.
+fn cache_dir(from: &crate::args::FromSwarmArgs) -> PathBuf {
+    from.cache_dir
+        .clone()
+        .unwrap_or_else(crate::model_cache::cache_dir)
+}
+
+/// The store of fetched parts the options describe.
+pub fn store(from: &crate::args::FromSwarmArgs) -> super::PartStore {
+    super::PartStore::new(&cache_dir(from), from.cache_budget)
+}
+
+/// Model files already here that may be the swarm's model: the default model, if it
+/// is in the cache directory.
+pub fn here(from: &crate::args::FromSwarmArgs) -> Vec<PathBuf> {
+    crate::model_cache::cached_default_model(&cache_dir(from))
+        .into_iter()
+        .collect()
 }

@@ -18,7 +18,7 @@ mod spans;
 mod store;
 
 pub use fetch::{fetch_manifest, fetch_part, Fetched, Source};
-pub use join::{client_model, join_model, swarm_models, Joined, SwarmModel};
+pub use join::{client_model, here, join_model, store, swarm_models, Joined, SwarmModel};
 pub use share::{share, ShareLimits, Sharing};
 pub use spans::SpanFiles;
 pub use store::{head_tensors, span_tensors, PartStore};

@@ -32,6 +32,18 @@ impl KvCache {
     pub fn blocks(&self) -> (usize, usize) {
         (self.start, self.start + self.layers.len())
     }
+    /// Forgets every position from `len` on (drafted tokens a verify step rejected):
+    /// the next token takes position `len`. Positions not held are left as they are.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        self.len = len;
+        for l in self.layers.iter_mut().flatten() {
+            l.len = l.len.min(len);
+        }
+    }
+
     /// Bytes held by keys and values.
     pub fn bytes(&self) -> usize {
         self.layers

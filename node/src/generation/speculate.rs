@@ -1,0 +1,246 @@
+//! Speculative decoding: several tokens proposed cheaply, verified together in one pass
+//! through the blocks (one round trip of the chain), the longest accepted prefix kept.
+//!
+//! A verify step feeds the last chosen token and `k` drafts at once, as a prompt chunk
+//! is fed; row `i` of its output gives the choice after draft `i`. Draft `i` stands
+//! when the sampler keeps it there (`Sampler::accept_draft`): greedy, when it is the
+//! most likely token (with the same repetition penalty), so the text is exactly the
+//! text of decoding one token at a time; sampled, with the standard speculative-sampling
+//! rule, so each token keeps its distribution and a seed repeats the text. The first
+//! draft that does not stand is replaced by the sampler's token there (after the last
+//! draft, when all stand, the choice there is a token for free). The caches then hold rejected drafts: the next step starts at the accepted
+//! position, and each server drops what lies past it as it runs that step
+//! (`KvCache::truncate`), so a rejection costs no round trip.
+
+use serde::Serialize;
+
+pub use crate::args::Speculate;
+
+/// What `auto` decides from: smoothed times of plain and verify steps, and the share
+/// of drafts accepted.
+#[derive(Debug, Default)]
+pub(super) struct Pacing {
+    plain: Option<f64>,
+    verify: Option<f64>,
+    accepted: f64,
+    /// Plain steps since drafts were last tried.
+    since_try: usize,
+}
+
+/// Plain steps after which `auto` tries drafts again though they did not pay (the
+/// chain or the text may have changed).
+const RETRY_AFTER: usize = 32;
+
+impl Pacing {
+    /// Records a plain step's seconds.
+    pub(super) fn plain(&mut self, secs: f64) {
+        self.plain = Some(self.plain.map_or(secs, |p| 0.8 * p + 0.2 * secs));
+        self.since_try += 1;
+    }
+
+    /// Records a verify step of `drafted` drafts, `accepted` of them kept.
+    pub(super) fn verify(&mut self, secs: f64, drafted: usize, accepted: usize) {
+        self.verify = Some(self.verify.map_or(secs, |v| 0.8 * v + 0.2 * secs));
+        let share = accepted as f64 / drafted.max(1) as f64;
+        self.accepted = 0.7 * self.accepted + 0.3 * share;
+        self.since_try = 0;
+    }
+
+    /// Whether to verify `k` drafts now: when it is expected to give more tokens per
+    /// second than plain steps (each verify step gives one token plus the accepted
+    /// drafts), or when that is not known yet, or has not been tried for a while.
+    pub(super) fn worth_it(&self, k: usize) -> bool {
+        match (self.plain, self.verify) {
+            (Some(plain), Some(verify)) => {
+                let tokens = 1.0 + self.accepted * k as f64;
+                tokens / verify > 1.0 / plain || self.since_try >= RETRY_AFTER
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A draft model: all its blocks and its head, loaded once and shared by the
+/// generations of this process.
+pub struct DraftModel {
+    span: shard::Span,
+    head: shard::Head,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for DraftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DraftModel({} tokens)", self.vocab)
+    }
+}
+
+impl DraftModel {
+    /// Loads the model at `path` on the CPU, which must share `vocab` with the model it
+    /// drafts for.
+    pub fn load(path: &std::path::Path, vocab: usize) -> anyhow::Result<DraftModel> {
+        let file = shard::ModelFile::open(path)?;
+        let cfg = file.config().clone();
+        if cfg.vocab != vocab {
+            anyhow::bail!(
+                "--draft-model {}: a vocabulary of {} tokens, but the model has {vocab}: a draft model must share the vocabulary",
+                path.display(),
+                cfg.vocab
+            );
+        }
+        let device = shard::candle_core::Device::Cpu;
+        let span = shard::Span::load(&file, 0, cfg.n_layers, &device, |_, _| {})?;
+        let head = shard::Head::load(&file, &device)?;
+        Ok(DraftModel { span, head, vocab })
+    }
+}
+
+/// One generation's use of a draft model: its cache, and the tokens in it.
+pub(super) struct Drafter<'a> {
+    model: &'a DraftModel,
+    cache: shard::KvCache,
+    fed: Vec<u32>,
+}
+
+impl<'a> Drafter<'a> {
+    /// A drafter for sequences of at most `max_len` tokens.
+    pub(super) fn new(model: &'a DraftModel, max_len: usize) -> Self {
+        Drafter {
+            model,
+            cache: model.span.new_cache(max_len),
+            fed: Vec::new(),
+        }
+    }
+
+    /// The draft model's `k` most likely next tokens after `history`, one at a time.
+    /// Its cache keeps what `history` still shares with what it saw before (rejected
+    /// drafts go), and catches up on the rest.
+    pub(super) fn propose(&mut self, history: &[u32], k: usize) -> anyhow::Result<Vec<u32>> {
+        if k == 0 || history.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = self
+            .fed
+            .iter()
+            .zip(history)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(history.len() - 1);
+        self.cache.truncate(shared);
+        self.fed.truncate(shared);
+        let (span, head) = (&self.model.span, &self.model.head);
+        let mut next = history[shared..].to_vec();
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            if self.cache.len() + next.len() > self.cache.max_len() {
+                break;
+            }
+            let h = span.forward(&head.embed(&next)?, &mut self.cache)?;
+            self.fed.extend_from_slice(&next);
+            let tok = shard::argmax(&head.last_logits(&h)?);
+            out.push(tok);
+            next = vec![tok];
+        }
+        Ok(out)
+    }
+}
+
+/// Longest n-gram looked up, and the shortest.
+const NGRAM: (usize, usize) = (4, 2);
+
+/// Up to `max` tokens that followed the latest earlier occurrence of the last `n`
+/// tokens of `history`, for the longest `n` (of [`NGRAM`]) that occurred before.
+pub fn ngram_draft(history: &[u32], max: usize) -> Vec<u32> {
+    if max == 0 {
+        return Vec::new();
+    }
+    for n in (NGRAM.1..=NGRAM.0).rev() {
+        if history.len() <= n {
+            continue;
+        }
+        let tail = &history[history.len() - n..];
+        // Latest occurrence first, never the tail itself.
+        let found = (0..history.len() - n)
+            .rev()
+            .find(|&i| &history[i..i + n] == tail);
+        if let Some(i) = found {
+            let from = i + n;
+            let to = (from + max).min(history.len());
+            if from < to {
+                return history[from..to].to_vec();
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// Draft tokens proposed and accepted over a generation.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Drafts {
+    /// Tokens proposed for verification.
+    pub drafted: usize,
+    /// Of those, accepted.
+    pub accepted: usize,
+    /// Verify steps.
+    pub steps: usize,
+}
+
+/// How many drafts to propose next: doubled after a step that accepted them all,
+/// halved after one that accepted fewer than half, within 2..=16.
+pub(super) fn next_draft_len(len: usize, drafted: usize, accepted: usize) -> usize {
+    let len = if drafted > 0 && accepted == drafted {
+        len * 2
+    } else if accepted * 2 < drafted {
+        len / 2
+    } else {
+        len
+    };
+    len.clamp(2, 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_drafts_continue_the_latest_earlier_occurrence() {
+        // "a b c d | x a b c" -> after "a b c" came "d" then "x" ...
+        let h = [1, 2, 3, 4, 9, 1, 2, 3];
+        assert_eq!(ngram_draft(&h, 3), vec![4, 9, 1]);
+        assert_eq!(ngram_draft(&h, 1), vec![4]);
+        // The latest occurrence wins.
+        let h = [1, 2, 5, 1, 2, 6, 1, 2];
+        assert_eq!(ngram_draft(&h, 2), vec![6, 1]);
+        // Nothing repeats: no draft; nothing asked: none.
+        assert!(ngram_draft(&[1, 2, 3, 4], 4).is_empty());
+        assert!(ngram_draft(&h, 0).is_empty());
+    }
+
+    #[test]
+    fn auto_verifies_only_while_it_pays() {
+        let mut p = Pacing::default();
+        assert!(p.worth_it(4), "untried: try");
+        // Round trips dominate: a verify step costs what a plain one does.
+        p.plain(0.1);
+        p.verify(0.11, 4, 2);
+        assert!(p.worth_it(4));
+        // Compute dominates and little is accepted: plain steps win...
+        let mut q = Pacing::default();
+        q.plain(0.01);
+        q.verify(0.05, 8, 0);
+        assert!(!q.worth_it(8));
+        // ...until it is time to look again.
+        for _ in 0..RETRY_AFTER {
+            q.plain(0.01);
+        }
+        assert!(q.worth_it(8));
+    }
+
+    #[test]
+    fn the_draft_length_follows_acceptance() {
+        assert_eq!(next_draft_len(4, 4, 4), 8);
+        assert_eq!(next_draft_len(16, 16, 16), 16);
+        assert_eq!(next_draft_len(8, 8, 3), 4);
+        assert_eq!(next_draft_len(2, 2, 0), 2);
+        assert_eq!(next_draft_len(8, 8, 5), 8);
+    }
+}

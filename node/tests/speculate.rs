@@ -1,0 +1,63 @@
+//! Speculative decoding: drafts verified in one pass through the chain give exactly the
+//! text of decoding one token at a time, locally and through a swarm.
+
+mod common;
+
+use common::*;
+
+/// A prompt whose answer repeats its context, where prompt lookup drafts well.
+const PROMPT: &str = "Repeat this paragraph exactly, word for word: The lighthouse keeper climbed the hundred steps every evening, lit the great lamp, wound the clockwork that turned it, and sat by the window to watch the ships pass safely along the rocky coast until morning came.";
+
+#[test]
+fn drafts_verified_through_the_swarm_change_no_token() {
+    let m = model();
+    let a = serve(&m, "0..10", None);
+    let b = serve(&m, "10..20", Some(&a.addr));
+    let c = serve(&m, "20..30", Some(&a.addr));
+    wait_for_servers(&a.addr, 3);
+    let args = ["--chat", "--prompt", PROMPT, "--max-tokens", "48"];
+    let plain = generate_json(&[&args[..], &["--local"]].concat());
+    assert_eq!(plain["drafts"]["drafted"], 0, "{plain}");
+    for (name, extra) in [
+        ("local", vec!["--local", "--speculate", "ngram"]),
+        (
+            "swarm",
+            vec!["--bootstrap", &a.addr, "--speculate", "ngram"],
+        ),
+    ] {
+        let spec = generate_json(&[&args[..], &extra[..]].concat());
+        assert_eq!(
+            ids(&spec, "completion_tokens"),
+            ids(&plain, "completion_tokens"),
+            "{name}: speculative decoding changed the text"
+        );
+        assert_eq!(spec["text"], plain["text"]);
+        let accepted = spec["drafts"]["accepted"].as_u64().expect("accepted");
+        let steps = spec["drafts"]["steps"].as_u64().expect("steps");
+        eprintln!("{name}: {}", spec["drafts"]);
+        assert!(
+            accepted > 0 && steps > 0,
+            "{name}: no draft accepted: {spec}"
+        );
+    }
+    // Sampled, with a seed: the same text twice (drafts pass the sampler's own rule;
+    // its distribution is checked in shard's sampling tests).
+    let sampled = [
+        "--bootstrap",
+        &a.addr,
+        "--speculate",
+        "ngram",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "5",
+    ];
+    let once = generate_json(&[&args[..], &sampled[..]].concat());
+    let twice = generate_json(&[&args[..], &sampled[..]].concat());
+    assert_eq!(
+        ids(&once, "completion_tokens"),
+        ids(&twice, "completion_tokens")
+    );
+    assert!(once["drafts"]["drafted"].as_u64() > Some(0), "{once}");
+    drop((a, b, c));
+}
