@@ -349,7 +349,12 @@ pub async fn generate(
         _ => None,
     };
     let mut drafts = Drafts::default();
-    let mut draft_len = 4;
+    // `auto` starts with short drafts: its first tries are bets.
+    let mut draft_len = if req.speculate == Speculate::Auto {
+        2
+    } else {
+        4
+    };
     let mut pacing = speculate::Pacing::default();
     let mut plain_started: Option<Instant> = None;
     // The mark of the decode step on its way (none for the prompt's last chunk).

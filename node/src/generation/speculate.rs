@@ -29,7 +29,7 @@ pub(super) struct Pacing {
 
 /// Plain steps after which `auto` tries drafts again though they did not pay (the
 /// chain or the text may have changed).
-const RETRY_AFTER: usize = 32;
+const RETRY_AFTER: usize = 64;
 
 impl Pacing {
     /// Records a plain step's seconds.
@@ -48,14 +48,16 @@ impl Pacing {
 
     /// Whether to verify `k` drafts now: when it is expected to give more tokens per
     /// second than plain steps (each verify step gives one token plus the accepted
-    /// drafts), or when that is not known yet, or has not been tried for a while.
+    /// drafts), or has not been tried yet or for a while. Never before a plain step
+    /// has been timed: there is nothing to compare with yet.
     pub(super) fn worth_it(&self, k: usize) -> bool {
         match (self.plain, self.verify) {
             (Some(plain), Some(verify)) => {
                 let tokens = 1.0 + self.accepted * k as f64;
                 tokens / verify > 1.0 / plain || self.since_try >= RETRY_AFTER
             }
-            _ => true,
+            (Some(_), None) => true,
+            (None, _) => false,
         }
     }
 }
@@ -218,9 +220,10 @@ mod tests {
     #[test]
     fn auto_verifies_only_while_it_pays() {
         let mut p = Pacing::default();
+        assert!(!p.worth_it(4), "nothing timed yet: no");
+        p.plain(0.1);
         assert!(p.worth_it(4), "untried: try");
         // Round trips dominate: a verify step costs what a plain one does.
-        p.plain(0.1);
         p.verify(0.11, 4, 2);
         assert!(p.worth_it(4));
         // Compute dominates and little is accepted: plain steps win...
