@@ -36,14 +36,21 @@ enum Inner {
         mmap: memmap2::Mmap,
         gguf: Gguf,
         /// For a file of part of a model's tensors (fetched from the swarm): the whole
-        /// model's manifest, whose table gives the model's sizes.
-        part_of: Option<Arc<Manifest>>,
+        /// model's manifest, and its table (read once), which gives the model's sizes.
+        part_of: Option<PartOf>,
     },
     Safetensors {
         st: candle_core::safetensors::MmapedSafetensors,
         /// Names present in the checkpoint, for tied-embedding detection.
         names: std::collections::HashSet<String>,
     },
+}
+
+/// The model a file of some of its tensors is part of.
+struct PartOf {
+    manifest: Arc<Manifest>,
+    /// The whole model's tensor table, from the manifest's header.
+    tensors: HashMap<String, TensorEntry>,
 }
 
 /// An opened model: its shape, its id, and access to its tensors.
@@ -333,10 +340,16 @@ impl ModelFile {
             config.validate().map_err(|e| Self::bad(&path, e))?;
         }
         let id = std::sync::OnceLock::new();
-        let part_of = part_of.map(|(m, part_id)| {
-            let _ = id.set(part_id);
-            m
-        });
+        let part_of = match (part_of, whole) {
+            (Some((manifest, part_id)), Some(whole)) => {
+                let _ = id.set(part_id);
+                Some(PartOf {
+                    manifest,
+                    tensors: whole.tensors,
+                })
+            }
+            _ => None,
+        };
         Ok(ModelFile {
             path,
             config,
@@ -371,6 +384,10 @@ impl ModelFile {
                 path: path.clone(),
                 source,
             })?;
+        let part_of = PartOf {
+            manifest,
+            tensors: whole.tensors,
+        };
         let held = Gguf {
             metadata: whole.metadata,
             tensors: HashMap::new(),
@@ -388,7 +405,7 @@ impl ModelFile {
             inner: Inner::Gguf {
                 mmap: empty,
                 gguf: held,
-                part_of: Some(manifest),
+                part_of: Some(part_of),
             },
             dtype_override: None,
         })
@@ -469,8 +486,8 @@ impl ModelFile {
     pub fn manifest(&self) -> Result<Arc<Manifest>> {
         match &self.inner {
             Inner::Gguf {
-                part_of: Some(m), ..
-            } => Ok(m.clone()),
+                part_of: Some(p), ..
+            } => Ok(p.manifest.clone()),
             Inner::Gguf { .. } => {
                 if let Some(m) = self.manifest.get() {
                     return Ok(m.clone());
@@ -505,12 +522,12 @@ impl ModelFile {
     }
 
     /// The whole model's tensor table: the file's own, or for a part its model's.
-    fn table(&self) -> Option<std::borrow::Cow<'_, HashMap<String, TensorEntry>>> {
+    fn table(&self) -> Option<&HashMap<String, TensorEntry>> {
         match &self.inner {
             Inner::Gguf {
-                part_of: Some(m), ..
-            } => m.table().ok().map(|g| std::borrow::Cow::Owned(g.tensors)),
-            Inner::Gguf { gguf, .. } => Some(std::borrow::Cow::Borrowed(&gguf.tensors)),
+                part_of: Some(p), ..
+            } => Some(&p.tensors),
+            Inner::Gguf { gguf, .. } => Some(&gguf.tensors),
             Inner::Safetensors { .. } => None,
         }
     }
@@ -565,8 +582,8 @@ impl ModelFile {
         let sizes: Vec<(String, u64)> = match &self.inner {
             Inner::Gguf { .. } => self
                 .table()
-                .unwrap_or_default()
-                .iter()
+                .into_iter()
+                .flatten()
                 .map(|(n, t)| (n.clone(), t.elems() as u64))
                 .collect(),
             Inner::Safetensors { st, .. } => st
@@ -599,8 +616,8 @@ impl ModelFile {
             Inner::Gguf { .. } => {
                 let prefix = format!("blk.{i}.");
                 self.table()
-                    .unwrap_or_default()
-                    .iter()
+                    .into_iter()
+                    .flatten()
                     .filter(|(n, _)| n.starts_with(&prefix))
                     .map(|(n, t)| (n.clone(), t.ty.loaded_bytes(t.elems()) as u64))
                     .collect()

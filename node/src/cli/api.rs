@@ -6,18 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::generation::{swarm_client, ClientSide};
+use crate::generation::client_and_side;
 
 /// `shoal api`: the OpenAI-compatible gateway.
 pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> anyhow::Result<()> {
-    let client = swarm_client(&args.swarm, None).await?;
-    let file = crate::weights::client_model(
-        &args.model,
-        &args.swarm.from_swarm,
-        client.as_ref().map(|c| c.net()),
-    )
-    .await?;
-    let side = ClientSide::load(file)?;
+    let (client, side) = client_and_side(&args.model, &args.swarm, None).await?;
+    let draft_model = side.draft_model(args.draft_model.as_deref())?;
     let mut state = crate::gateway::ApiState::new(
         side,
         client,
@@ -25,10 +19,7 @@ pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> an
         Duration::from_secs_f64(args.swarm.route_timeout),
     );
     state.speculate = args.speculate;
-    if let Some(path) = &args.draft_model {
-        let vocab = state.side.head().head().config().vocab;
-        state.draft_model = Some(Arc::new(crate::generation::DraftModel::load(path, vocab)?));
-    }
+    state.draft_model = draft_model;
     let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -11,9 +11,7 @@ use super::short_link;
 use super::GOODBYE_TIMEOUT;
 use crate::args::GenerateArgs;
 use crate::client::Reroute;
-use crate::generation::{
-    run_generation, swarm_client, ClientSide, GenerateRequest, Generation, RouteEntry,
-};
+use crate::generation::{client_and_side, run_generation, GenerateRequest, Generation, RouteEntry};
 
 #[derive(Serialize)]
 struct GenerateJson {
@@ -25,14 +23,7 @@ struct GenerateJson {
 
 /// `shoal generate`.
 pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
-    let client = swarm_client(&args.swarm, args.emulate.shaping()).await?;
-    let file = crate::weights::client_model(
-        &args.model,
-        &args.swarm.from_swarm,
-        client.as_ref().map(|c| c.net()),
-    )
-    .await?;
-    let side = ClientSide::load(file)?;
+    let (client, side) = client_and_side(&args.model, &args.swarm, args.emulate.shaping()).await?;
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
         chat: args.chat,
@@ -40,13 +31,7 @@ pub async fn generate_cmd(args: GenerateArgs) -> anyhow::Result<()> {
         sampling: sampling_params(&args.sampling),
         top_logits: args.top_logits,
         speculate: args.speculate,
-        draft_model: match &args.draft_model {
-            Some(path) => Some(std::sync::Arc::new(crate::generation::DraftModel::load(
-                path,
-                side.head().head().config().vocab,
-            )?)),
-            None => None,
-        },
+        draft_model: side.draft_model(args.draft_model.as_deref())?,
         ..Default::default()
     };
     let json = args.json;

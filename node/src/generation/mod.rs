@@ -18,7 +18,9 @@ use shard::{ChatMessage, Head, KvCache, Sampler, SamplingParams, Span, TextCodec
 mod runner;
 mod speculate;
 
-pub use runner::{run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip};
+pub use runner::{
+    client_and_side, run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip,
+};
 use speculate::next_draft_len;
 pub use speculate::{ngram_draft, DraftModel, Drafts, Speculate};
 

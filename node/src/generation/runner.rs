@@ -85,6 +85,17 @@ impl ClientSide {
     pub fn head(&self) -> &ClientHead {
         &self.head
     }
+
+    /// The draft model at `path` (`--draft-model`), checked against this model's
+    /// vocabulary; `None` without one.
+    pub fn draft_model(
+        &self,
+        path: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Arc<super::DraftModel>>> {
+        let vocab = self.head.head().config().vocab;
+        path.map(|p| Ok(Arc::new(super::DraftModel::load(p, vocab)?)))
+            .transpose()
+    }
 }
 
 /// Starts a client node, connected to `bootstrap`, with its inbound dispatcher.
@@ -211,6 +222,19 @@ pub async fn swarm_client(
     )
     .await?;
     Ok(Some(client.with_verify_rate(s.verify_rate)))
+}
+
+/// The swarm client and the model's client side for `generate` and `api`: the model
+/// `--model` names, or without it the swarm's (its head fetched when not here).
+pub async fn client_and_side(
+    model: &crate::args::ModelArg,
+    s: &crate::args::SwarmClientArgs,
+    shaping: Option<net::Shaping>,
+) -> anyhow::Result<(Option<Client>, ClientSide)> {
+    let client = swarm_client(s, shaping).await?;
+    let net = client.as_ref().map(|c| c.net());
+    let file = crate::weights::client_model(model, &s.from_swarm, net).await?;
+    Ok((client, ClientSide::load(file)?))
 }
 
 /// Runs one generation through the swarm (or locally when `client` is `None`).

@@ -148,12 +148,7 @@ impl Network {
             self.call(|reply| Command::AddAddresses { peer, addrs, reply })
                 .await?;
         }
-        let mut control = self
-            .data
-            .control
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut control = self.stream_control();
         let open = control.open_stream(peer, StreamProtocol::new(protocol));
         match tokio::time::timeout(OPEN_DATA_TIMEOUT, open).await {
             Ok(Ok(s)) => Ok(s),
@@ -164,18 +159,23 @@ impl Network {
         }
     }
 
+    /// A handle of the stream behaviour of its own: one shared handle opens one stream
+    /// at a time, and an open that hangs (a peer that died) must not hold up others.
+    fn stream_control(&self) -> libp2p_stream::Control {
+        self.data
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The streams of `protocol` other peers open to this node (one taker per protocol:
     /// a second call for the same one fails).
     pub fn accept_streams(
         &self,
         protocol: &'static str,
     ) -> anyhow::Result<libp2p_stream::IncomingStreams> {
-        let mut control = self
-            .data
-            .control
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut control = self.stream_control();
         control
             .accept(StreamProtocol::new(protocol))
             .map_err(|e| anyhow!("cannot take {protocol} streams: {e}"))
