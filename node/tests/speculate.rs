@@ -16,7 +16,7 @@ fn drafts_verified_through_the_swarm_change_no_token() {
     let c = serve(&m, "20..30", Some(&a.addr));
     wait_for_servers(&a.addr, 3);
     let args = ["--chat", "--prompt", PROMPT, "--max-tokens", "48"];
-    let plain = generate_json(&[&args[..], &["--local"]].concat());
+    let plain = generate_json(&[&args[..], &["--local", "--speculate", "off"]].concat());
     assert_eq!(plain["drafts"]["drafted"], 0, "{plain}");
     for (name, extra) in [
         ("local", vec!["--local", "--speculate", "ngram"]),
@@ -101,5 +101,26 @@ fn a_verify_step_computes_as_its_tokens_one_at_a_time() {
             a == b,
             "row {i} of the verify step differs from its token fed alone"
         );
+    }
+    // The same in a server's batch: beside another session's decode step (rows of
+    // single-token steps) and beside another session's prompt chunk.
+    let chunk = head.embed(&prompt[..40]).expect("embed");
+    let one_more = head.embed(&[77]).expect("embed");
+    let besides = [
+        ("a decode step", &one_more, primed()),
+        ("a prompt chunk", &chunk, span.new_cache(256)),
+    ];
+    for (what, beside, mut theirs) in besides {
+        let mut mine = primed();
+        let out = span
+            .forward_batch(vec![(&x, &mut mine), (beside, &mut theirs)])
+            .expect("batch");
+        let rows: Vec<Vec<f32>> = out[0].to_vec2().expect("rows");
+        for (i, (a, b)) in singles.iter().zip(&rows).enumerate() {
+            assert!(
+                a == b,
+                "row {i} of the verify step, batched with {what} of another session, differs from its token fed alone"
+            );
+        }
     }
 }

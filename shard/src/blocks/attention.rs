@@ -122,19 +122,23 @@ impl Span {
             .reshape((seq, nh * hd))?)
     }
 
-    /// True when every segment is a single token (a decode step) and such steps run in
-    /// plain Rust here ([`Span::decode_batch`]).
+    /// True when every segment is computed row by row (a decode step's token, or a
+    /// verify step's short run) and such rows run in plain Rust here
+    /// ([`Span::decode_batch`]).
     pub(super) fn decodes_batch_in_rust(&self, segments: &[Segment]) -> bool {
-        self.decodes_in_rust(1) && segments.iter().all(|s| s.seq == 1 && s.rows.is_some())
+        self.decodes_in_rust(1) && segments.iter().all(|s| s.rows.is_some())
     }
 
-    /// Attention for a batch of single-token segments (`q`, `k`, `v`: `[n, heads *
-    /// head_dim]`, row `i` segment `i`'s) in plain Rust: rope, the cache append and
-    /// [`decode_attention`] per row straight from slices, where [`Span::attention`] runs
-    /// a score of tensor ops per segment and block (measured: most of what 8 concurrent
-    /// sessions cost beyond the weights' products). The arithmetic is the general
-    /// path's (candle's rope formulas, unfused), and a lone decode step comes here too,
-    /// so a session's numbers do not depend on its batch. `[n, heads * head_dim]`.
+    /// Attention for a batch of segments computed row by row (`q`, `k`, `v`: `[n, heads
+    /// * head_dim]`, the segments' rows in order) in plain Rust: rope, the cache append
+    /// and [`decode_attention`] per row straight from slices, where [`Span::attention`]
+    /// runs a score of tensor ops per segment and block (measured: most of what 8
+    /// concurrent sessions cost beyond the weights' products). The arithmetic is the
+    /// general path's (candle's rope formulas, unfused), and a lone decode step comes
+    /// here too, so a session's numbers do not depend on its batch. A segment of
+    /// several rows (a verify step) appends and attends one row after the other, so
+    /// each row gets exactly the numbers it would get as a decode step of its own,
+    /// while the weights are read once for all. `[n, heads * head_dim]`.
     pub(super) fn decode_batch(
         &self,
         q: &Tensor,
@@ -146,12 +150,16 @@ impl Span {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let n = segments.len();
+        let n: usize = segments.iter().map(|s| s.seq).sum();
         let mut q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut k = k.flatten_all()?.to_vec1::<f32>()?;
         let v = v.flatten_all()?.to_vec1::<f32>()?;
         let (qw, kw) = (nh * hd, nkv * hd);
-        if q.len() != n * qw || k.len() != n * kw || v.len() != n * kw || kvs.len() != n {
+        if q.len() != n * qw
+            || k.len() != n * kw
+            || v.len() != n * kw
+            || kvs.len() != segments.len()
+        {
             return Err(ShardError::BadInput(format!(
                 "decode batch of {n}: q, k, v of {}, {}, {} values",
                 q.len(),
@@ -162,12 +170,13 @@ impl Span {
         let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let sinks = block.sinks.as_deref();
         let mut out = vec![0f32; n * qw];
-        let rows = q
+        let mut rows = q
             .chunks_exact_mut(qw)
             .zip(k.chunks_exact_mut(kw))
             .zip(v.chunks_exact(kw))
             .zip(out.chunks_exact_mut(qw));
-        for ((((qi, ki), vi), oi), (seg, kv)) in rows.zip(segments.iter().zip(kvs.iter_mut())) {
+        let freqs = cfg.rope_dims / 2;
+        for (seg, kv) in segments.iter().zip(kvs.iter_mut()) {
             let (table, window) = match (&seg.local, block.local) {
                 (Some(l), true) => (l.rows.as_ref(), cfg.sliding_window.as_ref().map(|w| w.size)),
                 _ => (seg.rows.as_ref(), None),
@@ -177,17 +186,23 @@ impl Span {
                     "a decode row without rope rows".into(),
                 ));
             };
-            for head in qi.chunks_exact_mut(hd).chain(ki.chunks_exact_mut(hd)) {
-                self.rope_row(head, table);
+            for i in 0..seg.seq {
+                let Some((((qi, ki), vi), oi)) = rows.next() else {
+                    return Err(ShardError::BadInput("decode batch: rows missing".into()));
+                };
+                let (cos, sin) = table.row(i, freqs);
+                for head in qi.chunks_exact_mut(hd).chain(ki.chunks_exact_mut(hd)) {
+                    self.rope_row(head, cos, sin);
+                }
+                let device = &self.device;
+                let kt = Tensor::from_slice(ki, (nkv, 1, hd), device)?;
+                let vt = Tensor::from_slice(vi, (nkv, 1, hd), device)?;
+                LayerKv::append(kv, &kt, &vt, seg.max_len)?;
+                let Some(l) = kv.as_ref() else {
+                    return Err(ShardError::BadInput("key/value cache missing".into()));
+                };
+                decode_attention(qi, l, nh / nkv, scale, window, cfg.attn_softcap, sinks, oi)?;
             }
-            let device = &self.device;
-            let kt = Tensor::from_slice(ki, (nkv, 1, hd), device)?;
-            let vt = Tensor::from_slice(vi, (nkv, 1, hd), device)?;
-            LayerKv::append(kv, &kt, &vt, seg.max_len)?;
-            let Some(l) = kv.as_ref() else {
-                return Err(ShardError::BadInput("key/value cache missing".into()));
-            };
-            decode_attention(qi, l, nh / nkv, scale, window, cfg.attn_softcap, sinks, oi)?;
         }
         Ok(Tensor::from_vec(out, (n, qw), &self.device)?)
     }
@@ -195,9 +210,9 @@ impl Span {
     /// Rope of one head's values at one position, in place: the first `rope_dims`
     /// turned as candle's single-token kernels turn them (the same products and sums,
     /// so the same numbers), the rest left.
-    fn rope_row(&self, x: &mut [f32], table: &RopeRows) {
+    fn rope_row(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
         let half = self.config.rope_dims / 2;
-        for (j, (&c, &s)) in table.cos.iter().zip(&table.sin).take(half).enumerate() {
+        for (j, (&c, &s)) in cos.iter().zip(sin).take(half).enumerate() {
             let (i1, i2) = match self.config.rope_style {
                 RopeStyle::Interleaved => (2 * j, 2 * j + 1),
                 RopeStyle::Half => (j, j + half),
@@ -357,17 +372,28 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// A single token's rope factors as plain numbers (`[freqs]` each), for
-/// [`Span::decode_batch`].
+/// Rope factors of a segment's rows as plain numbers (`[seq, freqs]` each, row after
+/// row), for [`Span::decode_batch`].
 #[derive(Clone)]
 pub(super) struct RopeRows {
     pub(super) cos: Vec<f32>,
     pub(super) sin: Vec<f32>,
 }
 
+impl RopeRows {
+    /// Row `i`'s cos and sin factors.
+    fn row(&self, i: usize, freqs: usize) -> (&[f32], &[f32]) {
+        (
+            &self.cos[i * freqs..(i + 1) * freqs],
+            &self.sin[i * freqs..(i + 1) * freqs],
+        )
+    }
+}
+
 /// One session's rows in a batch: how many, and their rope tables and causal mask.
 pub(super) struct Segment {
-    /// For a single token, its rope factors as plain numbers.
+    /// For a segment computed row by row (a decode step, or the short run of a verify
+    /// step: `Span::row_by_row`), its rope factors as plain numbers.
     pub(super) rows: Option<RopeRows>,
     /// Rope tables and window mask of the sliding-window layers, for models with them.
     pub(super) local: Option<LocalRope>,
@@ -386,7 +412,7 @@ pub(super) struct LocalRope {
     /// `[seq, pos + seq]`, the window applied; `None` where the decode path, which
     /// applies the window itself, takes the row.
     pub(super) mask: Option<Tensor>,
-    /// For a single token, its local rope factors as plain numbers.
+    /// For a segment computed row by row, its local rope factors as plain numbers.
     pub(super) rows: Option<RopeRows>,
 }
 

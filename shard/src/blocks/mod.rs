@@ -340,14 +340,40 @@ impl Span {
     }
 
     /// True when `x` is a short run of rows continuing a sequence (a verify step of
-    /// speculative decoding, at most [`ROWS_ONE_BY_ONE`] rows): such a run is computed
-    /// one row at a time, each row exactly as a decode step computes its token. (In one
-    /// segment, attention and the rest sum in other orders, and measured on the default
-    /// model the rows drifted from one-token steps by up to a few units of the hidden
-    /// state over 30 blocks: enough to turn a near-tie, so greedy text would change.)
-    fn rows_one_by_one(&self, x: &Tensor, cache: &KvCache) -> bool {
+    /// speculative decoding, at most [`ROWS_ONE_BY_ONE`] rows). Such a run must give
+    /// each row exactly what a decode step gives its token: computed as one segment,
+    /// attention and the rest sum in other orders, and measured on the default model
+    /// the rows drifted from one-token steps by up to a few units of the hidden state
+    /// over 30 blocks, enough to turn a near-tie, so greedy text would change.
+    fn continues_in_short_run(&self, x: &Tensor, cache: &KvCache) -> bool {
         let rows = x.dims().first().copied().unwrap_or(0);
         cache.len > 0 && (2..=ROWS_ONE_BY_ONE).contains(&rows)
+    }
+
+    /// True when a short run goes through the batch with its rows' projections
+    /// together and its attention row after row ([`Span::decode_batch`]), each row's
+    /// numbers those of a decode step: every weight on our row-exact kernels, and
+    /// attention of query heads over a cache in plain Rust. Otherwise (latent
+    /// attention, candle's matmuls, a GPU) the run is computed one row at a time,
+    /// through the whole span per row.
+    fn verifies_in_one_pass(&self) -> bool {
+        self.decodes_in_rust(1)
+            && self.batches_exactly()
+            && self
+                .blocks
+                .iter()
+                .all(|b| matches!(b.attn, Attn::Heads { .. }))
+    }
+
+    /// True when the segment `x` is computed row by row within the batch.
+    fn row_by_row(&self, x: &Tensor, cache: &KvCache) -> bool {
+        let rows = x.dims().first().copied().unwrap_or(0);
+        rows == 1 || (self.continues_in_short_run(x, cache) && self.verifies_in_one_pass())
+    }
+
+    /// True when the segment `x` must run alone, one row at a time through the span.
+    fn rows_one_by_one(&self, x: &Tensor, cache: &KvCache) -> bool {
+        self.continues_in_short_run(x, cache) && !self.verifies_in_one_pass()
     }
 
     fn forward_batch_on_pool(
@@ -419,15 +445,17 @@ impl Span {
                     max: cache.max_len,
                 });
             }
-            let (cos, sin, rows) = self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq)?;
+            let row_by_row = self.row_by_row(x, cache);
+            let (cos, sin, rows) =
+                self.rope_tables(&self.inv_freq, self.rope_mscale, pos, seq, row_by_row)?;
             let local = match &self.config.sliding_window {
                 Some(w) => {
                     let (cos, sin, rows) = match &self.local_rope {
-                        Some(freqs) => self.rope_tables(freqs, 1.0, pos, seq)?,
+                        Some(freqs) => self.rope_tables(freqs, 1.0, pos, seq, row_by_row)?,
                         None => (cos.clone(), sin.clone(), rows.clone()),
                     };
                     // The decode path applies the window itself.
-                    let mask = if self.decodes_in_rust(seq) {
+                    let mask = if row_by_row && self.decodes_in_rust(1) {
                         None
                     } else {
                         let m = causal_mask(seq, pos, Some(w.size), &self.device)?;
@@ -442,7 +470,7 @@ impl Span {
                 }
                 None => None,
             };
-            let mask = if seq > 1 {
+            let mask = if seq > 1 && !(row_by_row && self.decodes_in_rust(1)) {
                 Some(causal_mask(seq, pos, None, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
@@ -485,7 +513,7 @@ impl Span {
     }
 
     /// Rope tables for positions `pos..pos + seq`, `[seq, freqs]` each (times `mscale`),
-    /// and for a single token the same numbers as plain rows too (for
+    /// and for a segment computed row by row the same numbers as plain rows too (for
     /// [`Span::decode_batch`]).
     fn rope_tables(
         &self,
@@ -493,6 +521,7 @@ impl Span {
         mscale: f32,
         pos: usize,
         seq: usize,
+        row_by_row: bool,
     ) -> Result<(Tensor, Tensor, Option<RopeRows>)> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
@@ -504,7 +533,7 @@ impl Span {
                 sin.push(a.sin() * mscale);
             }
         }
-        let rows = (seq == 1).then(|| RopeRows {
+        let rows = row_by_row.then(|| RopeRows {
             cos: cos.clone(),
             sin: sin.clone(),
         });
@@ -552,7 +581,12 @@ impl Span {
                     self.decode_batch(&q, &k, &v, segments, kvs, b)?
                 } else {
                     per_segment(segments, kvs, &[q, k, v], |[q, k, v], seg, kv| {
-                        self.attention(q, k, v, seg, kv, b)
+                        if seg.seq > 1 && self.decodes_batch_in_rust(std::slice::from_ref(seg)) {
+                            // A verify step's run beside a prompt chunk: still row by row.
+                            self.decode_batch(&q, &k, &v, std::slice::from_ref(seg), &mut [kv], b)
+                        } else {
+                            self.attention(q, k, v, seg, kv, b)
+                        }
                     })?
                 }
             }
