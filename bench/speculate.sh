@@ -57,6 +57,6 @@ for m, r in runs.items():
     same = r["completion_tokens"] == off["completion_tokens"]
     print(f"--speculate {m:6} {r['tokens_per_second']:7.2f} tok/s  "
           f"{r['tokens_per_second'] / off['tokens_per_second']:.2f}x off  "
-          f"drafts {d['accepted']}/{d['drafted']} in {d['steps']} verify steps  "
+          f"drafts {d['accepted']}/{d['drafted']} in {d['steps']} verify steps ({d['draft_seconds']:.2f} s drafting)  "
           f"identical text: {same}")
 PY

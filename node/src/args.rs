@@ -230,7 +230,6 @@ pub struct ModelArg {
 #[serde(rename_all = "lowercase")]
 pub enum Speculate {
     /// One token per step.
-    #[default]
     Off,
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the
     /// context's last few tokens (no model; pays where answers repeat their context).
@@ -238,9 +237,11 @@ pub enum Speculate {
     /// A small model sharing the vocabulary (`--draft-model`), run here, proposes its
     /// most likely tokens.
     Draft,
-    /// Prompt lookup where it pays: drafts are verified while the measured time of a
-    /// verify step, against a plain step's and the acceptance so far, gives more tokens
-    /// per second (`generation::speculate`'s pacing).
+    /// The draft model where one is given (`--draft-model`), else prompt lookup, where
+    /// it pays: drafts are verified while the measured time of a verify step, against
+    /// a plain step's and the tokens it gave, gives more tokens per second
+    /// (`generation::speculate`'s pacing). The default.
+    #[default]
     Auto,
 }
 
@@ -492,19 +493,21 @@ pub struct GenerateArgs {
     /// chosen, to see how close a choice was where two devices or swarms disagree.
     #[arg(long, default_value_t = 0, value_name = "K", requires = "json")]
     pub top_logits: usize,
-    /// Speculative decoding: `draft` proposes what --draft-model finds most likely;
-    /// `ngram` proposes the tokens that followed the context's
-    /// last few tokens earlier on and verifies them all in one pass through the chain
-    /// (one round trip), keeping what the model would have chosen itself: the same
-    /// text, fewer round trips where the answer repeats its context. `auto` does so
-    /// only while the measured step times and acceptance say it pays; `off` decodes one
-    /// token per step. Greedy text is exactly the same; sampled text keeps its
-    /// distribution (drafts pass the standard speculative-sampling rule), and a --seed
-    /// repeats it.
-    #[arg(long, value_enum, default_value = "off")]
+    /// Speculative decoding: tokens proposed cheaply are verified all in one pass
+    /// through the chain (one round trip), keeping what the model would have chosen
+    /// itself. `draft` proposes what --draft-model finds most likely (while it is
+    /// sure); `ngram` proposes the tokens that followed the context's last few tokens
+    /// earlier on (pays where the answer repeats its context); `auto` (the default)
+    /// drafts with --draft-model if given, else by n-grams, only while the measured
+    /// step times and acceptance say it pays; `off` decodes one token per step. Greedy
+    /// text is exactly the same; sampled text keeps its distribution (drafts pass the
+    /// standard speculative-sampling rule), and a --seed repeats it.
+    #[arg(long, value_enum, default_value = "auto")]
     pub speculate: Speculate,
-    /// The model `--speculate draft` drafts with: a small GGUF sharing the model's
-    /// vocabulary (a smaller quantisation of the same model will do), run here.
+    /// The model `--speculate draft` (and `auto`) drafts with: a small GGUF sharing the
+    /// model's vocabulary (a smaller quantisation of the same model will do), run here.
+    /// At 40 ms round trips, the default model's Q4_0 drafting for its Q8_0 decoded
+    /// 1.9-2.5x faster than `off`.
     #[arg(long, value_name = "PATH")]
     pub draft_model: Option<PathBuf>,
     /// How to reach the swarm.
@@ -587,7 +590,7 @@ pub struct ApiArgs {
     pub listen: String,
     /// Speculative decoding for requests that do not choose (a request may send
     /// `"speculate": "off" | "ngram" | "draft" | "auto"`); see `shoal generate --help`.
-    #[arg(long, value_enum, default_value = "off")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub speculate: Speculate,
     /// The model `draft` speculation drafts with (see `shoal generate --help`).
     #[arg(long, value_name = "PATH")]

@@ -10,7 +10,9 @@ use shard::{ModelFile, SamplingParams, Span};
 
 use super::demo::LocalSwarm;
 use crate::args::BenchArgs;
-use crate::generation::{prompt_tokens, run_generation, start_client, ClientSide, GenerateRequest};
+use crate::generation::{
+    prompt_tokens, run_generation, start_client, ClientSide, GenerateRequest, Speculate,
+};
 use crate::model_cache::model_path;
 
 #[derive(Serialize, Debug)]
@@ -136,6 +138,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         chat: true,
         max_tokens: args.tokens,
         sampling: SamplingParams::default(),
+        // The kernels' own speed, one token per step, as llama.cpp's is measured.
+        speculate: Speculate::Off,
         ..Default::default()
     };
     let words: String = (0..args.prompt_tokens * 2)

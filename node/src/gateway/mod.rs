@@ -120,7 +120,7 @@ impl ApiState {
             wire,
             route_timeout,
             metrics: GatewayMetrics::default(),
-            speculate: crate::generation::Speculate::Off,
+            speculate: crate::generation::Speculate::Auto,
             draft_model: None,
             board: Board {
                 started: Instant::now(),

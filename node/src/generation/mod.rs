@@ -268,6 +268,12 @@ pub struct Generation {
     pub top_logits: Vec<Vec<(u32, f32)>>,
     /// Tokens drafted and accepted by speculative decoding.
     pub drafts: Drafts,
+    /// Steps sent through the blocks after the prompt (plain and verify steps).
+    pub decode_steps: usize,
+    /// Seconds this client spent on its own work between a step's output arriving and
+    /// the next step leaving (LM head, sampling, drafting, text): its share of a step's
+    /// time, which the simulator takes as the client's per-step cost.
+    pub client_seconds: f64,
 }
 
 /// Tokenises a request; the prompt must leave room for at least one new token.
@@ -322,13 +328,30 @@ pub async fn generate(
             h.observe(t.elapsed().as_secs_f64());
         }
     };
+    // The draft model reads the prompt on a thread of its own meanwhile.
+    let drafter = match (req.speculate, &req.draft_model) {
+        (Speculate::Draft | Speculate::Auto, Some(m)) => {
+            let d = speculate::Drafter::new(m.clone(), prompt.len() + max_tokens + 1);
+            let prompt = prompt.clone();
+            Some(tokio::task::spawn_blocking(move || d.read_prompt(prompt)))
+        }
+        (Speculate::Draft, None) => bail!("--speculate draft needs a --draft-model"),
+        _ => None,
+    };
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         let x = head.embed(chunk)?;
         let t = Instant::now();
         last = Some(blocks.forward(&x, &device, hidden).await?);
         timed(t);
     }
+    let mut drafter = match drafter {
+        Some(d) => Some(d.await.context("the draft model's thread")??),
+        None => None,
+    };
     let mut h = last.context("empty prompt")?;
+    // The client's own time: from an output's arrival to the next step's departure.
+    let mut arrived = Instant::now();
+    let (mut client_seconds, mut decode_steps) = (0.0, 0);
     let mut history = prompt.clone();
     let mut completion = Vec::new();
     let mut out_text = String::new();
@@ -343,13 +366,6 @@ pub async fn generate(
     // after a plain step, the accepted drafts and the next token after a verify step.
     let mut chosen: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
     let speculating = req.speculate != Speculate::Off;
-    let mut drafter = match (req.speculate, &req.draft_model) {
-        (Speculate::Draft | Speculate::Auto, Some(m)) => {
-            Some(speculate::Drafter::new(m, prompt.len() + max_tokens + 1))
-        }
-        (Speculate::Draft, None) => bail!("--speculate draft needs a --draft-model"),
-        _ => None,
-    };
     let mut drafts = Drafts::default();
     // `auto` starts with short drafts: its first tries are bets.
     let mut draft_len = if req.speculate == Speculate::Auto {
@@ -412,15 +428,17 @@ pub async fn generate(
         let Some(tok) = last else { break };
         // Feed the last token chosen, with drafts to verify when speculating (no more
         // than could still be used).
-        let room = draft_len.min(max_tokens - completion.len() - 1);
-        let proposed =
-            if !speculating || (req.speculate == Speculate::Auto && !pacing.worth_it(room)) {
-                Vec::new()
-            } else if let Some(d) = drafter.as_mut() {
-                tokio::task::block_in_place(|| d.propose(&history, room))?
-            } else {
-                ngram_draft(&history, room)
-            };
+        let room = max_tokens - completion.len() - 1;
+        let drafting = Instant::now();
+        let proposed = if !speculating || (req.speculate == Speculate::Auto && !pacing.worth_it()) {
+            Vec::new()
+        } else if let Some(d) = drafter.as_mut() {
+            let k = speculate::MAX_DRAFT.min(room);
+            tokio::task::block_in_place(|| d.propose(&history, k))?
+        } else {
+            ngram_draft(&history, draft_len.min(room))
+        };
+        drafts.draft_seconds += drafting.elapsed().as_secs_f64();
         let fed: Vec<u32> = std::iter::once(tok)
             .chain(proposed.iter().copied())
             .collect();
@@ -430,7 +448,10 @@ pub async fn generate(
         if proposed.is_empty() {
             step = Some(client_head.stepping());
         }
+        client_seconds += arrived.elapsed().as_secs_f64();
+        decode_steps += 1;
         h = blocks.forward(&x, &device, hidden).await?;
+        arrived = Instant::now();
         timed(t);
         if proposed.is_empty() {
             plain_started = Some(t);
@@ -461,7 +482,7 @@ pub async fn generate(
             }
         }
         // A verify step's time: feeding its tokens to having its choices.
-        pacing.verify(t.elapsed().as_secs_f64(), proposed.len(), accepted);
+        pacing.verify(drafting.elapsed().as_secs_f64(), accepted);
         drafts.steps += 1;
         drafts.drafted += proposed.len();
         drafts.accepted += accepted;
@@ -494,6 +515,8 @@ pub async fn generate(
         finish_reason: finish.to_string(),
         top_logits,
         drafts,
+        decode_steps,
+        client_seconds,
     })
 }
 
