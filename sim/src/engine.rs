@@ -5,14 +5,27 @@
 //! real node or client makes — span choice, rebalancing, routes, bans — is made here by
 //! the same `coordinator` functions; only time comes from a cost model:
 //!
-//! - compute: a step of `t` tokens over `b` blocks at context `c` takes
+//! - compute: a batch of `t` rows over `b` blocks, its sessions at contexts `c`, takes
 //!   `max(flops / node_flops, bytes / node_bandwidth) + step_overhead`, with
-//!   `flops = b (2 P t + 4 h c t)` and `bytes = b (weight bytes + c kv bytes)`;
+//!   `flops = b (2 P t + 4 h Σ c t)` and `bytes = b (weight bytes + Σ c kv bytes)`:
+//!   the weights are read once for all rows, so rows are nearly free until compute
+//!   binds;
+//! - batching: steps of several clients that reach a node while it is busy wait for
+//!   its current batch to end and then run together, as one batch (as a server
+//!   batches the steps it has when it starts one). A step that joins a batch that is
+//!   already scheduled but not started delays it; the steps already in it keep the
+//!   end they were given (a small error);
 //! - transfer: half the regions' round trip plus `t h 4 bytes` over the slower of the
-//!   sender's uplink and the receiver's downlink;
-//! - queueing: a node runs one step at a time, in the order steps are simulated (a step
-//!   is simulated whole when it starts, so a later step that would reach a node first
-//!   still queues behind it: a small error, noted here so nobody trusts it more);
+//!   sender's uplink and the receiver's downlink. A server's uplink carries its output
+//!   to the next server and then a copy to the client (kept for replays after a
+//!   failure); a send waits for the uplink to be free;
+//! - the client: after each step's output arrives it spends its own `step_ms` (LM
+//!   head, sampling) and, speculating, `draft_ms` per token it proposes, before the
+//!   next step leaves. A speculating client's decode step carries `1 + drafts` rows
+//!   and gives `1 + drafts x acceptance` tokens (the group's averages);
+//! - queueing: a node runs one batch at a time, in the order steps are simulated (a
+//!   step is simulated whole when it starts, so a later step that would reach a node
+//!   first still queues behind it: a small error, noted here so nobody trusts it more);
 //! - failures: a step that reaches a departed or moved node is noticed after the client's
 //!   timeout and probe (as in `node::client`), the node is banned, the chain is re-planned
 //!   from its first block, and the replacements replay the history before the step goes on.
@@ -29,8 +42,6 @@ use crate::model::ModelShape;
 use crate::report::{Percentiles, Report};
 use crate::topology::{parse_span, Topology};
 
-/// Client bandwidth, both ways, Mbit/s (clients are not the bottleneck in these models).
-const CLIENT_MBPS: f64 = 100.0;
 /// KV-cache tokens a node reserves per block it serves (what `shoal serve` keeps room
 /// for when its budget allows). How many blocks fit a node's memory is
 /// `coordinator::budget`'s decision, as in `shoal serve`.
@@ -68,12 +79,30 @@ struct Node {
     alive: bool,
     span: (u32, u32),
     throughput: f32,
+    /// When the last batch scheduled on it ends.
     busy_until: f64,
+    /// That batch.
+    batch: Batch,
+    /// When its uplink has sent all it was given.
+    uplink_free: f64,
     auto: bool,
     /// Counted in `members`/`tput` (alive, and its region reachable).
     present: bool,
     /// Clients whose route includes it.
     sessions: u32,
+}
+
+/// The rows of one batch on a node: what it costs.
+#[derive(Clone, Copy, Debug, Default)]
+struct Batch {
+    start: f64,
+    blocks: u32,
+    /// Rows through the weights.
+    rows: f64,
+    /// Sum over rows of the context each attends over.
+    attended: f64,
+    /// Sum over sessions of their contexts (cache read once per session).
+    cached: f64,
 }
 
 struct Client {
@@ -82,13 +111,15 @@ struct Client {
     route: Vec<(usize, u32, u32)>,
     /// Tokens already through the whole chain.
     pos: u32,
-    generated: u32,
+    /// Tokens of this generation so far (fractional: a speculating client gains an
+    /// average number per step).
+    generated: f64,
     /// Block to re-plan from after a failure (None: not recovering).
     replan_from: Option<u32>,
     waiting_since: Option<f64>,
     bans: Bans,
     step_ewma: Option<f64>,
-    tokens: u64,
+    tokens: f64,
 }
 
 /// Options of a run besides the topology.
@@ -113,6 +144,8 @@ struct Sim<'a> {
     region_up: Vec<bool>,
     // Results.
     decode_latencies: Vec<f32>,
+    /// Per decode step, its time per token gained.
+    token_times: Vec<f32>,
     completed: u64,
     lost: u64,
     reroutes: u64,
@@ -148,15 +181,89 @@ impl<'a> Sim<'a> {
         -mean * (1.0 - u).ln()
     }
 
+    /// One session's step of `tokens` rows at context `ctx` on its own.
     fn compute_s(&self, node: usize, blocks: u32, tokens: u32, ctx: u32) -> f64 {
+        let (t, c) = (tokens as f64, ctx as f64);
+        self.batch_s(
+            node,
+            &Batch {
+                start: 0.0,
+                blocks,
+                rows: t,
+                attended: c * t,
+                cached: c,
+            },
+        )
+    }
+
+    /// A batch's time on `node`.
+    fn batch_s(&self, node: usize, batch: &Batch) -> f64 {
         let g = &self.topo.nodes[self.nodes[node].group];
         let m = &self.model;
-        let (b, t, c) = (blocks as f64, tokens as f64, ctx as f64);
+        let b = batch.blocks as f64;
         // A mixture of experts computes with the experts its tokens use and reads those.
-        let flops = b * (2.0 * m.params_per_token() * t + 4.0 * m.hidden as f64 * c * t);
-        let bytes = b * (m.params_read(tokens) * m.bytes_per_param + c * m.kv_bytes_per_token);
+        let flops =
+            b * (2.0 * m.params_per_token() * batch.rows + 4.0 * m.hidden as f64 * batch.attended);
+        let read = m.params_read(batch.rows.ceil() as u32);
+        let bytes = b * (read * m.bytes_per_param + batch.cached * m.kv_bytes_per_token);
         (flops / (g.tflops * 1e12)).max(bytes / (g.mem_bandwidth_gbs * 1e9))
             + g.step_overhead_ms / 1e3
+    }
+
+    /// Runs a step of `rows` rows at context `ctx` over `blocks` blocks on node `n`,
+    /// arriving at `t`: in a batch of its own if the node is free, else in the batch
+    /// after the current one. Returns when its output is ready.
+    fn run_on(&mut self, n: usize, t: f64, blocks: u32, rows: f64, ctx: f64) -> f64 {
+        let step = Batch {
+            start: t,
+            blocks,
+            rows,
+            attended: ctx * rows,
+            cached: ctx,
+        };
+        let node = &self.nodes[n];
+        let batch = if t >= node.busy_until {
+            step
+        } else if node.batch.start > t {
+            // Scheduled, not started: join it.
+            let b = node.batch;
+            Batch {
+                start: b.start,
+                blocks: b.blocks.max(blocks),
+                rows: b.rows + rows,
+                attended: b.attended + step.attended,
+                cached: b.cached + ctx,
+            }
+        } else {
+            // Running: the next batch starts when it ends.
+            Batch {
+                start: node.busy_until,
+                ..step
+            }
+        };
+        let done = batch.start + self.batch_s(n, &batch);
+        let node = &mut self.nodes[n];
+        node.batch = batch;
+        node.busy_until = node.busy_until.max(done);
+        done
+    }
+
+    /// Sends `tokens` rows from node `n` (done computing at `t`) over its uplink to a
+    /// receiver in `to_region` with `down_mbps`; returns the arrival.
+    fn send_from(
+        &mut self,
+        n: usize,
+        t: f64,
+        to_region: usize,
+        down_mbps: f64,
+        tokens: f64,
+    ) -> f64 {
+        let g = &self.topo.nodes[self.nodes[n].group];
+        let start = t.max(self.nodes[n].uplink_free);
+        let bits = self.model.hidden_bytes(1) * tokens * 8.0;
+        let wire = bits / (g.uplink_mbps.min(down_mbps) * 1e6);
+        self.nodes[n].uplink_free = start + wire;
+        start + wire + self.rtt(self.nodes[n].region, to_region) / 2.0
     }
 
     fn transfer_s(
@@ -165,9 +272,9 @@ impl<'a> Sim<'a> {
         up_mbps: f64,
         to_region: usize,
         down_mbps: f64,
-        tokens: u32,
+        tokens: f64,
     ) -> f64 {
-        let bits = self.model.hidden_bytes(tokens) * 8.0;
+        let bits = self.model.hidden_bytes(1) * tokens * 8.0;
         self.rtt(from_region, to_region) / 2.0 + bits / (up_mbps.min(down_mbps) * 1e6)
     }
 
@@ -221,6 +328,8 @@ impl<'a> Sim<'a> {
             span,
             throughput: 0.0,
             busy_until: 0.0,
+            batch: Batch::default(),
+            uplink_free: 0.0,
             auto,
             present: false,
             sessions: 0,
@@ -359,7 +468,7 @@ impl<'a> Sim<'a> {
         self.truncate_route(c, 0);
         let cl = &mut self.clients[c];
         cl.pos = 0;
-        cl.generated = 0;
+        cl.generated = 0.0;
         cl.replan_from = None;
         cl.waiting_since = None;
         self.push(at, Ev::Client(c));
@@ -368,6 +477,8 @@ impl<'a> Sim<'a> {
     fn client(&mut self, c: usize) {
         let group = &self.topo.clients[self.clients[c].group];
         let (prompt, new_tokens, think) = (group.prompt_tokens, group.new_tokens, group.think_s);
+        let (client_s, link_mbps) = (group.step_ms / 1e3, group.link_mbps);
+        let speculate = group.speculate.clone();
         // Plan (a new generation, or a failover).
         let needs_plan = self.clients[c].route.is_empty() || self.clients[c].replan_from.is_some();
         if needs_plan {
@@ -414,21 +525,30 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        // Run one step through the chain.
+        // Run one step through the chain: the prompt, a token, or a token and drafts.
         let (pos, region) = (self.clients[c].pos, self.clients[c].region);
-        let tokens = if pos == 0 { prompt } else { 1 };
+        let (rows, gain, drafting_s) = match (&speculate, pos) {
+            (_, 0) => (prompt as f64, 1.0, 0.0),
+            (Some(s), _) => (
+                1.0 + s.drafts,
+                1.0 + s.drafts * s.acceptance,
+                s.drafts * s.draft_ms / 1e3,
+            ),
+            (None, _) => (1.0, 1.0, 0.0),
+        };
         let mut t = self.now;
-        let (mut prev_region, mut prev_up) = (region, CLIENT_MBPS);
         let route = self.clients[c].route.clone();
         for (i, &(n, s, e)) in route.iter().enumerate() {
             let g = &self.topo.nodes[self.nodes[n].group];
-            t += self.transfer_s(
-                prev_region,
-                prev_up,
-                self.nodes[n].region,
-                g.downlink_mbps,
-                tokens,
-            );
+            if i == 0 {
+                t += self.transfer_s(
+                    region,
+                    link_mbps,
+                    self.nodes[n].region,
+                    g.downlink_mbps,
+                    rows,
+                );
+            }
             let node = &self.nodes[n];
             let serving = node.present && node.span.0 <= s && e <= node.span.1;
             if !serving {
@@ -446,24 +566,36 @@ impl<'a> Sim<'a> {
                 self.push(noticed, Ev::Client(c));
                 return;
             }
-            let start = t.max(node.busy_until);
-            let done = start + self.compute_s(n, e - s, tokens, pos);
-            self.nodes[n].busy_until = done;
-            t = done;
-            prev_region = self.nodes[n].region;
-            prev_up = g.uplink_mbps;
+            let done = self.run_on(n, t, e - s, rows, pos as f64);
+            // The output to the next server (or, from the last, to the client), then
+            // the client's copy on the same uplink.
+            match route.get(i + 1) {
+                Some(&(next, _, _)) => {
+                    let down = self.topo.nodes[self.nodes[next].group].downlink_mbps;
+                    let to = self.nodes[next].region;
+                    t = self.send_from(n, done, to, down, rows);
+                    let sent = self.nodes[n].uplink_free;
+                    self.send_from(n, sent, region, link_mbps, rows);
+                }
+                None => t = self.send_from(n, done, region, link_mbps, rows),
+            }
         }
-        t += self.transfer_s(prev_region, prev_up, region, CLIENT_MBPS, tokens);
+        // The client's own work before its next step leaves.
+        t += client_s + drafting_s;
         let latency = t - self.now;
         let cl = &mut self.clients[c];
-        if pos > 0 {
+        let gained = if pos > 0 {
             self.decode_latencies.push(latency as f32);
+            self.token_times.push((latency / gain) as f32);
             cl.step_ewma = Some(cl.step_ewma.map_or(latency, |p| 0.8 * p + 0.2 * latency));
-        }
-        cl.pos += tokens;
-        cl.generated += 1;
-        cl.tokens += 1;
-        if cl.generated >= new_tokens {
+            gain.min(new_tokens as f64 - cl.generated)
+        } else {
+            1.0
+        };
+        cl.generated += gained;
+        cl.tokens += gained;
+        cl.pos = prompt + cl.generated.floor() as u32;
+        if cl.generated >= new_tokens as f64 {
             self.completed += 1;
             self.next_generation(c, t + think);
         } else {
@@ -505,6 +637,7 @@ pub fn run(topo: &Topology, opts: &Options, mut progress: impl FnMut(f64)) -> Re
         tput: vec![0.0; model.blocks as usize],
         region_up: vec![true; topo.regions.len()],
         decode_latencies: Vec::new(),
+        token_times: Vec::new(),
         completed: 0,
         lost: 0,
         reroutes: 0,
@@ -531,12 +664,12 @@ pub fn run(topo: &Topology, opts: &Options, mut progress: impl FnMut(f64)) -> Re
                 group: g,
                 route: Vec::new(),
                 pos: 0,
-                generated: 0,
+                generated: 0.0,
                 replan_from: None,
                 waiting_since: None,
                 bans: Bans::default(),
                 step_ewma: None,
-                tokens: 0,
+                tokens: 0.0,
             });
             // Clients start after the nodes they need, spread over a second.
             let at =
@@ -577,15 +710,14 @@ pub fn run(topo: &Topology, opts: &Options, mut progress: impl FnMut(f64)) -> Re
         .iter()
         .map(|c| {
             let start = topo.clients[c.group].start_s;
-            c.tokens as f64 / (duration - start).max(1e-9)
+            c.tokens / (duration - start).max(1e-9)
         })
         .collect();
-    let total_tokens: u64 = sim.clients.iter().map(|c| c.tokens).sum();
-    let mean_decode = if sim.decode_latencies.is_empty() {
+    let total_tokens = sim.clients.iter().map(|c| c.tokens).sum::<f64>().round() as u64;
+    let mean_decode = if sim.token_times.is_empty() {
         0.0
     } else {
-        sim.decode_latencies.iter().map(|x| *x as f64).sum::<f64>()
-            / sim.decode_latencies.len() as f64
+        sim.token_times.iter().map(|x| *x as f64).sum::<f64>() / sim.token_times.len() as f64
     };
     Report {
         topology: topo.name.clone(),

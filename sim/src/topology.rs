@@ -31,6 +31,9 @@
 //! new_tokens = 128
 //! think_s = 2.0                 # pause between generations
 //! start_s = 0
+//! step_ms = 1.5                 # optional: the client's own work per step (LM head, sampling)
+//! link_mbps = 100               # optional: the client's link, both ways
+//! speculate = { drafts = 3.4, acceptance = 0.47, draft_ms = 5.0 }   # optional
 //!
 //! [[events]]                    # optional scripted events
 //! at_s = 300
@@ -164,6 +167,38 @@ pub struct ClientGroup {
     /// When they start.
     #[serde(default)]
     pub start_s: f64,
+    /// The client's own work per step, milliseconds: the LM head over the step's
+    /// output, sampling, text. (Measured: `shoal generate --json` reports its
+    /// `client_seconds` over its `decode_steps`.)
+    #[serde(default)]
+    pub step_ms: f64,
+    /// The client's link, both ways, Mbit/s.
+    #[serde(default = "default_client_mbps")]
+    pub link_mbps: f64,
+    /// Speculative decoding, when these clients use it.
+    #[serde(default)]
+    pub speculate: Option<Speculation>,
+}
+
+fn default_client_mbps() -> f64 {
+    100.0
+}
+
+/// Speculative decoding as a client group does it, in the numbers `shoal generate
+/// --json` reports under `drafts`: each decode step verifies `drafts` proposed tokens
+/// (on average) along with the token chosen, and gives one token plus the accepted
+/// drafts. How many stand depends on the text and the drafter, so it is an input.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Speculation {
+    /// Tokens proposed per verify step, on average (drafted / steps).
+    pub drafts: f64,
+    /// Share of the proposed tokens accepted (accepted / drafted), 0 to 1.
+    pub acceptance: f64,
+    /// The client's time to propose one token, milliseconds (a draft model's step;
+    /// about 0 for prompt lookup).
+    #[serde(default)]
+    pub draft_ms: f64,
 }
 
 /// A scripted event.
@@ -359,6 +394,32 @@ impl Topology {
                     c.region.span(),
                     "prompt_tokens",
                     "prompt_tokens and new_tokens must be at least 1",
+                ));
+            }
+            let at_least_zero = |v: f64| v.is_finite() && v >= 0.0;
+            let bad = if !at_least_zero(c.step_ms) {
+                Some(("step_ms", "must be a time >= 0"))
+            } else if !positive(c.link_mbps) {
+                Some(("link_mbps", "must be positive"))
+            } else {
+                c.speculate.as_ref().and_then(|s| {
+                    if !at_least_zero(s.drafts) {
+                        Some(("speculate.drafts", "must be a number of tokens >= 0"))
+                    } else if !(0.0..=1.0).contains(&s.acceptance) {
+                        Some(("speculate.acceptance", "must be a share from 0 to 1"))
+                    } else if !at_least_zero(s.draft_ms) {
+                        Some(("speculate.draft_ms", "must be a time >= 0"))
+                    } else {
+                        None
+                    }
+                })
+            };
+            if let Some((field, message)) = bad {
+                return Err(err_at(
+                    text,
+                    c.region.span(),
+                    field,
+                    format!("{field} {message} in this [[clients]] group"),
                 ));
             }
         }

@@ -267,3 +267,108 @@ fn malformed_files_name_the_line_and_the_field() {
         );
     }
 }
+
+/// One region with `rtt` ms round trips, two servers of the default model (0..15,
+/// 15..30) on `mbps` links, and a `[[clients]]` group of the fields in `clients`.
+fn two_servers(rtt: f64, mbps: f64, clients: &str) -> Topology {
+    let mut t = format!(
+        "name = \"chain\"\nmodel = \"smollm2-135m\"\nduration_s = 300\n\n[[region]]\nname = \"lo\"\nrtt_ms = {{ lo = {rtt} }}\n\n"
+    );
+    for span in ["0..15", "15..30"] {
+        t += &format!(
+            "[[nodes]]\ncount = 1\nregion = \"lo\"\nmemory_gb = 8\ntflops = 0.2\nmem_bandwidth_gbs = 20\nuplink_mbps = {mbps}\ndownlink_mbps = {mbps}\nblocks = \"{span}\"\n\n"
+        );
+    }
+    topo(&(t + "[[clients]]\nregion = \"lo\"\n" + clients))
+}
+
+#[test]
+fn speculation_multiplies_tokens_per_round_trip() {
+    let plain = go(&two_servers(
+        100.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\n",
+    ))
+    .decode_tokens_per_second;
+    // A plain step is 3 one-way trips of 50 ms plus ~4 ms on the servers. With 4
+    // drafts a step, half accepted: 3 tokens a step of ~156 ms (5 rows cost a little
+    // more than one).
+    let spec = go(&two_servers(
+        100.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\nspeculate = { drafts = 4, acceptance = 0.5 }\n",
+    ))
+    .decode_tokens_per_second;
+    let gain = spec / plain;
+    assert!(gain > 2.7 && gain < 3.0, "gain {gain:.2}");
+    // Drafting is the client's time: 4 drafts of 25 ms make a step ~256 ms, for 3
+    // tokens against 1 in ~154 ms.
+    let slow = go(&two_servers(
+        100.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\nspeculate = { drafts = 4, acceptance = 0.5, draft_ms = 25 }\n",
+    ))
+    .decode_tokens_per_second;
+    let gain = slow / plain;
+    assert!(gain > 1.75 && gain < 1.85, "gain {gain:.2}");
+}
+
+#[test]
+fn the_clients_own_work_is_part_of_every_step() {
+    let plain = go(&two_servers(
+        20.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\n",
+    ))
+    .decode_tokens_per_second;
+    let busy = go(&two_servers(
+        20.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\nstep_ms = 10\n",
+    ))
+    .decode_tokens_per_second;
+    let extra = 1.0 / busy - 1.0 / plain;
+    assert!((extra - 0.010).abs() < 1e-4, "a step longer by {extra} s");
+}
+
+#[test]
+fn clients_sharing_servers_are_batched() {
+    // No round trip: the servers are the bottleneck, and a step reads the weights
+    // once for every client in its batch.
+    let one = go(&two_servers(
+        0.0,
+        1000.0,
+        "count = 1\nprompt_tokens = 32\nnew_tokens = 64\n",
+    ))
+    .decode_tokens_per_second;
+    let eight = go(&two_servers(
+        0.0,
+        1000.0,
+        "count = 8\nprompt_tokens = 32\nnew_tokens = 64\n",
+    ));
+    let each = eight.decode_tokens_per_second;
+    // Queued one after the other, eight would each get an eighth.
+    assert!(
+        each > one / 8.0 * 3.0,
+        "one alone {one:.1} tok/s, each of eight {each:.1}"
+    );
+    assert!(
+        each < one,
+        "one alone {one:.1} tok/s, each of eight {each:.1}"
+    );
+}
+
+#[test]
+fn a_servers_uplink_carries_the_clients_copy_too() {
+    // Eight clients on 1 Mbit/s links, no round trip: the first server sends each
+    // decode step's output (576 floats, 18,432 bits) to the second server and a copy
+    // to the client, so its uplink passes at most 1e6 / 36,864 = 27.1 steps a second
+    // in all (the second server's, sending only the result, would pass 54.3).
+    let t = two_servers(
+        0.0,
+        1.0,
+        "count = 8\nprompt_tokens = 4\nnew_tokens = 2000\nthink_s = 0\n",
+    );
+    let total = go(&t).tokens_per_second_total;
+    assert!((total - 27.1).abs() < 2.0, "{total:.1} tok/s in all");
+}

@@ -75,7 +75,7 @@ impl Network {
         frame: Frame,
     ) -> anyhow::Result<()> {
         if let Some(shaping) = self.shaping {
-            tokio::time::sleep(shaping.delay(frame.hidden_bytes())).await;
+            shaping.wait(frame.hidden_bytes()).await;
         }
         self.send_raw(peer, addrs, protocol::encode_frame(&frame)?)
             .await

@@ -162,7 +162,7 @@ impl Network {
         request: Request,
     ) -> anyhow::Result<Response> {
         if let Some(shaping) = self.shaping {
-            tokio::time::sleep(shaping.delay(0)).await;
+            shaping.wait(0).await;
         }
         self.call(|reply| Command::Request {
             peer,

@@ -1,9 +1,10 @@
 """llama.cpp's quantiser (through llama-cpp-python): writes OUT from IN (an F32 or F16
-GGUF) in one of its file types, with its own per-tensor choices.
+GGUF; with --requantize, an already quantised one, such as the default model) in one
+of its file types, with its own per-tensor choices.
 
-    python3 llama_cpp_quantize.py IN.gguf OUT.gguf TYPE
+    python3 llama_cpp_quantize.py IN.gguf OUT.gguf TYPE [--requantize]
 
-TYPE: q4_k_m, q5_k_m, q6_k, iq4_xs, iq4_nl, q5_0, q5_1, mxfp4_moe.
+TYPE: q4_k_m, q5_k_m, q6_k, iq4_xs, iq4_nl, q4_0, q5_0, q5_1, q8_0, mxfp4_moe.
 """
 import ctypes
 import sys
@@ -16,8 +17,10 @@ TYPES = {
     "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
     "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS,
     "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL,
+    "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
     "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
     "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
+    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "mxfp4_moe": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE,
 }
 
@@ -27,6 +30,7 @@ def main() -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = TYPES[kind]
     params.nthread = 2
+    params.allow_requantize = "--requantize" in sys.argv[4:]
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     if rc != 0:
         sys.exit(f"llama_model_quantize returned {rc}")
