@@ -433,12 +433,16 @@ pub async fn generate(
         let proposed = if !speculating || (req.speculate == Speculate::Auto && !pacing.worth_it()) {
             Vec::new()
         } else if let Some(d) = drafter.as_mut() {
-            let k = speculate::MAX_DRAFT.min(room);
+            let mut k = speculate::MAX_DRAFT.min(room);
+            if req.speculate == Speculate::Auto {
+                k = pacing.draft_cap(k);
+            }
             tokio::task::block_in_place(|| d.propose(&history, k))?
         } else {
             ngram_draft(&history, draft_len.min(room))
         };
-        drafts.draft_seconds += drafting.elapsed().as_secs_f64();
+        let drafted_in = drafting.elapsed().as_secs_f64();
+        drafts.draft_seconds += drafted_in;
         let fed: Vec<u32> = std::iter::once(tok)
             .chain(proposed.iter().copied())
             .collect();
@@ -482,7 +486,13 @@ pub async fn generate(
             }
         }
         // A verify step's time: feeding its tokens to having its choices.
-        pacing.verify(drafting.elapsed().as_secs_f64(), accepted);
+        let model_drafting = drafter.as_ref().map(|_| drafted_in);
+        pacing.verify(
+            drafting.elapsed().as_secs_f64(),
+            proposed.len(),
+            accepted,
+            model_drafting,
+        );
         drafts.steps += 1;
         drafts.drafted += proposed.len();
         drafts.accepted += accepted;
