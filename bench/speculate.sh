@@ -5,6 +5,8 @@
 #
 #   bench/speculate.sh [--rtt-ms 40] [--tokens 96] [--modes "ngram auto"]
 #                      [--model F] [--draft-model D] [--prompt TEXT]
+#
+# SHOAL=path/to/shoal runs that binary instead of building this tree's release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rtt=40
@@ -24,8 +26,11 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-cargo build --release --quiet --bin shoal
-shoal=target/release/shoal
+shoal=${SHOAL:-}
+if [ -z "$shoal" ]; then
+  cargo build --release --quiet --bin shoal
+  shoal=target/release/shoal
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }

@@ -103,8 +103,8 @@ impl Pacing {
     /// before a plain step has been timed: there is nothing to compare with yet.
     ///
     /// A draft model's draft gives, at best, its chance to stand times a plain step's
-    /// time, and costs its own step: once both are measured, drafts wait (tries
-    /// included) while the one does not exceed the other. Measured without emulated
+    /// time, and costs its own step and a row: once both are measured, drafts wait
+    /// (tries included) while the one does not exceed the other by [`DRAFT_MARGIN`]. Measured without emulated
     /// delay (Q4_0 drafting for Q8_0 through 3 loopback servers), a plain step took
     /// 8.5 ms, a draft 6.5 ms, and half the drafts stood: retrying every 16 to 64 steps
     /// made `auto` 0.80x `off`.
@@ -112,7 +112,7 @@ impl Pacing {
         if let (Some(plain), Some((accepted, cost)), true) =
             (self.plain, self.model, self.tries >= MIN_TRIES)
         {
-            if accepted * plain <= cost {
+            if accepted * plain <= DRAFT_MARGIN * cost {
                 return false;
             }
         }
@@ -147,6 +147,12 @@ impl Pacing {
         }
     }
 }
+
+/// How much more than its own step a draft must be expected to save: each draft is
+/// also a row through the blocks and the LM head, not counted in its step's time.
+/// Measured without emulated delay (Q4_0 drafting for Q8_0), with 1.0 `auto` still
+/// retried when noise made a plain step look slow, and ran 0.96x `off`.
+const DRAFT_MARGIN: f64 = 1.5;
 
 /// Drafts per verify step while `auto` tries drafting (see [`Pacing::draft_cap`]).
 const TRIAL_DRAFTS: usize = 2;
