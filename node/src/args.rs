@@ -595,6 +595,13 @@ pub struct ApiArgs {
     /// The model `draft` speculation drafts with (see `shoal generate --help`).
     #[arg(long, value_name = "PATH")]
     pub draft_model: Option<PathBuf>,
+    /// Generations run at once; further requests wait for a turn.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub max_running: usize,
+    /// Requests that may wait for a turn; beyond, a request is answered 429 with a
+    /// Retry-After.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_queued: usize,
     /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,

@@ -140,6 +140,11 @@ pub struct GatewayMetrics {
     pub reroutes: Counter,
     /// Generations that failed, by why.
     pub failures: Family<KindLabel, Counter>,
+    /// Requests waiting for a turn to generate (`shoal api --max-running`).
+    pub queued: Gauge,
+    /// Seconds from a request's arrival to its first token: the wait for a turn, the
+    /// prompt through the chain and the first token's choice.
+    pub first_token_seconds: Histogram,
 }
 
 impl Default for GatewayMetrics {
@@ -152,6 +157,8 @@ impl Default for GatewayMetrics {
             sessions: Gauge::default(),
             reroutes: Counter::default(),
             failures: Family::default(),
+            queued: Gauge::default(),
+            first_token_seconds: latency_histogram(),
         }
     }
 }
@@ -193,6 +200,16 @@ impl GatewayMetrics {
             "generation_failures",
             "Generations that failed, by why",
             self.failures.clone(),
+        );
+        registry.register(
+            "queued_requests",
+            "Requests waiting for a turn to generate",
+            self.queued.clone(),
+        );
+        registry.register(
+            "time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first token",
+            self.first_token_seconds.clone(),
         );
     }
 

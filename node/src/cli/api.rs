@@ -20,6 +20,7 @@ pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> an
     );
     state.speculate = args.speculate;
     state.draft_model = draft_model;
+    state.set_limits(args.max_running, args.max_queued);
     let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::admission::Turn;
 use super::lock;
 use super::openai::ApiError;
 use super::ApiState;
@@ -83,6 +84,8 @@ pub(super) struct Tracker {
     endpoint: &'static str,
     started: Instant,
     finished: bool,
+    /// The request's turn to generate, given back when the tracker goes.
+    turn: Turn,
 }
 
 impl Tracker {
@@ -91,6 +94,7 @@ impl Tracker {
         id: &str,
         endpoint: &'static str,
         prompt: usize,
+        turn: Turn,
     ) -> Self {
         state.metrics.sessions.inc();
         state.board.requests.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +122,7 @@ impl Tracker {
             endpoint,
             started: Instant::now(),
             finished: false,
+            turn,
         }
     }
 
@@ -146,6 +151,9 @@ impl Tracker {
                 m.tokens_generated.inc_by(made as u64);
                 m.prompt_tokens.inc_by(g.prompt_tokens.len() as u64);
                 m.reroutes.inc_by(trip.reroutes.len() as u64);
+                // From the request's arrival: its wait for a turn, then the prompt.
+                m.first_token_seconds
+                    .observe(self.turn.waited.as_secs_f64() + g.prefill_seconds);
                 lock(&self.state.board.ended).push_back((Instant::now(), made));
                 self.outcome("ok");
                 self.update(|r| {

@@ -6,9 +6,12 @@
 //! events in OpenAI's chunk format ending with `[DONE]`) and `POST /v1/completions`.
 //! Errors come in OpenAI's JSON shape (`{"error": {"message", "type", "param",
 //! "code"}}`) with the matching status: 400 for a body that is not a valid request or a
-//! prompt longer than the context, 404 for an unknown model, 503 when the swarm has no
-//! route over every block. Requests are served concurrently; the client process batches
-//! their LM heads and the servers batch their steps.
+//! prompt longer than the context, 404 for an unknown model, 429 (with `Retry-After`)
+//! when the gateway is full, 503 when the swarm has no route over every block. Chat
+//! and text completions give `logprobs` when asked. Anthropic's Messages API is served
+//! at `POST /v1/messages` too. Requests are served concurrently, up to a limit with a
+//! bounded queue before it; the client process batches their LM heads and the servers
+//! batch their steps.
 //!
 //! The same server has a live dashboard at `/` (a page built into the binary that polls
 //! `/api/swarm`: every server found, its span against the model's blocks, throughput,
@@ -16,11 +19,17 @@
 //! metrics at `/metrics` ([`GatewayMetrics`]).
 //!
 //! - this module: the shared state and the routes;
+//! - `admission`: how many generations run at once, and the queue before them;
 //! - `board`: what the dashboard shows (`/api/swarm`) and the tracking of each request;
-//! - `openai`: the OpenAI endpoints, their errors and their streaming.
+//! - `openai`: the OpenAI endpoints and their errors (the gateway's error type);
+//! - `anthropic`: the Messages endpoint, in Anthropic's shapes;
+//! - `stream`: a generation answered as server-sent events, for both.
 
+mod admission;
+mod anthropic;
 mod board;
 mod openai;
+mod stream;
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
@@ -70,6 +79,7 @@ pub struct ApiState {
     /// The model `draft` speculation drafts with.
     pub draft_model: Option<std::sync::Arc<crate::generation::DraftModel>>,
     board: Board,
+    admission: admission::Admission,
 }
 
 /// What the dashboard shows besides the swarm itself.
@@ -122,6 +132,7 @@ impl ApiState {
             metrics: GatewayMetrics::default(),
             speculate: crate::generation::Speculate::Auto,
             draft_model: None,
+            admission: admission::Admission::new(admission::MAX_RUNNING, admission::MAX_QUEUED),
             board: Board {
                 started: Instant::now(),
                 recent: Mutex::new(VecDeque::new()),
@@ -130,6 +141,12 @@ impl ApiState {
                 survey: tokio::sync::Mutex::new(None),
             },
         }
+    }
+
+    /// At most `running` generations at once, and `queued` requests waiting for a turn
+    /// (beyond: 429).
+    pub fn set_limits(&mut self, running: usize, queued: usize) {
+        self.admission = admission::Admission::new(running, queued);
     }
 
     /// The id clients name the model by: the file's name without its extension (the
@@ -169,5 +186,6 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(anthropic::messages))
         .with_state(state)
 }

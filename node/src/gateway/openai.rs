@@ -1,14 +1,13 @@
 //! The OpenAI endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
 //! with OpenAI's error shape and server-sent-event streaming.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -29,6 +28,8 @@ pub(super) struct ApiError {
     pub(super) kind: &'static str,
     pub(super) code: Option<&'static str>,
     pub(super) message: String,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -38,6 +39,7 @@ impl ApiError {
             kind: "invalid_request_error",
             code: None,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -53,12 +55,14 @@ impl From<NodeError> for ApiError {
                 kind: "server_error",
                 code: Some("no_route"),
                 message: format!("{e:#}"),
+                retry_after: None,
             },
             NodeError::Other(e) => ApiError {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
                 kind: "server_error",
                 code: None,
                 message: format!("{e:#}"),
+                retry_after: None,
             },
         }
     }
@@ -72,7 +76,19 @@ impl IntoResponse for ApiError {
             "param": null,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        add_retry_after(&mut response, self.retry_after);
+        response
+    }
+}
+
+/// Adds `Retry-After: secs` to `response`, if given.
+pub(super) fn add_retry_after(response: &mut Response, secs: Option<u64>) {
+    if let Some(secs) = secs {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(secs),
+        );
     }
 }
 
@@ -98,22 +114,38 @@ pub(super) struct StreamOptions {
 
 /// The fields of a chat or text completion request that Shoal uses; others are
 /// accepted and ignored, as OpenAI-compatible servers commonly do.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, Default)]
 pub(super) struct CompletionParams {
-    model: Option<String>,
-    max_tokens: Option<usize>,
-    max_completion_tokens: Option<usize>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
+    pub(super) model: Option<String>,
+    pub(super) max_tokens: Option<usize>,
+    pub(super) max_completion_tokens: Option<usize>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    pub(super) seed: Option<u64>,
+    pub(super) stop: Option<Stop>,
     #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    /// Shoal's own: speculative decoding for this request (`off`, `ngram`, `auto`);
-    /// the gateway's `--speculate` when absent.
-    speculate: Option<crate::generation::Speculate>,
+    pub(super) stream: bool,
+    pub(super) stream_options: Option<StreamOptions>,
+    /// Chat: `true` for each token's log-probability; completions: how many of the
+    /// most likely tokens' to give besides.
+    pub(super) logprobs: Option<Logprobs>,
+    /// Chat: how many of the most likely tokens' log-probabilities to give besides.
+    pub(super) top_logprobs: Option<usize>,
+    /// Shoal's own: speculative decoding for this request (`off`, `ngram`, `draft`,
+    /// `auto`); the gateway's `--speculate` when absent.
+    pub(super) speculate: Option<crate::generation::Speculate>,
 }
+
+/// `logprobs`: a switch in chat requests, a count in completion requests.
+#[derive(Deserialize, Debug, Clone, Copy)]
+#[serde(untagged)]
+pub(super) enum Logprobs {
+    On(bool),
+    Top(usize),
+}
+
+/// Most alternatives a request may ask log-probabilities of (OpenAI's limit).
+const MOST_LOGPROBS: usize = 20;
 
 #[derive(Deserialize, Debug)]
 pub(super) struct ChatRequest {
@@ -136,11 +168,13 @@ pub(super) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
     }))
 }
 
-/// Counts a request refused before it reached the model.
+/// Counts a request refused before it reached the model, and answers its error as
+/// `render` shapes it (OpenAI's shape, or Anthropic's).
 pub(super) fn rejected(
     state: &ApiState,
     endpoint: &'static str,
     r: Result<Response, ApiError>,
+    render: impl FnOnce(ApiError) -> Response,
 ) -> Response {
     match r {
         Ok(r) => r,
@@ -152,7 +186,7 @@ pub(super) fn rejected(
                     .get_or_create(&[("endpoint", endpoint), ("outcome", "rejected")])
                     .inc();
             }
-            e.into_response()
+            render(e)
         }
     }
 }
@@ -162,7 +196,7 @@ pub(super) async fn chat_completions(
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let r = chat_completions_inner(state.clone(), body).await;
-    rejected(&state, CHAT, r)
+    rejected(&state, CHAT, r, IntoResponse::into_response)
 }
 
 pub(super) async fn completions(
@@ -170,7 +204,7 @@ pub(super) async fn completions(
     body: Result<Json<TextRequest>, JsonRejection>,
 ) -> Response {
     let r = completions_inner(state.clone(), body).await;
-    rejected(&state, TEXT, r)
+    rejected(&state, TEXT, r, IntoResponse::into_response)
 }
 
 /// Endpoint names in metrics and on the dashboard.
@@ -221,6 +255,7 @@ pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<Generate
                     "the model `{model}` does not exist here; this gateway serves `{}`",
                     state.model_name()
                 ),
+                retry_after: None,
             });
         }
     }
@@ -230,6 +265,19 @@ pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<Generate
         return Err(ApiError::invalid(
             "temperature must be in [0, 2] and top_p in (0, 1]",
         ));
+    }
+    let logprobs = match (p.logprobs, p.top_logprobs) {
+        (Some(Logprobs::On(true)), top) => Some(top.unwrap_or(0)),
+        (Some(Logprobs::Top(n)), _) => Some(n),
+        (None | Some(Logprobs::On(false)), Some(_)) => {
+            return Err(ApiError::invalid("top_logprobs needs logprobs: true"))
+        }
+        (None | Some(Logprobs::On(false)), None) => None,
+    };
+    if logprobs.is_some_and(|n| n > MOST_LOGPROBS) {
+        return Err(ApiError::invalid(format!(
+            "at most {MOST_LOGPROBS} most likely tokens' log-probabilities per token"
+        )));
     }
     let seed = p.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -253,20 +301,16 @@ pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<Generate
             Some(Stop::Many(v)) => v.clone(),
         },
         step_latency: Some(state.metrics.step_seconds.clone()),
+        logprobs,
         speculate: p.speculate.unwrap_or(state.speculate),
         draft_model: state.draft_model.clone(),
         ..GenerateRequest::default()
     })
 }
 
-/// Checks the prompt fits, then answers at once or as a stream of chunks.
-pub(super) async fn complete(
-    state: Arc<ApiState>,
-    req: GenerateRequest,
-    params: CompletionParams,
-    chat: bool,
-) -> Result<Response, ApiError> {
-    let prompt = prompt_tokens(state.side.text(), &req)?;
+/// The prompt's length in tokens, checked to fit the model's context.
+pub(super) fn checked_prompt(state: &ApiState, req: &GenerateRequest) -> Result<usize, ApiError> {
+    let prompt = prompt_tokens(state.side.text(), req)?;
     let context = state
         .side
         .file()
@@ -282,8 +326,21 @@ pub(super) async fn complete(
                 "the prompt is {} tokens; this model's context is {context} tokens",
                 prompt.len()
             ),
+            retry_after: None,
         });
     }
+    Ok(prompt.len())
+}
+
+/// Checks the prompt fits, then answers at once or as a stream of chunks.
+pub(super) async fn complete(
+    state: Arc<ApiState>,
+    req: GenerateRequest,
+    params: CompletionParams,
+    chat: bool,
+) -> Result<Response, ApiError> {
+    let prompt = checked_prompt(&state, &req)?;
+    let turn = state.admit().await?;
     let id = format!(
         "{}-{:x}",
         if chat { "chatcmpl" } else { "cmpl" },
@@ -293,16 +350,17 @@ pub(super) async fn complete(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let model = state.model_name();
-    let tracker = Tracker::start(&state, &id, if chat { CHAT } else { TEXT }, prompt.len());
+    let tracker = Tracker::start(&state, &id, if chat { CHAT } else { TEXT }, prompt, turn);
     if !params.stream {
         let result = generate(&state, &req, |_| {}).await;
         tracker.finish(&result);
         let (g, _) = result?;
+        let logprobs = logprobs_json(&state, &g, chat);
         let choice = if chat {
             json!({"index": 0, "message": {"role": "assistant", "content": g.text},
-                   "finish_reason": g.finish_reason, "logprobs": null})
+                   "finish_reason": g.finish_reason, "logprobs": logprobs})
         } else {
-            json!({"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": null})
+            json!({"index": 0, "text": g.text, "finish_reason": g.finish_reason, "logprobs": logprobs})
         };
         let object = if chat {
             "chat.completion"
@@ -317,7 +375,6 @@ pub(super) async fn complete(
     }
     // Streaming: the generation runs in its own task and sends chunks as text arrives.
     let include_usage = params.stream_options.is_some_and(|o| o.include_usage);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     let object = if chat {
         "chat.completion.chunk"
     } else {
@@ -326,62 +383,97 @@ pub(super) async fn complete(
     let chunk = move |choice: Value| -> Value {
         json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
     };
-    if chat {
-        let _ = tx.send(chunk(
+    let data = |v: Value| Event::default().data(v.to_string());
+    let first = if chat {
+        vec![data(chunk(
             json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "finish_reason": null}),
-        ));
-    }
-    tokio::spawn(async move {
-        let piece_tx = tx.clone();
-        let piece_chunk = chunk.clone();
-        let generation = generate(&state, &req, move |piece| {
-            let choice = if chat {
-                json!({"index": 0, "delta": {"content": piece}, "finish_reason": null})
-            } else {
-                json!({"index": 0, "text": piece, "finish_reason": null})
-            };
-            let _ = piece_tx.send(piece_chunk(choice));
-        });
-        // A client that hangs up cancels its generation; dropping it closes its
-        // sessions on the servers (RemoteSession's Drop).
-        let result = tokio::select! {
-            r = generation => r,
-            () = tx.closed() => return,
+                   "finish_reason": null}),
+        ))]
+    } else {
+        Vec::new()
+    };
+    let piece_chunk = chunk.clone();
+    let piece = move |text: &str| {
+        let choice = if chat {
+            json!({"index": 0, "delta": {"content": text}, "finish_reason": null})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": null})
         };
-        tracker.finish(&result);
+        data(piece_chunk(choice))
+    };
+    let end = move |state: &ApiState, result: Result<(Generation, Trip), ApiError>| {
+        let mut out = Vec::new();
         match result {
             Ok((g, _)) => {
+                // Log-probabilities, if asked for, come with the last chunk, for all
+                // the tokens (pieces of text and tokens do not line up).
+                let logprobs = logprobs_json(state, &g, chat);
                 let last = if chat {
-                    json!({"index": 0, "delta": {}, "finish_reason": g.finish_reason})
+                    json!({"index": 0, "delta": {}, "finish_reason": g.finish_reason,
+                           "logprobs": logprobs})
                 } else {
-                    json!({"index": 0, "text": "", "finish_reason": g.finish_reason})
+                    json!({"index": 0, "text": "", "finish_reason": g.finish_reason,
+                           "logprobs": logprobs})
                 };
-                let _ = tx.send(chunk(last));
+                out.push(data(chunk(last)));
                 if include_usage {
                     let mut u = chunk(Value::Null);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&g);
-                    let _ = tx.send(u);
+                    out.push(data(u));
                 }
             }
-            Err(e) => {
-                let _ = tx.send(json!({"error": {"message": e.message, "type": e.kind,
-                                                 "param": null, "code": e.code}}));
-            }
+            Err(e) => out.push(data(json!({"error": {"message": e.message, "type": e.kind,
+                                                      "param": null, "code": e.code}}))),
         }
-    });
-    let events = futures::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
-            Some(v) => Some((
-                Ok::<_, Infallible>(Event::default().data(v.to_string())),
-                Some(rx),
-            )),
-            None => Some((Ok(Event::default().data("[DONE]")), None)),
-        }
-    });
-    Ok(Sse::new(events).into_response())
+        out.push(Event::default().data("[DONE]"));
+        out
+    };
+    Ok(super::stream::events(
+        state, req, tracker, first, piece, end,
+    ))
+}
+
+/// The log-probabilities of a generation in OpenAI's shape (chat's or completions'),
+/// or null when not asked for.
+fn logprobs_json(state: &ApiState, g: &Generation, chat: bool) -> Value {
+    if g.logprobs.is_empty() {
+        return Value::Null;
+    }
+    let text = |id: u32| state.side.text().decode(&[id]).unwrap_or_default();
+    if chat {
+        let entry = |id: u32, logprob: f32| {
+            let t = text(id);
+            json!({"token": t, "logprob": logprob, "bytes": t.as_bytes()})
+        };
+        let content: Vec<Value> = g
+            .logprobs
+            .iter()
+            .map(|l| {
+                let mut e = entry(l.token, l.logprob);
+                e["top_logprobs"] = l.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+                e
+            })
+            .collect();
+        return json!({ "content": content });
+    }
+    let mut offset = 0;
+    let (mut tokens, mut logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for l in &g.logprobs {
+        let t = text(l.token);
+        offsets.push(offset);
+        offset += t.len();
+        tokens.push(t);
+        logprobs.push(l.logprob);
+        let alternatives: serde_json::Map<String, Value> = l
+            .top
+            .iter()
+            .map(|&(id, lp)| (text(id), json!(lp)))
+            .collect();
+        top.push(alternatives);
+    }
+    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top,
+           "text_offset": offsets})
 }
 
 pub(super) fn usage(g: &Generation) -> Value {

@@ -15,9 +15,12 @@ use serde::Serialize;
 use shard::candle_core::{Device, Tensor};
 use shard::{ChatMessage, Head, KvCache, Sampler, SamplingParams, Span, TextCodec};
 
+mod logits;
 mod runner;
 mod speculate;
 
+pub use logits::TokenLogprob;
+use logits::{highest, token_logprob};
 pub use runner::{
     client_and_side, run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip,
 };
@@ -239,6 +242,9 @@ pub struct GenerateRequest {
     /// Record the K highest logits before each token is chosen (0 = none): to see how
     /// close a choice was when two devices or chains disagree.
     pub top_logits: usize,
+    /// Record each completion token's log-probability and those of the N most likely
+    /// tokens there (OpenAI's `logprobs` / `top_logprobs`).
+    pub logprobs: Option<usize>,
     /// Speculative decoding: greedy output is exactly the same; sampled output has the
     /// same distribution (and a seed repeats it).
     pub speculate: Speculate,
@@ -259,13 +265,20 @@ pub struct Generation {
     pub tokens_per_second: f64,
     /// Seconds spent on the prompt (prefill and first token).
     pub prefill_seconds: f64,
-    /// Why it stopped: "stop" (end of turn) or "length".
+    /// Why it stopped: "stop" (end of turn or a stop sequence) or "length".
     pub finish_reason: String,
+    /// The stop sequence that ended it, if one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_sequence: Option<String>,
     /// Per token chosen (the end-of-turn token included), the highest logits as
     /// (token id, logit), highest first; empty unless asked for
     /// ([`GenerateRequest::top_logits`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_logits: Vec<Vec<(u32, f32)>>,
+    /// Per completion token, its log-probability and the most likely tokens'; empty
+    /// unless asked for ([`GenerateRequest::logprobs`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
     /// Tokens drafted and accepted by speculative decoding.
     pub drafts: Drafts,
     /// Steps sent through the blocks after the prompt (plain and verify steps).
@@ -358,10 +371,12 @@ pub async fn generate(
     // Decoded text not yet passed on: it may be the start of a stop sequence.
     let mut held = String::new();
     let mut stopped_by_text = false;
+    let mut stop_sequence = None;
     let mut finish = "length";
     let mut prefill_seconds = 0.0;
     let mut decode_started = Instant::now();
     let mut top_logits = Vec::new();
+    let mut logprobs = Vec::new();
     // Tokens chosen and not yet emitted, each with the logits it was chosen from: one
     // after a plain step, the accepted drafts and the next token after a verify step.
     let mut chosen: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
@@ -400,15 +415,19 @@ pub async fn generate(
                 finish = "stop";
                 break 'generation;
             }
+            if let Some(n) = req.logprobs {
+                logprobs.push(token_logprob(&logits, tok, n));
+            }
             completion.push(tok);
             history.push(tok);
             if let Some(piece) = stream.push(tok)? {
                 held.push_str(&piece);
-                if let Some(at) = find_stop(&out_text, &held, stop) {
+                if let Some((at, which)) = find_stop(&out_text, &held, stop) {
                     held.truncate(at);
                     on_text(&held);
                     out_text.push_str(&held);
                     stopped_by_text = true;
+                    stop_sequence = Some(which.to_string());
                     finish = "stop";
                     break 'generation;
                 }
@@ -523,39 +542,24 @@ pub async fn generate(
         },
         prefill_seconds,
         finish_reason: finish.to_string(),
+        stop_sequence,
         top_logits,
+        logprobs,
         drafts,
         decode_steps,
         client_seconds,
     })
 }
 
-/// The `k` highest of `logits` as (token id, logit), highest first.
-fn highest(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut ranked: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, l))
-        .collect();
-    let k = k.min(ranked.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    ranked.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-    ranked.truncate(k);
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-    ranked
-}
-
 /// Where the first stop sequence begins in `held`, counting one that starts in the text
-/// already passed on (`before`) and ends in `held` (then at 0).
-fn find_stop(before: &str, held: &str, stop: &[String]) -> Option<usize> {
+/// already passed on (`before`) and ends in `held` (then at 0), and which one it is.
+fn find_stop<'s>(before: &str, held: &str, stop: &'s [String]) -> Option<(usize, &'s str)> {
     let joined = format!("{before}{held}");
     stop.iter()
         .filter(|s| !s.is_empty())
-        .filter_map(|s| joined.find(s.as_str()))
-        .min()
-        .map(|at| at.saturating_sub(before.len()))
+        .filter_map(|s| joined.find(s.as_str()).map(|at| (at, s.as_str())))
+        .min_by_key(|(at, _)| *at)
+        .map(|(at, s)| (at.saturating_sub(before.len()), s))
 }
 
 /// Length of the longest end of `held` that is the beginning of a stop sequence.
@@ -578,22 +582,13 @@ mod tests {
     #[test]
     fn stop_sequences_are_found_and_held_back() {
         let stop = vec!["\n\n".to_string(), "END".to_string()];
-        assert_eq!(find_stop("", "abc END x", &stop), Some(4));
-        assert_eq!(find_stop("ab\n", "\ncd", &stop), Some(0));
+        assert_eq!(find_stop("", "abc END x", &stop), Some((4, "END")));
+        assert_eq!(find_stop("ab\n", "\ncd", &stop), Some((0, "\n\n")));
         assert_eq!(find_stop("abc", "def", &stop), None);
         assert_eq!(stop_prefix_len("hello E", &stop), 1);
         assert_eq!(stop_prefix_len("hello EN", &stop), 2);
         assert_eq!(stop_prefix_len("hello\n", &stop), 1);
         assert_eq!(stop_prefix_len("hello", &stop), 0);
         assert_eq!(stop_prefix_len("x", &[]), 0);
-    }
-
-    #[test]
-    fn highest_logits_come_first() {
-        let logits = [0.5, 3.0, -1.0, 2.5, 3.0];
-        assert_eq!(highest(&logits, 2), vec![(1, 3.0), (4, 3.0)]);
-        assert_eq!(highest(&logits, 3)[2], (3, 2.5));
-        assert_eq!(highest(&logits, 9).len(), 5);
-        assert!(highest(&logits, 0).is_empty());
     }
 }

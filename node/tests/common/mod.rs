@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub(crate) mod gateway;
 pub(crate) mod netns;
 
 /// How often [`wait_until`] looks again.
