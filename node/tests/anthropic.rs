@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use common::gateway::*;
 use common::*;
 use serde_json::Value;
@@ -25,25 +22,11 @@ fn the_anthropic_client_gets_answers_and_errors_in_its_shape() {
         .expect("model id")
         .to_string();
     let package = python_package("anthropic", "2.14.0", "anthropic");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/api/anthropic_client.py");
-    let (out, _) = run(
-        {
-            let mut cmd = std::process::Command::new("python3");
-            cmd.arg(&script)
-                .arg(&api.url)
-                .arg(&name)
-                .env("PYTHONPATH", &package);
-            cmd
-        },
-        Duration::from_secs(300),
+    let r = api_script(
+        "anthropic_client.py",
+        &[api.url.as_ref(), name.as_ref()],
+        &package,
     );
-    assert!(
-        out.status.success(),
-        "the anthropic client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
-    eprintln!("{r:#}");
 
     // The same answer as the OpenAI endpoint gives, greedy.
     let (status, chat) = http(

@@ -25,22 +25,7 @@ fn openai_client_gets_completions_from_the_swarm() {
     let c = serve(&m, "20..30", Some(&a.addr));
     let api = start_api(&a.addr, &[]);
     let package = openai_package();
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/api/openai_client.py");
-    let (out, _) = run(
-        {
-            let mut cmd = std::process::Command::new("python3");
-            cmd.arg(&script).arg(&api.url).env("PYTHONPATH", &package);
-            cmd
-        },
-        Duration::from_secs(300),
-    );
-    assert!(
-        out.status.success(),
-        "the openai client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
-    eprintln!("{r:#}");
+    let r = api_script("openai_client.py", &[api.url.as_ref()], &package);
 
     // Non-streamed: the reference answer, ended by the model, with honest usage.
     let plain = &r["plain"];
@@ -174,24 +159,6 @@ fn a_client_that_hangs_up_frees_its_sessions() {
             now => Err(format!("sessions open: {now:?}")),
         },
     );
-}
-
-/// Debian's Chromium. Missing, the browser test is skipped with a note, unless
-/// `SHOAL_REQUIRE_BROWSER` is set (`.ci/run` installs Chromium and sets it, so CI
-/// cannot skip it).
-fn chromium() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("SHOAL_REQUIRE_BROWSER").is_none(),
-            "SHOAL_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)"
-        );
-        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium; .ci/run does)");
-    }
-    found
 }
 
 /// Headless Chromium on `url` with `args` (e.g. `--dump-dom`), given 5 s of page time

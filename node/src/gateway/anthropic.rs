@@ -215,7 +215,7 @@ async fn messages_inner(
         }
     };
     Ok(super::stream::events(
-        state, generate, tracker, first, piece, end,
+        state, generate, tracker, first, piece, None, end,
     ))
 }
 

@@ -13,6 +13,10 @@
 //! bounded queue before it; the client process batches their LM heads and the servers
 //! batch their steps.
 //!
+//! A chat page at `/chat` (built into the binary: conversations kept in the browser,
+//! streamed answers with a stop button, the route and any failover under each answer)
+//! talks to the chat endpoint like any client.
+//!
 //! The same server has a live dashboard at `/` (a page built into the binary that polls
 //! `/api/swarm`: every server found, its span against the model's blocks, throughput,
 //! free cache and health, coverage per block, the recent requests) and Prometheus
@@ -178,6 +182,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     let registry = Arc::new(registry);
     Router::new()
         .route("/", get(|| async { Html(include_str!("dashboard.html")) }))
+        .route("/chat", get(|| async { Html(include_str!("chat.html")) }))
         .route("/api/swarm", get(swarm))
         .route(
             "/metrics",

@@ -134,6 +134,11 @@ pub(super) struct CompletionParams {
     /// Shoal's own: speculative decoding for this request (`off`, `ngram`, `draft`,
     /// `auto`); the gateway's `--speculate` when absent.
     pub(super) speculate: Option<crate::generation::Speculate>,
+    /// Shoal's own: in a stream, chunks with no choices and a `shoal` object holding
+    /// the route (servers, spans, how each is reached) once it is chosen and after each
+    /// failover, as it happens (what the chat page shows under an answer).
+    #[serde(default)]
+    pub(super) route_events: bool,
 }
 
 /// `logprobs`: a switch in chat requests, a count in completion requests.
@@ -401,6 +406,15 @@ pub(super) async fn complete(
         };
         data(piece_chunk(choice))
     };
+    let trip_chunk = chunk.clone();
+    let trip = params.route_events.then(|| -> super::stream::TripEvent {
+        Box::new(move |t: &Trip| {
+            let mut c = trip_chunk(Value::Null);
+            c["choices"] = json!([]);
+            c["shoal"] = json!({"route": t.route, "reroutes": t.reroutes});
+            data(c)
+        })
+    });
     let end = move |state: &ApiState, result: Result<(Generation, Trip), ApiError>| {
         let mut out = Vec::new();
         match result {
@@ -430,7 +444,7 @@ pub(super) async fn complete(
         out
     };
     Ok(super::stream::events(
-        state, req, tracker, first, piece, end,
+        state, req, tracker, first, piece, trip, end,
     ))
 }
 

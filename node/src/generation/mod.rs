@@ -181,6 +181,8 @@ pub enum Blocks<'a> {
         session: &'a mut RemoteSession,
         /// Element type on the wire.
         wire: WireDType,
+        /// Told the route again after each failover.
+        watch: Option<TripWatch>,
     },
 }
 
@@ -195,8 +197,19 @@ impl Blocks<'_> {
             Blocks::Local { span, cache } => {
                 Ok(tokio::task::block_in_place(|| span.forward(x, cache))?)
             }
-            Blocks::Swarm { session, wire } => {
+            Blocks::Swarm {
+                session,
+                wire,
+                watch,
+            } => {
+                let failovers = session.reroutes.len();
                 let out = session.forward(to_wire(x, *wire)?).await?;
+                if let Some(w) = watch
+                    .as_ref()
+                    .filter(|_| session.reroutes.len() > failovers)
+                {
+                    (w.0)(&runner::trip(session).await);
+                }
                 from_wire(&out, hidden, device)
             }
         }
@@ -250,6 +263,18 @@ pub struct GenerateRequest {
     pub speculate: Speculate,
     /// The model `Speculate::Draft` drafts with (and `Auto`, when given).
     pub draft_model: Option<Arc<DraftModel>>,
+    /// Told the route once it is chosen and again after each failover, as it happens.
+    pub watch: Option<TripWatch>,
+}
+
+/// What is told of a generation's route while it runs ([`GenerateRequest::watch`]).
+#[derive(Clone)]
+pub struct TripWatch(pub Arc<dyn Fn(&Trip) + Send + Sync>);
+
+impl std::fmt::Debug for TripWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TripWatch")
+    }
 }
 
 /// The result of a generation.

@@ -14,7 +14,7 @@ use shard::candle_core::Device;
 use shard::{Head, ModelFile, Span, TextCodec};
 
 use super::{budget, generate, prompt_tokens, Blocks, ClientHead, GenerateRequest, Generation};
-use crate::client::{Client, Delivery, Reroute};
+use crate::client::{Client, Delivery, RemoteSession, Reroute};
 use crate::net::{self, NetConfig};
 use crate::NodeError;
 use coordinator::budget::DEFAULT_MAX_SEQ_LEN;
@@ -35,12 +35,39 @@ pub struct RouteEntry {
 }
 
 /// What a generation did besides generating: the route it ended on and its failovers.
-#[derive(Debug, Default)]
+#[derive(Serialize, Debug, Default, Clone)]
 pub struct Trip {
     /// The chain used at the end.
     pub route: Vec<RouteEntry>,
     /// Failovers, in order.
     pub reroutes: Vec<Reroute>,
+}
+
+/// A session's route now (with how each server is reached) and its failovers so far.
+/// (A future that holds no borrow of the session: a session is not `Sync`.)
+pub(super) fn trip(session: &RemoteSession) -> impl std::future::Future<Output = Trip> + Send {
+    let links = session.links();
+    let hops: Vec<(libp2p::PeerId, u32, u32)> = session
+        .route()
+        .iter()
+        .map(|h| (h.hop.peer, h.hop.span.start, h.hop.span.end))
+        .collect();
+    let reroutes = session.reroutes.clone();
+    async move {
+        let links = links.await;
+        Trip {
+            route: hops
+                .into_iter()
+                .map(|(peer, start, end)| RouteEntry {
+                    peer: peer.to_string(),
+                    start,
+                    end,
+                    link: links.get(&peer).map(|l| l.to_string()),
+                })
+                .collect(),
+            reroutes,
+        }
+    }
 }
 
 /// A client loaded and ready: model head, tokenizer, and maybe a swarm connection.
@@ -301,9 +328,13 @@ pub async fn run_generation(
                     Box::new(|line: &str| eprintln!("{line}")),
                 )
                 .await?;
+            if let Some(w) = &req.watch {
+                (w.0)(&trip(&session).await);
+            }
             let mut blocks = Blocks::Swarm {
                 session: &mut session,
                 wire,
+                watch: req.watch.clone(),
             };
             let result = generate(
                 &side.head,
@@ -315,20 +346,7 @@ pub async fn run_generation(
                 on_text,
             )
             .await;
-            let links = session.links().await;
-            let trip = Trip {
-                route: session
-                    .route()
-                    .iter()
-                    .map(|h| RouteEntry {
-                        peer: h.hop.peer.to_string(),
-                        start: h.hop.span.start,
-                        end: h.hop.span.end,
-                        link: links.get(&h.hop.peer).map(|l| l.to_string()),
-                    })
-                    .collect(),
-                reroutes: session.reroutes.clone(),
-            };
+            let trip = trip(&session).await;
             session.close().await;
             Ok((result.map_err(NodeError::from)?, trip))
         }

@@ -1,6 +1,7 @@
 //! A `shoal api` gateway for tests: started on a free port, spoken to raw.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -73,4 +74,46 @@ pub(crate) fn raw_http(url: &str, method: &str, path: &str, body: &str) -> (u16,
         .unwrap_or_else(|| panic!("no status in {reply:?}"));
     let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, body.to_string())
+}
+
+/// Debian's Chromium. Missing, the browser test is skipped with a note, unless
+/// `SHOAL_REQUIRE_BROWSER` is set (`.ci/run` installs Chromium and sets it, so CI
+/// cannot skip it).
+pub(crate) fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser"].map(|name| dir.join(name)))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("SHOAL_REQUIRE_BROWSER").is_none(),
+            "SHOAL_REQUIRE_BROWSER is set but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium; .ci/run does)");
+    }
+    found
+}
+
+/// Runs `node/tests/api/<script>` (a Python script driving the gateway) with `args` and
+/// `pythonpath`; its stdout, parsed as JSON (and printed). Panics with its stderr if it
+/// fails.
+pub(crate) fn api_script(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    pythonpath: &std::path::Path,
+) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/api")
+        .join(script);
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&path).args(args).env("PYTHONPATH", pythonpath);
+    let (out, _) = super::run(cmd, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    eprintln!("{r:#}");
+    r
 }
