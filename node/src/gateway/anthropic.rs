@@ -3,7 +3,6 @@
 //! shape (`{"type": "error", "error": {"type", "message"}}`).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
@@ -158,7 +157,11 @@ async fn messages_inner(
     };
     let prompt = openai::checked_prompt(&state, &generate)?;
     let turn = state.admit().await?;
-    let id = format!("msg_{:016x}{:08x}", rand::random::<u64>(), unix_secs());
+    let id = format!(
+        "msg_{:016x}{:08x}",
+        rand::random::<u64>(),
+        crate::net::unix_ms() / 1000
+    );
     let model = state.model_name();
     let tracker = Tracker::start(&state, &id, MESSAGES, prompt, turn);
     if !req.stream {
@@ -233,10 +236,4 @@ fn stop_reason(g: &Generation) -> &'static str {
         (_, Some(_)) => "stop_sequence",
         _ => "end_turn",
     }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

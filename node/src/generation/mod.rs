@@ -407,7 +407,8 @@ pub async fn generate(
     let mut chosen: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
     let speculating = req.speculate != Speculate::Off;
     let mut drafts = Drafts::default();
-    // `auto` starts with short drafts: its first tries are bets.
+    // `auto` starts n-gram drafts short: its first tries are bets (a draft model's
+    // are capped by `Pacing::draft_cap`).
     let mut draft_len = if req.speculate == Speculate::Auto {
         2
     } else {
