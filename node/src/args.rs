@@ -602,6 +602,16 @@ pub struct ApiArgs {
     /// Retry-After.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_queued: usize,
+    /// Conversations whose session stays open on its servers between turns, so the
+    /// next turn sends only its new tokens (a chat request carries the whole history:
+    /// the kept session is found by the conversation's id, or by the tokens it shares
+    /// with the prompt). The least recently used go beyond this; servers drop kept
+    /// sessions first when they need room. 0 = none: every turn sends its history.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub keep_conversations: usize,
+    /// Seconds a conversation's session is kept unused.
+    #[arg(long, default_value_t = 300.0, value_name = "SECS")]
+    pub conversation_idle: f64,
     /// How to reach the swarm.
     #[command(flatten)]
     pub swarm: SwarmClientArgs,

@@ -145,6 +145,11 @@ pub struct GatewayMetrics {
     /// Seconds from a request's arrival to its first token: the wait for a turn, the
     /// prompt through the chain and the first token's choice.
     pub first_token_seconds: Histogram,
+    /// Prompt tokens not sent through the chain again: a conversation's earlier turns,
+    /// held by a session kept open on its servers.
+    pub prompt_tokens_cached: Counter,
+    /// Conversations whose session is kept open between turns.
+    pub conversations_kept: Gauge,
 }
 
 impl Default for GatewayMetrics {
@@ -159,6 +164,8 @@ impl Default for GatewayMetrics {
             failures: Family::default(),
             queued: Gauge::default(),
             first_token_seconds: latency_histogram(),
+            prompt_tokens_cached: Counter::default(),
+            conversations_kept: Gauge::default(),
         }
     }
 }
@@ -210,6 +217,16 @@ impl GatewayMetrics {
             "time_to_first_token_seconds",
             "Seconds from a request's arrival to its first token",
             self.first_token_seconds.clone(),
+        );
+        registry.register(
+            "prompt_tokens_cached",
+            "Prompt tokens held from a conversation's earlier turns, not sent again",
+            self.prompt_tokens_cached.clone(),
+        );
+        registry.register(
+            "conversations_kept",
+            "Conversations whose session is kept open between turns",
+            self.conversations_kept.clone(),
         );
     }
 

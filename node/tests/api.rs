@@ -360,7 +360,9 @@ fn two_servers_with_metrics() -> (Server, Server, Api) {
         &["--blocks", "15..30", "--metrics", "127.0.0.1:0"],
         Some(&a.addr),
     );
-    let api = start_api(&a.addr, &[]);
+    // Keeping nothing between turns: the servers' sessions close as each generation
+    // ends, which is what this counts (conversation.rs covers the sessions kept).
+    let api = start_api(&a.addr, &["--keep-conversations", "0"]);
     (a, b, api)
 }
 
@@ -456,6 +458,18 @@ fn metrics_are_openmetrics_and_count_the_work() {
         0.0
     );
     assert_eq!(value("shoal_reroutes", "shoal_reroutes_total", &[]), 0.0);
+    assert_eq!(
+        value(
+            "shoal_prompt_tokens_cached",
+            "shoal_prompt_tokens_cached_total",
+            &[]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value("shoal_conversations_kept", "shoal_conversations_kept", &[]),
+        0.0
+    );
 
     // Every step crossed both servers, each over its half of the blocks.
     for url in &urls[1..] {

@@ -163,6 +163,10 @@ mod tests {
                 peer: "p".into(),
                 error: ErrorInfo::new(ErrorKind::Leaving, "bye"),
             }),
+            Request::Resize {
+                session: 9,
+                max_len: 300,
+            },
         ];
         for m in requests {
             let body = encode(&m).expect("encodes");

@@ -223,6 +223,21 @@ pub enum Request {
     /// the server the client has it before the process exits, where a frame written
     /// just before exiting may never leave the machine.
     Leaving(StepFailed),
+    /// Change the longest sequence an open session may reach: a client keeping a
+    /// conversation's session between turns shrinks it to the tokens it holds (freeing
+    /// the rest of its reservation) and grows it for the next turn. Answered with
+    /// [`Response::Opened`] and the new length, or an error ([`ErrorKind::Busy`]: no
+    /// room; [`ErrorKind::UnknownSession`]: the server has dropped it). Appended last,
+    /// so every earlier message keeps its encoding: a server too old to know it fails
+    /// to decode it and the client opens a fresh session instead.
+    Resize {
+        /// The session.
+        session: SessionId,
+        /// Its new longest sequence. Positions the server holds past it are dropped
+        /// (drafts the client rejected: a client takes its session back without a
+        /// round trip, and the server drops them at the next step or here).
+        max_len: u32,
+    },
 }
 
 /// The data plane: one-way frames of [`crate::DATA_PROTOCOL`], never answered. What

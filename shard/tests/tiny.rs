@@ -281,6 +281,8 @@ fn gguf_agrees_with_candle_quantized_llama() -> Result<()> {
 
 /// A long session: the cache grows (64, 128, then the session's 160 positions) while
 /// stepping token by token, and every position still agrees with candle's reference.
+/// Midway it waits as a conversation's session does between turns: its limit shrunk
+/// to the tokens it holds (its buffers cut to them), then raised again.
 #[test]
 fn growing_caches_agree_with_candle_quantized_llama() -> Result<()> {
     use candle_transformers::models::quantized_llama::ModelWeights;
@@ -296,6 +298,21 @@ fn growing_caches_agree_with_candle_quantized_llama() -> Result<()> {
     let span = Span::load(&file, 0, LAYERS, &Device::Cpu, |_, _| {})?;
     let mut cache = span.new_cache(160);
     for (pos, &id) in ids.iter().enumerate() {
+        if pos == 100 {
+            let before = cache.bytes();
+            assert!(cache.set_max_len(99).is_err(), "below the tokens held");
+            cache.set_max_len(100)?;
+            assert!(
+                cache.bytes() < before,
+                "{} bytes, {before} before",
+                cache.bytes()
+            );
+            let e = span
+                .forward(&head.embed(&[id])?, &mut cache)
+                .expect_err("past the limit");
+            assert!(e.to_string().contains("exceeds the limit"), "{e}");
+            cache.set_max_len(160)?;
+        }
         let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
         let want = reference.forward(&x, pos)?;
         let got = head.logits(&span.forward(&head.embed(&[id])?, &mut cache)?)?;

@@ -21,6 +21,16 @@ pub async fn api(args: crate::args::ApiArgs, mut stop: crate::StopSignals) -> an
     state.speculate = args.speculate;
     state.draft_model = draft_model;
     state.set_limits(args.max_running, args.max_queued);
+    if !args.conversation_idle.is_finite() || args.conversation_idle < 0.0 {
+        anyhow::bail!(
+            "--conversation-idle {}: give a number of seconds, 0 or more",
+            args.conversation_idle
+        );
+    }
+    state.keep_conversations(
+        args.keep_conversations,
+        Duration::from_secs_f64(args.conversation_idle),
+    );
     let state = Arc::new(state);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

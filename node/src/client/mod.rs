@@ -86,6 +86,21 @@ pub struct ActiveHop {
 /// behind the steps queued on its compute thread.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server's answer to opening or resizing a session, asked with [`OPEN_TIMEOUT`].
+type OpenAnswer = Result<anyhow::Result<protocol::Response>, tokio::time::error::Elapsed>;
+
+/// What went wrong with a session's opening or resizing; `None` when the server agreed.
+fn refusal(answer: OpenAnswer) -> Option<String> {
+    use protocol::Response;
+    Some(match answer {
+        Ok(Ok(Response::Opened { .. })) => return None,
+        Ok(Ok(Response::Error(e))) => format!("refused the session: {e}"),
+        Ok(Ok(other)) => format!("answered the session request with {other:?}"),
+        Ok(Err(e)) => format!("unreachable: {e:#}"),
+        Err(_) => format!("no answer within {OPEN_TIMEOUT:?}"),
+    })
+}
+
 /// Longest wait for servers to answer `Info` while planning (answered off their compute
 /// thread: a round trip plus scheduling slack on a loaded machine).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -18,6 +18,9 @@ use super::Delivery;
 use super::PlannedHop;
 use super::RemoteSession;
 use super::OPEN_TIMEOUT;
+
+/// The pause before planning again after a chain's server refused to open a session.
+const REPLAN_PAUSE: Duration = Duration::from_millis(250);
 use super::PROBE_TIMEOUT;
 use crate::net::Link;
 use crate::patience::noting_wait;
@@ -272,12 +275,8 @@ impl Client {
         let results = noting_wait(what, futures::future::join_all(opens)).await;
         let mut failure = None;
         for (peer, r) in results {
-            let problem = match r {
-                Ok(Ok(Response::Opened { .. })) => continue,
-                Ok(Ok(Response::Error(e))) => format!("refused the session: {e}"),
-                Ok(Ok(other)) => format!("answered the session request with {other:?}"),
-                Ok(Err(e)) => format!("unreachable: {e:#}"),
-                Err(_) => format!("no answer within {OPEN_TIMEOUT:?}"),
+            let Some(problem) = super::refusal(r) else {
+                continue;
             };
             self.ban(&peer);
             failure.get_or_insert(anyhow!("server {peer} {problem}"));
@@ -311,7 +310,12 @@ impl Client {
                 .await
             {
                 Ok(hops) => return Ok(hops),
-                Err(e) if Instant::now() < deadline => tracing::warn!("{e:#}; planning again"),
+                Err(e) if Instant::now() < deadline => {
+                    // Not at once: a server that refused as busy is asked again only
+                    // after a pause (at once, a client hit its request limit).
+                    tracing::warn!("{e:#}; planning again");
+                    tokio::time::sleep(REPLAN_PAUSE).await;
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -3,16 +3,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 use coordinator::timeouts::{step_timeout, FIRST_STEP_TIMEOUT};
 use libp2p::PeerId;
-use protocol::{Announcement, ErrorKind, HiddenState, Hop, SessionId, Step, WireDType};
+use protocol::{Announcement, ErrorKind, HiddenState, Hop, Request, SessionId, Step, WireDType};
 use tokio::sync::mpsc;
 
 use super::ActiveHop;
 use super::Client;
 use super::Delivery;
 use super::MAX_RECOVERIES;
+use super::OPEN_TIMEOUT;
 use crate::hidden::rows;
 use crate::net::Link;
 use crate::patience::SLOW_WAIT;
@@ -328,6 +329,57 @@ impl RemoteSession {
                 }
             }
         }
+    }
+
+    /// The longest sequence the session may reach.
+    pub fn max_len(&self) -> u32 {
+        self.spec.max_len
+    }
+
+    /// Changes the longest sequence the session may reach, on every server of its chain
+    /// ([`Request::Resize`]): shrunk to the tokens held while a conversation waits for
+    /// its next turn (the servers keep only what it holds, and may drop it if another
+    /// session needs the room), grown again for the next turn. An error (a server that
+    /// dropped the session, has no room, or is gone) leaves the session good for
+    /// nothing: the caller closes it and opens another. No server is banned for it.
+    pub async fn resize(&mut self, max_len: u32) -> anyhow::Result<()> {
+        // A server whose connection closed while the session waited, or that has failed
+        // another session meanwhile, is not asked: it would be a wait for nothing.
+        loop {
+            use tokio::sync::broadcast::error::TryRecvError;
+            match self.disconnects.try_recv() {
+                Ok(peer) if self.hops.iter().any(|h| h.hop.peer == peer) => {
+                    bail!("server {peer} of the session's chain has disconnected")
+                }
+                Ok(_) | Err(TryRecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            }
+        }
+        if let Some(h) = self
+            .hops
+            .iter()
+            .find(|h| self.client.is_banned(&h.hop.peer.to_string()))
+        {
+            bail!("server {} of the session's chain has failed", h.hop.peer);
+        }
+        let asks = self.hops.iter().map(|h| {
+            let net = self.client.net.clone();
+            let (peer, addrs, session) = (h.hop.peer, h.hop.addrs.clone(), h.session);
+            async move {
+                let req = Request::Resize { session, max_len };
+                (
+                    peer,
+                    tokio::time::timeout(OPEN_TIMEOUT, net.request(peer, addrs, req)).await,
+                )
+            }
+        });
+        for (peer, r) in futures::future::join_all(asks).await {
+            if let Some(problem) = super::refusal(r) {
+                bail!("resizing the session to {max_len} tokens: server {peer} {problem}");
+            }
+        }
+        self.spec.max_len = max_len;
+        Ok(())
     }
 
     /// Closes the session on every server (best effort) and forgets it.

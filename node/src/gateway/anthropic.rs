@@ -80,6 +80,8 @@ pub(super) struct MessagesRequest {
     stream: bool,
     /// Shoal's own, as on the OpenAI endpoints.
     speculate: Option<crate::generation::Speculate>,
+    /// Shoal's own, as on the OpenAI endpoints.
+    conversation: Option<String>,
 }
 
 /// An error in Anthropic's shape, from the gateway's own.
@@ -149,6 +151,7 @@ async fn messages_inner(
         top_p: req.top_p,
         stop: Some(Stop::Many(req.stop_sequences)),
         speculate: req.speculate,
+        conversation: req.conversation,
         ..CompletionParams::default()
     };
     let generate = GenerateRequest {
@@ -173,6 +176,9 @@ async fn messages_inner(
         message["stop_reason"] = json!(stop_reason(&g));
         message["stop_sequence"] = json!(g.stop_sequence);
         message["usage"]["output_tokens"] = json!(g.completion_tokens.len());
+        // Tokens a kept session held count as read from a cache, not as input.
+        message["usage"]["input_tokens"] = json!(g.prompt_tokens.len() - g.cached_tokens);
+        message["usage"]["cache_read_input_tokens"] = json!(g.cached_tokens);
         return Ok(Json(message).into_response());
     }
     let named = |name: &str, v: Value| Event::default().event(name).data(v.to_string());
@@ -205,7 +211,8 @@ async fn messages_inner(
                 "message_delta",
                 json!({"type": "message_delta",
                        "delta": {"stop_reason": stop_reason(&g), "stop_sequence": g.stop_sequence},
-                       "usage": {"output_tokens": g.completion_tokens.len()}}),
+                       "usage": {"output_tokens": g.completion_tokens.len(),
+                                 "cache_read_input_tokens": g.cached_tokens}}),
             ),
             named("message_stop", json!({"type": "message_stop"})),
         ],

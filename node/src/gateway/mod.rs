@@ -25,6 +25,7 @@
 //! - this module: the shared state and the routes;
 //! - `admission`: how many generations run at once, and the queue before them;
 //! - `board`: what the dashboard shows (`/api/swarm`) and the tracking of each request;
+//! - `conversations`: sessions kept open between the turns of a conversation;
 //! - `openai`: the OpenAI endpoints and their errors (the gateway's error type);
 //! - `anthropic`: the Messages endpoint, in Anthropic's shapes;
 //! - `stream`: a generation answered as server-sent events, for both.
@@ -32,6 +33,7 @@
 mod admission;
 mod anthropic;
 mod board;
+mod conversations;
 mod openai;
 mod stream;
 
@@ -84,6 +86,7 @@ pub struct ApiState {
     pub draft_model: Option<std::sync::Arc<crate::generation::DraftModel>>,
     board: Board,
     admission: admission::Admission,
+    conversations: Arc<conversations::Conversations>,
 }
 
 /// What the dashboard shows besides the swarm itself.
@@ -137,6 +140,7 @@ impl ApiState {
             speculate: crate::generation::Speculate::Auto,
             draft_model: None,
             admission: admission::Admission::new(admission::MAX_RUNNING, admission::MAX_QUEUED),
+            conversations: Arc::new(conversations::Conversations::new(0, Duration::ZERO)),
             board: Board {
                 started: Instant::now(),
                 recent: Mutex::new(VecDeque::new()),
@@ -151,6 +155,13 @@ impl ApiState {
     /// (beyond: 429).
     pub fn set_limits(&mut self, running: usize, queued: usize) {
         self.admission = admission::Admission::new(running, queued);
+    }
+
+    /// Keeps at most `limit` conversations' sessions open between turns, each for at
+    /// most `idle` unused (0 keeps none: every turn sends its whole history).
+    pub fn keep_conversations(&mut self, limit: usize, idle: Duration) {
+        self.conversations = Arc::new(conversations::Conversations::new(limit, idle));
+        self.conversations.sweep_idle();
     }
 
     /// The id clients name the model by: the file's name without its extension (the
@@ -192,5 +203,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route(
+            "/v1/conversations/{id}",
+            axum::routing::delete(openai::forget_conversation),
+        )
         .with_state(state)
 }

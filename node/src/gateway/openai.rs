@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use shard::{ChatMessage, SamplingParams};
 use super::board::Tracker;
 use super::ApiState;
 use super::DEFAULT_MAX_TOKENS;
-use crate::generation::{prompt_tokens, run_generation, GenerateRequest, Generation, Trip};
+use crate::generation::{prompt_tokens, run_turn, GenerateRequest, Generation, Trip, Turn};
 use crate::NodeError;
 use coordinator::budget::DEFAULT_MAX_SEQ_LEN;
 
@@ -139,6 +139,11 @@ pub(super) struct CompletionParams {
     /// failover, as it happens (what the chat page shows under an answer).
     #[serde(default)]
     pub(super) route_events: bool,
+    /// Shoal's own: the conversation this request continues (any id its client
+    /// chooses; the chat page sends one). The gateway reuses the session it kept from
+    /// that conversation's last turn; `DELETE /v1/conversations/{id}` frees it. Without
+    /// an id a kept session is found by the tokens it shares with the prompt.
+    pub(super) conversation: Option<String>,
 }
 
 /// `logprobs`: a switch in chat requests, a count in completion requests.
@@ -309,6 +314,7 @@ pub(super) fn request(state: &ApiState, p: &CompletionParams) -> Result<Generate
         logprobs,
         speculate: p.speculate.unwrap_or(state.speculate),
         draft_model: state.draft_model.clone(),
+        conversation: p.conversation.clone(),
         ..GenerateRequest::default()
     })
 }
@@ -492,23 +498,69 @@ fn logprobs_json(state: &ApiState, g: &Generation, chat: bool) -> Value {
 
 pub(super) fn usage(g: &Generation) -> Value {
     let (p, c) = (g.prompt_tokens.len(), g.completion_tokens.len());
-    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
+    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+           "prompt_tokens_details": {"cached_tokens": g.cached_tokens}})
 }
 
-/// Runs a generation, sorting its failures into OpenAI's error kinds.
+/// Runs a generation, sorting its failures into OpenAI's error kinds. Through the
+/// swarm, a session kept from the conversation's last turn is reused where it fits,
+/// and this turn's is kept for the next (see `conversations`).
 pub(super) async fn generate(
     state: &ApiState,
     req: &GenerateRequest,
     on_text: impl FnMut(&str),
 ) -> Result<(Generation, Trip), ApiError> {
-    run_generation(
+    let store = &state.conversations;
+    let prompt = prompt_tokens(state.side.text(), req)?;
+    let keep = store.enabled() && state.client.is_some();
+    let warm = match keep {
+        true => store.take(req.conversation.as_deref(), &prompt).await,
+        false => None,
+    };
+    let turn = Turn { prompt, warm, keep };
+    let (g, trip, warm) = run_turn(
         &state.side,
         state.client.as_ref(),
         req,
+        turn,
         state.wire,
         state.route_timeout,
         on_text,
     )
     .await
-    .map_err(ApiError::from)
+    .map_err(ApiError::from)?;
+    state
+        .metrics
+        .prompt_tokens_cached
+        .inc_by(g.cached_tokens as u64);
+    if let Some(w) = warm {
+        store.keep(req.conversation.clone(), w);
+    }
+    state.metrics.conversations_kept.set(store.len() as i64);
+    Ok((g, trip))
+}
+
+/// `DELETE /v1/conversations/{id}`: closes the session kept for a conversation (the
+/// chat page's, when it deletes one). 404 when none is kept.
+pub(super) async fn forget_conversation(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Response {
+    let found = state.conversations.forget(&id);
+    state
+        .metrics
+        .conversations_kept
+        .set(state.conversations.len() as i64);
+    if found {
+        Json(json!({"id": id, "object": "conversation.deleted", "deleted": true})).into_response()
+    } else {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "not_found_error",
+            code: None,
+            message: format!("no conversation {id} is kept"),
+            retry_after: None,
+        }
+        .into_response()
+    }
 }

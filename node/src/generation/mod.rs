@@ -22,7 +22,8 @@ mod speculate;
 pub use logits::TokenLogprob;
 use logits::{highest, token_logprob};
 pub use runner::{
-    client_and_side, run_generation, start_client, swarm_client, ClientSide, RouteEntry, Trip,
+    client_and_side, run_generation, run_turn, shared_prefix, start_client, swarm_client,
+    ClientSide, RouteEntry, Trip, Turn, Warm,
 };
 use speculate::next_draft_len;
 pub use speculate::{ngram_draft, DraftModel, Drafts, Speculate};
@@ -265,6 +266,9 @@ pub struct GenerateRequest {
     pub draft_model: Option<Arc<DraftModel>>,
     /// Told the route once it is chosen and again after each failover, as it happens.
     pub watch: Option<TripWatch>,
+    /// The conversation this request continues, if its client names one (the chat
+    /// page does): the gateway reuses that conversation's session first.
+    pub conversation: Option<String>,
 }
 
 /// What is told of a generation's route while it runs ([`GenerateRequest::watch`]).
@@ -290,6 +294,9 @@ pub struct Generation {
     pub tokens_per_second: f64,
     /// Seconds spent on the prompt (prefill and first token).
     pub prefill_seconds: f64,
+    /// Prompt tokens the blocks held already, from an earlier turn of the conversation
+    /// (not sent again).
+    pub cached_tokens: usize,
     /// Why it stopped: "stop" (end of turn or a stop sequence) or "length".
     pub finish_reason: String,
     /// The stop sequence that ended it, if one did.
@@ -376,7 +383,11 @@ pub async fn generate(
         (Speculate::Draft, None) => bail!("--speculate draft needs a --draft-model"),
         _ => None,
     };
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
+    // The blocks may hold the prompt's first tokens already (a conversation's earlier
+    // turns, kept on its servers): only the rest is sent, and at least the last token.
+    let cached = blocks.position().min(prompt.len().saturating_sub(1));
+    blocks.rewind(cached);
+    for chunk in prompt[cached..].chunks(PREFILL_CHUNK) {
         let x = head.embed(chunk)?;
         let t = Instant::now();
         last = Some(blocks.forward(&x, &device, hidden).await?);
@@ -567,6 +578,7 @@ pub async fn generate(
             0.0
         },
         prefill_seconds,
+        cached_tokens: cached,
         finish_reason: finish.to_string(),
         stop_sequence,
         top_logits,

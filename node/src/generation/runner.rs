@@ -273,8 +273,86 @@ pub async fn run_generation(
     route_timeout: Duration,
     on_text: impl FnMut(&str),
 ) -> Result<(Generation, Trip), NodeError> {
-    let cfg = side.file.config();
     let prompt = prompt_tokens(&side.text, req)?;
+    let turn = Turn {
+        prompt,
+        warm: None,
+        keep: false,
+    };
+    let (g, trip, _) = run_turn(side, client, req, turn, wire, route_timeout, on_text).await?;
+    Ok((g, trip))
+}
+
+/// A session kept open on its servers after a generation, for the next turn of the
+/// same conversation, and the tokens its servers' caches hold (the prompt and the
+/// completion, less what was chosen last and never fed).
+pub struct Warm {
+    /// The open session, its servers' caches full of `tokens`.
+    pub session: RemoteSession,
+    /// What the caches hold, position by position.
+    pub tokens: Vec<u32>,
+}
+
+/// One generation of a conversation: its prompt, maybe a session kept from an earlier
+/// turn, and whether to keep this one's open afterwards.
+pub struct Turn {
+    /// The prompt's tokens ([`prompt_tokens`]).
+    pub prompt: Vec<u32>,
+    /// An earlier turn's session: used when its tokens begin this prompt (all but what
+    /// they share is dropped), closed otherwise.
+    pub warm: Option<Warm>,
+    /// Return the session open after the generation, rather than closing it.
+    pub keep: bool,
+}
+
+/// How many leading tokens a warm session can keep for `prompt`: those it shares with
+/// it, less the prompt's last (a generation must feed at least one token to have logits
+/// to choose from).
+pub fn shared_prefix(tokens: &[u32], prompt: &[u32]) -> usize {
+    let same = tokens
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    same.min(prompt.len().saturating_sub(1))
+}
+
+/// The warm session ready for a prompt: taken back to the tokens it shares with the
+/// prompt and given room for `max_len` tokens. `None` (the session closed) when it
+/// shares nothing or a server cannot keep it (dropped, full, gone): the caller opens a
+/// fresh session and sends the whole prompt, as without one.
+async fn resume(warm: Warm, prompt: &[u32], max_len: u32) -> Option<(RemoteSession, usize)> {
+    let Warm {
+        mut session,
+        tokens,
+    } = warm;
+    let keep = shared_prefix(&tokens, prompt);
+    if keep == 0 {
+        session.close().await;
+        return None;
+    }
+    if let Err(e) = session.resize(max_len).await {
+        tracing::info!("a conversation's session cannot be reused: {e:#}; opening a new one");
+        session.close().await;
+        return None;
+    }
+    session.rewind(keep as u32);
+    Some((session, keep))
+}
+
+/// Runs one turn: the generation through the swarm (reusing `turn.warm` where it
+/// fits) or locally when `client` is `None` (nothing is kept then).
+pub async fn run_turn(
+    side: &ClientSide,
+    client: Option<&Client>,
+    req: &GenerateRequest,
+    turn: Turn,
+    wire: WireDType,
+    route_timeout: Duration,
+    on_text: impl FnMut(&str),
+) -> Result<(Generation, Trip, Option<Warm>), NodeError> {
+    let cfg = side.file.config();
+    let Turn { prompt, warm, keep } = turn;
     let max_new = budget(
         prompt.len(),
         req.max_tokens,
@@ -283,6 +361,9 @@ pub async fn run_generation(
     let max_len = (prompt.len() + max_new) as u32;
     match client {
         None => {
+            if let Some(w) = warm {
+                w.session.close().await;
+            }
             let span = tokio::task::block_in_place(|| {
                 let s = Span::load(&side.file, 0, cfg.n_layers, &side.local_device, |_, _| {})?;
                 s.warm_up()?;
@@ -315,19 +396,29 @@ pub async fn run_generation(
                     route,
                     reroutes: Vec::new(),
                 },
+                None,
             ))
         }
         Some(client) => {
-            let mut session = client
-                .open_session(
-                    side.file.id(),
-                    cfg.n_layers as u32,
-                    max_len,
-                    wire,
-                    route_timeout,
-                    Box::new(|line: &str| eprintln!("{line}")),
-                )
-                .await?;
+            let resumed = match warm {
+                Some(w) => resume(w, &prompt, max_len).await,
+                None => None,
+            };
+            let mut session = match resumed {
+                Some((session, _)) => session,
+                None => {
+                    client
+                        .open_session(
+                            side.file.id(),
+                            cfg.n_layers as u32,
+                            max_len,
+                            wire,
+                            route_timeout,
+                            Box::new(|line: &str| eprintln!("{line}")),
+                        )
+                        .await?
+                }
+            };
             if let Some(w) = &req.watch {
                 (w.0)(&trip(&session).await);
             }
@@ -347,8 +438,26 @@ pub async fn run_generation(
             )
             .await;
             let trip = trip(&session).await;
-            session.close().await;
-            Ok((result.map_err(NodeError::from)?, trip))
+            let g = match result {
+                Ok(g) => g,
+                Err(e) => {
+                    session.close().await;
+                    return Err(NodeError::from(e));
+                }
+            };
+            if !keep {
+                session.close().await;
+                return Ok((g, trip, None));
+            }
+            let held = session.position() as usize;
+            let tokens: Vec<u32> = g
+                .prompt_tokens
+                .iter()
+                .chain(&g.completion_tokens)
+                .copied()
+                .take(held)
+                .collect();
+            Ok((g, trip, Some(Warm { session, tokens })))
         }
     }
 }

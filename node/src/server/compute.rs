@@ -181,7 +181,7 @@ impl Server {
             } else {
                 self.throughput
             },
-            free_cache_tokens: self.free_cache_tokens() as u64,
+            free_cache_tokens: self.offered_cache_tokens() as u64,
             sessions: self.sessions.len() as u32,
             max_seq_len: self.limits.max_seq_len as u32,
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -1,6 +1,7 @@
 //! Sessions on a server: opening one (limits, allow list, cache), checking a step
 //! against its session, and ending sessions (closed, idle, client gone).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -38,7 +39,7 @@ pub(super) struct Session {
 impl Server {
     pub(super) fn expire_idle(&mut self) {
         let now = Instant::now();
-        self.end_sessions("it was idle too long", |s| {
+        self.end_sessions("it was idle too long", |_, s| {
             now.duration_since(s.last_used) >= SESSION_IDLE_TIMEOUT
         });
     }
@@ -47,17 +48,21 @@ impl Server {
     /// connection closed, or it came back as a new process that knows nothing of them).
     pub(super) fn drop_departed(&mut self) {
         let net = self.net.clone();
-        self.end_sessions("its client has gone", |s| {
+        self.end_sessions("its client has gone", |_, s| {
             s.presence.is_none() || net.presence(&s.client) != s.presence
         });
     }
 
     /// Ends every session `gone` picks, with all kept for it.
-    pub(super) fn end_sessions(&mut self, why: &str, mut gone: impl FnMut(&Session) -> bool) {
+    pub(super) fn end_sessions(
+        &mut self,
+        why: &str,
+        mut gone: impl FnMut(&SessionId, &Session) -> bool,
+    ) {
         let ended: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, s)| gone(s))
+            .filter(|(id, s)| gone(id, s))
             .map(|(id, _)| *id)
             .collect();
         if ended.is_empty() {
@@ -83,18 +88,12 @@ impl Server {
                 .net
                 .respond_blocking(channel, Response::Info(self.announcement())),
             Request::Open(open) => {
-                let r = match self.open(open, peer) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        self.metrics
-                            .refused_sessions
-                            .get_or_create(&[("kind", e.kind.name())])
-                            .inc();
-                        Response::Error(e)
-                    }
-                };
-                self.net.respond_blocking(channel, r);
-                self.refresh_public();
+                let r = self.open(open, peer);
+                self.answer_open(channel, r);
+            }
+            Request::Resize { session, max_len } => {
+                let r = self.resize(session, max_len, peer);
+                self.answer_open(channel, r);
             }
             Request::Close { session } => {
                 // Only its own client may close a session.
@@ -117,6 +116,187 @@ impl Server {
                 )),
             ),
         }
+    }
+
+    /// Answers an open or a resize, counting refusals.
+    fn answer_open(
+        &mut self,
+        channel: libp2p::request_response::ResponseChannel<Response>,
+        r: Result<Response, ErrorInfo>,
+    ) {
+        let r = r.unwrap_or_else(|e| {
+            self.metrics
+                .refused_sessions
+                .get_or_create(&[("kind", e.kind.name())])
+                .inc();
+            Response::Error(e)
+        });
+        self.net.respond_blocking(channel, r);
+        self.refresh_public();
+    }
+
+    /// The cache tokens a new client could have here (what is announced): those free,
+    /// and those of sessions parked between turns by clients holding more than their
+    /// share once it comes (see [`Server::make_room`]).
+    pub(super) fn offered_cache_tokens(&self) -> usize {
+        let held = self.held_by_client();
+        let share = self.limits.max_cache_tokens / (held.len() + 1);
+        let parked: usize = self
+            .sessions
+            .values()
+            .filter(|s| s.cache.len() == s.cache.max_len())
+            .filter(|s| held.get(&s.client).is_some_and(|&h| h > share))
+            .map(|s| s.cache.max_len())
+            .sum();
+        self.free_cache_tokens() + parked
+    }
+
+    /// Cache tokens reserved by each client's sessions.
+    fn held_by_client(&self) -> HashMap<PeerId, usize> {
+        let mut held: HashMap<PeerId, usize> = HashMap::new();
+        for s in self.sessions.values() {
+            *held.entry(s.client).or_default() += s.cache.max_len();
+        }
+        held
+    }
+
+    /// Makes room for `client` to hold one more session (when `new_session`) and
+    /// reserve `tokens` more cache tokens, dropping sessions that wait between turns of
+    /// a conversation if it must: those parked (their cache full to the length granted:
+    /// no step can run on them until their client resizes them), least recently used
+    /// first. A client's own parked sessions go first; another client's go only if that
+    /// client holds more than its share of the cache (the budget over the clients
+    /// holding sessions, the asking one counted) and the asking one stays within its
+    /// own. So a gateway keeping many conversations warm uses the cache nobody else
+    /// needs, and gives it back as others come; a client past its share pushes out no
+    /// one else. Refused as [`ErrorKind::Busy`] when even that is not enough.
+    fn make_room(
+        &mut self,
+        client: PeerId,
+        new_session: bool,
+        tokens: usize,
+        keep: Option<SessionId>,
+    ) -> Result<(), ErrorInfo> {
+        let mut held = self.held_by_client();
+        let clients = held.len() + usize::from(!held.contains_key(&client));
+        let share = self.limits.max_cache_tokens / clients.max(1);
+        let within = held.get(&client).copied().unwrap_or(0) + tokens <= share;
+        let mut free = self.free_cache_tokens();
+        let mut total = self.sessions.len();
+        let new = usize::from(new_session);
+        let fits = |free: usize, total: usize, mine: usize| {
+            tokens <= free
+                && total + new <= self.limits.max_sessions
+                && mine + new <= self.limits.max_sessions_per_peer
+        };
+        let mut mine = self
+            .sessions
+            .values()
+            .filter(|s| s.client == client)
+            .count();
+        let mut parked: Vec<(bool, Instant, SessionId, PeerId, usize)> = self
+            .sessions
+            .iter()
+            .filter(|(id, s)| s.cache.len() == s.cache.max_len() && Some(**id) != keep)
+            .map(|(id, s)| {
+                let own = s.client == client;
+                (!own, s.last_used, *id, s.client, s.cache.max_len())
+            })
+            .collect();
+        parked.sort();
+        let mut dropped = Vec::new();
+        for (other, _, id, owner, reserved) in parked {
+            if fits(free, total, mine) {
+                break;
+            }
+            let over = held.get(&owner).is_some_and(|&h| h > share);
+            if other && !(within && over) {
+                continue;
+            }
+            dropped.push(id);
+            free += reserved;
+            total -= 1;
+            if let Some(h) = held.get_mut(&owner) {
+                *h -= reserved;
+            }
+            if !other {
+                mine -= 1;
+            }
+        }
+        if !dropped.is_empty() {
+            self.end_sessions(
+                "it was waiting between turns and its cache was needed",
+                |id, _| dropped.contains(id),
+            );
+        }
+        if self.sessions.len() + new > self.limits.max_sessions {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!("{} sessions open, the limit", self.sessions.len()),
+            ));
+        }
+        if mine + new > self.limits.max_sessions_per_peer {
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "{mine} sessions open for this client, the limit per client (--max-sessions-per-peer)"
+                ),
+            ));
+        }
+        if tokens > free {
+            let yours = held.get(&client).copied().unwrap_or(0);
+            return Err(ErrorInfo::new(
+                ErrorKind::Busy,
+                format!(
+                    "{tokens} more cache tokens asked for, {free} free (--max-cache-tokens {}; this client holds {yours}, its share is {share})",
+                    self.limits.max_cache_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Changes an open session's longest sequence ([`Request::Resize`]).
+    pub(super) fn resize(
+        &mut self,
+        session: SessionId,
+        max_len: u32,
+        client: PeerId,
+    ) -> Result<Response, ErrorInfo> {
+        let unknown = || {
+            ErrorInfo::new(
+                ErrorKind::UnknownSession,
+                format!("no session {session} of this client"),
+            )
+        };
+        let s = self
+            .sessions
+            .get(&session)
+            .filter(|s| s.client == client)
+            .ok_or_else(unknown)?;
+        let (held, reserved) = (s.cache.len(), s.cache.max_len());
+        let wanted = max_len as usize;
+        if wanted == 0 || wanted > self.limits.max_seq_len {
+            return Err(ErrorInfo::new(
+                ErrorKind::TooLong,
+                format!(
+                    "session of {max_len} tokens requested, this server allows 1..={}",
+                    self.limits.max_seq_len
+                ),
+            ));
+        }
+        if wanted > reserved {
+            self.make_room(client, false, wanted - reserved, Some(session))?;
+        }
+        let s = self.sessions.get_mut(&session).ok_or_else(unknown)?;
+        // Positions past the new length are drafts its client rejected (it takes a
+        // session back without a round trip, see `check_step`): dropped now.
+        s.cache.truncate(wanted.min(held));
+        s.cache
+            .set_max_len(wanted)
+            .map_err(|e| ErrorInfo::new(ErrorKind::BadRequest, e.to_string()))?;
+        s.last_used = Instant::now();
+        Ok(Response::Opened { session, max_len })
     }
 
     pub(super) fn open(
@@ -169,35 +349,7 @@ impl Server {
                 "session id already in use",
             ));
         }
-        if self.sessions.len() >= self.limits.max_sessions {
-            return Err(ErrorInfo::new(
-                ErrorKind::Busy,
-                format!("{} sessions open, the limit", self.sessions.len()),
-            ));
-        }
-        let mine = self
-            .sessions
-            .values()
-            .filter(|s| s.client == client)
-            .count();
-        if mine >= self.limits.max_sessions_per_peer {
-            return Err(ErrorInfo::new(
-                ErrorKind::Busy,
-                format!(
-                    "{mine} sessions open for this client, the limit per client (--max-sessions-per-peer)"
-                ),
-            ));
-        }
-        let free = self.free_cache_tokens();
-        if open.max_len as usize > free {
-            return Err(ErrorInfo::new(
-                ErrorKind::Busy,
-                format!(
-                    "session of {} tokens asked for, {free} cache tokens free (--max-cache-tokens {})",
-                    open.max_len, self.limits.max_cache_tokens
-                ),
-            ));
-        }
+        self.make_room(client, true, open.max_len as usize, None)?;
         let cache = self
             .span
             .new_cache_for(

@@ -23,7 +23,9 @@ impl Drop for Api {
 }
 
 pub(crate) fn start_api(bootstrap: &str, extra: &[&str]) -> Api {
-    let log = std::env::temp_dir().join(format!("shoal-api-test-{}.log", std::process::id()));
+    static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("shoal-api-test-{}-{n}.log", std::process::id()));
     let mut child = shoal()
         .args([
             "api",
@@ -74,6 +76,72 @@ pub(crate) fn raw_http(url: &str, method: &str, path: &str, body: &str) -> (u16,
         .unwrap_or_else(|| panic!("no status in {reply:?}"));
     let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, body.to_string())
+}
+
+/// A streamed chat completion as its client saw it.
+pub(crate) struct Streamed {
+    /// The answer's text, every piece joined.
+    pub(crate) text: String,
+    /// From sending the request to the first piece of text.
+    pub(crate) first_piece: Duration,
+    /// The usage chunk (when `stream_options.include_usage` was asked for), else null.
+    pub(crate) usage: Value,
+}
+
+/// Sends `body` (a chat request with `"stream": true`) to the gateway and reads the
+/// answer's events to the end; an error event, a refusal, a read stalled for `hung` or
+/// a stream ending without `[DONE]` is an error, with what was seen.
+pub(crate) fn stream_chat(url: &str, body: &Value, hung: Duration) -> Result<Streamed, String> {
+    use std::io::BufRead;
+    let body = body.to_string();
+    let addr = url.trim_start_matches("http://");
+    let sent = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(hung)).expect("timeout");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).map_err(|e| format!("hung: {e}"))?;
+    if !status.contains(" 200 ") {
+        let mut rest = String::new();
+        let _ = r.read_to_string(&mut rest);
+        return Err(format!("{} {rest}", status.trim()));
+    }
+    let mut text = String::new();
+    let mut first_piece = None;
+    let mut usage = Value::Null;
+    for line in r.lines() {
+        let line = line.map_err(|e| format!("hung mid-answer: {e}"))?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return Ok(Streamed {
+                text,
+                first_piece: first_piece.unwrap_or_else(|| sent.elapsed()),
+                usage,
+            });
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if let Some(e) = v.get("error") {
+            return Err(format!("error event: {e}"));
+        }
+        if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
+            if !piece.is_empty() {
+                first_piece.get_or_insert_with(|| sent.elapsed());
+            }
+            text.push_str(piece);
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    Err("the stream ended without [DONE]".into())
 }
 
 /// Debian's Chromium. Missing, the browser test is skipped with a note, unless

@@ -44,6 +44,29 @@ impl KvCache {
         }
     }
 
+    /// Sets the longest sequence this cache may grow to (a session kept between turns
+    /// of a conversation: shrunk to what it holds while it waits, grown again for the
+    /// next turn). Buffers larger than the new limit are cut down to it, so a waiting
+    /// session holds no more memory than its tokens. Refused below the tokens held.
+    pub fn set_max_len(&mut self, max_len: usize) -> candle_core::Result<()> {
+        if max_len < self.len {
+            candle_core::bail!(
+                "a cache holding {} tokens cannot be limited to {max_len}",
+                self.len
+            );
+        }
+        self.max_len = max_len;
+        for l in self.layers.iter_mut().flatten() {
+            if l.k.dim(1)? > max_len {
+                l.k = l.k.narrow(1, 0, max_len)?.contiguous()?;
+                if let Some(v) = l.v.as_mut() {
+                    *v = v.narrow(1, 0, max_len)?.contiguous()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes held by keys and values.
     pub fn bytes(&self) -> usize {
         self.layers
