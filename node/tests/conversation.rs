@@ -1,7 +1,8 @@
 //! Conversations that remember: the gateway keeps a conversation's session open on its
 //! servers between turns and sends only each turn's new tokens, so the time to first
 //! token stays flat as the history grows, and the answers are the ones a gateway that
-//! resends the whole history gives.
+//! resends the whole history gives. Kept sessions go when the conversation is deleted,
+//! when idle too long, and when a server needs the room for another client.
 
 mod common;
 
@@ -267,4 +268,32 @@ fn kept_sessions_make_way_for_another_client() {
         }
     }
     drop(a);
+}
+
+/// A kept session unused for `--conversation-idle` seconds is closed on its servers.
+#[test]
+fn an_idle_conversation_frees_its_session() {
+    let m = model();
+    let a = serve_with(&m, &["--blocks", "0..30"], None);
+    wait_for_servers(&a.addr, 1);
+    let api = start_api(&a.addr, &["--conversation-idle", "2"]);
+    let messages = [json!({"role": "user", "content": "Name a colour."})];
+    turn(&api.url, &messages, Some("idle"));
+    assert_eq!(sessions(&a.addr), [1], "the conversation's session kept");
+    let kept = std::time::Instant::now();
+    wait_until(
+        "the idle session closed",
+        Duration::from_secs(20),
+        || match sessions(&a.addr)[..] {
+            [0] => Ok(()),
+            ref n => Err(format!("{n:?}")),
+        },
+    );
+    let after = kept.elapsed();
+    assert!(
+        after >= Duration::from_secs(2),
+        "closed after {after:?}, not idle long enough"
+    );
+    let (status, _) = raw_http(&api.url, "DELETE", "/v1/conversations/idle", "");
+    assert_eq!(status, 404, "an idle conversation was forgotten");
 }

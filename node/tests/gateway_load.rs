@@ -138,3 +138,54 @@ fn a_full_gateway_queues_then_refuses_with_retry_after() {
     );
     drop(a);
 }
+
+/// A plain (not streamed) request whose client hangs up mid-generation is cancelled:
+/// the gateway stops generating and closes its sessions on the servers, rather than
+/// finishing an answer nobody will read.
+#[test]
+fn a_plain_request_whose_client_hangs_up_is_cancelled() {
+    let m = model();
+    // One server 100 ms away: 300 tokens take over 30 s.
+    let a = serve_with(&m, &["--blocks", "0..30", "--emulate-rtt-ms", "100"], None);
+    wait_for_servers(&a.addr, 1);
+    let api = start_api(&a.addr, &[]);
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+        "max_tokens": 300, "temperature": 0, "speculate": "off",
+    })
+    .to_string();
+    let client = post(&api.url, "/v1/chat/completions", &body);
+    let sessions = || {
+        status(&a.addr)["servers"][0]["sessions"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until(
+        "the generation running",
+        Duration::from_secs(30),
+        || match sessions() {
+            1 => Ok(()),
+            n => Err(format!("{n} sessions")),
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    drop(client);
+    let hung_up = std::time::Instant::now();
+    wait_until(
+        "the session closed",
+        Duration::from_secs(10),
+        || match sessions() {
+            0 => Ok(()),
+            n => Err(format!("{n} sessions")),
+        },
+    );
+    let (_, swarm) = raw_http(&api.url, "GET", "/api/swarm", "");
+    let swarm: Value = serde_json::from_str(&swarm).expect("JSON");
+    assert_eq!(
+        swarm["requests"][0]["state"], "cancelled",
+        "{:#}",
+        swarm["requests"]
+    );
+    eprintln!("cancelled {:?} after the client hung up", hung_up.elapsed());
+    drop(a);
+}

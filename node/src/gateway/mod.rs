@@ -11,7 +11,9 @@
 //! and text completions give `logprobs` when asked. Anthropic's Messages API is served
 //! at `POST /v1/messages` too. Requests are served concurrently, up to a limit with a
 //! bounded queue before it; the client process batches their LM heads and the servers
-//! batch their steps.
+//! batch their steps. A conversation's session stays open on its servers between turns
+//! (`conversations`), so a turn sends only its new tokens; `DELETE
+//! /v1/conversations/{id}` frees one.
 //!
 //! A chat page at `/chat` (built into the binary: conversations kept in the browser,
 //! streamed answers with a stop button, the route and any failover under each answer)
