@@ -155,30 +155,20 @@ fn a_plain_request_whose_client_hangs_up_is_cancelled() {
     })
     .to_string();
     let client = post(&api.url, "/v1/chat/completions", &body);
-    let sessions = || {
-        status(&a.addr)["servers"][0]["sessions"]
-            .as_u64()
-            .unwrap_or(0)
+    // Waits until the server holds `want` sessions.
+    let sessions = |what: &str, want: u64, within: u64| {
+        wait_until(what, Duration::from_secs(within), || {
+            match status(&a.addr)["servers"][0]["sessions"].as_u64() {
+                Some(n) if n == want => Ok(()),
+                n => Err(format!("{n:?} sessions")),
+            }
+        })
     };
-    wait_until(
-        "the generation running",
-        Duration::from_secs(30),
-        || match sessions() {
-            1 => Ok(()),
-            n => Err(format!("{n} sessions")),
-        },
-    );
+    sessions("the generation running", 1, 30);
     std::thread::sleep(Duration::from_secs(2));
     drop(client);
     let hung_up = std::time::Instant::now();
-    wait_until(
-        "the session closed",
-        Duration::from_secs(10),
-        || match sessions() {
-            0 => Ok(()),
-            n => Err(format!("{n} sessions")),
-        },
-    );
+    sessions("the session closed", 0, 10);
     let (_, swarm) = raw_http(&api.url, "GET", "/api/swarm", "");
     let swarm: Value = serde_json::from_str(&swarm).expect("JSON");
     assert_eq!(

@@ -26,6 +26,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::client::RemoteSession;
 use crate::generation::{shared_prefix, Warm};
 
@@ -51,6 +53,8 @@ pub(super) struct Conversations {
     limit: usize,
     /// How long one is kept unused.
     idle: Duration,
+    /// How many are kept, for the metrics (set at every change).
+    gauge: Gauge,
 }
 
 fn lock(m: &Mutex<Vec<Kept>>) -> std::sync::MutexGuard<'_, Vec<Kept>> {
@@ -72,12 +76,14 @@ fn close_all(gone: Vec<Kept>) {
 }
 
 impl Conversations {
-    /// Keeps at most `limit` sessions, each for at most `idle` unused.
-    pub(super) fn new(limit: usize, idle: Duration) -> Self {
+    /// Keeps at most `limit` sessions, each for at most `idle` unused; `gauge` shows
+    /// how many.
+    pub(super) fn new(limit: usize, idle: Duration, gauge: Gauge) -> Self {
         Conversations {
             kept: Mutex::new(Vec::new()),
             limit,
             idle,
+            gauge,
         }
     }
 
@@ -86,9 +92,19 @@ impl Conversations {
         self.limit > 0
     }
 
-    /// How many are kept now.
-    pub(super) fn len(&self) -> usize {
-        lock(&self.kept).len()
+    /// Takes out the kept sessions `gone` picks and closes them (in the background);
+    /// how many there were.
+    fn drop_where(&self, gone: impl FnMut(&Kept) -> bool) -> usize {
+        let gone: Vec<Kept> = {
+            let mut kept = lock(&self.kept);
+            let (gone, rest) = std::mem::take(&mut *kept).into_iter().partition(gone);
+            *kept = rest;
+            self.gauge.set(kept.len() as i64);
+            gone
+        };
+        let n = gone.len();
+        close_all(gone);
+        n
     }
 
     /// Starts closing kept sessions once idle too long (the task ends with the store).
@@ -98,15 +114,7 @@ impl Conversations {
             loop {
                 tokio::time::sleep(SWEEP_EVERY).await;
                 let Some(store) = store.upgrade() else { return };
-                let gone: Vec<Kept> = {
-                    let mut kept = lock(&store.kept);
-                    let (old, fresh) = std::mem::take(&mut *kept)
-                        .into_iter()
-                        .partition(|k| k.since.elapsed() >= store.idle);
-                    *kept = fresh;
-                    old
-                };
-                close_all(gone);
+                store.drop_where(|k| k.since.elapsed() >= store.idle);
             }
         });
     }
@@ -130,7 +138,9 @@ impl Conversations {
                     .max_by_key(|&(_, shared, _)| shared)
                     .map(|(i, _, _)| i),
             }?;
-            kept.swap_remove(at)
+            let k = kept.swap_remove(at);
+            self.gauge.set(kept.len() as i64);
+            k
         };
         let session = k.session.lock().await.take()?;
         Some(Warm {
@@ -158,20 +168,21 @@ impl Conversations {
             return;
         };
         let held = tokens.len() as u32;
+        if id.is_some() {
+            self.drop_where(|k| k.id == id);
+        }
         let gone = {
             let mut kept = lock(&self.kept);
-            let (mut gone, mut rest): (Vec<Kept>, Vec<Kept>) = std::mem::take(&mut *kept)
-                .into_iter()
-                .partition(|k| id.is_some() && k.id == id);
-            rest.sort_by_key(|k| std::cmp::Reverse(k.since));
-            gone.extend(rest.split_off(rest.len().min(self.limit - 1)));
-            rest.push(Kept {
+            kept.sort_by_key(|k| std::cmp::Reverse(k.since));
+            let room = kept.len().min(self.limit - 1);
+            let gone = kept.split_off(room);
+            kept.push(Kept {
                 id,
                 tokens,
                 since: Instant::now(),
                 session: slot,
             });
-            *kept = rest;
+            self.gauge.set(kept.len() as i64);
             gone
         };
         close_all(gone);
@@ -188,16 +199,6 @@ impl Conversations {
 
     /// Closes the session kept for conversation `id`; whether there was one.
     pub(super) fn forget(&self, id: &str) -> bool {
-        let gone: Vec<Kept> = {
-            let mut kept = lock(&self.kept);
-            let (gone, rest) = std::mem::take(&mut *kept)
-                .into_iter()
-                .partition(|k| k.id.as_deref() == Some(id));
-            *kept = rest;
-            gone
-        };
-        let found = !gone.is_empty();
-        close_all(gone);
-        found
+        self.drop_where(|k| k.id.as_deref() == Some(id)) > 0
     }
 }

@@ -142,7 +142,11 @@ impl ApiState {
             speculate: crate::generation::Speculate::Auto,
             draft_model: None,
             admission: admission::Admission::new(admission::MAX_RUNNING, admission::MAX_QUEUED),
-            conversations: Arc::new(conversations::Conversations::new(0, Duration::ZERO)),
+            conversations: Arc::new(conversations::Conversations::new(
+                0,
+                Duration::ZERO,
+                Default::default(),
+            )),
             board: Board {
                 started: Instant::now(),
                 recent: Mutex::new(VecDeque::new()),
@@ -162,7 +166,8 @@ impl ApiState {
     /// Keeps at most `limit` conversations' sessions open between turns, each for at
     /// most `idle` unused (0 keeps none: every turn sends its whole history).
     pub fn keep_conversations(&mut self, limit: usize, idle: Duration) {
-        self.conversations = Arc::new(conversations::Conversations::new(limit, idle));
+        let gauge = self.metrics.conversations_kept.clone();
+        self.conversations = Arc::new(conversations::Conversations::new(limit, idle, gauge));
         self.conversations.sweep_idle();
     }
 

@@ -536,7 +536,6 @@ pub(super) async fn generate(
     if let Some(w) = warm {
         store.keep(req.conversation.clone(), w);
     }
-    state.metrics.conversations_kept.set(store.len() as i64);
     Ok((g, trip))
 }
 
@@ -546,12 +545,7 @@ pub(super) async fn forget_conversation(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
 ) -> Response {
-    let found = state.conversations.forget(&id);
-    state
-        .metrics
-        .conversations_kept
-        .set(state.conversations.len() as i64);
-    if found {
+    if state.conversations.forget(&id) {
         Json(json!({"id": id, "object": "conversation.deleted", "deleted": true})).into_response()
     } else {
         ApiError {

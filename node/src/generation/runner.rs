@@ -321,7 +321,7 @@ pub fn shared_prefix(tokens: &[u32], prompt: &[u32]) -> usize {
 /// prompt and given room for `max_len` tokens. `None` (the session closed) when it
 /// shares nothing or a server cannot keep it (dropped, full, gone): the caller opens a
 /// fresh session and sends the whole prompt, as without one.
-async fn resume(warm: Warm, prompt: &[u32], max_len: u32) -> Option<(RemoteSession, usize)> {
+async fn resume(warm: Warm, prompt: &[u32], max_len: u32) -> Option<RemoteSession> {
     let Warm {
         mut session,
         tokens,
@@ -337,7 +337,7 @@ async fn resume(warm: Warm, prompt: &[u32], max_len: u32) -> Option<(RemoteSessi
         return None;
     }
     session.rewind(keep as u32);
-    Some((session, keep))
+    Some(session)
 }
 
 /// Runs one turn: the generation through the swarm (reusing `turn.warm` where it
@@ -405,7 +405,7 @@ pub async fn run_turn(
                 None => None,
             };
             let mut session = match resumed {
-                Some((session, _)) => session,
+                Some(session) => session,
                 None => {
                     client
                         .open_session(

@@ -36,6 +36,15 @@ pub(super) struct Session {
     pub(super) batch: u64,
 }
 
+impl Session {
+    /// Waiting between turns of a conversation: its cache is full to the length
+    /// granted, so no step can run on it until its client resizes it, and a server
+    /// short of cache may drop it ([`Server::make_room`]).
+    pub(super) fn parked(&self) -> bool {
+        self.cache.len() == self.cache.max_len()
+    }
+}
+
 impl Server {
     pub(super) fn expire_idle(&mut self) {
         let now = Instant::now();
@@ -144,7 +153,7 @@ impl Server {
         let parked: usize = self
             .sessions
             .values()
-            .filter(|s| s.cache.len() == s.cache.max_len())
+            .filter(|s| s.parked())
             .filter(|s| held.get(&s.client).is_some_and(|&h| h > share))
             .map(|s| s.cache.max_len())
             .sum();
@@ -197,7 +206,7 @@ impl Server {
         let mut parked: Vec<(bool, Instant, SessionId, PeerId, usize)> = self
             .sessions
             .iter()
-            .filter(|(id, s)| s.cache.len() == s.cache.max_len() && Some(**id) != keep)
+            .filter(|(id, s)| s.parked() && Some(**id) != keep)
             .map(|(id, s)| {
                 let own = s.client == client;
                 (!own, s.last_used, *id, s.client, s.cache.max_len())
@@ -256,6 +265,20 @@ impl Server {
         Ok(())
     }
 
+    /// A session length this server allows.
+    fn check_length(&self, max_len: u32) -> Result<(), ErrorInfo> {
+        if max_len == 0 || max_len as usize > self.limits.max_seq_len {
+            return Err(ErrorInfo::new(
+                ErrorKind::TooLong,
+                format!(
+                    "session of {max_len} tokens requested, this server allows 1..={}",
+                    self.limits.max_seq_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Changes an open session's longest sequence ([`Request::Resize`]).
     pub(super) fn resize(
         &mut self,
@@ -274,24 +297,16 @@ impl Server {
             .get(&session)
             .filter(|s| s.client == client)
             .ok_or_else(unknown)?;
-        let (held, reserved) = (s.cache.len(), s.cache.max_len());
+        let reserved = s.cache.max_len();
+        self.check_length(max_len)?;
         let wanted = max_len as usize;
-        if wanted == 0 || wanted > self.limits.max_seq_len {
-            return Err(ErrorInfo::new(
-                ErrorKind::TooLong,
-                format!(
-                    "session of {max_len} tokens requested, this server allows 1..={}",
-                    self.limits.max_seq_len
-                ),
-            ));
-        }
         if wanted > reserved {
             self.make_room(client, false, wanted - reserved, Some(session))?;
         }
         let s = self.sessions.get_mut(&session).ok_or_else(unknown)?;
         // Positions past the new length are drafts its client rejected (it takes a
         // session back without a round trip, see `check_step`): dropped now.
-        s.cache.truncate(wanted.min(held));
+        s.cache.truncate(wanted);
         s.cache
             .set_max_len(wanted)
             .map_err(|e| ErrorInfo::new(ErrorKind::BadRequest, e.to_string()))?;
@@ -334,15 +349,7 @@ impl Server {
                 format!("blocks {} requested, {} served", open.span, served),
             ));
         }
-        if open.max_len as usize > self.limits.max_seq_len || open.max_len == 0 {
-            return Err(ErrorInfo::new(
-                ErrorKind::TooLong,
-                format!(
-                    "session of {} tokens requested, this server allows 1..={}",
-                    open.max_len, self.limits.max_seq_len
-                ),
-            ));
-        }
+        self.check_length(open.max_len)?;
         if self.sessions.contains_key(&open.session) {
             return Err(ErrorInfo::new(
                 ErrorKind::BadRequest,
