@@ -12,13 +12,11 @@
 //! two share and get only the rest. Anything that goes wrong on the way (a server
 //! dropped the session, has no room to grow it, or has gone) means a fresh session and
 //! the whole prompt, exactly as without this; a server failing mid-turn fails over by
-//! replay as always. The cached positions hold what a resent prompt would recompute up
-//! to float rounding, not bit for bit: positions computed as steps of their own (the
-//! last turn's answer) and within a prompt take different routes through attention
-//! (one row over the cache against tensor products), which can flip a near-tie in the
-//! answer. Making every row's numbers independent of how tokens are grouped (as
-//! failover's replay does by replaying steps as they ran) needs prompt attention row
-//! by row, measured too slow so far: see `shard`'s `attention` module.
+//! replay as always. The cached positions hold bit for bit what a resent prompt would
+//! recompute, on servers whose blocks run on the CPU in f32 (`shard`'s attention gives
+//! a row the same numbers however the tokens were grouped into steps), so the answers
+//! are a resend's; on a GPU, or with candle's matmuls (dense safetensors weights), up
+//! to float rounding.
 //!
 //! Kept sessions go when idle too long, when more than the limit are kept (least
 //! recently used first), and when the chat page deletes its conversation.

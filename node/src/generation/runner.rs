@@ -337,6 +337,8 @@ async fn resume(warm: Warm, prompt: &[u32], max_len: u32) -> Option<RemoteSessio
         return None;
     }
     session.rewind(keep as u32);
+    // The turn reports its own failovers, not those of the turns before.
+    session.reroutes.clear();
     Some(session)
 }
 

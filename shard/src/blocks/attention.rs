@@ -1,17 +1,19 @@
-//! Attention: rope, grouped-query attention over a session's cache, and a plain-Rust
-//! path for the single token of a decode step.
+//! Attention: rope, and grouped-query attention over a session's cache: on the CPU by
+//! [`kernels::attend`], the same numbers for a row however its tokens were grouped;
+//! elsewhere by tensor products.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::cache::LayerKv;
 use super::{Block, Span};
+use crate::kernels::{self, attend::CacheAttention};
 use crate::{Result, RopeStyle, ShardError};
 
 impl Span {
-    /// True when a segment of `seq` rows takes the plain-Rust single-token path
-    /// ([`decode_attention`]) rather than tensor ops with a mask.
-    pub(super) fn decodes_in_rust(&self, seq: usize) -> bool {
-        seq == 1 && self.device.is_cpu() && self.dtype == DType::F32
+    /// True when attention runs in [`kernels::attend`] over caches with their keys
+    /// transposed (on the CPU in f32), rather than in tensor products with a mask.
+    pub(super) fn attends_in_rust(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// Rope over the first `rope_dims` dimensions of each head of `x`
@@ -39,23 +41,13 @@ impl Span {
     /// sliding window only, with the local rope; a layer with sinks adds each head's
     /// sink logit to its softmax.
     ///
-    /// A prompt's rows take tensor products here, a decode step's row
-    /// [`decode_attention`]: the same position gets slightly different numbers the two
-    /// ways, so a conversation's kept session (earlier answers computed as steps) gives
-    /// a resent history's answers only up to float rounding. Attention is the only part
-    /// of a block that depends on how tokens are grouped into steps: with every row
-    /// through one arithmetic, a 120-token prompt sent whole, in chunks of 40, as
-    /// 77 + 1 + 1 + 50 or token by token gave bit-identical outputs on SmolLM2-135M
-    /// (with these tensor products, whole and token by token differ by up to 5.2 in the
-    /// last hidden state). What stops that today is speed, measured there (2 cores, 83
-    /// prompt rows after 1,052 cached positions through the 30 blocks): 151 ms here;
-    /// 289 ms with `attend` per row (in tiles of 8 rows per KV head, no faster); ~195 ms
-    /// with keys kept transposed beside the cache, 64 positions per query in AVX2 lanes
-    /// (one chain of fused multiply-adds each), spans of keys and values read once per
-    /// tile of 16 rows, and the weighted sum four positions per pass. With that kernel,
-    /// the conversation test's answers equal the resent ones but its last turn's first
-    /// token came 1.64x the first's, over the 1.5x asked. AVX-512's wider lanes were not
-    /// tried.
+    /// On the CPU in f32 every row, a prompt's or a decode step's, goes through
+    /// [`kernels::attend`], whose numbers for a row do not depend on how the tokens
+    /// were grouped into steps: a conversation's kept session gives exactly a resent
+    /// history's answers. (With tensor products for prompts and a loop for decode
+    /// steps, a 120-token prompt sent whole and token by token differed by up to 25 in
+    /// SmolLM2-135M's last hidden state.) Elsewhere (a GPU, f16) tensor products with a
+    /// mask, whose rounding depends on the grouping.
     pub(super) fn attention(
         &self,
         q: Tensor,
@@ -91,38 +83,21 @@ impl Span {
         };
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?.squeeze(0)?;
-        let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
         let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let cap = cfg.attn_softcap;
-        if self.decodes_in_rust(seq) {
-            if let Some(l) = kv.as_ref() {
-                let q = q.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; nh * hd];
-                decode_attention(&q, l, nh / nkv, scale, window, cap, sinks, &mut out)?;
-                return Ok(Tensor::from_vec(out, (1, nh * hd), l.k.device())?);
-            }
+        if self.attends_in_rust() {
+            LayerKv::append_transposed(kv, &k, &v, seg.max_len)?;
+            let q = q.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; seq * nh * hd];
+            self.cache_attention(&q, seq, kv, window, sinks, &mut out)?;
+            return Ok(Tensor::from_vec(out, (seq, nh * hd), &self.device)?);
         }
+        let (k, v) = LayerKv::append(kv, &k, &v, seg.max_len)?;
         let total = k.dim(1)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share
         // one KV head are stacked along the token axis, [nkv, n_rep * seq, hd].
         let n_rep = nh / nkv;
         let q = q.reshape((nkv, n_rep * seq, hd))?;
-        if self.decodes_in_rust(1) {
-            let rows = ScoreRows {
-                seq,
-                first: total - seq,
-                window,
-                scale,
-                softcap: cap,
-                sinks,
-            };
-            let att = masked_softmax(&q.matmul(&k.t()?)?, &rows)?;
-            return Ok(att
-                .matmul(&v)?
-                .reshape((nh, seq, hd))?
-                .transpose(0, 1)?
-                .reshape((seq, nh * hd))?);
-        }
         let att = (q.matmul(&k.t()?)? * scale as f64)?;
         let att = match cap {
             Some(c) => ((att / c as f64)?.tanh()? * c as f64)?,
@@ -160,18 +135,17 @@ impl Span {
     /// verify step's short run) and such rows run in plain Rust here
     /// ([`Span::decode_batch`]).
     pub(super) fn decodes_batch_in_rust(&self, segments: &[Segment]) -> bool {
-        self.decodes_in_rust(1) && segments.iter().all(|s| s.rows.is_some())
+        self.attends_in_rust() && segments.iter().all(|s| s.rows.is_some())
     }
 
     /// Attention for a batch of segments computed row by row (`q`, `k`, `v`: `[n, heads
     /// * head_dim]`, the segments' rows in order) in plain Rust: rope, the cache append
-    /// and [`decode_attention`] per row straight from slices, where [`Span::attention`]
-    /// runs a score of tensor ops per segment and block (measured: most of what 8
+    /// and [`kernels::attend`] per row straight from slices, where [`Span::attention`]
+    /// runs a few tensor ops per segment and block (measured: most of what 8
     /// concurrent sessions cost beyond the weights' products). The arithmetic is the
     /// general path's (candle's rope formulas, unfused), and a lone decode step comes
     /// here too, so a session's numbers do not depend on its batch. A segment of
-    /// several rows (a verify step) appends and attends one row after the other, so
-    /// each row gets exactly the numbers it would get as a decode step of its own,
+    /// several rows (a verify step) appends and attends one row after the other,
     /// while the weights are read once for all. `[n, heads * head_dim]`.
     pub(super) fn decode_batch(
         &self,
@@ -201,7 +175,6 @@ impl Span {
                 v.len()
             )));
         }
-        let scale = cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let sinks = block.sinks.as_deref();
         let mut out = vec![0f32; n * qw];
         let mut rows = q
@@ -231,14 +204,64 @@ impl Span {
                 let device = &self.device;
                 let kt = Tensor::from_slice(ki, (nkv, 1, hd), device)?;
                 let vt = Tensor::from_slice(vi, (nkv, 1, hd), device)?;
-                LayerKv::append(kv, &kt, &vt, seg.max_len)?;
-                let Some(l) = kv.as_ref() else {
-                    return Err(ShardError::BadInput("key/value cache missing".into()));
-                };
-                decode_attention(qi, l, nh / nkv, scale, window, cfg.attn_softcap, sinks, oi)?;
+                LayerKv::append_transposed(kv, &kt, &vt, seg.max_len)?;
+                self.cache_attention(qi, 1, kv, window, sinks, oi)?;
             }
         }
         Ok(Tensor::from_vec(out, (n, qw), &self.device)?)
+    }
+
+    /// Attention of `q` (`[heads][seq][head_dim]`, rope applied) over the cache in `kv`
+    /// (keys transposed), whose last `seq` positions are these rows', by
+    /// [`kernels::attend`], into `out` (`[seq][heads * head_dim]`).
+    fn cache_attention(
+        &self,
+        q: &[f32],
+        seq: usize,
+        kv: &Option<LayerKv>,
+        window: Option<usize>,
+        sinks: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let Some(l) = kv.as_ref().filter(|l| l.transposed) else {
+            return Err(ShardError::BadInput(
+                "attention on the CPU needs a cache with its keys transposed".into(),
+            ));
+        };
+        let Some(v) = &l.v else {
+            return Err(ShardError::BadInput(
+                "a key-only cache has no values".into(),
+            ));
+        };
+        let (nkv, hd, key_stride) = l.k.dims3()?;
+        let value_cap = v.dim(1)?;
+        let (ks, kl) = l.k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            return Err(ShardError::BadInput(
+                "cache attention runs on the CPU".into(),
+            ));
+        };
+        let keys_t = &kc.as_slice::<f32>()?[kl.start_offset()..];
+        let values = &vc.as_slice::<f32>()?[vl.start_offset()..];
+        let call = CacheAttention {
+            q,
+            keys_t,
+            key_stride,
+            values,
+            value_cap,
+            heads: cfg.n_heads,
+            kv_heads: nkv,
+            head_dim: hd,
+            seq,
+            total: l.len,
+            window,
+            scale: cfg.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
+            softcap: cfg.attn_softcap,
+            sinks,
+        };
+        kernels::attend::attend(&call, out).map_err(ShardError::BadInput)
     }
 
     /// Rope of one head's values at one position, in place: the first `rope_dims`
@@ -254,250 +277,6 @@ impl Span {
             let (a, b) = (x[i1], x[i2]);
             x[i1] = a * c - b * s;
             x[i2] = a * s + b * c;
-        }
-    }
-}
-
-/// Attention of one token (`q`: `[1, heads, 1, head_dim]`, rope applied) over a cache,
-/// in plain Rust: scores, softmax and the weighted sum straight over the cache's
-/// buffers, heads in parallel once the cache is long. For a single token this replaces
-/// a dozen tensor ops (two general matmuls among them) per block. `[1, heads * head_dim]`.
-///
-/// A `window` keeps the last `window` positions only; `softcap` caps the scores.
-#[allow(clippy::too_many_arguments)]
-fn decode_attention(
-    q: &[f32],
-    l: &LayerKv,
-    n_rep: usize,
-    scale: f32,
-    window: Option<usize>,
-    softcap: Option<f32>,
-    sinks: Option<&[f32]>,
-    out: &mut [f32],
-) -> Result<()> {
-    use rayon::prelude::*;
-    let (nkv, cap, hd) = l.k.dims3()?;
-    let nh = nkv * n_rep;
-    let total = l.len;
-    let first = window.map_or(0, |w| total.saturating_sub(w));
-    if q.len() != nh * hd || out.len() != nh * hd {
-        return Err(ShardError::BadInput(format!(
-            "decode attention: {} query values, {} out, for {nh} heads of {hd}",
-            q.len(),
-            out.len()
-        )));
-    }
-    let (ks, kl) = l.k.storage_and_layout();
-    let Some(v) = &l.v else {
-        return Err(ShardError::BadInput(
-            "a key-only cache has no values".into(),
-        ));
-    };
-    let (vs, vl) = v.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        return Err(ShardError::BadInput(
-            "decode attention runs on the CPU".into(),
-        ));
-    };
-    let keys = &kc.as_slice::<f32>()?[kl.start_offset()..][..nkv * cap * hd];
-    let values = &vc.as_slice::<f32>()?[vl.start_offset()..][..nkv * cap * hd];
-    out.fill(0.0);
-    // Compiled for AVX2 where the CPU has it: the scores' dots and the weighted sum
-    // are most of a decode step's attention (the same numbers: no fused multiply-adds).
-    let head = |h: usize, o: &mut [f32]| {
-        let base = (h / n_rep) * cap * hd;
-        let positions = Positions {
-            keys: &keys[base..base + cap * hd],
-            values: &values[base..base + cap * hd],
-            width: hd,
-            first,
-            total,
-        };
-        let query = &q[h * hd..(h + 1) * hd];
-        let sink = sinks.map(|s| s[h]);
-        crate::kernels::with_vector_isa(
-            #[inline(always)]
-            || attend(query, &positions, scale, softcap, sink, o),
-        )
-    };
-    // Splitting pays only once the heads have enough positions to go through.
-    if (total - first) * nh >= 4096 {
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each(|(h, o)| head(h, o));
-    } else {
-        for (h, o) in out.chunks_mut(hd).enumerate() {
-            head(h, o);
-        }
-    }
-    drop((ks, vs));
-    Ok(())
-}
-
-/// Which positions each row of a segment's attention scores sees, and how its scores
-/// are turned into weights, for [`masked_softmax`].
-struct ScoreRows<'a> {
-    /// Rows of the segment.
-    seq: usize,
-    /// The segment's first position (the cache held this many before it).
-    first: usize,
-    window: Option<usize>,
-    scale: f32,
-    softcap: Option<f32>,
-    sinks: Option<&'a [f32]>,
-}
-
-/// The attention weights of a segment's raw scores (`[kv_heads, n_rep * seq, positions]`,
-/// query `q·k` products), in one pass per row on the CPU: scaled, capped, softmax over
-/// the positions the row sees (itself and those before, within a window) with the
-/// head's sink, zero elsewhere. The tensor ops it replaces (scale, mask, softmax: a
-/// pass through memory each, the exponentials one at a time through libm) made
-/// attention most of a prompt's cost after a long cached history (a conversation's
-/// next turn). Measured on SmolLM2-135M (Q4_1, 2 cores), 83 prompt rows after 1,354
-/// cached positions through the 30 blocks: 257 ms with the tensor ops, 172 ms with
-/// this; 90 ms after no history. What is left is the two products, at ~100 GFLOP/s.
-fn masked_softmax(att: &Tensor, r: &ScoreRows) -> Result<Tensor> {
-    use rayon::prelude::*;
-    let (groups, rows, total) = att.dims3()?;
-    let mut x = att.flatten_all()?.to_vec1::<f32>()?;
-    x.par_chunks_mut(total).enumerate().for_each(|(n, row)| {
-        // Compiled for AVX2 where the CPU has it.
-        crate::kernels::with_vector_isa(
-            #[inline(always)]
-            || softmax_row(n, row, r),
-        )
-    });
-    Ok(Tensor::from_vec(x, (groups, rows, total), att.device())?)
-}
-
-/// Row `n` of [`masked_softmax`], in place: loops without a dependence from one
-/// element to the next (sums and maxima in eight lanes), so they compile to vector code.
-#[inline(always)]
-fn softmax_row(n: usize, row: &mut [f32], r: &ScoreRows) {
-    let (i, head) = (n % r.seq, n / r.seq);
-    let last = r.first + i;
-    let lo = r.window.map_or(0, |w| (last + 1).saturating_sub(w));
-    row[last + 1..].fill(0.0);
-    row[..lo].fill(0.0);
-    let seen = &mut row[lo..=last];
-    for s in seen.iter_mut() {
-        *s *= r.scale;
-    }
-    if let Some(c) = r.softcap {
-        for s in seen.iter_mut() {
-            *s = c * (*s / c).tanh();
-        }
-    }
-    let sink = r.sinks.map(|s| s[head]);
-    // (A comparison, not `f32::max`, whose care for NaN keeps it out of vector code.)
-    let max = lanes(seen, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
-    let max = max.max(sink.unwrap_or(f32::NEG_INFINITY));
-    for s in seen.iter_mut() {
-        *s = exp_at_most_zero(*s - max);
-    }
-    let sum = lanes(seen, 0.0, |a, b| a + b) + sink.map_or(0.0, |s| exp_at_most_zero(s - max));
-    let inv = 1.0 / sum;
-    for s in seen.iter_mut() {
-        *s *= inv;
-    }
-}
-
-/// `xs` folded by `f` in eight independent lanes, then the lanes folded together.
-#[inline(always)]
-fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    let chunks = xs.chunks_exact(8);
-    let rest = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] = f(acc[l], c[l]);
-        }
-    }
-    acc.into_iter().fold(rest, f)
-}
-
-/// e^x for x <= 0 (a softmax's shifted scores) within a few ulp, without a branch or
-/// a call, so a loop of it compiles to vector code for the CPU found at run time.
-/// libm's, one call per score, was most of a long prompt's softmax. The `wide` crate's
-/// vector exp picks its instructions when it is compiled (SSE in a build for any
-/// x86-64): with it the forward measured in [`masked_softmax`] took 205 ms, with this
-/// 172 ms. Cody-Waite reduction x = n ln2 + r with |r| <= ln2/2, a degree-6 Taylor
-/// polynomial for e^r, and 2^n put in the exponent's bits; below -87 (where e^x is
-/// under f32's least normal) it gives e^-87. Decode steps use it too, so a position's
-/// numbers do not depend on whether it came in a prompt or a step more than the
-/// products' order makes them.
-#[inline(always)]
-fn exp_at_most_zero(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 x 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x > -87.0 { x } else { -87.0 };
-    let shifted = x * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    // The integer n, from the low bits of `shifted` (a cast would saturate, which
-    // keeps a loop out of vector code).
-    let k = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
-    p * f32::from_bits(((k + 127) as u32) << 23)
-}
-
-/// One KV head's cached positions, `first..total` of them seen.
-struct Positions<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
-    width: usize,
-    first: usize,
-    total: usize,
-}
-
-/// One query head's attention over `at`, added into `out` (zeroed by the caller): plain
-/// loops, inlined into the caller's instruction set (an iterator's `fold` stayed a
-/// function of its own, compiled for the baseline: measured, a third of a server's
-/// time in a batched decode went to the scores' loop left that way).
-#[inline(always)]
-fn attend(
-    query: &[f32],
-    at: &Positions,
-    scale: f32,
-    softcap: Option<f32>,
-    sink: Option<f32>,
-    out: &mut [f32],
-) {
-    let hd = at.width;
-    let mut scores = Vec::with_capacity(at.total - at.first);
-    let mut max = f32::NEG_INFINITY;
-    for t in at.first..at.total {
-        let s = dot(query, &at.keys[t * hd..(t + 1) * hd]) * scale;
-        let s = match softcap {
-            Some(c) => c * (s / c).tanh(),
-            None => s,
-        };
-        max = max.max(s);
-        scores.push(s);
-    }
-    if let Some(s) = sink {
-        max = max.max(s);
-    }
-    let mut sum = sink.map_or(0.0, |s| exp_at_most_zero(s - max));
-    for s in scores.iter_mut() {
-        *s = exp_at_most_zero(*s - max);
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
-    for (i, &p) in scores.iter().enumerate() {
-        let p = p * inv;
-        let t = at.first + i;
-        let row = &at.values[t * hd..(t + 1) * hd];
-        for (o, v) in out.iter_mut().zip(row) {
-            *o += p * v;
         }
     }
 }
@@ -588,66 +367,4 @@ pub(super) fn causal_mask(
         })
         .collect();
     Tensor::from_vec(data, (seq, total), device)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The softmax's exponential against libm's over the whole range it is used on.
-    #[test]
-    fn exp_at_most_zero_is_within_a_few_ulp_of_libm() {
-        let mut worst = 0f32;
-        for i in 0..=2_000_000u32 {
-            let x = -(i as f32) * 87.0 / 2_000_000.0;
-            let (ours, libm) = (exp_at_most_zero(x), x.exp());
-            worst = worst.max(((ours - libm) / libm).abs());
-        }
-        // An ulp of f32 is 2^-23 ~ 1.2e-7 relative.
-        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst:e}");
-        assert_eq!(exp_at_most_zero(0.0), 1.0);
-        assert!(exp_at_most_zero(-1000.0) < 1e-37);
-        assert!(exp_at_most_zero(f32::NEG_INFINITY) < 1e-37);
-    }
-
-    /// Rows see themselves and the positions before them (within a window), and their
-    /// weights are those of a plain softmax.
-    #[test]
-    fn masked_softmax_weighs_the_positions_each_row_sees() -> Result<()> {
-        let (seq, first, total) = (3, 2, 5);
-        let raw: Vec<f32> = (0..2 * seq * total).map(|i| (i % 7) as f32 * 0.3).collect();
-        let att = Tensor::from_vec(raw.clone(), (1, 2 * seq, total), &Device::Cpu)?;
-        for window in [None, Some(2)] {
-            let rows = ScoreRows {
-                seq,
-                first,
-                window,
-                scale: 0.5,
-                softcap: None,
-                sinks: None,
-            };
-            let got = masked_softmax(&att, &rows)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            for (n, row) in got.chunks(total).enumerate() {
-                let last = first + n % seq;
-                let lo = window.map_or(0, |w| last + 1 - w.min(last + 1));
-                let scores: Vec<f32> = (lo..=last).map(|j| raw[n * total + j] * 0.5).collect();
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
-                for (j, &w) in row.iter().enumerate() {
-                    let want = if (lo..=last).contains(&j) {
-                        (raw[n * total + j] * 0.5 - max).exp() / sum
-                    } else {
-                        0.0
-                    };
-                    assert!(
-                        (w - want).abs() < 1e-6,
-                        "row {n} position {j}: {w} vs {want}"
-                    );
-                }
-            }
-        }
-        Ok(())
-    }
 }

@@ -2,6 +2,8 @@
 
 use candle_core::Tensor;
 
+use crate::kernels::attend::KEY_STRIDE_STEP;
+
 /// The keys and values one session has seen, for every block of a span.
 #[derive(Debug)]
 pub struct KvCache {
@@ -57,11 +59,12 @@ impl KvCache {
         }
         self.max_len = max_len;
         for l in self.layers.iter_mut().flatten() {
-            if l.k.dim(1)? > max_len {
-                l.k = l.k.narrow(1, 0, max_len)?.contiguous()?;
-                if let Some(v) = l.v.as_mut() {
-                    *v = v.narrow(1, 0, max_len)?.contiguous()?;
-                }
+            let (dim, room) = LayerKv::key_room(l.transposed, max_len);
+            if l.k.dim(dim)? > room {
+                l.k = l.k.narrow(dim, 0, room)?.contiguous()?;
+            }
+            if let Some(v) = l.v.as_mut().filter(|v| v.dim(1).is_ok_and(|c| c > max_len)) {
+                *v = v.narrow(1, 0, max_len)?.contiguous()?;
             }
         }
         Ok(())
@@ -85,6 +88,11 @@ impl KvCache {
 /// session's length), so appending a token copies that token only, where concatenating
 /// would copy the whole cache at every step of every block.
 ///
+/// Where attention runs in [`crate::kernels::attend`] (the CPU in f32), keys are kept
+/// transposed instead, `[kv_heads, head_dim, stride]` with the stride a multiple of
+/// [`KEY_STRIDE_STEP`] positions: that kernel reads one dimension of many positions as
+/// a vector.
+///
 /// Latent attention (DeepSeek) caches keys only: one row per token whose first
 /// columns are also its value.
 #[derive(Debug)]
@@ -92,6 +100,8 @@ pub(super) struct LayerKv {
     pub(super) k: Tensor,
     pub(super) v: Option<Tensor>,
     pub(super) len: usize,
+    /// Keys kept `[kv_heads, head_dim, stride]`.
+    pub(super) transposed: bool,
 }
 
 impl LayerKv {
@@ -104,11 +114,23 @@ impl LayerKv {
         v: &Tensor,
         max_len: usize,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (k, v) = Self::append_rows(slot, k, Some(v), max_len)?;
+        let (k, v) = Self::append_rows(slot, k, Some(v), max_len, false)?;
         match v {
             Some(v) => Ok((k, v)),
             None => candle_core::bail!("a key-only cache given values"),
         }
+    }
+
+    /// [`LayerKv::append`] to a cache whose keys are kept transposed, for
+    /// [`crate::kernels::attend`] (which reads the buffers themselves).
+    pub(super) fn append_transposed(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        max_len: usize,
+    ) -> candle_core::Result<()> {
+        Self::append_rows(slot, k, Some(v), max_len, true)?;
+        Ok(())
     }
 
     /// Appends keys only (`[1, seq, width]`, latent attention) and returns all held.
@@ -117,7 +139,25 @@ impl LayerKv {
         k: &Tensor,
         max_len: usize,
     ) -> candle_core::Result<Tensor> {
-        Ok(Self::append_rows(slot, k, None, max_len)?.0)
+        Ok(Self::append_rows(slot, k, None, max_len, false)?.0)
+    }
+
+    /// The keys' position axis, and how many positions it is given for a cache of
+    /// `positions` (transposed keys pad it to a whole step).
+    fn key_room(transposed: bool, positions: usize) -> (usize, usize) {
+        if transposed {
+            (2, positions.next_multiple_of(KEY_STRIDE_STEP))
+        } else {
+            (1, positions)
+        }
+    }
+
+    /// Positions that fit without growing.
+    fn capacity(&self) -> candle_core::Result<usize> {
+        match &self.v {
+            Some(v) => v.dim(1),
+            None => self.k.dim(1),
+        }
     }
 
     fn append_rows(
@@ -125,34 +165,60 @@ impl LayerKv {
         k: &Tensor,
         v: Option<&Tensor>,
         max_len: usize,
+        transposed: bool,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let seq = k.dim(1)?;
         let (len, cap) = match slot {
-            Some(l) => (l.len, l.k.dim(1)?),
+            Some(l) if l.transposed != transposed => {
+                candle_core::bail!("a cache's keys kept in another layout")
+            }
+            Some(l) => (l.len, l.capacity()?),
             None => (0, 0),
+        };
+        let k = if transposed {
+            k.transpose(1, 2)?.contiguous()?
+        } else {
+            k.contiguous()?
         };
         if len + seq > cap {
             let new_cap = (cap * 2).max(64).min(max_len).max(len + seq);
-            let grown = |t: &Tensor, old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let (n, _, w) = t.dims3()?;
-                let new = Tensor::zeros((n, new_cap, w), t.dtype(), t.device())?;
+            // `t` grown along `dim` to `room`, what `old` held copied over.
+            let grown = |t: &Tensor,
+                         old: Option<&Tensor>,
+                         dim: usize,
+                         room: usize|
+             -> candle_core::Result<Tensor> {
+                let mut shape = t.dims().to_vec();
+                shape[dim] = room;
+                let new = Tensor::zeros(shape, t.dtype(), t.device())?;
                 if let Some(old) = old.filter(|_| len > 0) {
-                    new.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                    new.slice_set(&old.narrow(dim, 0, len)?.contiguous()?, dim, 0)?;
                 }
                 Ok(new)
             };
             let old = slot.take();
-            let nk = grown(k, old.as_ref().map(|l| &l.k))?;
+            let (dim, room) = Self::key_room(transposed, new_cap);
+            let nk = grown(&k, old.as_ref().map(|l| &l.k), dim, room)?;
             let nv = match v {
-                Some(v) => Some(grown(v, old.as_ref().and_then(|l| l.v.as_ref()))?),
+                Some(v) => Some(grown(
+                    v,
+                    old.as_ref().and_then(|l| l.v.as_ref()),
+                    1,
+                    new_cap,
+                )?),
                 None => None,
             };
-            *slot = Some(LayerKv { k: nk, v: nv, len });
+            *slot = Some(LayerKv {
+                k: nk,
+                v: nv,
+                len,
+                transposed,
+            });
         }
         let Some(l) = slot.as_mut() else {
             candle_core::bail!("key/value cache missing");
         };
-        l.k.slice_set(&k.contiguous()?, 1, l.len)?;
+        l.k.slice_set(&k, if transposed { 2 } else { 1 }, l.len)?;
         if let (Some(cache), Some(v)) = (&l.v, v) {
             cache.slice_set(&v.contiguous()?, 1, l.len)?;
         }
@@ -161,6 +227,11 @@ impl LayerKv {
             Some(cache) => Some(cache.narrow(1, 0, l.len)?),
             None => None,
         };
-        Ok((l.k.narrow(1, 0, l.len)?, values))
+        let keys = if transposed {
+            l.k.narrow(2, 0, l.len)?
+        } else {
+            l.k.narrow(1, 0, l.len)?
+        };
+        Ok((keys, values))
     }
 }

@@ -357,7 +357,7 @@ impl Span {
     /// attention, candle's matmuls, a GPU) the run is computed one row at a time,
     /// through the whole span per row.
     fn verifies_in_one_pass(&self) -> bool {
-        self.decodes_in_rust(1)
+        self.attends_in_rust()
             && self.batches_exactly()
             && self
                 .blocks
@@ -454,8 +454,8 @@ impl Span {
                         Some(freqs) => self.rope_tables(freqs, 1.0, pos, seq, row_by_row)?,
                         None => (cos.clone(), sin.clone(), rows.clone()),
                     };
-                    // The decode path applies the window itself.
-                    let mask = if row_by_row && self.decodes_in_rust(1) {
+                    // The CPU's attention applies the window itself.
+                    let mask = if self.attends_in_rust() {
                         None
                     } else {
                         let m = causal_mask(seq, pos, Some(w.size), &self.device)?;
@@ -470,7 +470,7 @@ impl Span {
                 }
                 None => None,
             };
-            let mask = if seq > 1 && !(row_by_row && self.decodes_in_rust(1)) {
+            let mask = if seq > 1 && !self.attends_in_rust() {
                 Some(causal_mask(seq, pos, None, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
