@@ -365,6 +365,17 @@ impl Span {
                 .all(|b| matches!(b.attn, Attn::Heads { .. }))
     }
 
+    /// True when a segment's attention takes a mask: tensor products (a GPU, f16) or
+    /// latent attention do; [`kernels::attend`](crate::kernels::attend), which runs every
+    /// other attention on the CPU, sees to the causal order and windows itself.
+    fn needs_masks(&self) -> bool {
+        !self.attends_in_rust()
+            || self
+                .blocks
+                .iter()
+                .any(|b| matches!(b.attn, Attn::Latent(_)))
+    }
+
     /// True when the segment `x` is computed row by row within the batch.
     fn row_by_row(&self, x: &Tensor, cache: &KvCache) -> bool {
         let rows = x.dims().first().copied().unwrap_or(0);
@@ -455,7 +466,7 @@ impl Span {
                         None => (cos.clone(), sin.clone(), rows.clone()),
                     };
                     // The CPU's attention applies the window itself.
-                    let mask = if self.attends_in_rust() {
+                    let mask = if !self.needs_masks() {
                         None
                     } else {
                         let m = causal_mask(seq, pos, Some(w.size), &self.device)?;
@@ -470,7 +481,7 @@ impl Span {
                 }
                 None => None,
             };
-            let mask = if seq > 1 && !self.attends_in_rust() {
+            let mask = if seq > 1 && self.needs_masks() {
                 Some(causal_mask(seq, pos, None, &self.device)?.to_dtype(self.dtype)?)
             } else {
                 None
