@@ -36,10 +36,11 @@ impl KvCache {
     }
     /// Forgets every position from `len` on (drafted tokens a verify step rejected):
     /// the next token takes position `len`. Positions not held are left as they are.
+    /// Blocks that hold more than the cache (a step that failed partway through the
+    /// span appended to the blocks before the failure) are cut back too, so a retried
+    /// step does not see the failed one's rows as history.
     pub fn truncate(&mut self, len: usize) {
-        if len >= self.len {
-            return;
-        }
+        let len = len.min(self.len);
         self.len = len;
         for l in self.layers.iter_mut().flatten() {
             l.len = l.len.min(len);
@@ -91,7 +92,8 @@ impl KvCache {
 /// Where attention runs in [`crate::kernels::attend`] (the CPU in f32), keys are kept
 /// transposed instead, `[kv_heads, head_dim, stride]` with the stride a multiple of
 /// [`KEY_STRIDE_STEP`] positions: that kernel reads one dimension of many positions as
-/// a vector.
+/// a vector. (The padding, up to 63 positions of keys per block, is not in a server's
+/// reckoning of its cache by tokens.)
 ///
 /// Latent attention (DeepSeek) caches keys only: one row per token whose first
 /// columns are also its value.

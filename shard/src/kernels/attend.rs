@@ -19,6 +19,9 @@
 //!   positions in order, from zero. Rows computed together run from the earliest first
 //!   position among them; a row's weights before its own first are zeros, which leave
 //!   its chain at +0 exactly, and those after its last add ±0, which changes nothing.
+//!   (Two exceptions need degenerate numbers: an infinite or NaN value before a row's
+//!   window, which 0 times makes NaN, and a sum that is exactly -0, which adding +0
+//!   makes +0.)
 //!
 //! Speed: rows are taken four at a time, so each vector of keys or values loaded serves
 //! four rows (a tile of 16 rows of one KV head reads its positions four times); with
@@ -28,9 +31,12 @@
 //! rows after 1,052 cached positions through the 30 blocks 124 ms, against 177 ms with
 //! the tensor products and separate decode loop this replaced; the same rows after no
 //! history 88 ms (93); one decode step after 1,052 positions 6.8 ms (6.7). On that
-//! machine with `SHOAL_KERNELS=avx2` (AVX2 for the products too) the prompt after the
-//! history took 247 ms against 215 ms before: AVX2's 16 registers hold half the
-//! accumulators.
+//! machine with `SHOAL_KERNELS=avx2` (AVX2 for the products too, two runs each): the
+//! prompt after the history 156-164 ms against 197-207 ms before, but the decode step
+//! 8.5 ms against 6.6 ms. A decode row's scores read each key dimension's positions as
+//! a stream of its own, 64 streams for a 64-wide head, more than the hardware
+//! prefetches; asking for the lines two passes ahead took that step from 10-13 ms to
+//! 8.5 ms, and the rest is still to find.
 
 use rayon::prelude::*;
 
@@ -106,17 +112,19 @@ impl CacheAttention<'_> {
             || self.keys_t.len() < nkv * hd * self.key_stride
             || self.value_cap < self.total
             || self.values.len() < nkv * self.value_cap * hd
-            || self.sinks.is_some_and(|s| s.len() < nh);
+            || self.sinks.is_some_and(|s| s.len() < nh)
+            || self.window == Some(0);
         if bad {
             return Err(format!(
                 "cache attention: {nh} heads over {nkv} of {hd}, {} rows of {} positions, \
-                 {} query values, {} out, key stride {}, value capacity {}",
+                 {} query values, {} out, key stride {}, value capacity {}, window {:?}",
                 self.seq,
                 self.total,
                 self.q.len(),
                 out.len(),
                 self.key_stride,
-                self.value_cap
+                self.value_cap,
+                self.window
             ));
         }
         Ok(())
@@ -532,6 +540,11 @@ mod vector {
                                 let mut acc: [[$v; 2]; R] = [[$zero(); 2]; R];
                                 for d in 0..hd {
                                     let row = k.add(d * stride + t);
+                                    // Each dimension's positions are a stream of their
+                                    // own, too many for the hardware's prefetcher:
+                                    // two passes ahead, asked for here.
+                                    _mm_prefetch::<_MM_HINT_T0>(row.add(4 * L).cast());
+                                    _mm_prefetch::<_MM_HINT_T0>(row.add(5 * L).cast());
                                     let k0 = $load(row);
                                     let k1 = $load(row.add(L));
                                     for r in 0..R {
@@ -880,6 +893,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A call the kernel cannot serve (a window of nothing, buffers too short) is an
+    /// error, not a panic in a server.
+    #[test]
+    fn a_malformed_call_is_an_error() {
+        let (hd, total) = (16, 10);
+        let q = numbers(hd, 1);
+        let keys_t = numbers(hd * KEY_STRIDE_STEP, 2);
+        let values = numbers(total * hd, 3);
+        let call = |window, value_cap| CacheAttention {
+            q: &q,
+            keys_t: &keys_t,
+            key_stride: KEY_STRIDE_STEP,
+            values: &values,
+            value_cap,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: hd,
+            seq: 1,
+            total,
+            window,
+            scale: 0.25,
+            softcap: None,
+            sinks: None,
+        };
+        let mut out = vec![0f32; hd];
+        assert!(attend(&call(Some(3), total), &mut out).is_ok());
+        assert!(attend(&call(Some(0), total), &mut out).is_err());
+        assert!(attend(&call(None, total - 1), &mut out).is_err());
+        assert!(attend(&call(None, total), &mut out[..hd - 1]).is_err());
     }
 
     /// The softmax's exponential against libm's over the whole range it is used on.
