@@ -33,7 +33,7 @@
 //! history 88 ms (93); one decode step after 1,052 positions 6.8 ms (6.7). On that
 //! machine with `SHOAL_KERNELS=avx2` (AVX2 for the products too, two runs each): the
 //! prompt after the history 156-164 ms against 197-207 ms before, but the decode step
-//! 8.5 ms against 6.6 ms. A decode row's scores read each key dimension's positions as
+//! 8.5 ms against 6.6 ms (7.6-8.5 against 6.6-7.2 with a task per decode row, below). A decode row's scores read each key dimension's positions as
 //! a stream of its own, 64 streams for a 64-wide head, more than the hardware
 //! prefetches; asking for the lines two passes ahead took that step from 10-13 ms to
 //! 8.5 ms, and the rest is still to find.
@@ -139,11 +139,15 @@ pub(crate) fn attend(a: &CacheAttention, out: &mut [f32]) -> Result<(), String> 
     let (nh, nkv, hd, seq) = (a.heads, a.kv_heads, a.head_dim, a.seq);
     let n_rep = nh / nkv;
     let per_group = n_rep * seq;
+    // A decode step's few rows each a task of its own: a task per KV head left one of
+    // two cores with two of SmolLM2's three heads (measured with AVX2, a step after
+    // 1,052 positions 8.7-9.1 ms -> 7.6-8.5 ms; 6.6-7.2 ms before this kernel).
+    let rows_per_task = if seq == 1 { 1 } else { TILE };
     let tasks: Vec<(usize, usize, usize)> = (0..nkv)
         .flat_map(|g| {
             (0..per_group)
-                .step_by(TILE)
-                .map(move |j| (g, j, (j + TILE).min(per_group)))
+                .step_by(rows_per_task)
+                .map(move |j| (g, j, (j + rows_per_task).min(per_group)))
         })
         .collect();
     let run = |&(g, j0, j1): &(usize, usize, usize)| {
