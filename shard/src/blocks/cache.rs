@@ -144,14 +144,24 @@ impl LayerKv {
         Ok(Self::append_rows(slot, k, None, max_len, false)?.0)
     }
 
+    /// The keys' position axis.
+    fn key_axis(transposed: bool) -> usize {
+        if transposed {
+            2
+        } else {
+            1
+        }
+    }
+
     /// The keys' position axis, and how many positions it is given for a cache of
     /// `positions` (transposed keys pad it to a whole step).
     fn key_room(transposed: bool, positions: usize) -> (usize, usize) {
-        if transposed {
-            (2, positions.next_multiple_of(KEY_STRIDE_STEP))
+        let room = if transposed {
+            positions.next_multiple_of(KEY_STRIDE_STEP)
         } else {
-            (1, positions)
-        }
+            positions
+        };
+        (Self::key_axis(transposed), room)
     }
 
     /// Positions that fit without growing.
@@ -220,7 +230,8 @@ impl LayerKv {
         let Some(l) = slot.as_mut() else {
             candle_core::bail!("key/value cache missing");
         };
-        l.k.slice_set(&k, if transposed { 2 } else { 1 }, l.len)?;
+        let axis = Self::key_axis(transposed);
+        l.k.slice_set(&k, axis, l.len)?;
         if let (Some(cache), Some(v)) = (&l.v, v) {
             cache.slice_set(&v.contiguous()?, 1, l.len)?;
         }
@@ -229,11 +240,6 @@ impl LayerKv {
             Some(cache) => Some(cache.narrow(1, 0, l.len)?),
             None => None,
         };
-        let keys = if transposed {
-            l.k.narrow(2, 0, l.len)?
-        } else {
-            l.k.narrow(1, 0, l.len)?
-        };
-        Ok((keys, values))
+        Ok((l.k.narrow(axis, 0, l.len)?, values))
     }
 }

@@ -220,7 +220,7 @@ fn tile(a: &CacheAttention, g: usize, rows: &[Row], out: &mut [f32]) {
 /// element to the next (sums and maxima in eight lanes counted from `first`), so they
 /// compile to vector code.
 #[inline(always)]
-pub(crate) fn softmax_row(
+fn softmax_row(
     row: &mut [f32],
     first: usize,
     last: usize,
@@ -275,7 +275,7 @@ fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// polynomial for e^r, and 2^n put in the exponent's bits; below -87 (where e^x is
 /// under f32's least normal) it gives e^-87.
 #[inline(always)]
-pub(crate) fn exp_at_most_zero(x: f32) -> f32 {
+fn exp_at_most_zero(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding and subtracting 1.5 x 2^23 rounds to the nearest integer.
@@ -510,14 +510,22 @@ mod vector {
                         let end = hi.next_multiple_of(L);
                         assert!(lo.is_multiple_of(L) && end <= stride);
                         assert!(outs.iter().all(|o| o.len() >= end - lo));
-                        let q: Vec<*const f32> = qs.iter().map(|q| q.as_ptr()).collect();
-                        let o: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+                        assert!(outs.len() == qs.len() && qs.len() <= super::super::super::ROWS);
+                        // The rows' pointers in arrays on the stack: no allocation per call.
+                        let mut q = [std::ptr::null::<f32>(); super::super::super::ROWS];
+                        let mut o = [std::ptr::null_mut::<f32>(); super::super::super::ROWS];
+                        for (p, r) in q.iter_mut().zip(qs) {
+                            *p = r.as_ptr();
+                        }
+                        for (p, r) in o.iter_mut().zip(outs.iter_mut()) {
+                            *p = r.as_mut_ptr();
+                        }
                         let k = keys.as_ptr();
                         // SAFETY: rows hold `hd` values, keys `hd` rows of `stride` with
                         // every vector read below `end <= stride`, outputs `end - lo`
                         // (asserted above).
                         unsafe {
-                            match q.len() {
+                            match qs.len() {
                                 4 => score_rows::<4>(&q, k, stride, hd, lo, end, &o),
                                 3 => score_rows::<3>(&q, k, stride, hd, lo, end, &o),
                                 2 => score_rows::<2>(&q, k, stride, hd, lo, end, &o),
@@ -591,8 +599,16 @@ mod vector {
                         let n = ws.first().map_or(0, |w| w.len());
                         assert!(ws.iter().all(|w| w.len() == n) && values.len() >= n * hd);
                         assert!(outs.len() == ws.len() && outs.iter().all(|o| o.len() >= hd));
-                        let w: Vec<*const f32> = ws.iter().map(|w| w.as_ptr()).collect();
-                        let o: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+                        assert!(ws.len() <= super::super::super::ROWS);
+                        let mut w = [std::ptr::null::<f32>(); super::super::super::ROWS];
+                        let mut o = [std::ptr::null_mut::<f32>(); super::super::super::ROWS];
+                        for (p, r) in w.iter_mut().zip(ws) {
+                            *p = r.as_ptr();
+                        }
+                        for (p, r) in o.iter_mut().zip(outs.iter_mut()) {
+                            *p = r.as_mut_ptr();
+                        }
+                        let rows = ws.len();
                         let v = values.as_ptr();
                         let mut d = 0;
                         // SAFETY: weights hold `n` values, values `n` rows of `hd`,
@@ -600,11 +616,11 @@ mod vector {
                         // lies below `hd`.
                         unsafe {
                             while d + $d * L <= hd {
-                                weigh_dims::<$d>(&w, v, hd, n, d, &o);
+                                weigh_dims::<$d>(&w[..rows], v, hd, n, d, &o[..rows]);
                                 d += $d * L;
                             }
                             while d + L <= hd {
-                                weigh_dims::<1>(&w, v, hd, n, d, &o);
+                                weigh_dims::<1>(&w[..rows], v, hd, n, d, &o[..rows]);
                                 d += L;
                             }
                         }
